@@ -1,0 +1,149 @@
+"""Feature maps phi for linear attention, split into numerically safe parts.
+
+Every map returns three things from which the kernel phi(q).phi(k) is
+rebuilt exactly:
+
+* ``query(x, w)`` -> q~ [..., M]: phi(q) up to a per-token positive factor.
+  A per-token factor is harmless for queries because it cancels between the
+  numerator and the normaliser of that query's own row.
+* ``key(x, w)`` -> (k~ [..., M], r [...]): phi(k) = k~ * exp(r) * const, with
+  k~ bounded. The log-scale r is NOT divided out per token (that would reweight
+  keys and bias attention); the linear-attention core handles it with a
+  running maximum that never looks ahead (see ``linear.py``).
+* ``exact(x, w)`` -> phi(x) with its true scale, for tests and notebooks.
+
+Queries and keys are scaled by d**-0.25 so that phi(q).phi(k) estimates
+exp(q.k / sqrt(d)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+_sg = jax.lax.stop_gradient
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32) * (x.shape[-1] ** -0.25)
+
+
+def _project(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B, L, H, d] times w [m, d] or [H, m, d] -> [B, L, H, m] in float32."""
+  xs = (x * (x.shape[-1] ** -0.25)).astype(x.dtype)
+  w = w.astype(x.dtype)
+  spec = "blhd,md->blhm" if w.ndim == 2 else "blhd,hmd->blhm"
+  return jnp.einsum(spec, xs, w, preferred_element_type=jnp.float32)
+
+
+def _half_sq_norm(x: jax.Array) -> jax.Array:
+  xs = _normalize(x)
+  return 0.5 * jnp.sum(xs * xs, axis=-1)
+
+
+def _exp_logits_to_parts(logits):
+  """Shared by the positive-exponential maps: per-row max as the log-scale."""
+  row_max = _sg(jnp.max(logits, axis=-1))
+  return jnp.exp(logits - row_max[..., None]), row_max
+
+
+# --- favor_softmax: exp(w.x - |x|^2/2) / sqrt(m) ---------------------------
+
+def _softmax_logits(x, w):
+  return _project(x, w) - _half_sq_norm(x)[..., None]
+
+
+def _softmax_exact(x, w):
+  logits = _softmax_logits(x, w)
+  return jnp.exp(logits) / jnp.sqrt(float(logits.shape[-1]))
+
+
+# --- favor_hyperbolic: [exp(w.x), exp(-w.x)] * exp(-|x|^2/2) / sqrt(2m) ------
+
+def _hyperbolic_logits(x, w):
+  proj = _project(x, w)
+  half = _half_sq_norm(x)[..., None]
+  return jnp.concatenate([proj - half, -proj - half], axis=-1)
+
+
+def _hyperbolic_exact(x, w):
+  logits = _hyperbolic_logits(x, w)
+  return jnp.exp(logits) / jnp.sqrt(float(logits.shape[-1]))
+
+
+# --- favor_trig: [sin(w.x), cos(w.x)] * exp(|x|^2/2) / sqrt(m) ---------------
+
+def _trig_parts(x, w):
+  proj = _project(x, w)
+  return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
+
+
+def _trig_exact(x, w):
+  m = w.shape[-2]
+  return (_trig_parts(x, w) * jnp.exp(_half_sq_norm(x))[..., None]
+          / jnp.sqrt(float(m)))
+
+
+# --- favor_relu (generalized attention) and linear_elu -----------------------
+
+RELU_EPS = 1e-3
+
+
+def _relu_exact(x, w):
+  return jax.nn.relu(_project(x, w)) + RELU_EPS
+
+
+def _elu_exact(x, w):
+  del w
+  return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+
+
+def _zero_log_scale(x):
+  return jnp.zeros(x.shape[:-1], jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMap:
+  """The three views of one feature map; see the module docstring."""
+  name: str
+  exact: Callable
+  query: Callable
+  key: Callable
+  uses_features: bool = True
+  positive: bool = True
+  features_per_row: int = 1  # feature-vector entries per random direction
+
+  def state_size(self, num_random: int, head_dim: int) -> int:
+    """M, the length of phi(x): sizes the recurrent state."""
+    if not self.uses_features:
+      return head_dim
+    return self.features_per_row * num_random
+
+
+def _exp_map(name, logits_fn, exact_fn, **kwargs):
+  return FeatureMap(
+      name=name, exact=exact_fn,
+      query=lambda x, w: _exp_logits_to_parts(logits_fn(x, w))[0],
+      key=lambda x, w: _exp_logits_to_parts(logits_fn(x, w)), **kwargs)
+
+
+FEATURE_MAPS = {
+    "favor_softmax": _exp_map("favor_softmax", _softmax_logits,
+                              _softmax_exact),
+    "favor_hyperbolic": _exp_map("favor_hyperbolic", _hyperbolic_logits,
+                                 _hyperbolic_exact, features_per_row=2),
+    "favor_trig": FeatureMap(
+        name="favor_trig", exact=_trig_exact, query=_trig_parts,
+        key=lambda x, w: (_trig_parts(x, w), _sg(_half_sq_norm(x))),
+        positive=False, features_per_row=2),
+    "favor_relu": FeatureMap(
+        name="favor_relu", exact=_relu_exact, query=_relu_exact,
+        key=lambda x, w: (_relu_exact(x, w), _zero_log_scale(x))),
+    "linear_elu": FeatureMap(
+        name="linear_elu", exact=_elu_exact, query=_elu_exact,
+        key=lambda x, w: (_elu_exact(x, w), _zero_log_scale(x)),
+        uses_features=False),
+}

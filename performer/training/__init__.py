@@ -1,0 +1,14 @@
+"""Training: one loop for every task, checkpoints, metrics, sharding, configs.
+
+    from performer import training
+    config = training.load_config('configs/tiny.py', ['train.num_steps=20'])
+    result = training.train_and_evaluate(config, '/tmp/workdir')
+"""
+
+from performer.training.config_utils import ConfigError
+from performer.training.config_utils import load_config
+from performer.training.config_utils import validate
+from performer.training.train_lib import evaluate
+from performer.training.train_lib import train_and_evaluate
+
+__all__ = ['ConfigError', 'evaluate', 'load_config', 'train_and_evaluate', 'validate']
