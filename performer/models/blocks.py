@@ -1,0 +1,131 @@
+"""Transformer building blocks whose attention is chosen by name.
+
+The point of this zoo is that one parameter set works with every attention
+kind (softmax, FAVOR+ variants, linear, identity): a softmax checkpoint loads
+into a Performer unchanged. So the layers here never branch on the kind. The
+attention layer asks `attention.get_attention(kind, **options)` for an
+`attend` callable once, at construction, and the only kind-dependent state is
+the random feature matrix, which lives in an `attention.RandomFeatures`
+variable (not an `nnx.Param`: the optimizer must not train it, the training
+loop redraws it on a schedule).
+
+Norm and MLP are separate small modules built by plain functions, so later
+blocks (post-LN BERT, Llama RMSNorm/SwiGLU/GQA) can swap them without
+touching attention.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from performer import attention
+from performer.models import positions as positions_lib
+
+
+class MultiHeadAttention(nnx.Module):
+  """q, k, v, o projections around a pluggable `attend` function.
+
+  Projections are `nnx.LinearGeneral` with the head axis explicit, so q, k, v
+  come out as [batch, length, heads, head_dim] -- the layout every attend
+  function takes -- without reshapes. Rotary positions, when enabled, rotate
+  q and k here, before `attend` applies any feature map.
+
+  Kernels are float32 parameters; `dtype` is the compute dtype of the
+  projections (bf16 halves activation memory). `attend` returns v.dtype and
+  keeps its own exp/normaliser in float32 (attention library's contract).
+  """
+
+  def __init__(self, emb_dim: int, num_heads: int, *, attend,
+               causal: bool, rotary: bool = False, per_head_features: bool = False,
+               use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    if emb_dim % num_heads:
+      raise ValueError(
+          f'emb_dim {emb_dim} is not divisible by num_heads {num_heads}')
+    self.num_heads = num_heads
+    self.head_dim = head_dim = emb_dim // num_heads
+    self.causal = causal
+    self.rotary = rotary
+    self.attend = attend
+
+    def proj_in():
+      return nnx.LinearGeneral(emb_dim, (num_heads, head_dim), use_bias=use_bias,
+                               dtype=dtype, rngs=rngs)
+
+    self.query = proj_in()
+    self.key = proj_in()
+    self.value = proj_in()
+    self.out = nnx.LinearGeneral((num_heads, head_dim), emb_dim, axis=(-2, -1),
+                                 use_bias=use_bias, dtype=dtype, rngs=rngs)
+    if attend.uses_features:
+      feats = attend.make_features(rngs.params(), head_dim,
+                                   num_heads=num_heads if per_head_features else None)
+      # Draw options travel as variable metadata so that
+      # attention.redraw_features can redraw from the same distribution.
+      opts = getattr(attend, 'options', {})
+      meta = {k: opts[k] for k in ('orthogonal', 'feature_norms') if k in opts}
+      self.features = attention.RandomFeatures(feats, **meta)
+    else:
+      self.features = None
+
+  def __call__(self, x: jax.Array, *, mask=None, segment_ids=None,
+               positions=None) -> jax.Array:
+    q, k, v = self.query(x), self.key(x), self.value(x)
+    if self.rotary:
+      if positions is None:
+        raise ValueError('rotary attention needs positions')
+      q = positions_lib.apply_rope(q, positions)
+      k = positions_lib.apply_rope(k, positions)
+    features = None if self.features is None else self.features[...]
+    y = self.attend(q, k, v, causal=self.causal, mask=mask,
+                    segment_ids=segment_ids, features=features)
+    return self.out(y)
+
+
+class Mlp(nnx.Module):
+  """Two-layer GELU feed-forward: Linear(d->mlp_dim), GELU, Linear(mlp_dim->d)."""
+
+  def __init__(self, emb_dim: int, mlp_dim: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.up = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(mlp_dim, emb_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.gelu(self.up(x)))
+
+
+def layer_norm(dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm in the compute dtype; Flax computes its statistics in float32."""
+  return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+
+
+class TransformerBlock(nnx.Module):
+  """Pre-LayerNorm block: x + Drop(Attn(LN(x))), then x + Drop(MLP(LN(x))).
+
+  Pre-LN keeps the residual stream un-normalised, which trains stably without
+  warmup tricks at the depths used here; the model applies one final
+  LayerNorm after the last block. Dropout is residual dropout only: FAVOR+
+  never forms attention probabilities, so there is nothing to drop there.
+  """
+
+  def __init__(self, emb_dim: int, num_heads: int, mlp_dim: int, *, attend,
+               causal: bool, rotary: bool = False, per_head_features: bool = False,
+               dropout_rate: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.attn_norm = layer_norm(emb_dim, dtype=dtype, rngs=rngs)
+    self.attn = MultiHeadAttention(
+        emb_dim, num_heads, attend=attend, causal=causal, rotary=rotary,
+        per_head_features=per_head_features, dtype=dtype, rngs=rngs)
+    self.attn_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+    self.mlp_norm = layer_norm(emb_dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, mask=None, segment_ids=None,
+               positions=None, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    h = self.attn(self.attn_norm(x), mask=mask, segment_ids=segment_ids,
+                  positions=positions)
+    x = x + self.attn_dropout(h, deterministic=deterministic, rngs=rngs)
+    h = self.mlp(self.mlp_norm(x))
+    return x + self.mlp_dropout(h, deterministic=deterministic, rngs=rngs)
