@@ -1,0 +1,25 @@
+"""Pretrained weights into Performer Zoo models.
+
+    from performer import convert
+    model, tokenizer, cfg = convert.import_bert(dir, 'favor_softmax', num_features=256)
+    model, tokenizer, cfg = convert.import_llama_gguf(path)            # llama.cpp GGUF
+    model, tokenizer, cfg = convert.import_llama_safetensors(dir)      # HF Llama
+
+Every importer has an explicit key map (`bert_keymap`, `llama_keymap`) and
+fails with one ValueError listing missing keys, unused keys and shape
+mismatches by name (`keymap.apply_keymap`). The attention kind is a
+parameter: a softmax checkpoint loads unchanged into any Performer kind.
+"""
+
+from performer.convert.bert import bert_keymap, import_bert
+from performer.convert.keymap import Entry, apply_keymap, check_keymap, param_table
+from performer.convert.llama import (
+    config_from_gguf, config_from_hf, import_llama_gguf,
+    import_llama_safetensors, llama_from_tensors, llama_keymap, unpermute_rope)
+
+__all__ = [
+    'Entry', 'apply_keymap', 'bert_keymap', 'check_keymap', 'config_from_gguf',
+    'config_from_hf', 'import_bert', 'import_llama_gguf',
+    'import_llama_safetensors', 'llama_from_tensors', 'llama_keymap',
+    'param_table', 'unpermute_rope',
+]
