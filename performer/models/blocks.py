@@ -69,18 +69,49 @@ class MultiHeadAttention(nnx.Module):
     else:
       self.features = None
 
-  def __call__(self, x: jax.Array, *, mask=None, segment_ids=None,
-               positions=None) -> jax.Array:
+  def _qkv(self, x, positions):
     q, k, v = self.query(x), self.key(x), self.value(x)
     if self.rotary:
       if positions is None:
         raise ValueError('rotary attention needs positions')
       q = positions_lib.apply_rope(q, positions)
       k = positions_lib.apply_rope(k, positions)
-    features = None if self.features is None else self.features[...]
+    return q, k, v
+
+  def _features(self):
+    return None if self.features is None else self.features[...]
+
+  def __call__(self, x: jax.Array, *, mask=None, segment_ids=None,
+               positions=None) -> jax.Array:
+    q, k, v = self._qkv(x, positions)
     y = self.attend(q, k, v, causal=self.causal, mask=mask,
-                    segment_ids=segment_ids, features=features)
+                    segment_ids=segment_ids, features=self._features())
     return self.out(y)
+
+  # Decoding. The cache is whatever the attend object keeps: (S, z, M) for
+  # feature-map kinds (fixed size), a KV cache of `max_length` for softmax,
+  # nothing for identity. This layer only projects and rotates, so it needs no
+  # knowledge of the kind.
+  def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
+    """Empty decoding state for `batch` rows; `max_length` sizes a KV cache."""
+    return self.attend.init_state(batch, self.num_heads, self.head_dim,
+                                  self.head_dim, features=self._features(),
+                                  max_length=max_length, dtype=dtype)
+
+  def prefill(self, x: jax.Array, cache, *, mask=None, positions=None):
+    """Causal pass over a prompt x [B, L, D] -> (out [B, L, D], cache)."""
+    q, k, v = self._qkv(x, positions)
+    y, cache = self.attend.prefill(cache, q, k, v, features=self._features(),
+                                   mask=mask)
+    return self.out(y), cache
+
+  def decode_step(self, x: jax.Array, cache, *, positions=None):
+    """One token per row, x [B, D] at absolute `positions` [B] -> (out, cache)."""
+    q, k, v = self._qkv(x[:, None],
+                        None if positions is None else positions[:, None])
+    y, cache = self.attend.step(cache, q[:, 0], k[:, 0], v[:, 0],
+                                features=self._features())
+    return self.out(y), cache
 
 
 class Mlp(nnx.Module):
@@ -129,3 +160,17 @@ class TransformerBlock(nnx.Module):
     x = x + self.attn_dropout(h, deterministic=deterministic, rngs=rngs)
     h = self.mlp(self.mlp_norm(x))
     return x + self.mlp_dropout(h, deterministic=deterministic, rngs=rngs)
+
+  def prefill(self, x, cache, *, mask=None, positions=None):
+    """Inference-only (no dropout) causal pass that also returns the cache."""
+    h, cache = self.attn.prefill(self.attn_norm(x), cache, mask=mask,
+                                 positions=positions)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+  def decode_step(self, x, cache, *, positions=None):
+    """One token per row, x [B, D]: the recurrent form of `prefill`."""
+    h, cache = self.attn.decode_step(self.attn_norm(x), cache,
+                                     positions=positions)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache

@@ -267,17 +267,98 @@ class Transformer(nnx.Module):
     inputs = tokens
     if self.start_id is not None:
       inputs = shift_right(tokens, self.start_id, segment_ids)
-    x = self.embed(inputs)
-    if self.pos_embed is not None:
-      x = x + self.pos_embed(positions).astype(x.dtype)
+    x = self._embed(inputs, positions)
     x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
     rope_positions = positions if self.rotary else None
     for layer in self.layers:
       x = layer(x, mask=mask, segment_ids=segment_ids, positions=rope_positions,
                 deterministic=deterministic, rngs=rngs)
+    return self._logits(x)
+
+  def _embed(self, inputs, positions):
+    """Token embedding plus additive positions (any leading shape)."""
+    x = self.embed(inputs)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed(positions).astype(x.dtype)
+    return x
+
+  def _logits(self, x):
     x = self.final_norm(x)
     if self.head is None:
       logits = self.embed.attend(x)[..., :self.vocab_size]
     else:
       logits = self.head(x)
     return logits.astype(jnp.float32)
+
+  # --- Recurrent decoding ----------------------------------------------------
+  # These work on *inputs*, the ids the embedding sees: for image_ar that is
+  # START followed by the sub-pixels (see `decode_inputs`), so the logits at
+  # the last input predict the next token for every task. Each layer's cache
+  # is the attend object's state: (S, z) per head for the FAVOR kinds (fixed
+  # size, whatever the context), a KV cache for softmax. `positions` [B] is
+  # the absolute position of each row's next input, so rows whose prompts
+  # differ in length decode side by side (see performer/sampling.py).
+
+  def decode_inputs(self, tokens):
+    """Inputs that make logits[:, n] predict token n: START-prefixed for
+    image_ar (one column longer), the tokens themselves for causal_lm."""
+    tokens = jnp.asarray(tokens)
+    if self.start_id is None:
+      return tokens
+    start = jnp.full((tokens.shape[0], 1), self.start_id, tokens.dtype)
+    return jnp.concatenate([start, tokens], axis=1)
+
+  def init_cache(self, batch: int, max_length: int):
+    """Empty decoding cache; `max_length` bounds prefill length + steps."""
+    if not self.causal:
+      raise ValueError(f'decoding needs a causal model; task {self.task!r} is '
+                       'bidirectional')
+    return {'layers': [layer.attn.init_cache(batch, max_length, self.dtype)
+                       for layer in self.layers],
+            'positions': jnp.zeros((batch,), jnp.int32)}
+
+  def prefill(self, inputs, cache, *, mask=None):
+    """Causal pass over inputs [B, L] (right-padded where mask is False).
+
+    Returns (logits [B, L, V], cache): logits equal the full forward pass on
+    the same inputs, and each row's next position is its number of real
+    inputs. `cache` must come fresh from `init_cache`.
+    """
+    inputs = jnp.asarray(inputs)
+    batch, length = inputs.shape
+    if length > self.max_len:
+      raise ValueError(
+          f'prompt length {length} exceeds the model max_len {self.max_len}')
+    if _is_concrete(inputs):
+      check_tokens(inputs, self.embed.num_embeddings)
+    positions = positions_lib.default_positions(batch, length)
+    if mask is not None:
+      mask = jnp.asarray(mask, dtype=bool)
+    x = self._embed(inputs, positions)
+    rope_positions = positions if self.rotary else None
+    layer_caches = []
+    for layer, layer_cache in zip(self.layers, cache['layers']):
+      x, layer_cache = layer.prefill(x, layer_cache, mask=mask,
+                                     positions=rope_positions)
+      layer_caches.append(layer_cache)
+    if mask is None:
+      next_positions = jnp.full((batch,), length, jnp.int32)
+    else:
+      next_positions = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    return self._logits(x), {'layers': layer_caches, 'positions': next_positions}
+
+  def decode_step(self, inputs_t, cache):
+    """One input per row, inputs_t [B], at each row's next position.
+
+    Returns (logits [B, V] for the token after inputs_t, cache).
+    """
+    positions = cache['positions']
+    x = self._embed(jnp.asarray(inputs_t), positions)
+    rope_positions = positions if self.rotary else None
+    layer_caches = []
+    for layer, layer_cache in zip(self.layers, cache['layers']):
+      x, layer_cache = layer.decode_step(x, layer_cache,
+                                         positions=rope_positions)
+      layer_caches.append(layer_cache)
+    return self._logits(x), {'layers': layer_caches,
+                             'positions': positions + 1}
