@@ -1,0 +1,80 @@
+r"""Base config: the full schema with defaults. Every other config derives from it.
+
+The schema is the contract between training, models and data (see /work/contracts.md): the
+config is locked, so a misspelt key in a variant file or on the command line is an error
+instead of a silently ignored setting. Add a key here first, then set it in a variant.
+
+Not meant to be trained directly (it is a mid-sized causal protein LM with no tuning); use
+`configs/default.py` or one of the named configs, e.g.
+
+  python train.py --config=configs/default.py --workdir=/tmp/protein_uni
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default config; every field of the schema is present."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.task = 'causal_lm'  # 'causal_lm' | 'mlm' | 'image_ar'
+  # 0 means "the data's vocabulary size" (data.vocab_for(config.data).size), filled in at start.
+  config.model.vocab_size = 0
+  config.model.num_layers = 2
+  config.model.num_heads = 4
+  config.model.emb_dim = 128
+  config.model.mlp_dim = 512
+  config.model.dropout_rate = 0.0
+  config.model.max_len = 1024
+  config.model.positions = 'learned'  # 'learned' | 'sinusoidal' | 'rotary' | 'axial' | 'none'
+  config.model.dtype = 'float32'  # compute dtype; parameters always stay float32
+  config.model.image_shape = (0, 0, 0)  # (H, W, C), image_ar only
+  config.model.attention = ml_collections.ConfigDict()
+  config.model.attention.kind = 'favor_softmax'  # one of performer.attention.KINDS
+  config.model.attention.num_features = 256
+  config.model.attention.chunk_size = 128
+  config.model.attention.orthogonal = True
+  config.model.attention.feature_norms = 'chi'  # 'chi' | 'sqrt'
+  config.model.attention.per_head_features = False
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'protein_sample'
+  config.data.path = ''  # a local file for 'fasta' / text data
+  config.data.seq_len = 256
+  config.data.crop = 'random'  # 'random' | 'start'
+  config.data.pack = False
+  config.data.data_dir = ''  # TFDS / cache directory; '' = library default
+  # Optional knobs of particular pipelines (performer/data); 0 / '' = the pipeline's default.
+  config.data.spm_path = ''  # lm1b / text: an existing sentencepiece model
+  config.data.vocab_size = 0  # text: size of the sentencepiece vocabulary to train
+  config.data.variant = ''  # imagenet64: which TFDS dataset variant
+  config.data.image_size = 0  # imagenet64: side length (64)
+  config.data.num_workers = 0  # grain worker processes for TFDS-backed pipelines
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 16  # global batch, split over devices and over grad_accum_steps
+  config.train.num_steps = 1000
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 100
+  config.train.schedule = 'cosine'  # 'cosine' (to 0 at num_steps) | 'constant'
+  config.train.weight_decay = 0.01
+  config.train.grad_clip = 1.0  # global-norm clip; 0 disables
+  config.train.grad_accum_steps = 1
+  config.train.redraw_every = 1000  # redraw random features every N steps; 0 = never
+  config.train.log_every = 50
+  config.train.eval_every = 500
+  config.train.eval_batches = 20  # <= 0: the whole split
+  config.train.checkpoint_every = 500
+  config.train.keep_checkpoints = 3
+  config.train.init_from = ''  # '' or a workdir / checkpoint dir to take PARAMS from
+  config.train.mlm_mask_rate = 0.15
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all devices not used by fsdp
+  config.mesh.fsdp = 1
+  # Locked here, so a variant file that sets a misspelt key fails at load instead of
+  # silently adding a setting nothing reads.
+  config.lock()
+  return config

@@ -1,0 +1,245 @@
+"""Checkpoints: orbax CheckpointManager, resume with fallback, and params-only init_from.
+
+Layout: `workdir/checkpoints/<step>/{params,opt_state,features,meta}`. Trees are stored as
+FLAT dicts keyed by dotted paths ('layers.0.attn.query.kernel') rather than as nnx.State
+objects: the names are readable, independent of the Python classes that produced them,
+and let `init_from` match parameters by name across models with different attention kinds.
+
+Atomicity comes from orbax: a step is written into `<step>.orbax-checkpoint-tmp-*` and
+renamed to `<step>` only when complete, so a process killed mid-save leaves a tmp dir that
+the manager ignores (and cleans up). A finalized step whose files were later truncated or
+removed fails to restore (zstd checksums / missing metadata); `restore_latest` then moves
+it to `workdir/checkpoints_corrupt/` and falls back to the previous step with a warning.
+"""
+
+import logging
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+ITEMS = ('params', 'opt_state', 'features', 'meta')
+
+
+# ---------------------------------------------------------------------------- flat trees
+
+def _key_name(key):
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def _path_name(path):
+  parts = [_key_name(k) for k in path]
+  # Variables flatten to their `.value`; drop it so names read like module paths.
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    parts = parts[:-1]
+  return '.'.join(parts)
+
+
+def flatten(tree):
+  """{dotted path: leaf} for any pytree (nnx.State, optax state, dicts)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  flat = {_path_name(path): leaf for path, leaf in leaves}
+  if len(flat) != len(leaves):
+    raise ValueError('two leaves map to the same checkpoint name')
+  return flat
+
+
+def unflatten(template, flat):
+  """Puts the leaves of `flat` back into the structure of `template` (matched by name)."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  return jax.tree_util.tree_unflatten(treedef, [flat[_path_name(p)] for p, _ in paths])
+
+
+def _abstract(flat_template, flat_shardings):
+  return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=flat_shardings[k])
+          for k, v in flat_template.items()}
+
+
+# ---------------------------------------------------------------------------- manager
+
+def _handlers():
+  return {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
+          'features': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
+class CheckpointError(ValueError):
+  """No usable checkpoint where one is required (eval.py, init_from)."""
+
+
+def make_manager(workdir, keep, read_only=False):
+  """The run's CheckpointManager; read_only for eval (never creates, cleans or deletes)."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if read_only:
+    if not os.path.isdir(directory):
+      raise CheckpointError(f'--workdir: no checkpoints directory {directory!r}')
+    options = ocp.CheckpointManagerOptions(read_only=True)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+
+
+def save(manager, step, params, opt_state, features, meta):
+  """Starts an (async) save of the full training state at `step`.
+
+  Orbax copies the arrays to host memory before `save` returns, so the caller may donate
+  the device buffers to the next train step right away.
+  """
+  trees = {'params': flatten(params), 'opt_state': flatten(opt_state),
+           'features': flatten(features)}
+  # Orbax refuses empty items (e.g. no random features with softmax attention): skip them.
+  items = {name: ocp.args.StandardSave(flat) for name, flat in trees.items() if flat}
+  manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
+
+
+def _quarantine(manager, step, error, move=True):
+  """Moves a step that failed to restore out of the manager's way (kept for inspection).
+
+  Moving matters for training: the run falls back to an older step and will later save
+  this step number again, which orbax refuses while the damaged directory is there.
+  """
+  if not move:
+    log.warning('checkpoint step %d is corrupt or incomplete (%s: %s); trying the previous one',
+                step, type(error).__name__, ' '.join(str(error).split())[:300])
+    return
+  src = os.path.join(str(manager.directory), str(step))
+  dst_root = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_corrupt')
+  os.makedirs(dst_root, exist_ok=True)
+  dst = os.path.join(dst_root, f'{step}-{int(time.time())}')
+  if jax.process_index() == 0 and os.path.exists(src):
+    shutil.move(src, dst)
+  if jax.process_count() > 1:  # every host must see the move before listing steps again
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'quarantine_checkpoint_{step}')
+  log.warning('checkpoint step %d is corrupt or incomplete (%s: %s); moved to %s and '
+                  'falling back to the previous one', step, type(error).__name__,
+                  ' '.join(str(error).split())[:300], dst)
+  manager.reload()
+
+
+def restore_step(manager, step, templates, shardings):
+  """Restores the items named in `templates` (plus meta) of one step; raises on damage."""
+  targets = {name: ocp.args.StandardRestore(_abstract(flatten(tree), flatten(shardings[name])))
+             for name, tree in templates.items() if flatten(tree)}
+  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
+                                                           **targets))
+  trees = {name: unflatten(tree, restored[name]) if name in targets else tree
+           for name, tree in templates.items()}
+  return trees, dict(restored['meta'])
+
+
+def restore_latest(manager, templates, shardings, move_corrupt=True):
+  """Restores the newest good checkpoint into the structures of the given templates.
+
+  Args:
+    manager: from make_manager.
+    templates: {item: tree} for some of 'params', 'opt_state', 'features' (arrays or
+      ShapeDtypeStructs; they fix the structure). eval.py asks for params and features only.
+    shardings: {item: matching tree of shardings}.
+    move_corrupt: move damaged steps to checkpoints_corrupt/ (training); eval only skips.
+  Returns:
+    (step, {item: restored tree}, meta), or None when there is no usable checkpoint.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      trees, meta = restore_step(manager, step, templates, shardings)
+      if int(meta['step']) != step:
+        raise ValueError(f"meta says step {meta['step']}")
+    except Exception as e:  # pylint: disable=broad-except
+      _quarantine(manager, step, e, move=move_corrupt)
+      continue
+    return step, trees, meta
+  return None
+
+
+# ---------------------------------------------------------------------------- init_from
+
+class InitFromError(CheckpointError):
+  """The init_from checkpoint cannot be mapped onto this model (e.g. a shape differs)."""
+
+
+def _find_checkpoint(path):
+  """Resolves a workdir, a checkpoints dir or a single step dir to (directory, step)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'params')):
+    return os.path.dirname(path), [int(os.path.basename(path))]
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  if not os.path.isdir(path):
+    raise InitFromError(f'config.train.init_from: no such directory {path!r}')
+  steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True)
+  if not steps:
+    raise InitFromError(f'config.train.init_from: no checkpoint steps under {path!r}')
+  return path, steps
+
+
+def load_params_by_name(path, params, shardings):
+  """Loads PARAMETERS ONLY from another run into the structure of `params`.
+
+  Matching is by dotted name. Shapes must agree for shared names. Names present in only one
+  of the two models are reported (logged as a warning and returned), never silently dropped:
+  parameters missing from the checkpoint keep their fresh initialization. Random features,
+  optimizer state and step are not taken, so the new run starts at step 0 with features
+  drawn for its own attention kind.
+
+  Returns:
+    (new params, report) where report = {'step', 'only_in_checkpoint', 'only_in_model', 'loaded'}.
+  """
+  directory, steps = _find_checkpoint(path)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={'params': ocp.PyTreeCheckpointHandler()})
+  try:
+    return _load_params_by_name(manager, directory, steps, params, shardings)
+  finally:
+    manager.close()
+
+
+def _load_params_by_name(manager, directory, steps, params, shardings):
+  flat_model, flat_sh = flatten(params), flatten(shardings)
+  last_error = None
+  for step in steps:
+    try:
+      meta = manager.item_metadata(step)['params']
+      saved = {k: tuple(v.shape) for k, v in getattr(meta, 'tree', meta).items()}
+      shared = sorted(set(saved) & set(flat_model))
+      bad = [k for k in shared if saved[k] != tuple(np.shape(flat_model[k]))]
+      if bad:
+        raise InitFromError('config.train.init_from: shape mismatch for ' + ', '.join(
+            f'{k} {saved[k]} vs {tuple(np.shape(flat_model[k]))}' for k in bad))
+      target = {k: jax.ShapeDtypeStruct(saved[k], flat_model[k].dtype, sharding=flat_sh[k])
+                for k in shared}
+      restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))['params']
+    except InitFromError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      last_error = e
+      log.warning('init_from: step %d under %s unreadable (%s); trying an older one', step,
+                  directory, e)
+      continue
+    report = {'step': step, 'loaded': shared,
+              'only_in_checkpoint': sorted(set(saved) - set(flat_model)),
+              'only_in_model': sorted(set(flat_model) - set(saved))}
+    if report['only_in_checkpoint'] or report['only_in_model']:
+      log.warning('init_from %s (step %d): parameters only in the checkpoint (not loaded): %s; '
+                  'only in this model (kept at their fresh init): %s', directory, step,
+                  report['only_in_checkpoint'] or 'none', report['only_in_model'] or 'none')
+    merged = dict(flat_model)
+    merged.update({k: restored[k] for k in shared})
+    return unflatten(params, merged), report
+  raise InitFromError(f'config.train.init_from: no readable checkpoint under {directory!r} '
+                      f'({last_error})')

@@ -1,0 +1,242 @@
+"""Load, override, lock and validate experiment configs.
+
+Configs are Python files with a `get_config()` returning an `ml_collections.ConfigDict` (as in
+big_vision). They are locked after loading so that a typo -- in a variant file or in a
+`--config.train.batch_sze=8` override -- is an error rather than a setting that silently
+does nothing. Every error raised here is a `ConfigError` whose message is ONE line naming the
+offending key, because train.py / eval.py print exactly that line and exit with status 2.
+"""
+
+import ast
+import difflib
+import importlib.util
+import os
+import re
+import sys
+
+import ml_collections
+
+TASKS = ('causal_lm', 'mlm', 'image_ar')
+POSITIONS = ('learned', 'sinusoidal', 'rotary', 'axial', 'none')
+DTYPES = ('float32', 'bfloat16')
+SCHEDULES = ('cosine', 'constant')
+CROPS = ('random', 'start')
+FEATURE_NORMS = ('chi', 'sqrt')
+# Used only when performer.data does not publish its own list of dataset names.
+FALLBACK_DATA_NAMES = ('protein_sample', 'fasta', 'text', 'uniref50', 'lm1b', 'imagenet64')
+
+
+class ConfigError(ValueError):
+  """A bad config; `str(error)` is a single line that names the key."""
+
+
+def _one_line(text):
+  return ' '.join(str(text).split())
+
+
+def load_config(path, overrides=()):
+  """Loads `get_config()` from a config file, applies `key=value` overrides and locks it.
+
+  Args:
+    path: path of a config file (e.g. 'configs/tiny.py').
+    overrides: strings like 'train.batch_size=8' or 'config.model.attention.kind=softmax'.
+  Returns:
+    A locked ConfigDict.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config: no such config file {path!r}')
+  # Config files import their base as `from configs import base`, so the directory that
+  # holds `configs/` must be importable even when running from elsewhere.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if os.path.isdir(os.path.join(root, 'configs')) and root not in sys.path:
+    sys.path.insert(0, root)
+  name = '_performer_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    missing = re.search(r'Key "([^"]+)" does not exist', str(e))
+    if missing:  # a variant file setting a key the (locked) base schema does not have
+      hint = re.search(r'Did you mean "([^"]+)"', str(e))
+      raise ConfigError(f'--config={path}: sets unknown config key {missing.group(1)!r}'
+                        + (f' (did you mean {hint.group(1)!r}?)' if hint else '')) from e
+    raise ConfigError(f'--config={path}: {type(e).__name__}: {_one_line(e)}') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'--config={path}: get_config() must return a ConfigDict')
+  config.lock()
+  for item in overrides:
+    apply_override(config, item)
+  return config
+
+
+def _parse_value(text, old):
+  """Parses an override string with the type of the current value (absl-like)."""
+  if isinstance(old, bool):
+    low = text.lower()
+    if low in ('true', '1', 'yes'):
+      return True
+    if low in ('false', '0', 'no'):
+      return False
+    raise ValueError(f'expected a bool, got {text!r}')
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(old, tuple) and isinstance(value, list):
+    value = tuple(value)
+  if isinstance(old, tuple) and not isinstance(value, tuple):
+    value = (value,)
+  if type(value) is not type(old):  # pylint: disable=unidiomatic-typecheck
+    raise ValueError(f'expected {type(old).__name__}, got {text!r}')
+  return value
+
+
+def _did_you_mean(name, node):
+  if not isinstance(node, ml_collections.ConfigDict):
+    return ''
+  close = difflib.get_close_matches(name, list(node.keys()), n=1)
+  return f' (did you mean {close[0]!r}?)' if close else ''
+
+
+def apply_override(config, item):
+  """Applies one 'a.b.c=value' override to a locked config, with a one-line error."""
+  if '=' not in item:
+    raise ConfigError(f'override {item!r}: expected key=value')
+  key, text = item.split('=', 1)
+  key = key.strip().lstrip('-')
+  if key.startswith('config.'):
+    key = key[len('config.'):]
+  *parents, leaf = key.split('.')
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f"unknown config key 'config.{'.'.join(parents[:i + 1])}'"
+                        + _did_you_mean(part, node))
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ConfigError(f"unknown config key 'config.{key}'" + _did_you_mean(leaf, node))
+  old = node[leaf]
+  if isinstance(old, ml_collections.ConfigDict):
+    raise ConfigError(f"config.{key} is a group of settings; set one of its fields")
+  try:
+    node[leaf] = _parse_value(text, old)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'config.{key}: {_one_line(e)}') from e
+
+
+def diagnose_argv(argv):
+  """Re-parses `--config=... --config.k=v` arguments to name the key absl choked on.
+
+  absl / config_flags report an unknown override as a bare KeyError('nope') without the
+  path; this replays the same arguments through `load_config` to get a precise message.
+  Returns the message, or None when everything parses here.
+  """
+  path, overrides = None, []
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(args):
+      path = args[i + 1]
+    elif arg.startswith('--config.'):
+      if '=' not in arg and i + 1 < len(args):
+        arg = f'{arg}={args[i + 1]}'
+      overrides.append(arg)
+  if path is None:
+    return '--config: missing; pass --config=configs/<name>.py'
+  try:
+    load_config(path, overrides)
+  except ConfigError as e:
+    return str(e)
+  return None
+
+
+def _check_choice(key, value, choices):
+  if value not in choices:
+    raise ConfigError(f'config.{key}: unknown value {value!r}; choose from {", ".join(choices)}')
+
+
+def _check_positive(config, keys, allow_zero=False):
+  for key in keys:
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if value < 0 or (value == 0 and not allow_zero):
+      raise ConfigError(f'config.{key}: must be {">= 0" if allow_zero else "> 0"}, got {value}')
+
+
+def data_names():
+  """Dataset names known to performer.data (its own list when it publishes one)."""
+  try:
+    from performer import data  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return FALLBACK_DATA_NAMES
+  for attr in ('NAMES', 'DATASETS', 'DATA_NAMES'):
+    names = getattr(data, attr, None)
+    if names:
+      return tuple(names)
+  return FALLBACK_DATA_NAMES
+
+
+def _validate_model(model_config):
+  """The models part's own checks (e.g. image_ar max_len vs image_shape), as a ConfigError."""
+  try:
+    from performer import models  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  spec_from_config = getattr(models, 'spec_from_config', None)
+  if spec_from_config is None:
+    return
+  try:
+    spec_from_config(model_config)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {_one_line(e)}') from e
+
+
+def validate(config):
+  """Checks values that types alone cannot: names, ranges, divisibility. Raises ConfigError."""
+  from performer import attention  # pylint: disable=g-import-not-at-top
+  _check_choice('model.task', config.model.task, TASKS)
+  _check_choice('model.attention.kind', config.model.attention.kind, tuple(attention.KINDS))
+  _check_choice('model.positions', config.model.positions, POSITIONS)
+  _check_choice('model.dtype', config.model.dtype, DTYPES)
+  _check_choice('model.attention.feature_norms', config.model.attention.feature_norms,
+                FEATURE_NORMS)
+  _check_choice('data.name', config.data.name, data_names())
+  _check_choice('data.crop', config.data.crop, CROPS)
+  _check_choice('train.schedule', config.train.schedule, SCHEDULES)
+  _check_positive(config, ['model.num_layers', 'model.num_heads', 'model.emb_dim',
+                           'model.mlp_dim', 'model.max_len', 'data.seq_len',
+                           'train.batch_size', 'train.num_steps', 'train.grad_accum_steps',
+                           'train.log_every', 'train.keep_checkpoints', 'mesh.fsdp'])
+  _check_positive(config, ['model.vocab_size', 'train.warmup_steps', 'train.weight_decay',
+                           'train.grad_clip', 'train.redraw_every', 'train.eval_every',
+                           'train.checkpoint_every', 'model.dropout_rate',
+                           'model.attention.num_features', 'model.attention.chunk_size'],
+                  allow_zero=True)
+  if config.model.emb_dim % config.model.num_heads:
+    raise ConfigError(f'config.model.emb_dim: {config.model.emb_dim} is not divisible by '
+                      f'config.model.num_heads={config.model.num_heads}')
+  if config.train.batch_size % config.train.grad_accum_steps:
+    raise ConfigError(f'config.train.grad_accum_steps: {config.train.grad_accum_steps} does not '
+                      f'divide config.train.batch_size={config.train.batch_size}')
+  if not 0.0 < config.train.mlm_mask_rate < 1.0:
+    raise ConfigError(f'config.train.mlm_mask_rate: must be in (0, 1), got '
+                      f'{config.train.mlm_mask_rate}')
+  if config.model.positions in ('learned', 'axial') and config.model.max_len < config.data.seq_len:
+    raise ConfigError(f'config.model.max_len: {config.model.max_len} < config.data.seq_len='
+                      f'{config.data.seq_len} with learned positions')
+  if config.model.task == 'image_ar' and len(config.model.image_shape) != 3:
+    raise ConfigError('config.model.image_shape: image_ar needs (height, width, channels)')
+  _validate_model(config.model)
+  if config.mesh.data == 0 or config.mesh.data < -1:
+    raise ConfigError(f'config.mesh.data: must be -1 (all devices) or > 0, got {config.mesh.data}')
+  return config

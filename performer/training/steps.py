@@ -1,0 +1,216 @@
+"""Pure train and eval steps, losses, BERT masking and the optimizer.
+
+Everything here is a plain function of arrays so it can be `jax.jit`-ed with donated
+buffers. The model travels as `nnx.split` pieces -- (graphdef, params, features, rest) -- and
+is rebuilt with `nnx.merge` inside the step: splitting once outside the loop and merging
+inside the trace costs nothing at run time, while `nnx.jit` in the hot loop would re-walk
+the object graph on every call.
+
+Losses are per token: every step returns SUMS (loss, correct, weight) so that micro-batches,
+devices and eval batches can be added up and divided once, which is what makes gradient
+accumulation equal to one big batch.
+"""
+
+import functools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+def make_schedule(train_config):
+  """Linear warmup from 0, then cosine decay to 0 at num_steps (or constant)."""
+  lr, warmup = train_config.learning_rate, train_config.warmup_steps
+  if train_config.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=warmup, decay_steps=max(train_config.num_steps, warmup + 1),
+        end_value=0.0)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+      [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only: biases and norm scales are not decayed."""
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
+def make_optimizer(train_config):
+  """AdamW with global-norm clipping; returns (optax transform, schedule)."""
+  schedule = make_schedule(train_config)
+  parts = []
+  if train_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+  parts.append(optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-8,
+                           weight_decay=train_config.weight_decay, mask=_decay_mask))
+  return optax.chain(*parts), schedule
+
+
+# ---------------------------------------------------------------------------- targets
+
+def causal_targets(batch):
+  """Position t predicts token t+1 of the same segment; the last position predicts nothing."""
+  tokens, mask, seg = batch['tokens'], batch['mask'], batch['segment_ids']
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  same_seg = seg[:, 1:] == seg[:, :-1]
+  weights = jnp.pad(mask[:, 1:] & mask[:, :-1] & same_seg, ((0, 0), (0, 1)))
+  return tokens, targets, weights
+
+
+def mlm_targets(batch, key, *, rate, mask_id, special_ids, vocab_size, mask_all=False):
+  """BERT masking: pick `rate` of the real tokens; 80% -> MASK, 10% -> random, 10% kept.
+
+  Done inside the (jitted) step with its own key so the data pipeline stays task-agnostic
+  and every step sees fresh masks. Special tokens (PAD/BOS/EOS/MASK) are never picked, and
+  random replacements are never special tokens. `mask_all` (eval) replaces every picked
+  token by MASK: the 10% kept tokens would otherwise be visible answers, inflating accuracy
+  and making the number incomparable with the unigram baseline.
+  """
+  tokens, mask = batch['tokens'], batch['mask']
+  special = jnp.asarray(special_ids, jnp.int32)
+  is_special = jnp.any(tokens[..., None] == special, axis=-1)
+  k_pick, k_how, k_rand = jax.random.split(key, 3)
+  picked = mask & ~is_special & jax.random.bernoulli(k_pick, rate, tokens.shape)
+  how = jax.random.uniform(k_how, tokens.shape)
+  # Sample among the non-special ids: draw an index into [0, V - n_special) and skip specials.
+  normal_ids = jnp.setdiff1d(jnp.arange(vocab_size), special, size=vocab_size - len(special_ids))
+  random_tokens = normal_ids[jax.random.randint(k_rand, tokens.shape, 0, normal_ids.shape[0])]
+  if mask_all:
+    return jnp.where(picked, mask_id, tokens).astype(tokens.dtype), tokens, picked
+  inputs = jnp.where(picked & (how < 0.8), mask_id, tokens)
+  inputs = jnp.where(picked & (how >= 0.8) & (how < 0.9), random_tokens, inputs)
+  return inputs.astype(tokens.dtype), tokens, picked
+
+
+def make_targets(batch, key, task_info, evaluating=False):
+  """(inputs, targets, weights) for the task; `key` is only used by MLM.
+
+  The model's `target_offset` says what logits[t] predict: tokens[t+1] (causal LM, shift
+  here) or tokens[t] (image AR, where the model shifts its own input right; and MLM).
+  """
+  if task_info['task'] == 'mlm':
+    return mlm_targets(batch, key, rate=task_info['mlm_rate'], mask_id=task_info['mask_id'],
+                       special_ids=task_info['special_ids'],
+                       vocab_size=task_info['vocab_size'], mask_all=evaluating)
+  if task_info['target_offset'] == 1:
+    return causal_targets(batch)
+  return batch['tokens'], batch['tokens'], batch['mask']
+
+
+def token_sums(logits, targets, weights):
+  """Summed cross-entropy, correct predictions and weight over the weighted tokens."""
+  logits = logits.astype(jnp.float32)
+  w = weights.astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {'loss_sum': jnp.sum(loss * w), 'correct_sum': jnp.sum(correct * w),
+          'weight_sum': jnp.sum(w)}
+
+
+def _forward(graphdef, params, features, rest, inputs, batch, *, deterministic, dropout_key):
+  # copy=True: fresh Variables owned by this trace, so reseeding and dropout may mutate them.
+  model = nnx.merge(graphdef, params, features, rest, copy=True)
+  if not deterministic and dropout_key is not None:
+    # Dropout noise is a function of (seed, step, micro-batch) only, so resuming from a
+    # checkpoint replays exactly the same noise.
+    nnx.reseed(model, dropout=dropout_key)
+  return model(inputs, mask=batch['mask'], segment_ids=batch['segment_ids'],
+               deterministic=deterministic)
+
+
+# ---------------------------------------------------------------------------- steps
+
+def train_step(params, opt_state, features, rest, batch, step, base_key, *, graphdef, tx,
+               schedule, task_info, grad_accum_steps, use_dropout):
+  """One optimizer update on a global batch; returns (params, opt_state, metrics).
+
+  The batch is split into `grad_accum_steps` micro-batches scanned in sequence. Gradients
+  of the summed loss are added and divided once by the total weight of the whole batch,
+  so the update equals the big-batch update up to float summation order.
+  """
+  mask_key = jax.random.fold_in(jax.random.fold_in(base_key, 0), step)
+  dropout_key = jax.random.fold_in(jax.random.fold_in(base_key, 1), step)
+  inputs, targets, weights = make_targets(batch, mask_key, task_info)
+  total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
+
+  def loss_fn(p, micro, key):
+    logits = _forward(graphdef, p, features, rest, micro['inputs'], micro,
+                      deterministic=not use_dropout, dropout_key=key)
+    sums = token_sums(logits, micro['targets'], micro['weights'])
+    return sums['loss_sum'], sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  full = dict(batch, inputs=inputs, targets=targets, weights=weights)
+  if grad_accum_steps == 1:
+    grads, sums = grad_fn(params, full, dropout_key)
+  else:
+    # Strided split (micro-batch i = rows i, i+k, ...): each device's contiguous block of
+    # the data-sharded batch contributes equally to every micro-batch, so no rows move.
+    micro = jax.tree.map(
+        lambda x: x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), full)
+
+    def body(carry, xs):
+      i, mb = xs
+      g, s = grad_fn(params, mb, jax.random.fold_in(dropout_key, i))
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params),
+             {k: jnp.zeros((), jnp.float32) for k in ('loss_sum', 'correct_sum', 'weight_sum')})
+    (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+  grads = jax.tree.map(lambda g: g / total_weight, grads)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = {'loss': sums['loss_sum'] / total_weight,
+             'accuracy': sums['correct_sum'] / total_weight,
+             'tokens': sums['weight_sum'],
+             'grad_norm': optax.global_norm(grads),
+             'learning_rate': schedule(step)}
+  return params, opt_state, metrics
+
+
+def eval_step(params, features, rest, batch, mask_key, *, graphdef, task_info):
+  """Deterministic forward pass (stored features, no dropout); returns token sums.
+
+  MLM eval masks a fixed (per batch index) 15% of tokens, all with MASK.
+  """
+  inputs, targets, weights = make_targets(batch, mask_key, task_info, evaluating=True)
+  logits = _forward(graphdef, params, features, rest, inputs, batch, deterministic=True,
+                    dropout_key=None)
+  return token_sums(logits, targets, weights)
+
+
+def build_task_info(model_config, train_config, vocab, target_offset):
+  """Static facts the steps need about the task, model and vocabulary."""
+  special = tuple(sorted({int(i) for i in (getattr(vocab, name, None)
+                                           for name in ('pad_id', 'bos_id', 'eos_id', 'mask_id'))
+                          if i is not None and 0 <= int(i) < model_config.vocab_size}))
+  return {'task': model_config.task, 'target_offset': int(target_offset),
+          'mlm_rate': float(train_config.mlm_mask_rate),
+          'mask_id': int(getattr(vocab, 'mask_id', -1) if vocab is not None else -1),
+          'special_ids': special, 'vocab_size': int(model_config.vocab_size)}
+
+
+def make_step_fns(graphdef, tx, schedule, task_info, train_config, use_dropout,
+                  state_shardings=None, batch_sharding=None, replicated=None):
+  """Jits the train and eval steps; params and optimizer state are donated.
+
+  With `state_shardings` = (params, opt_state, features, rest) shardings, the inputs are
+  pinned and the outputs keep the same layout, so FSDP-sharded parameters stay sharded.
+  """
+  train = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                            task_info=task_info,
+                            grad_accum_steps=train_config.grad_accum_steps,
+                            use_dropout=use_dropout)
+  evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info)
+  if state_shardings is None:
+    return (jax.jit(train, donate_argnums=(0, 1)), jax.jit(evaluate))
+  p_sh, o_sh, f_sh, r_sh = state_shardings
+  train = jax.jit(train, donate_argnums=(0, 1),
+                  in_shardings=(p_sh, o_sh, f_sh, r_sh, batch_sharding, replicated, replicated),
+                  out_shardings=(p_sh, o_sh, replicated))
+  evaluate = jax.jit(evaluate, in_shardings=(p_sh, f_sh, r_sh, batch_sharding, replicated),
+                     out_shardings=replicated)
+  return train, evaluate

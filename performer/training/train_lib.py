@@ -1,0 +1,342 @@
+"""`train_and_evaluate(config, workdir)`: one training loop for every task.
+
+Shaped after Flax's examples/lm1b: build state, restore if a checkpoint exists, loop over
+steps with periodic logging / eval / checkpoints, then a final evaluation. The model lives
+as `nnx.split` pieces for the whole run:
+
+  graphdef  static structure, closed over by the jitted steps
+  params    nnx.Param           -> optimized, FSDP-sharded, donated to the step
+  features  RandomFeatures      -> redrawn every `train.redraw_every` steps, checkpointed
+  rest      everything else     -> (dropout RNG streams) reseeded inside the step
+
+Every random choice is a pure function of (config.seed, step): dropout, MLM masks, feature
+redraws and (through the data iterator's checkpointed position) the batch order. That is
+what makes a killed-and-resumed run end with bitwise the same parameters.
+"""
+
+import base64
+import json
+import logging
+import os
+import time
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from performer import attention
+from performer import data
+from performer import models
+from performer.training import checkpoints
+from performer.training import config_utils
+from performer.training import metrics as metrics_lib
+from performer.training import sharding
+from performer.training import steps as steps_lib
+
+log = logging.getLogger(__name__)
+
+
+def resolve_config(config):
+  """Fills data-dependent defaults (vocab_size=0 -> the data vocabulary) on a copy."""
+  vocab = data.vocab_for(config.data)
+  config = config.copy_and_resolve_references()
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = int(vocab.size)
+  elif config.model.vocab_size < vocab.size:
+    raise config_utils.ConfigError(
+        f'config.model.vocab_size: {config.model.vocab_size} is smaller than the data '
+        f'vocabulary ({vocab.size}); use 0 to take the data\'s size')
+  config.lock()
+  return config, vocab
+
+
+def _keys(seed):
+  """Independent PRNG streams for training noise, feature redraws and eval masks."""
+  base = jax.random.key(seed)
+  return {'train': jax.random.fold_in(base, 1), 'redraw': jax.random.fold_in(base, 2),
+          'eval': jax.random.fold_in(base, 3)}
+
+
+def redraw_key(seed, step):
+  """The key for the features used from `step` on (a function of seed and step only)."""
+  return jax.random.fold_in(_keys(seed)['redraw'], step)
+
+
+def should_redraw(step, redraw_every):
+  """Features are redrawn before steps redraw_every, 2*redraw_every, ... (never at 0)."""
+  return redraw_every > 0 and step > 0 and step % redraw_every == 0
+
+
+def create_state(config, mesh):
+  """Builds the model sharded from the start (jitted init with out_shardings).
+
+  Returns a dict with graphdef, params, features, rest, their shardings, abstract
+  templates and the model's target offset.
+  """
+  seed = config.seed
+
+  def build():
+    return models.build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+  abstract_model = nnx.eval_shape(build)
+  graphdef, a_params, a_features, a_rest = nnx.split(
+      abstract_model, nnx.Param, attention.RandomFeatures, ...)
+  shard = {'params': sharding.param_shardings(mesh, a_params),
+           'features': sharding.replicated_shardings(mesh, a_features),
+           'rest': sharding.replicated_shardings(mesh, a_rest)}
+
+  def init():
+    return nnx.split(build(), nnx.Param, attention.RandomFeatures, ...)[1:]
+
+  params, features, rest = jax.jit(
+      init, out_shardings=(shard['params'], shard['features'], shard['rest']))()
+  return {'graphdef': graphdef, 'params': params, 'features': features, 'rest': rest,
+          'shardings': shard, 'abstract': {'params': a_params, 'features': a_features},
+          'target_offset': int(getattr(abstract_model, 'target_offset', 1))}
+
+
+def _pad_batch(batch, batch_size):
+  """Pads a short (final eval) batch with all-masked rows so shapes and shardings hold."""
+  n = batch['tokens'].shape[0]
+  if n == batch_size:
+    return batch
+  return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+def _local_batch_size(global_size):
+  if global_size % jax.process_count():
+    raise ValueError(f'batch size {global_size} is not divisible by {jax.process_count()} hosts')
+  return global_size // jax.process_count()
+
+
+def evaluate(eval_fn, params, features, rest, config, split, *, batch_sharding, eval_key,
+             num_batches=0):
+  """Deterministic eval over `num_batches` batches of `split` (<= 0: the whole split)."""
+  local_bs = _local_batch_size(config.train.batch_size)
+  it = data.build_dataset(config.data, split=split, batch_size=local_bs, seed=config.seed,
+                          shard_index=jax.process_index(), shard_count=jax.process_count(),
+                          num_epochs=1)
+  totals = None
+  for i, batch in enumerate(it):
+    if 0 < num_batches <= i:
+      break
+    batch = _pad_batch(batch, local_bs)
+    models.check_tokens(batch['tokens'], config.model.vocab_size)
+    sums = eval_fn(params, features, rest, sharding.global_batch(batch, batch_sharding),
+                   jax.random.fold_in(eval_key, i))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError(f'the {split!r} split produced no batches')
+  return metrics_lib.summarize(jax.device_get(totals), config.model.task)
+
+
+def _data_state(it):
+  """The iterator's position as JSON (grain states are dicts, or bytes for older APIs)."""
+  get_state = getattr(it, 'get_state', None)
+  state = get_state() if get_state is not None else None
+  if isinstance(state, bytes):
+    return {'base64': base64.b64encode(state).decode('ascii')}
+  return state
+
+
+def _restore_data_position(it, meta, step):
+  """Puts the iterator where it was at the checkpoint, or replays `step` batches."""
+  state = meta.get('data_state')
+  if state is not None and hasattr(it, 'set_state'):
+    if isinstance(state, dict) and set(state) == {'base64'}:
+      state = base64.b64decode(state['base64'])
+    it.set_state(state)
+    return
+  for _ in range(step):
+    next(it)
+
+
+def setup(config, mesh=None):
+  """Everything a run needs before the loop; shared by train_and_evaluate, eval.py, tests."""
+  sharding.maybe_initialize_distributed()
+  config, vocab = resolve_config(config)
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  if config.train.batch_size % mesh.size:
+    raise config_utils.ConfigError(
+        f'config.train.batch_size: {config.train.batch_size} is not divisible by the '
+        f'{mesh.size} devices of the mesh')
+  state = create_state(config, mesh)
+  tx, schedule = steps_lib.make_optimizer(config.train)
+  task_info = steps_lib.build_task_info(config.model, config.train, vocab,
+                                        state['target_offset'])
+  a_opt = jax.eval_shape(tx.init, state['abstract']['params'])
+  state['shardings']['opt_state'] = sharding.param_shardings(mesh, a_opt)
+  state['abstract']['opt_state'] = a_opt
+  sh = state['shardings']
+  replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  train_fn, eval_fn = steps_lib.make_step_fns(
+      state['graphdef'], tx, schedule, task_info, config.train,
+      use_dropout=config.model.dropout_rate > 0,
+      state_shardings=(sh['params'], sh['opt_state'], sh['features'], sh['rest']),
+      batch_sharding=batch_sh, replicated=replicated)
+  redraw_fn = jax.jit(attention.redraw_features, out_shardings=sh['features'])
+  return {'config': config, 'vocab': vocab, 'mesh': mesh, 'state': state, 'tx': tx,
+          'train_fn': train_fn, 'eval_fn': eval_fn, 'redraw_fn': redraw_fn,
+          'batch_sharding': batch_sh, 'keys': _keys(config.seed)}
+
+
+def _initial_state(run, manager, workdir):
+  """Resume from workdir, else init_from (params only), else fresh. Returns (step, meta).
+
+  A checkpoint in the workdir always wins over train.init_from, so restarting a fine-tuning
+  run resumes it instead of starting the fine-tuning over.
+  """
+  config, state = run['config'], run['state']
+  sh, abstract = state['shardings'], state['abstract']
+  items = ('params', 'opt_state', 'features')
+  restored = checkpoints.restore_latest(manager, {k: abstract[k] for k in items},
+                                        {k: sh[k] for k in items})
+  if restored is not None:
+    step, trees, meta = restored
+    state.update(trees)
+    log.info('resumed from %s at step %d', manager.directory, step)
+    return step, meta
+  if config.train.init_from:
+    state['params'], report = checkpoints.load_params_by_name(
+        config.train.init_from, state['params'], sh['params'])
+    state['init_report'] = report
+    if jax.process_index() == 0:  # a record of exactly what was (not) transferred
+      with open(os.path.join(workdir, 'init_from.json'), 'w', encoding='utf-8') as f:
+        json.dump({'init_from': config.train.init_from, **report}, f, indent=1)
+    log.info('initialized %d parameters from %s (step %d)', len(report['loaded']),
+             config.train.init_from, report['step'])
+  state['opt_state'] = jax.jit(run['tx'].init, out_shardings=sh['opt_state'])(state['params'])
+  return 0, {}
+
+
+def train_and_evaluate(config, workdir, *, progress=None):
+  """Trains `config` in `workdir` (resuming if it holds checkpoints) and evaluates.
+
+  Returns a dict: 'step', 'params', 'features', 'final' ({split: metrics}), 'unigram'
+  (when the data module has a baseline) and 'init_report' (with train.init_from).
+  """
+  run = setup(config)
+  config, state, keys = run['config'], run['state'], run['keys']
+  tc = config.train
+  metrics_lib.write_config(config, workdir)
+  manager = checkpoints.make_manager(workdir, tc.keep_checkpoints)
+  step, meta = _initial_state(run, manager, workdir)
+  writer = metrics_lib.MetricWriter(workdir, start_step=step)
+  log.info('model: %d parameters, attention %s',
+           sum(x.size for x in jax.tree.leaves(state['params'])), config.model.attention.kind)
+
+  train_it = data.build_dataset(
+      config.data, split='train', batch_size=_local_batch_size(tc.batch_size), seed=config.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count(), num_epochs=None)
+  if step:
+    _restore_data_position(train_it, meta, step)
+  tokens_per_step = tc.batch_size * config.data.seq_len
+  bar = metrics_lib.Progress(tc.num_steps, step, enabled=progress)
+  pending, last_time, last_step = [], time.perf_counter(), step
+  params, opt_state, features = state['params'], state['opt_state'], state['features']
+  rest = state['rest']
+  eval_kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=keys['eval'])
+
+  while step < tc.num_steps:
+    if should_redraw(step, tc.redraw_every) and jax.tree.leaves(features):
+      features = run['redraw_fn'](features, redraw_key(config.seed, step))
+    batch = next(train_it)
+    models.check_tokens(batch['tokens'], config.model.vocab_size)
+    batch = sharding.global_batch(batch, run['batch_sharding'])
+    params, opt_state, step_metrics = run['train_fn'](
+        params, opt_state, features, rest, batch, jnp.asarray(step, jnp.int32), keys['train'])
+    pending.append(step_metrics)
+    step += 1
+    bar.advance()
+    if step % tc.log_every == 0 or step == tc.num_steps:
+      host = jax.device_get(pending)
+      now = time.perf_counter()
+      rate = (step - last_step) / max(now - last_time, 1e-9)
+      summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      summary.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step)
+      writer.write(step, 'train', summary)
+      bar.set_rates(rate, rate * tokens_per_step)
+      log.info('step %d: loss %.4f accuracy %.4f | %.2f steps/s %.0f tokens/s', step,
+               summary['loss'], summary['accuracy'], rate, rate * tokens_per_step)
+      pending, last_time, last_step = [], now, step
+    if tc.eval_every and (step % tc.eval_every == 0 and step < tc.num_steps):
+      result = evaluate(run['eval_fn'], params, features, rest, config, 'validation',
+                        num_batches=tc.eval_batches, **eval_kwargs)
+      writer.write(step, 'validation', result)
+      log.info('step %d validation: %s', step, _fmt(result))
+      last_time = time.perf_counter()
+    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.num_steps:
+      checkpoints.save(manager, step, params, opt_state, features,
+                       {'step': step, 'data_state': _data_state(train_it)})
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+
+  final = {}
+  for split in ('validation', 'test'):
+    final[split] = evaluate(run['eval_fn'], params, features, rest, config, split,
+                            num_batches=0, **eval_kwargs)
+    writer.write(step, f'final_{split}', final[split])
+  unigram = {}
+  for split in final:
+    try:
+      unigram[split] = data.unigram_baseline(config.data, split=split)
+    except (NotImplementedError, AttributeError):
+      break
+  writer.close()
+  print_summary(config, step, final, unigram, progress_write=bar.write)
+  return {'step': step, 'params': params, 'features': features, 'rest': rest, 'final': final,
+          'unigram': unigram, 'init_report': state.get('init_report')}
+
+
+def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
+  """Evaluates the newest good checkpoint of `workdir` (params + features only)."""
+  run = setup(config)
+  config, state = run['config'], run['state']
+  sh = state['shardings']
+  manager = checkpoints.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
+  restored = checkpoints.restore_latest(
+      manager, {'params': state['abstract']['params'], 'features': state['abstract']['features']},
+      {'params': sh['params'], 'features': sh['features']}, move_corrupt=False)
+  manager.close()
+  if restored is None:
+    raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
+  step, trees, _ = restored
+  results = {split: evaluate(run['eval_fn'], trees['params'], trees['features'], state['rest'],
+                             config, split, batch_sharding=run['batch_sharding'],
+                             eval_key=run['keys']['eval'], num_batches=num_batches)
+             for split in splits}
+  unigram = {}
+  for split in splits:
+    try:
+      unigram[split] = data.unigram_baseline(config.data, split=split)
+    except (NotImplementedError, AttributeError):
+      break
+  print_summary(config, step, results, unigram)
+  return {'step': step, 'final': results, 'unigram': unigram}
+
+
+def _fmt(result):
+  return ', '.join(f'{k} {v:.4f}' for k, v in result.items() if k != 'tokens')
+
+
+def print_summary(config, step, final, unigram, progress_write=print):
+  """Held-out metrics beside the unigram baseline, as a small table on stdout."""
+  lines = [f'== {config.model.task} / {config.model.attention.kind} / {config.data.name} '
+           f'after {step} steps ==',
+           f'{"":18s}{"split":>12s}{"loss":>10s}{"accuracy":>10s}{"perplexity":>12s}']
+  for split, result in final.items():
+    lines.append(f'{"model":18s}{split:>12s}{result["loss"]:10.4f}{result["accuracy"]:10.4f}'
+                 f'{result["perplexity"]:12.3f}'
+                 + (f'   bits/dim {result["bits_per_dim"]:.4f}' if 'bits_per_dim' in result
+                    else ''))
+    if split in unigram:
+      base = unigram[split]
+      acc = base.get('accuracy')
+      acc = f'{acc:10.4f}' if acc is not None else f'{"-":>10s}'
+      lines.append(f'{"unigram baseline":18s}{split:>12s}{base["cross_entropy"]:10.4f}{acc}'
+                   f'{base["perplexity"]:12.3f}')
+  for line in lines:
+    progress_write(line)
