@@ -246,3 +246,13 @@ def test_config_errors(tmp_path):
   tiny.write_text(">" + ids_for("train", 1)[0] + "\nMKV\n")
   with pytest.raises(ValueError, match="'validation' split is empty"):
     data.build_dataset(config(name="fasta", path=str(tiny)), split="validation", batch_size=2)
+
+
+def test_unigram_baseline_reports_majority_accuracy():
+  from ml_collections import ConfigDict
+  from performer import data
+  cfg = ConfigDict({"name": "protein_sample", "path": "", "seq_len": 64,
+                    "crop": "start", "pack": False})
+  baseline = data.unigram_baseline(cfg)
+  # The most frequent residue (L in most proteomes) is right ~10% of the time.
+  assert 0.05 < baseline["accuracy"] < 0.15

@@ -264,6 +264,9 @@ def unigram_baseline(cfg, split: str = "validation") -> dict[str, Any]:
     log_p = np.log(counts / counts.sum())
   targets = np.concatenate([crop_start(r, seq_len)[1:] for r in _split_examples(corpus, split)])
   ce = float(-log_p[targets].mean())
+  # Majority-class accuracy: always predicting the most frequent train token.
+  accuracy = float(np.mean(targets == int(np.argmax(counts))))
   return {"cross_entropy": ce, "perplexity": math.exp(ce), "bits_per_token": ce / math.log(2),
+          "accuracy": accuracy,
           "num_tokens": int(targets.size), "num_train_tokens": int(counts.sum() - predicted.sum()),
           "split": split}
