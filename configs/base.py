@@ -70,6 +70,13 @@ def get_config():
   config.train.keep_checkpoints = 3
   config.train.init_from = ''  # '' or a workdir / checkpoint dir to take PARAMS from
   config.train.mlm_mask_rate = 0.15
+  # Distillation (added by the transfer part, docs/transfer.md): '' = off, else a workdir /
+  # checkpoint of a softmax TEACHER with this model's architecture (built with attention kind
+  # 'softmax', frozen). Loss += distill_weight * distance to the teacher per token.
+  config.train.distill_from = ''
+  config.train.distill_weight = 1.0
+  config.train.distill_target = 'logits'  # 'logits': T^2 KL(teacher || student) | 'hidden': MSE
+  config.train.distill_temperature = 1.0
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all devices not used by fsdp

@@ -110,37 +110,90 @@ def token_sums(logits, targets, weights):
           'weight_sum': jnp.sum(w)}
 
 
-def _forward(graphdef, params, features, rest, inputs, batch, *, deterministic, dropout_key):
+def _forward(graphdef, params, features, rest, inputs, batch, *, deterministic, dropout_key,
+             return_hidden=False):
   # copy=True: fresh Variables owned by this trace, so reseeding and dropout may mutate them.
   model = nnx.merge(graphdef, params, features, rest, copy=True)
   if not deterministic and dropout_key is not None:
     # Dropout noise is a function of (seed, step, micro-batch) only, so resuming from a
     # checkpoint replays exactly the same noise.
     nnx.reseed(model, dropout=dropout_key)
-  return model(inputs, mask=batch['mask'], segment_ids=batch['segment_ids'],
-               deterministic=deterministic)
+  captured = {}
+  if return_hidden:
+    # The Transformer computes its logits as head(final_norm(x)) in `_logits`; wrapping that
+    # method on this trace-local copy captures the final (normalized) hidden states without
+    # a second forward pass.
+    to_logits = getattr(model, '_logits', None)
+    if to_logits is None:
+      raise ValueError("distill_target='hidden' needs a model with `final_norm` / `_logits`")
+
+    def capture(x):
+      captured['hidden'] = model.final_norm(x).astype(jnp.float32)
+      return to_logits(x)
+    object.__setattr__(model, '_logits', capture)
+  logits = model(inputs, mask=batch['mask'], segment_ids=batch['segment_ids'],
+                 deterministic=deterministic)
+  return (logits, captured['hidden']) if return_hidden else logits
+
+
+def distill_sum(student, teacher, weights, *, target, temperature):
+  """Summed per-token distance from the (frozen) teacher, weighted like the task loss.
+
+  'logits': KL(teacher || student) of the temperature-softened distributions, times T^2
+  (Hinton et al.) so its gradient scale does not depend on T. 'hidden': squared error of
+  the final hidden states, averaged over the feature dimension.
+  """
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  student = student.astype(jnp.float32)
+  w = weights.astype(jnp.float32)
+  if target == 'hidden':
+    per_token = jnp.mean(jnp.square(student - teacher), axis=-1)
+  else:
+    t_logp = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    s_logp = jax.nn.log_softmax(student / temperature, axis=-1)
+    per_token = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * temperature ** 2
+  return jnp.sum(per_token * w)
 
 
 # ---------------------------------------------------------------------------- steps
 
-def train_step(params, opt_state, features, rest, batch, step, base_key, *, graphdef, tx,
-               schedule, task_info, grad_accum_steps, use_dropout):
+def train_step(params, opt_state, features, rest, batch, step, base_key, teacher=None, *,
+               graphdef, tx, schedule, task_info, grad_accum_steps, use_dropout,
+               distill=None):
   """One optimizer update on a global batch; returns (params, opt_state, metrics).
 
   The batch is split into `grad_accum_steps` micro-batches scanned in sequence. Gradients
   of the summed loss are added and divided once by the total weight of the whole batch,
   so the update equals the big-batch update up to float summation order.
+
+  Distillation: `teacher` = (params, features, rest) of a frozen model with graphdef
+  `distill['graphdef']`, passed as an ARGUMENT (never donated, never in the optimizer, no
+  gradient) so the step stays a pure function. The loss adds `distill['weight']` times
+  `distill_sum`; the reported 'loss' stays the task's cross-entropy and 'distill_loss' is the
+  per-token distance to the teacher.
   """
   mask_key = jax.random.fold_in(jax.random.fold_in(base_key, 0), step)
   dropout_key = jax.random.fold_in(jax.random.fold_in(base_key, 1), step)
   inputs, targets, weights = make_targets(batch, mask_key, task_info)
   total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
+  distilling = teacher is not None and distill is not None
+  hidden = distilling and distill['target'] == 'hidden'
+
   def loss_fn(p, micro, key):
-    logits = _forward(graphdef, p, features, rest, micro['inputs'], micro,
-                      deterministic=not use_dropout, dropout_key=key)
+    out = _forward(graphdef, p, features, rest, micro['inputs'], micro,
+                   deterministic=not use_dropout, dropout_key=key, return_hidden=hidden)
+    logits = out[0] if hidden else out
     sums = token_sums(logits, micro['targets'], micro['weights'])
-    return sums['loss_sum'], sums
+    if not distilling:
+      return sums['loss_sum'], sums
+    t_out = _forward(distill['graphdef'], *teacher, micro['inputs'], micro,
+                     deterministic=True, dropout_key=None, return_hidden=hidden)
+    student, target = (out[1], t_out[1]) if hidden else (logits, t_out)
+    sums['distill_sum'] = distill_sum(student, target, micro['weights'],
+                                      target=distill['target'],
+                                      temperature=distill['temperature'])
+    return sums['loss_sum'] + distill['weight'] * sums['distill_sum'], sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
   full = dict(batch, inputs=inputs, targets=targets, weights=weights)
@@ -157,8 +210,10 @@ def train_step(params, opt_state, features, rest, batch, step, base_key, *, grap
       g, s = grad_fn(params, mb, jax.random.fold_in(dropout_key, i))
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
+    sum_keys = ('loss_sum', 'correct_sum', 'weight_sum') + (('distill_sum',) if distilling
+                                                            else ())
     zeros = (jax.tree.map(jnp.zeros_like, params),
-             {k: jnp.zeros((), jnp.float32) for k in ('loss_sum', 'correct_sum', 'weight_sum')})
+             {k: jnp.zeros((), jnp.float32) for k in sum_keys})
     (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = tx.update(grads, opt_state, params)
@@ -168,6 +223,8 @@ def train_step(params, opt_state, features, rest, batch, step, base_key, *, grap
              'tokens': sums['weight_sum'],
              'grad_norm': optax.global_norm(grads),
              'learning_rate': schedule(step)}
+  if distilling:
+    metrics['distill_loss'] = sums['distill_sum'] / total_weight
   return params, opt_state, metrics
 
 
@@ -194,23 +251,41 @@ def build_task_info(model_config, train_config, vocab, target_offset):
 
 
 def make_step_fns(graphdef, tx, schedule, task_info, train_config, use_dropout,
-                  state_shardings=None, batch_sharding=None, replicated=None):
+                  state_shardings=None, batch_sharding=None, replicated=None, teacher=None):
   """Jits the train and eval steps; params and optimizer state are donated.
 
   With `state_shardings` = (params, opt_state, features, rest) shardings, the inputs are
   pinned and the outputs keep the same layout, so FSDP-sharded parameters stay sharded.
+  `teacher` (distillation): {'graphdef', 'trees': (params, features, rest), 'shardings'}.
+  The jitted step takes the teacher trees as its last argument; the returned train function
+  binds them, so callers keep the signature (params, opt_state, features, rest, batch, step,
+  key) whether or not they distil.
   """
+  distill = None
+  if teacher is not None:
+    distill = {'graphdef': teacher['graphdef'], 'weight': float(train_config.distill_weight),
+               'target': train_config.distill_target,
+               'temperature': float(train_config.distill_temperature)}
   train = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                             task_info=task_info,
                             grad_accum_steps=train_config.grad_accum_steps,
-                            use_dropout=use_dropout)
+                            use_dropout=use_dropout, distill=distill)
   evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info)
   if state_shardings is None:
-    return (jax.jit(train, donate_argnums=(0, 1)), jax.jit(evaluate))
-  p_sh, o_sh, f_sh, r_sh = state_shardings
-  train = jax.jit(train, donate_argnums=(0, 1),
-                  in_shardings=(p_sh, o_sh, f_sh, r_sh, batch_sharding, replicated, replicated),
-                  out_shardings=(p_sh, o_sh, replicated))
-  evaluate = jax.jit(evaluate, in_shardings=(p_sh, f_sh, r_sh, batch_sharding, replicated),
-                     out_shardings=replicated)
-  return train, evaluate
+    train, evaluate = jax.jit(train, donate_argnums=(0, 1)), jax.jit(evaluate)
+  else:
+    p_sh, o_sh, f_sh, r_sh = state_shardings
+    in_sh = (p_sh, o_sh, f_sh, r_sh, batch_sharding, replicated, replicated)
+    if teacher is not None:
+      in_sh += (teacher.get('shardings'),)
+    train = jax.jit(train, donate_argnums=(0, 1), in_shardings=in_sh,
+                    out_shardings=(p_sh, o_sh, replicated))
+    evaluate = jax.jit(evaluate, in_shardings=(p_sh, f_sh, r_sh, batch_sharding, replicated),
+                       out_shardings=replicated)
+  if teacher is None:
+    return train, evaluate
+  jitted, trees = train, tuple(teacher['trees'])
+
+  def train_with_teacher(params, opt_state, features, rest, batch, step, base_key):
+    return jitted(params, opt_state, features, rest, batch, step, base_key, trees)
+  return train_with_teacher, evaluate

