@@ -25,7 +25,8 @@ def kernel_features(kind, x, features=None):
   if kind not in FEATURE_MAPS:
     raise ValueError(f"{kind!r} has no feature map; kinds with one: "
                      f"{', '.join(FEATURE_MAPS)}")
-  return FEATURE_MAPS[kind].exact(x, features)
+  # [B, H, L, M] internally; [B, L, H, M] like the inputs for callers.
+  return FEATURE_MAPS[kind].exact(x, features).swapaxes(1, 2)
 
 
 __all__ = ["KINDS", "OPTIONS", "Attention", "RandomFeatures", "draw_features",

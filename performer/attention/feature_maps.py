@@ -14,6 +14,10 @@ rebuilt exactly:
 
 Queries and keys are scaled by d**-0.25 so that phi(q).phi(k) estimates
 exp(q.k / sqrt(d)).
+
+Inputs are [B, L, H, d]; outputs are heads-major, [B, H, L, M] (log-scales
+[B, H, L]): the projection writes that layout for free, and every later
+contraction is then a plain batched matmul over (B, H) with no transposes.
 """
 
 from __future__ import annotations
@@ -27,21 +31,22 @@ import jax.numpy as jnp
 _sg = jax.lax.stop_gradient
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32) * (x.shape[-1] ** -0.25)
+def _heads_major(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, 1, 2)
 
 
 def _project(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [B, L, H, d] times w [m, d] or [H, m, d] -> [B, L, H, m] in float32."""
+  """x [B, L, H, d] times w [m, d] or [H, m, d] -> [B, H, L, m] in float32."""
   xs = (x * (x.shape[-1] ** -0.25)).astype(x.dtype)
   w = w.astype(x.dtype)
-  spec = "blhd,md->blhm" if w.ndim == 2 else "blhd,hmd->blhm"
+  spec = "blhd,md->bhlm" if w.ndim == 2 else "blhd,hmd->bhlm"
   return jnp.einsum(spec, xs, w, preferred_element_type=jnp.float32)
 
 
 def _half_sq_norm(x: jax.Array) -> jax.Array:
-  xs = _normalize(x)
-  return 0.5 * jnp.sum(xs * xs, axis=-1)
+  """|x / d**0.25|^2 / 2 as [B, H, L]."""
+  xs = x.astype(jnp.float32) * (x.shape[-1] ** -0.25)
+  return _heads_major(0.5 * jnp.sum(xs * xs, axis=-1))
 
 
 def _exp_logits_to_parts(logits):
@@ -98,11 +103,12 @@ def _relu_exact(x, w):
 
 def _elu_exact(x, w):
   del w
-  return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+  return _heads_major(jax.nn.elu(x.astype(jnp.float32)) + 1.0)
 
 
 def _zero_log_scale(x):
-  return jnp.zeros(x.shape[:-1], jnp.float32)
+  b, length, h, _ = x.shape
+  return jnp.zeros((b, h, length), jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -186,16 +186,22 @@ class LinearAttention(Attention):
     return features
 
   def _split_features(self, q, k, mask, features):
+    """Heads-major q~ [B, H, L, M], masked k~ and its log-scale [B, H, L]."""
     qf = self.feature_map.query(q, features)
     kf, kr = self.feature_map.key(k, features)
     if mask is not None:
-      kf = kf * mask[..., None, None]
-      kr = jnp.where(mask[..., None], kr, linear.NEG)
+      kf = kf * mask[:, None, :, None]
+      kr = jnp.where(mask[:, None, :], kr, linear.NEG)
     return qf, kf, kr
+
+  def _output(self, num, den, v):
+    """Normalises and returns to the caller's [B, L, H, D] layout."""
+    return linear.normalise(num, den, self.eps).swapaxes(1, 2).astype(v.dtype)
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids, features):
     features = self._check_features(features, q)
     qf, kf, kr = self._split_features(q, k, mask, features)
+    v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     if causal:
       seg = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
              else segment_ids)
@@ -208,7 +214,7 @@ class LinearAttention(Attention):
     else:
       num, den = linear.bidirectional_segments(qf, kf, kr, v, segment_ids,
                                                self.chunk_size)
-    return linear.normalise(num, den, self.eps).astype(v.dtype)
+    return self._output(num, den, v)
 
   def init_state(self, batch, num_heads, head_dim, value_dim, *,
                  features=None, max_length=None, dtype=jnp.float32):
@@ -227,18 +233,17 @@ class LinearAttention(Attention):
     features = self._check_features(_unwrap(features), q)
     qf, kf, kr = self._split_features(q, k, mask, features)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
-    num, den, state = linear.causal_chunked(qf, kf, kr, v, seg,
+    num, den, state = linear.causal_chunked(qf, kf, kr, v.swapaxes(1, 2), seg,
                                             self.chunk_size, return_state=True)
-    out = linear.normalise(num, den, self.eps).astype(v.dtype)
-    return _zero_padded_queries(out, mask), state
+    return _zero_padded_queries(self._output(num, den, v), mask), state
 
   def step(self, state, q, k, v, *, features=None, mask=None):
     features = self._check_features(_unwrap(features), q[:, None])
     qf, kf, kr = self._split_features(
         q[:, None], k[:, None], None if mask is None else mask[:, None],
         features)
-    num, den, state = linear.recurrent_step(state, qf[:, 0], kf[:, 0],
-                                            kr[:, 0], v)
+    num, den, state = linear.recurrent_step(state, qf[:, :, 0], kf[:, :, 0],
+                                            kr[:, :, 0], v)
     return linear.normalise(num, den, self.eps).astype(v.dtype), state
 
 

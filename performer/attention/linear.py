@@ -1,8 +1,10 @@
 """The linear-attention core: bidirectional, chunkwise-parallel causal, the
 per-step scan reference, and the one-token recurrent update.
 
-Inputs are the split features of ``feature_maps``: q~ [B, L, H, M], k~ with
-its log-scale r [B, L, H] (r = NEG on padded keys), values [B, L, H, D].
+Inputs are the split features of ``feature_maps``, heads-major: q~
+[B, H, L, M], k~ with its log-scale r [B, H, L] (r = NEG on padded keys),
+values [B, H, L, D]; segment ids stay [B, L]. Every contraction is then a
+batched matmul over (B, H) with no transposes of the large tensors.
 
 Causal safety. Key log-scales are stabilised by a running maximum that only
 covers keys a query is allowed to see: the carried state (S, z) is stored
@@ -41,13 +43,12 @@ def normalise(num, den, eps):
 
 def bidirectional(qf, kf, kr, v):
   """Unnormalised (num, den): Z = phi(K)^T V and z = phi(K)^T 1 in O(L M D)."""
-  shift = jnp.max(kr, axis=1, keepdims=True)  # one shift for all keys: cancels
+  shift = jnp.max(kr, axis=2, keepdims=True)  # one shift for all keys: cancels
   kw = kf * jnp.exp(kr - shift)[..., None]
-  v = v.astype(jnp.float32)
-  context = jnp.einsum("blhm,blhd->bhmd", kw, v)
-  normaliser = jnp.sum(kw, axis=1)
-  num = jnp.einsum("blhm,bhmd->blhd", qf, context)
-  den = jnp.einsum("blhm,bhm->blh", qf, normaliser)
+  context = jnp.einsum("bhlm,bhld->bhmd", kw, v.astype(jnp.float32))
+  normaliser = jnp.sum(kw, axis=2)
+  num = jnp.einsum("bhlm,bhmd->bhld", qf, context)
+  den = jnp.einsum("bhlm,bhm->bhl", qf, normaliser)
   return num, den
 
 
@@ -59,32 +60,38 @@ def bidirectional_segments(qf, kf, kr, v, segment_ids, chunk_size):
       [jnp.ones_like(segment_ids[:, :1], bool),
        segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   runs = jnp.cumsum(starts, axis=1) - 1  # [B, L] contiguous run index
-  length = kr.shape[1]
-  run_max = jax.vmap(lambda r, i: jax.ops.segment_max(r, i, length))(kr, runs)
-  shift = jnp.take_along_axis(run_max, runs[..., None], axis=1)
+  length = kr.shape[2]
+  per_row = lambda r, i: jax.ops.segment_max(r, i, length)
+  run_max = jax.vmap(jax.vmap(per_row, in_axes=(0, None)))(kr, runs)
+  shift = jnp.take_along_axis(run_max, jnp.broadcast_to(runs[:, None], kr.shape),
+                              axis=2)
   kw = kf * jnp.exp(kr - shift)[..., None]
   flat_r = jnp.where(kr > NEG / 2, 0.0, NEG)
   fwd = causal_chunked(qf, kw, flat_r, v, segment_ids, chunk_size)
-  flip = lambda x: jnp.flip(x, axis=1)
+  flip = lambda x: jnp.flip(x, axis=2)
   bwd = causal_chunked(flip(qf), flip(kw), flip(flat_r), flip(v),
-                       flip(segment_ids), chunk_size, inclusive=False)
+                       jnp.flip(segment_ids, axis=1), chunk_size,
+                       inclusive=False)
   return fwd[0] + flip(bwd[0]), fwd[1] + flip(bwd[1])
 
 
 # --- causal, chunkwise parallel ---------------------------------------------
 
-def _pad_to_chunks(x, pad, value):
+def _pad_length(x, pad, axis, value):
+  """Pads the length axis; value None repeats the last entry (segment ids)."""
   if pad == 0:
     return x
+  if value is None:
+    last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
+    return jnp.concatenate([x, jnp.repeat(last, pad, axis=axis)], axis=axis)
   widths = [(0, 0)] * x.ndim
-  widths[1] = (0, pad)
-  if value is None:  # repeat the last entry (segment ids of padding)
-    return jnp.concatenate([x, jnp.repeat(x[:, -1:], pad, axis=1)], axis=1)
+  widths[axis] = (0, pad)
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _chunk(x, c):
-  return x.reshape(x.shape[0], x.shape[1] // c, c, *x.shape[2:])
+def _chunk(x, c, axis):
+  return x.reshape(x.shape[:axis] + (x.shape[axis] // c, c)
+                   + x.shape[axis + 1:])
 
 
 def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True,
@@ -95,29 +102,28 @@ def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True,
   exclusive prefix of the per-chunk states (S, z, M) by ``lax.scan``. Memory is
   O(L (M + D) + (L / C) M D); no [L, M, D] tensor is formed.
 
-  Returns unnormalised (num [B, L, H, D], den [B, L, H]) and, with
+  Returns unnormalised (num [B, H, L, D], den [B, H, L]) and, with
   ``return_state``, the state after the last position.
   """
-  b, length, h, m = qf.shape
+  b, h, length, m = qf.shape
   d = v.shape[-1]
   c = max(1, min(chunk_size, length))
   pad = -length % c
-  qf, kf, v = (_pad_to_chunks(x, pad, 0.0) for x in (qf, kf, v))
-  kr = _pad_to_chunks(kr, pad, NEG)
-  seg = _pad_to_chunks(segment_ids, pad, None)
-  qf, kf, kr, v, seg = (_chunk(x, c) for x in (qf, kf, kr, v, seg))
-  v = v.astype(jnp.float32)
-  n = qf.shape[1]
+  qf, kf, v = (_chunk(_pad_length(x, pad, 2, 0.0), c, 2)
+               for x in (qf, kf, v.astype(jnp.float32)))
+  kr = _chunk(_pad_length(kr, pad, 2, NEG), c, 2)             # [B, H, N, C]
+  seg = _chunk(_pad_length(segment_ids, pad, 1, None), c, 1)  # [B, N, C]
+  n = qf.shape[2]
 
   # Each chunk's own state, seen from its last position (that position's
   # segment only); segments are contiguous, so these keys form a suffix.
   seg_last = seg[:, :, -1]                                   # [B, N]
-  in_last = (seg == seg_last[..., None])[..., None]          # [B, N, C, 1]
-  own_max = jnp.max(jnp.where(in_last, kr, NEG), axis=2)     # [B, N, H]
-  own_w = jnp.where(in_last, _safe_exp(kr - own_max[:, :, None]), 0.0)
+  in_last = (seg == seg_last[..., None])[:, None]            # [B, 1, N, C]
+  own_max = jnp.max(jnp.where(in_last, kr, NEG), axis=3)     # [B, H, N]
+  own_w = jnp.where(in_last, _safe_exp(kr - own_max[..., None]), 0.0)
   kw = kf * own_w[..., None]
-  own_s = jnp.einsum("bnchm,bnchd->nbhmd", kw, v)
-  own_z = jnp.einsum("bnchm->nbhm", kw)
+  own_s = jnp.einsum("bhncm,bhncd->nbhmd", kw, v)
+  own_z = jnp.einsum("bhncm->nbhm", kw)
 
   def carry_step(carry, chunk):
     s, z, mx, cseg = carry
@@ -130,32 +136,32 @@ def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True,
            old[..., None] * z + own[..., None] * c_z, new_max, c_seg)
     return new, carry  # emit the state *before* this chunk: exclusive prefix
 
-  init = (jnp.zeros((b, h, m, d), jnp.float32), jnp.zeros((b, h, m),
-                                                          jnp.float32),
+  init = (jnp.zeros((b, h, m, d), jnp.float32),
+          jnp.zeros((b, h, m), jnp.float32),
           jnp.full((b, h), NEG, jnp.float32), seg[:, 0, 0])
   final, (prev_s, prev_z, prev_max, prev_seg) = jax.lax.scan(
       carry_step, init,
-      (own_s, own_z, jnp.moveaxis(own_max, 1, 0), jnp.moveaxis(seg_last, 1, 0)))
-  prev_s, prev_z = jnp.moveaxis(prev_s, 0, 1), jnp.moveaxis(prev_z, 0, 1)
-  prev_max, prev_seg = jnp.moveaxis(prev_max, 0, 1), jnp.moveaxis(prev_seg, 0, 1)
+      (own_s, own_z, jnp.moveaxis(own_max, 2, 0), jnp.moveaxis(seg_last, 1, 0)))
+  prev_s, prev_z = jnp.moveaxis(prev_s, 0, 2), jnp.moveaxis(prev_z, 0, 2)
+  prev_max, prev_seg = jnp.moveaxis(prev_max, 0, 2), jnp.moveaxis(prev_seg, 0, 1)
 
   # Per-query stabiliser: max over the keys this query may see.
   tri = jnp.tril(jnp.ones((c, c), bool), 0 if inclusive else -1)
-  visible = tri & (seg[..., :, None] == seg[..., None, :])   # [B, N, Ct, Cs]
-  visible = visible[..., None]                               # [..., 1] heads
-  carry_ok = (seg == prev_seg[..., None])[..., None]         # [B, N, C, 1]
-  intra_max = jnp.max(jnp.where(visible, kr[:, :, None], NEG), axis=3)
-  q_max = jnp.maximum(intra_max, jnp.where(carry_ok, prev_max[:, :, None], NEG))
-  weights = jnp.where(visible,
-                      _safe_exp(kr[:, :, None] - q_max[:, :, :, None]), 0.0)
-  scores = jnp.einsum("bnthm,bnshm->bntsh", qf, kf) * weights
-  carry_w = jnp.where(carry_ok, _safe_exp(prev_max[:, :, None] - q_max), 0.0)
-  num = (jnp.einsum("bntsh,bnshd->bnthd", scores, v)
-         + jnp.einsum("bnthm,bnhmd->bnthd", qf, prev_s) * carry_w[..., None])
-  den = (jnp.sum(scores, axis=3)
-         + jnp.einsum("bnthm,bnhm->bnth", qf, prev_z) * carry_w)
-  num = num.reshape(b, n * c, h, d)[:, :length]
-  den = den.reshape(b, n * c, h)[:, :length]
+  visible = (tri & (seg[..., :, None] == seg[..., None, :]))[:, None]
+  carry_ok = (seg == prev_seg[..., None])[:, None]           # [B, 1, N, C]
+  key_r = kr[..., None, :]                                   # [B, H, N, 1, Cs]
+  intra_max = jnp.max(jnp.where(visible, key_r, NEG), axis=-1)
+  q_max = jnp.maximum(intra_max,
+                      jnp.where(carry_ok, prev_max[..., None], NEG))
+  weights = jnp.where(visible, _safe_exp(key_r - q_max[..., None]), 0.0)
+  scores = jnp.einsum("bhntm,bhnsm->bhnts", qf, kf) * weights
+  carry_w = jnp.where(carry_ok, _safe_exp(prev_max[..., None] - q_max), 0.0)
+  num = (jnp.einsum("bhnts,bhnsd->bhntd", scores, v)
+         + jnp.einsum("bhntm,bhnmd->bhntd", qf, prev_s) * carry_w[..., None])
+  den = (jnp.sum(scores, axis=-1)
+         + jnp.einsum("bhntm,bhnm->bhnt", qf, prev_z) * carry_w)
+  num = num.reshape(b, h, n * c, d)[:, :, :length]
+  den = den.reshape(b, h, n * c)[:, :, :length]
   if return_state:
     s, z, mx, _ = final
     return num, den, {"S": s, "z": z, "M": mx}
@@ -187,7 +193,7 @@ def recurrent_step(state, qf, kf, kr, v):
 
 def causal_scan(qf, kf, kr, v, segment_ids):
   """Per-time-step ``lax.scan`` reference (slow; tests and benchmarks only)."""
-  b, _, h, m = qf.shape
+  b, h, _, m = qf.shape
   v = v.astype(jnp.float32)
   starts = jnp.concatenate(
       [jnp.zeros_like(segment_ids[:, :1], bool),
@@ -202,8 +208,8 @@ def causal_scan(qf, kf, kr, v, segment_ids):
     num, den, state = recurrent_step(state, q_t, k_t, r_t, v_t)
     return state, (num, den)
 
-  swap = lambda x: jnp.moveaxis(x, 1, 0)
+  time_major = lambda x: jnp.moveaxis(x, 2, 0)
   _, (num, den) = jax.lax.scan(
       step, init_state(b, h, m, v.shape[-1]),
-      tuple(swap(x) for x in (qf, kf, kr, v, starts)))
-  return swap(num), swap(den)
+      tuple(time_major(x) for x in (qf, kf, kr, v)) + (starts.T,))
+  return jnp.moveaxis(num, 0, 2), jnp.moveaxis(den, 0, 2)
