@@ -214,3 +214,13 @@ def test_schedule_warmup_then_cosine():
                        train__learning_rate=1.0)
   schedule = steps_lib.make_schedule(config.train)
   assert float(schedule(5)) == pytest.approx(0.5) and float(schedule(50)) == 1.0
+
+
+def test_segment_ids_reach_the_model_only_for_packed_rows():
+  """Unpacked rows hold one sequence: their segment ids would only send attention down
+  the slower packed-segment path, so the loop drops them."""
+  from ml_collections import ConfigDict
+  batch = {'tokens': np.zeros((1, 4), np.int32), 'mask': np.ones((1, 4), bool),
+           'segment_ids': np.ones((1, 4), np.int32)}
+  assert 'segment_ids' not in train_lib.model_batch(batch, ConfigDict({'pack': False}))
+  assert 'segment_ids' in train_lib.model_batch(batch, ConfigDict({'pack': True}))

@@ -53,10 +53,12 @@ def make_optimizer(train_config):
 
 def causal_targets(batch):
   """Position t predicts token t+1 of the same segment; the last position predicts nothing."""
-  tokens, mask, seg = batch['tokens'], batch['mask'], batch['segment_ids']
+  tokens, mask, seg = batch['tokens'], batch['mask'], batch.get('segment_ids')
   targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-  same_seg = seg[:, 1:] == seg[:, :-1]
-  weights = jnp.pad(mask[:, 1:] & mask[:, :-1] & same_seg, ((0, 0), (0, 1)))
+  weights = mask[:, 1:] & mask[:, :-1]
+  if seg is not None:
+    weights = weights & (seg[:, 1:] == seg[:, :-1])
+  weights = jnp.pad(weights, ((0, 0), (0, 1)))
   return tokens, targets, weights
 
 
@@ -131,7 +133,7 @@ def _forward(graphdef, params, features, rest, inputs, batch, *, deterministic, 
       captured['hidden'] = model.final_norm(x).astype(jnp.float32)
       return to_logits(x)
     object.__setattr__(model, '_logits', capture)
-  logits = model(inputs, mask=batch['mask'], segment_ids=batch['segment_ids'],
+  logits = model(inputs, mask=batch['mask'], segment_ids=batch.get('segment_ids'),
                  deterministic=deterministic)
   return (logits, captured['hidden']) if return_hidden else logits
 

@@ -96,6 +96,14 @@ def create_state(config, mesh):
           'target_offset': int(getattr(abstract_model, 'target_offset', 1))}
 
 
+def model_batch(batch, data_config):
+  """Drops `segment_ids` unless rows are packed: with one sequence per row they carry no
+  information, and passing them would send attention through the (slower) packed path."""
+  if data_config.pack:
+    return batch
+  return {k: v for k, v in batch.items() if k != 'segment_ids'}
+
+
 def _pad_batch(batch, batch_size):
   """Pads a short (final eval) batch with all-masked rows so shapes and shardings hold."""
   n = batch['tokens'].shape[0]
@@ -124,6 +132,7 @@ def evaluate(eval_fn, params, features, rest, config, split, *, batch_sharding, 
       break
     batch = _pad_batch(batch, local_bs)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
+    batch = model_batch(batch, config.data)
     sums = eval_fn(params, features, rest, sharding.global_batch(batch, batch_sharding),
                    jax.random.fold_in(eval_key, i))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -280,7 +289,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
       features = run['redraw_fn'](features, redraw_key(config.seed, step))
     batch = next(train_it)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
-    batch = sharding.global_batch(batch, run['batch_sharding'])
+    batch = sharding.global_batch(model_batch(batch, config.data), run['batch_sharding'])
     params, opt_state, step_metrics = run['train_fn'](
         params, opt_state, features, rest, batch, jnp.asarray(step, jnp.int32), keys['train'])
     pending.append(step_metrics)
