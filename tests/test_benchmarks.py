@@ -1,0 +1,93 @@
+"""Smoke tests of the benchmark scripts: they run, and their tables and JSON hold together.
+
+Tiny sizes only: the numbers are meaningless here, the plumbing is what is tested. Compiling
+a training step dominates, so each run compiles few: benchmarks/model.py's bidirectional
+mode runs here with softmax and identity, its causal mode with favor_softmax and identity in
+notebook 2's quick test (tests/test_notebooks.py). benchmarks/decode.py --quick is tested in
+test_decode.py.
+"""
+
+import json
+import os
+import sys
+
+from conftest import ROOT
+from conftest import run_script
+
+sys.path.insert(0, ROOT)
+from benchmarks import model as model_bench  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_model_benchmark_quick(tmp_path):
+  path = tmp_path / 'model.json'
+  proc = run_script(['benchmarks/model.py', '--quick', '--modes', 'bidirectional',
+                     '--kinds', 'softmax', 'identity', '--lengths', '128', '512',
+                     '--json', str(path)], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(path.read_text())
+  rows = {(r['kind'], r['length']): r for r in out['rows']}
+  assert set(rows) == {(k, n) for k in ('softmax', 'identity') for n in (128, 512)}
+  for (kind, length), row in rows.items():
+    assert row['mode'] == 'bidirectional'
+    assert row['ms'] > 0 and row['peak_mb'] > 0, row
+    assert row['x_identity'] > 0 and row['vs_softmax'] > 0
+    if kind == 'identity':
+      assert row['x_identity'] == 1.0
+    else:
+      assert row['vs_softmax'] == 1.0
+  for kind in ('softmax', 'identity'):
+    assert rows[kind, 512]['mem_growth_4x'] > 1.0
+  assert out['args']['layers'] == 1          # --quick shrinks the model
+  assert 'step ms' in proc.stdout and '/ identity' in proc.stdout
+  assert 'memory growth L -> 4L' in proc.stdout
+
+
+def test_model_benchmark_skips_by_prediction_and_memory():
+  """A case over the time limit is compiled (memory reported) but not run; one over the
+  memory limit is neither run nor timed."""
+  args = model_bench.parse_args(['--quick', '--max_memory_gb', '1e-6'])
+  row = model_bench.run_case('identity', 'causal', 64, args)
+  assert 'ms' not in row and 'max_memory_gb' in row['skipped'] and row['peak_mb'] > 0
+  args = model_bench.parse_args(['--quick', '--max_seconds', '1'])
+  row = model_bench.run_case('identity', 'causal', 64, args, predicted=5.0)
+  assert 'ms' not in row and 'max_seconds' in row['skipped'] and row['peak_mb'] > 0
+
+
+def test_model_benchmark_ratios_and_summary():
+  rows = [{'mode': 'causal', 'kind': k, 'length': n, 'ms': ms, 'peak_mb': mb}
+          for k, n, ms, mb in (('identity', 2048, 10.0, 100.0), ('identity', 8192, 40.0, 380.0),
+                               ('favor_softmax', 2048, 12.0, 110.0),
+                               ('favor_softmax', 8192, 48.0, 440.0),
+                               ('softmax', 2048, 30.0, 400.0))]
+  rows.append({'mode': 'causal', 'kind': 'softmax', 'length': 8192, 'peak_mb': 6400.0,
+               'skipped': 'needs'})
+  model_bench.add_ratios(rows)
+  by = {(r['kind'], r['length']): r for r in rows}
+  assert by['favor_softmax', 8192]['x_identity'] == 1.2
+  assert by['favor_softmax', 2048]['vs_softmax'] == 2.5
+  assert by['softmax', 8192]['mem_growth_4x'] == 16.0   # memory even when not timed
+  assert by['favor_softmax', 8192]['mem_growth_4x'] == 4.0
+  text = '\n'.join(model_bench.summary_lines(rows))
+  assert 'favor_softmax: step time at L=8192 = 1.20x identity' in text
+  assert 'causal softmax: memory growth L -> 4L at most 16.00x' in text
+
+
+def test_model_benchmark_rejects_unknown_kind(capsys):
+  try:
+    model_bench.parse_args(['--kinds', 'favor_nope'])
+  except SystemExit as e:
+    assert e.code == 2
+  assert 'favor_nope' in capsys.readouterr().err
+
+
+def test_attention_benchmark_runs(tmp_path):
+  path = tmp_path / 'attention.json'
+  proc = run_script(['benchmarks/attention.py', '--lengths', '256', '--kinds', 'softmax',
+                     'favor_softmax', 'identity', '--repeats', '1', '--json', str(path)],
+                    timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(path.read_text())['rows']
+  assert {(r['mode'], r['kind']) for r in rows} == {
+      (m, k) for m in ('bidirectional', 'causal') for k in ('softmax', 'favor_softmax', 'identity')}
+  assert all(r['ms'] > 0 and r['peak_mb'] > 0 for r in rows)
+  assert os.path.getsize(path) > 0
