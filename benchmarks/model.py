@@ -12,8 +12,9 @@ donated) -- and XLA's peak memory for that compiled step (arguments +
 outputs + temporaries - donated aliases; see benchmarks/common.py). Modes:
 'causal' is the causal LM (task causal_lm) and 'bidirectional' the masked LM
 (task mlm, BERT masking inside the step). The batch is what the protein
-pipeline gives an unpacked full-length row: one sequence of L random
-residues, mask all True, segment_ids all 1.
+pipeline gives an unpacked full-length row, as the training loop passes it to
+the model: one sequence of L random residues, mask all True, no segment_ids
+(those are passed only for packed rows; see train_lib.model_batch).
 
 The default model is the paper's speed-test size: 6 layers, d=512, 8 heads
 (head_dim 64), MLP 2048, m=256 features, batch 1, float32, learned
@@ -134,8 +135,7 @@ def build_step(config):
   shape = (config.train.batch_size, config.data.seq_len)
   low = vocab.num_special if hasattr(vocab, "num_special") else 0
   batch = {"tokens": jnp.asarray(rng.randint(low, low + 20, shape), jnp.int32),
-           "mask": jnp.ones(shape, bool),
-           "segment_ids": jnp.ones(shape, jnp.int32)}
+           "mask": jnp.ones(shape, bool)}
   args = (params, tx.init(params), features, rest, batch,
           jnp.asarray(1, jnp.int32), jax.random.key(0))
   return train_fn, args

@@ -70,7 +70,7 @@ def get_config():
   config.train.keep_checkpoints = 3
   config.train.init_from = ''  # '' or a workdir / checkpoint dir to take PARAMS from
   config.train.mlm_mask_rate = 0.15
-  # Distillation (added by the transfer part, docs/transfer.md): '' = off, else a workdir /
+  # Distillation (README: "Fine-tuning: zoo transfer and distillation"): '' = off, else a workdir /
   # checkpoint of a softmax TEACHER with this model's architecture (built with attention kind
   # 'softmax', frozen). Loss += distill_weight * distance to the teacher per token.
   config.train.distill_from = ''

@@ -15,7 +15,7 @@ line (the config cannot know your workdir):
 Add `--config.train.distill_from=/tmp/protein_tf_uni` to also distil from the frozen
 softmax teacher (KL of the logits, weight config.train.distill_weight). The run writes
 workdir/init_from.json listing every transferred parameter (and any present in only one of
-the two models). A small-scale measurement of this experiment is in docs/transfer.md
+the two models). A small-scale measurement of this experiment is in the README section "Fine-tuning: zoo transfer and distillation"
 (benchmarks/transfer.py).
 """
 
