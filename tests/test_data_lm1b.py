@@ -161,3 +161,7 @@ def test_tiny_lm1b_training_run(mock_lm1b, tmp_path, tiny):
   assert np.isfinite(out["final"]["test"]["loss"])
   counts = data.eval_word_counts(config.data, "test")
   assert out["final"]["test"]["tokens"] == counts["num_tokens"]
+  # The final eval reports per-word perplexity beside the per-token one.
+  expected = data.word_perplexity(out["final"]["test"]["loss"], counts)
+  assert out["final"]["test"]["word_perplexity"] == pytest.approx(expected)
+  assert out["final"]["test"]["word_perplexity"] > out["final"]["test"]["perplexity"]

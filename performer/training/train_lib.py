@@ -325,13 +325,9 @@ def train_and_evaluate(config, workdir, *, progress=None):
   for split in ('validation', 'test'):
     final[split] = evaluate(run['eval_fn'], params, features, rest, config, split,
                             num_batches=0, **eval_kwargs)
-    writer.write(step, f'final_{split}', final[split])
-  unigram = {}
+  unigram = held_out_extras(config, final)
   for split in final:
-    try:
-      unigram[split] = data.unigram_baseline(config.data, split=split)
-    except (NotImplementedError, AttributeError):
-      break
+    writer.write(step, f'final_{split}', final[split])
   writer.close()
   print_summary(config, step, final, unigram, progress_write=bar.write)
   return {'step': step, 'params': params, 'features': features, 'rest': rest, 'final': final,
@@ -355,14 +351,27 @@ def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batc
                              config, split, batch_sharding=run['batch_sharding'],
                              eval_key=run['keys']['eval'], num_batches=num_batches)
              for split in splits}
+  unigram = held_out_extras(config, results)
+  print_summary(config, step, results, unigram)
+  return {'step': step, 'final': results, 'unigram': unigram}
+
+
+def held_out_extras(config, results):
+  """Adds per-word perplexity to text results (the unit of published LM1B numbers) and
+  returns the unigram baselines of the datasets that define one."""
+  for split, result in results.items():
+    try:
+      counts = data.eval_word_counts(config.data, split)
+    except NotImplementedError:
+      break
+    result['word_perplexity'] = data.word_perplexity(result['loss'], counts)
   unigram = {}
-  for split in splits:
+  for split in results:
     try:
       unigram[split] = data.unigram_baseline(config.data, split=split)
     except (NotImplementedError, AttributeError):
       break
-  print_summary(config, step, results, unigram)
-  return {'step': step, 'final': results, 'unigram': unigram}
+  return unigram
 
 
 def _fmt(result):
@@ -378,7 +387,9 @@ def print_summary(config, step, final, unigram, progress_write=print):
     lines.append(f'{"model":18s}{split:>12s}{result["loss"]:10.4f}{result["accuracy"]:10.4f}'
                  f'{result["perplexity"]:12.3f}'
                  + (f'   bits/dim {result["bits_per_dim"]:.4f}' if 'bits_per_dim' in result
-                    else ''))
+                    else '')
+                 + (f'   per-word perplexity {result["word_perplexity"]:.2f}'
+                    if 'word_perplexity' in result else ''))
     if split in unigram:
       base = unigram[split]
       acc = base.get('accuracy')
