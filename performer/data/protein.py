@@ -150,7 +150,7 @@ def _packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {"tokens": np.asarray(packed["tokens"], np.int32), "mask": seg > 0, "segment_ids": seg}
 
 
-def _pack(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int,
+def pack(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int,
           shuffle: bool) -> grain.IterDataset:
   """First-fit packing of int32 token arrays (each <= seq_len) into rows."""
   ds = ds.map(lambda tokens: {"tokens": tokens})
@@ -187,7 +187,7 @@ def build_dataset(cfg, *, split: str, batch_size: int, seed: int = 0, shard_inde
                   shard_count: int = 1, num_epochs: int | None = None) -> Iterator[dict[str, Any]]:
   """An iterator of batches (see the module docstring); a grain DatasetIterator,
   so ``get_state()`` / ``set_state()`` checkpoint its position."""
-  seq_len, crop, pack = _options(cfg)
+  seq_len, crop, do_pack = _options(cfg)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not 0 <= shard_index < shard_count:
@@ -196,14 +196,14 @@ def build_dataset(cfg, *, split: str, batch_size: int, seed: int = 0, shard_inde
     raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
   examples = _split_examples(load_corpus(cfg), split)
   if split == "train":
-    ds = _train(examples, seq_len, crop, pack, batch_size, seed, shard_index, shard_count,
+    ds = _train(examples, seq_len, crop, do_pack, batch_size, seed, shard_index, shard_count,
                 num_epochs)
   else:
-    ds = _eval(examples, seq_len, pack, batch_size, shard_index, shard_count, num_epochs or 1)
+    ds = _eval(examples, seq_len, do_pack, batch_size, shard_index, shard_count, num_epochs or 1)
   return iter(ds)
 
 
-def _train(examples, seq_len, crop, pack, batch_size, seed, shard_index, shard_count,
+def _train(examples, seq_len, crop, do_pack, batch_size, seed, shard_index, shard_count,
            num_epochs) -> grain.IterDataset:
   shard = examples[shard_index::shard_count]
   if not shard:
@@ -215,20 +215,20 @@ def _train(examples, seq_len, crop, pack, batch_size, seed, shard_index, shard_c
     ds = ds.random_map(functools.partial(crop_random, seq_len=seq_len), seed=crop_seed)
   else:
     ds = ds.map(functools.partial(crop_start, seq_len=seq_len))
-  if pack:
-    it = _pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len, batch_size, pack_seed, shuffle=True)
+  if do_pack:
+    it = pack(ds.to_iter_dataset(_READ_OPTIONS), seq_len, batch_size, pack_seed, shuffle=True)
     return it.batch(batch_size, drop_remainder=True)
   ds = ds.map(functools.partial(pad_row, seq_len=seq_len)).batch(batch_size, drop_remainder=True)
   return ds.to_iter_dataset(_READ_OPTIONS)
 
 
-def _eval(examples, seq_len, pack, batch_size, shard_index, shard_count,
+def _eval(examples, seq_len, do_pack, batch_size, shard_index, shard_count,
           num_epochs) -> grain.IterDataset:
-  if pack:
+  if do_pack:
     # Packed over the whole split (not per shard) so the rows do not depend on
     # shard_count; this materialises the eval rows, fine for in-memory data.
     src = grain.MapDataset.source(examples).map(functools.partial(crop_start, seq_len=seq_len))
-    rows = list(_pack(src.to_iter_dataset(_READ_OPTIONS), seq_len, batch_size, 0, shuffle=False))
+    rows = list(pack(src.to_iter_dataset(_READ_OPTIONS), seq_len, batch_size, 0, shuffle=False))
     make_row = lambda i: rows[i]
   else:
     rows = examples

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
+from performer.data.protein import pack
 from performer.data.protein import pad_row
 
 CROPS = ("random", "start")
@@ -76,21 +77,6 @@ def window_random(tokens: np.ndarray, rng: np.random.Generator, seq_len: int) ->
     return tokens
   start = int(rng.integers(0, extra + 1))
   return tokens[start:start + seq_len]
-
-
-def _packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  seg = np.asarray(packed["tokens_segment_ids"], np.int32)
-  return {"tokens": np.asarray(packed["tokens"], np.int32), "mask": seg > 0, "segment_ids": seg}
-
-
-def pack(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int,
-         shuffle: bool) -> grain.IterDataset:
-  """First-fit packing of int32 token arrays (each <= seq_len) into rows."""
-  ds = ds.map(lambda tokens: {"tokens": tokens})
-  ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"tokens": seq_len}, num_packing_bins=num_bins, seed=seed,
-      shuffle_bins=shuffle)
-  return ds.map(_packed_row)
 
 
 def unpack(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
