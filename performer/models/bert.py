@@ -23,6 +23,7 @@ from flax import nnx
 
 from performer import attention
 from performer.models import blocks
+from performer.models import transformer
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -143,12 +144,9 @@ class BertEncoder(nnx.Module):
   def __call__(self, tokens, *, mask=None, token_type_ids=None, positions=None,
                segment_ids=None, deterministic=True, rngs=None):
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f'tokens must be int [batch, length], got {tokens.shape} '
-                       f'{tokens.dtype}')
+    transformer.check_inputs(tokens, max_len=self.max_len, vocab_size=self.vocab_size,
+                             mask=mask, segment_ids=segment_ids, positions=positions)
     batch, length = tokens.shape
-    if length > self.max_len:
-      raise ValueError(f'sequence length {length} exceeds max_len {self.max_len}')
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if token_type_ids is None:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from performer import attention
 from performer.models import positions as positions_lib
+from performer.models import transformer
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -192,12 +193,9 @@ class LlamaForCausalLM(nnx.Module):
                deterministic: bool = True, rngs=None):
     del deterministic, rngs
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f'tokens must be int [batch, length], got {tokens.shape} '
-                       f'{tokens.dtype}')
+    transformer.check_inputs(tokens, max_len=self.max_len, vocab_size=self.vocab_size,
+                             mask=mask, segment_ids=segment_ids, positions=positions)
     batch, length = tokens.shape
-    if length > self.max_len:
-      raise ValueError(f'sequence length {length} exceeds max_len {self.max_len}')
     if positions is None:
       positions = (positions_lib.default_positions(batch, length)
                    if segment_ids is None

@@ -150,6 +150,26 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def check_inputs(tokens, *, max_len, vocab_size, mask=None, segment_ids=None,
+                 positions=None):
+  """Shape/dtype checks shared by every model (work under jit), plus id range when
+  the tokens are concrete."""
+  shape = getattr(tokens, 'shape', None)
+  dtype = getattr(tokens, 'dtype', None)
+  if shape is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(
+        f'tokens must be an int array [batch, length]; got shape {shape} dtype {dtype}')
+  if shape[1] > max_len:
+    raise ValueError(f'sequence length {shape[1]} exceeds the model max_len {max_len}')
+  for name, arr in (('mask', mask), ('segment_ids', segment_ids),
+                    ('positions', positions)):
+    if arr is not None and tuple(arr.shape) != tuple(shape):
+      raise ValueError(
+          f'{name} shape {tuple(arr.shape)} must equal tokens shape {tuple(shape)}')
+  if _is_concrete(tokens):
+    check_tokens(tokens, vocab_size)
+
+
 def check_tokens(tokens, vocab_size: int) -> None:
   """Host-side check that every token id is in [0, vocab_size).
 
@@ -228,22 +248,8 @@ class Transformer(nnx.Module):
       self.head = nnx.Linear(spec.emb_dim, spec.vocab_size, dtype=dtype, rngs=rngs)
 
   def check_inputs(self, tokens, mask=None, segment_ids=None, positions=None):
-    """Shape/dtype checks (work under jit) plus id range when concrete."""
-    shape = getattr(tokens, 'shape', None)
-    dtype = getattr(tokens, 'dtype', None)
-    if shape is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
-      raise ValueError(
-          f'tokens must be an int array [batch, length]; got shape {shape} dtype {dtype}')
-    if shape[1] > self.max_len:
-      raise ValueError(
-          f'sequence length {shape[1]} exceeds the model max_len {self.max_len}')
-    for name, arr in (('mask', mask), ('segment_ids', segment_ids),
-                      ('positions', positions)):
-      if arr is not None and tuple(arr.shape) != tuple(shape):
-        raise ValueError(
-            f'{name} shape {tuple(arr.shape)} must equal tokens shape {tuple(shape)}')
-    if _is_concrete(tokens):
-      check_tokens(tokens, self.vocab_size)
+    check_inputs(tokens, max_len=self.max_len, vocab_size=self.vocab_size, mask=mask,
+                 segment_ids=segment_ids, positions=positions)
 
   def __call__(self, tokens, *, mask=None, segment_ids=None, positions=None,
                deterministic: bool = True, rngs: nnx.Rngs | None = None):
