@@ -71,6 +71,28 @@ def test_bidirectional_equals_quadratic(kind):
   np.testing.assert_allclose(out, quad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", LINEAR_KINDS)
+def test_shared_key_is_exact_features_times_one_factor(kind):
+  """Bidirectional keys: phi(k) times one positive factor per (batch, head),
+  zero on masked keys, finite when every key is masked."""
+  _, k, _ = _qkv(jax.random.PRNGKey(2), scale=1.5)
+  w = _features()
+  fmap = attention.FEATURE_MAPS[kind]
+  mask = jnp.arange(37)[None, :] < jnp.array([[30], [37]])
+  shared = np.asarray(fmap.shared_key(k, w, mask), np.float64)
+  exact = np.asarray(fmap.exact(k, w), np.float64) * np.asarray(
+      mask, np.float64)[:, None, :, None]
+  nonzero = np.abs(exact) > 1e-30
+  ratio = np.where(nonzero, shared / np.where(nonzero, exact, 1.0), np.nan)
+  per_head = np.nanmean(ratio, axis=(2, 3), keepdims=True)
+  assert np.all(per_head > 0)
+  np.testing.assert_allclose(np.where(nonzero, ratio, per_head), np.broadcast_to(
+      per_head, ratio.shape), rtol=1e-4)
+  assert np.all(shared[0, :, 30:] == 0)
+  empty = np.asarray(fmap.shared_key(k, w, jnp.zeros((2, 37), bool)))
+  assert np.all(empty == 0)
+
+
 def _perturb_future(x, t, key, scale=None):
   noise = jax.random.normal(key, x.shape)
   future = jnp.arange(x.shape[1])[None, :, None, None] > t

@@ -10,6 +10,9 @@ rebuilt exactly:
   k~ bounded. The log-scale r is NOT divided out per token (that would reweight
   keys and bias attention); the linear-attention core handles it with a
   running maximum that never looks ahead (see ``linear.py``).
+* ``shared_key(x, w, mask)`` -> phi(k) times one positive constant per
+  (batch, head), zero on masked keys: what bidirectional attention needs, where
+  one shared factor cancels. Exponential maps compute it in one pass.
 * ``exact(x, w)`` -> phi(x) with its true scale, for tests and notebooks.
 
 Queries and keys are scaled by d**-0.25 so that phi(q).phi(k) estimates
@@ -28,6 +31,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from performer.attention.linear import NEG
+
 _sg = jax.lax.stop_gradient
 
 
@@ -36,10 +41,15 @@ def _heads_major(x: jax.Array) -> jax.Array:
 
 
 def _project(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [B, L, H, d] times w [m, d] or [H, m, d] -> [B, H, L, m] in float32."""
-  xs = (x * (x.shape[-1] ** -0.25)).astype(x.dtype)
+  """x [B, L, H, d] times w [m, d] or [H, m, d] -> [B, H, L, m] in float32.
+
+  x is moved to heads-major before the matmul: the copy is m/d times smaller
+  than the output, and a canonical batched matmul runs about 2.5x faster on
+  CPU than one that writes a transposed result.
+  """
+  xs = _heads_major((x * (x.shape[-1] ** -0.25)).astype(x.dtype))
   w = w.astype(x.dtype)
-  spec = "blhd,md->bhlm" if w.ndim == 2 else "blhd,hmd->bhlm"
+  spec = "bhld,md->bhlm" if w.ndim == 2 else "bhld,hmd->bhlm"
   return jnp.einsum(spec, xs, w, preferred_element_type=jnp.float32)
 
 
@@ -55,10 +65,44 @@ def _exp_logits_to_parts(logits):
   return jnp.exp(logits - row_max[..., None]), row_max
 
 
+def _exp_query(x, w, projection_logits):
+  """exp(logits - row max). The -|x|^2/2 term is constant along the row, so
+  it cancels with the row max and is never computed."""
+  return _exp_logits_to_parts(projection_logits(_project(x, w)))[0]
+
+
+def _exp_shared_key(x, w, mask, logits_fn):
+  """exp(logits - one max over all keys and features of a (batch, head))."""
+  logits = logits_fn(x, w)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, :, None], logits, NEG)
+  shift = _sg(jnp.max(logits, axis=(2, 3), keepdims=True))
+  shift = jnp.where(shift > NEG / 2, shift, 0.0)  # every key masked: all zeros
+  return jnp.exp(logits - shift)
+
+
+def _generic_shared_key(feature_map, x, w, mask):
+  """k~ exp(r - max r): any map's key parts with one shift per (batch, head)."""
+  kf, kr = feature_map.key(x, w)
+  if mask is not None:
+    kf = kf * mask[:, None, :, None]
+    kr = jnp.where(mask[:, None, :], kr, NEG)
+  shift = _sg(jnp.max(kr, axis=2, keepdims=True))
+  return kf * jnp.exp(kr - shift)[..., None]
+
+
 # --- favor_softmax: exp(w.x - |x|^2/2) / sqrt(m) ---------------------------
 
 def _softmax_logits(x, w):
   return _project(x, w) - _half_sq_norm(x)[..., None]
+
+
+def _identity(projection):
+  return projection
+
+
+def _plus_minus(projection):
+  return jnp.concatenate([projection, -projection], axis=-1)
 
 
 def _softmax_exact(x, w):
@@ -69,9 +113,7 @@ def _softmax_exact(x, w):
 # --- favor_hyperbolic: [exp(w.x), exp(-w.x)] * exp(-|x|^2/2) / sqrt(2m) ------
 
 def _hyperbolic_logits(x, w):
-  proj = _project(x, w)
-  half = _half_sq_norm(x)[..., None]
-  return jnp.concatenate([proj - half, -proj - half], axis=-1)
+  return _plus_minus(_project(x, w)) - _half_sq_norm(x)[..., None]
 
 
 def _hyperbolic_exact(x, w):
@@ -121,6 +163,13 @@ class FeatureMap:
   uses_features: bool = True
   positive: bool = True
   features_per_row: int = 1  # feature-vector entries per random direction
+  fast_shared_key: Callable | None = None
+
+  def shared_key(self, x, w, mask=None):
+    """phi(k) up to one factor per (batch, head), masked keys zero."""
+    if self.fast_shared_key is not None:
+      return self.fast_shared_key(x, w, mask)
+    return _generic_shared_key(self, x, w, mask)
 
   def state_size(self, num_random: int, head_dim: int) -> int:
     """M, the length of phi(x): sizes the recurrent state."""
@@ -129,18 +178,22 @@ class FeatureMap:
     return self.features_per_row * num_random
 
 
-def _exp_map(name, logits_fn, exact_fn, **kwargs):
+def _exp_map(name, logits_fn, projection_logits, exact_fn, **kwargs):
   return FeatureMap(
       name=name, exact=exact_fn,
-      query=lambda x, w: _exp_logits_to_parts(logits_fn(x, w))[0],
-      key=lambda x, w: _exp_logits_to_parts(logits_fn(x, w)), **kwargs)
+      query=lambda x, w: _exp_query(x, w, projection_logits),
+      key=lambda x, w: _exp_logits_to_parts(logits_fn(x, w)),
+      fast_shared_key=lambda x, w, mask: _exp_shared_key(x, w, mask,
+                                                         logits_fn),
+      **kwargs)
 
 
 FEATURE_MAPS = {
-    "favor_softmax": _exp_map("favor_softmax", _softmax_logits,
+    "favor_softmax": _exp_map("favor_softmax", _softmax_logits, _identity,
                               _softmax_exact),
     "favor_hyperbolic": _exp_map("favor_hyperbolic", _hyperbolic_logits,
-                                 _hyperbolic_exact, features_per_row=2),
+                                 _plus_minus, _hyperbolic_exact,
+                                 features_per_row=2),
     "favor_trig": FeatureMap(
         name="favor_trig", exact=_trig_exact, query=_trig_parts,
         key=lambda x, w: (_trig_parts(x, w), _sg(_half_sq_norm(x))),

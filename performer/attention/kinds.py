@@ -200,8 +200,12 @@ class LinearAttention(Attention):
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids, features):
     features = self._check_features(features, q)
-    qf, kf, kr = self._split_features(q, k, mask, features)
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
+    if not causal and segment_ids is None:
+      qf = self.feature_map.query(q, features)
+      kw = self.feature_map.shared_key(k, features, mask)
+      return self._output(*linear.bidirectional(qf, kw, v), v)
+    qf, kf, kr = self._split_features(q, k, mask, features)
     if causal:
       seg = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
              else segment_ids)
@@ -209,8 +213,6 @@ class LinearAttention(Attention):
         num, den = linear.causal_scan(qf, kf, kr, v, seg)
       else:
         num, den = linear.causal_chunked(qf, kf, kr, v, seg, self.chunk_size)
-    elif segment_ids is None:
-      num, den = linear.bidirectional(qf, kf, kr, v)
     else:
       num, den = linear.bidirectional_segments(qf, kf, kr, v, segment_ids,
                                                self.chunk_size)

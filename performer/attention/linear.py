@@ -41,10 +41,11 @@ def normalise(num, den, eps):
 
 # --- bidirectional -----------------------------------------------------------
 
-def bidirectional(qf, kf, kr, v):
-  """Unnormalised (num, den): Z = phi(K)^T V and z = phi(K)^T 1 in O(L M D)."""
-  shift = jnp.max(kr, axis=2, keepdims=True)  # one shift for all keys: cancels
-  kw = kf * jnp.exp(kr - shift)[..., None]
+def bidirectional(qf, kw, v):
+  """Unnormalised (num, den): Z = phi(K)^T V and z = phi(K)^T 1 in O(L M D).
+
+  kw is phi(k) up to one factor per (batch, head), which cancels.
+  """
   context = jnp.einsum("bhlm,bhld->bhmd", kw, v.astype(jnp.float32))
   normaliser = jnp.sum(kw, axis=2)
   num = jnp.einsum("bhlm,bhmd->bhld", qf, context)
