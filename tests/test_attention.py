@@ -167,6 +167,23 @@ def test_bf16_long_large_norm_inputs_stay_finite(kind, causal):
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
+def test_normalise_gradient_matches_autodiff_of_division():
+  """normalise has a hand-written VJP (a contraction, for XLA:CPU speed)."""
+  from jax.test_util import check_grads
+  from performer.attention import linear
+  num = jax.random.normal(jax.random.PRNGKey(3), (1, 2, 5, 4))
+  den = jnp.abs(jax.random.normal(jax.random.PRNGKey(4), (1, 2, 5))) + 0.5
+  den = den.at[0, 1, 2].set(-0.7)  # trig features: negative normalisers
+  check_grads(lambda n, d: linear.normalise(n, d, 1e-6), (num, den), order=1,
+              modes=("rev",), atol=2e-2, rtol=2e-2)
+  plain = jax.grad(lambda n, d: jnp.sum(jnp.sin(n / jnp.where(
+      d >= 0, d + 1e-6, d - 1e-6)[..., None])), (0, 1))(num, den)
+  ours = jax.grad(lambda n, d: jnp.sum(jnp.sin(linear.normalise(n, d, 1e-6))),
+                  (0, 1))(num, den)
+  for a, b in zip(plain, ours):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_large_norm_keys_do_not_underflow_causal():
   """The running maximum keeps large-norm keys (|k|^2/2 >> 88) usable."""
   q, k, v = _qkv(jax.random.PRNGKey(11), b=1, length=64, h=1, d=16, scale=6.0)

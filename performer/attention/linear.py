@@ -36,7 +36,30 @@ def normalise(num, den, eps):
   """num / den with eps in the denominator, keeping its sign (trig features
   can give negative normalisers), so the result is never inf or NaN."""
   safe = jnp.where(den >= 0, den + eps, den - eps)
-  return num / safe[..., None]
+  return _divide_rows(num, safe)
+
+
+@jax.custom_vjp
+def _divide_rows(num, den):
+  """num [..., D] / den [...]. Differentiated by hand so that the backward
+  reduction over D is a contraction: XLA:CPU (jaxlib 0.10) runs the autodiff
+  form, sum(g * num / den**2, -1), about 50x slower on arrays with a size-1
+  axis (batch 1), which made it the slowest op of bidirectional FAVOR+."""
+  return num / den[..., None]
+
+
+def _divide_rows_fwd(num, den):
+  inv = 1.0 / den
+  out = num * inv[..., None]
+  return out, (out, inv)
+
+
+def _divide_rows_bwd(residuals, g):
+  out, inv = residuals
+  return g * inv[..., None], -jnp.einsum("...d,...d->...", g, out) * inv
+
+
+_divide_rows.defvjp(_divide_rows_fwd, _divide_rows_bwd)
 
 
 # --- bidirectional -----------------------------------------------------------
