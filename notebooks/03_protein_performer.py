@@ -34,21 +34,19 @@
 # the q and k each layer's attention is called with and rebuilds the matrix
 # phi(q) phi(k)^T (row-normalised) with the layer's own random features.
 #
-# Runs are cached in `PERFORMER_NOTEBOOK_WORKDIR` (default: a temporary folder),
-# which notebooks 4 and 5 reuse. `PERFORMER_NOTEBOOK_QUICK=1` trains a tiny
-# model for 30 steps (a smoke test, not a result).
+# Runs are cached (`performer.training.runs`) in `PERFORMER_NOTEBOOK_WORKDIR`
+# (default: a temporary folder), which notebooks 4 and 5 reuse.
+# `PERFORMER_NOTEBOOK_QUICK=1` trains a tiny model for 30 steps (a smoke test,
+# not a result).
 
 # %%
 import os
 import sys
-import tempfile
 
 try:
-  import performer
+  import performer  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`: notebooks/ is beside performer/
   sys.path.insert(0, os.path.abspath('..'))
-  import performer
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(performer.__file__)))
 
 import jax
 import jax.numpy as jnp
@@ -59,54 +57,23 @@ from scipy import stats
 
 from performer import data
 from performer import sampling
-from performer import training
 from performer.data import vocab as vocab_lib
 from performer.models import inspect
-from performer.training import metrics
+from performer.training import runs
 
-QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
-WORK = os.environ.get('PERFORMER_NOTEBOOK_WORKDIR') or tempfile.mkdtemp(prefix='performer_nb_')
-# The same settings in notebooks 3, 4 and 5, so their runs are shared.
-if QUICK:
-  OVERRIDES = ['model.num_layers=1', 'model.emb_dim=64', 'model.mlp_dim=128',
-               'model.max_len=64', 'model.attention.num_features=32',
-               'model.attention.chunk_size=32', 'data.seq_len=64', 'train.batch_size=8',
-               'train.num_steps=30', 'train.warmup_steps=5', 'train.log_every=10',
-               'train.eval_every=10', 'train.eval_batches=0', 'train.checkpoint_every=0']
-else:
-  OVERRIDES = ['train.num_steps=150', 'train.warmup_steps=15', 'train.log_every=50',
-               'train.eval_every=50', 'train.eval_batches=0', 'train.checkpoint_every=0']
-TAG = 'quick' if QUICK else 'full'
-print(f'workdir {WORK}; quick={QUICK}')
-
-
-def train(name, config_file, overrides=()):
-  """Trains configs/<config_file> with OVERRIDES in WORK/<name>_<tag>, unless a
-  finished run is already there; returns the workdir."""
-  config = training.load_config(os.path.join(ROOT, 'configs', config_file),
-                                OVERRIDES + list(overrides))
-  workdir = os.path.join(WORK, f'{name}_{TAG}')
-  done = [r for r in metrics.read_metrics(workdir, 'final_validation')
-          if r['step'] == config.train.num_steps]
-  if not done:
-    training.train_and_evaluate(config, workdir, progress=False)
-  return workdir
-
-
-def final(workdir, split='validation'):
-  """The final held-out metrics a run wrote to metrics.jsonl."""
-  rows = metrics.read_metrics(workdir, f'final_{split}')
-  return rows[-1] if rows else None
+# The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
+RUNS = runs.NotebookRuns.from_env()
+print(f'workdir {RUNS.work}; quick={RUNS.quick}')
 
 # %% [markdown]
 # ## Train (or load) the Performer and the softmax Transformer
 
 # %%
-performer_dir = os.environ.get('PERFORMER_PROTEIN_WORKDIR') or train(
+performer_dir = os.environ.get('PERFORMER_PROTEIN_WORKDIR') or RUNS.train(
     'protein_favor', 'default.py')
 softmax_dir = os.environ.get('PERFORMER_PROTEIN_SOFTMAX_WORKDIR') or (
     None if os.environ.get('PERFORMER_PROTEIN_WORKDIR')
-    else train('protein_softmax', 'protein_transformer_uni.py'))
+    else RUNS.train('protein_softmax', 'protein_transformer_uni.py'))
 model, config, step = sampling.load_model(performer_dir)
 vocab = data.vocab_for(config.data)
 print(f'Performer: {config.model.num_layers} layers, d={config.model.emb_dim}, '
@@ -123,7 +90,7 @@ print(f'{"model":28s}{"steps":>7s}{"loss":>9s}{"accuracy":>10s}{"perplexity":>12
 results = {}
 for label, workdir in (('Performer (favor_softmax)', performer_dir),
                        ('Transformer (softmax)', softmax_dir)):
-  result = final(workdir) if workdir else None
+  result = runs.final_metrics(workdir) if workdir else None
   if result is None:
     print(f'{label:28s}  (no run: set PERFORMER_PROTEIN_SOFTMAX_WORKDIR)')
     continue
@@ -223,7 +190,7 @@ def pair_mass(model, tokens, mask):
 def similarity(model, config, num_proteins):
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda state, t, m: pair_mass(nnx.merge(graphdef, state), t, m))
-  batch_size = 8 if QUICK else 16
+  batch_size = 8 if RUNS.quick else 16
   it = data.build_dataset(config.data, split='train', batch_size=batch_size, seed=1,
                           num_epochs=1)
   s = e = 0.0
@@ -256,7 +223,7 @@ print(f'in BLOSUM62 itself D-E ranks {pair_rank(BLOSUM62, "D", "E")}/190 and F-Y
       f'{pair_rank(BLOSUM62, "F", "Y")}/190')
 
 
-NUM_PROTEINS = 64 if QUICK else 1024
+NUM_PROTEINS = 64 if RUNS.quick else 1024
 sims = {'Performer': similarity(model, config, NUM_PROTEINS)}
 if softmax_dir:
   softmax_model, softmax_config, _ = sampling.load_model(softmax_dir)

@@ -42,14 +42,11 @@
 import functools
 import os
 import sys
-import tempfile
 
 try:
-  import performer
+  import performer  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`: notebooks/ is beside performer/
   sys.path.insert(0, os.path.abspath('..'))
-  import performer
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(performer.__file__)))
 
 import jax
 import jax.numpy as jnp
@@ -61,48 +58,13 @@ from performer import attention
 from performer import data
 from performer import models
 from performer import sampling
-from performer import training
 from performer.training import metrics
+from performer.training import runs
 from performer.training import steps
 
-QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
-WORK = os.environ.get('PERFORMER_NOTEBOOK_WORKDIR') or tempfile.mkdtemp(prefix='performer_nb_')
-# The same settings in notebooks 3, 4 and 5, so their runs are shared.
-if QUICK:
-  OVERRIDES = ['model.num_layers=1', 'model.emb_dim=64', 'model.mlp_dim=128',
-               'model.max_len=64', 'model.attention.num_features=32',
-               'model.attention.chunk_size=32', 'data.seq_len=64', 'train.batch_size=8',
-               'train.num_steps=30', 'train.warmup_steps=5', 'train.log_every=10',
-               'train.eval_every=10', 'train.eval_batches=0', 'train.checkpoint_every=0']
-else:
-  OVERRIDES = ['train.num_steps=150', 'train.warmup_steps=15', 'train.log_every=50',
-               'train.eval_every=50', 'train.eval_batches=0', 'train.checkpoint_every=0']
-TAG = 'quick' if QUICK else 'full'
-print(f'workdir {WORK}; quick={QUICK}')
-
-
-def load(config_file, overrides=()):
-  return training.load_config(os.path.join(ROOT, 'configs', config_file),
-                              OVERRIDES + list(overrides))
-
-
-def train(name, config_file, overrides=()):
-  """Trains configs/<config_file> with OVERRIDES in WORK/<name>_<tag>, unless a
-  finished run is already there; returns the workdir."""
-  config = load(config_file, overrides)
-  workdir = os.path.join(WORK, f'{name}_{TAG}')
-  done = [r for r in metrics.read_metrics(workdir, 'final_validation')
-          if r['step'] == config.train.num_steps]
-  if not done:
-    training.train_and_evaluate(config, workdir, progress=False)
-  return workdir
-
-
-def curve(workdir):
-  """(steps, validation accuracies) of a run: periodic evals, then the final one."""
-  rows = metrics.read_metrics(workdir, 'validation') + metrics.read_metrics(
-      workdir, 'final_validation')
-  return [r['step'] for r in rows], [r['accuracy'] for r in rows]
+# The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
+RUNS = runs.NotebookRuns.from_env()
+print(f'workdir {RUNS.work}; quick={RUNS.quick}')
 
 
 def evaluate(model, config, split='validation'):
@@ -124,10 +86,10 @@ def evaluate(model, config, split='validation'):
 # Both are notebook 3's runs (trained here if that notebook has not run).
 
 # %%
-teacher_dir = train('protein_softmax', 'protein_transformer_uni.py')
-scratch_dir = train('protein_favor', 'default.py')
+teacher_dir = RUNS.train('protein_softmax', 'protein_transformer_uni.py')
+scratch_dir = RUNS.train('protein_favor', 'default.py')
 teacher, teacher_config, _ = sampling.load_model(teacher_dir)
-teacher_result = metrics.read_metrics(teacher_dir, 'final_validation')[-1]
+teacher_result = runs.final_metrics(teacher_dir)
 print(f'teacher (softmax): validation accuracy {teacher_result["accuracy"]:.4f}')
 
 # %% [markdown]
@@ -152,11 +114,11 @@ print(f'softmax weights + favor_softmax, no fine-tuning: accuracy {zero_shot["ac
 # learning rate), so the two curves differ only in the starting parameters.
 
 # %%
-finetune_dir = train('protein_favor_from_softmax', 'default.py',
-                     [f'train.init_from={teacher_dir}'])
-steps_f, acc_f = curve(finetune_dir)
+finetune_dir = RUNS.train('protein_favor_from_softmax', 'default.py',
+                          [f'train.init_from={teacher_dir}'])
+steps_f, acc_f = runs.curve(finetune_dir)
 curves = {'fine-tuned from softmax': ([0] + steps_f, [zero_shot['accuracy']] + acc_f),
-          'Performer from scratch': curve(scratch_dir)}
+          'Performer from scratch': runs.curve(scratch_dir)}
 
 # %% [markdown]
 # ## With distillation
@@ -167,11 +129,11 @@ curves = {'fine-tuned from softmax': ([0] + steps_f, [zero_shot['accuracy']] + a
 # has no `distill_from` key the cell is skipped with a note.
 
 # %%
-distill_keys = [k for k in load('default.py').train.keys() if 'distill' in k]
+distill_keys = [k for k in RUNS.config('default.py').train.keys() if 'distill' in k]
 if 'distill_from' in distill_keys:
-  distill_dir = train('protein_favor_distilled', 'default.py',
-                      [f'train.init_from={teacher_dir}', f'train.distill_from={teacher_dir}'])
-  steps_d, acc_d = curve(distill_dir)
+  distill_dir = RUNS.train('protein_favor_distilled', 'default.py',
+                           [f'train.init_from={teacher_dir}', f'train.distill_from={teacher_dir}'])
+  steps_d, acc_d = runs.curve(distill_dir)
   curves['fine-tuned + distillation'] = ([0] + steps_d, [zero_shot['accuracy']] + acc_d)
 else:
   print('NOTE: skipped -- config.train has no distill_from key '

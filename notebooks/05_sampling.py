@@ -32,14 +32,11 @@
 import collections
 import os
 import sys
-import tempfile
 
 try:
-  import performer
+  import performer  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`: notebooks/ is beside performer/
   sys.path.insert(0, os.path.abspath('..'))
-  import performer
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(performer.__file__)))
 
 import jax
 import matplotlib.pyplot as plt
@@ -47,40 +44,16 @@ import numpy as np
 
 from performer import data
 from performer import sampling
-from performer import training
 from performer.data import vocab as vocab_lib
-from performer.training import metrics
+from performer.training import runs
 
-QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
-WORK = os.environ.get('PERFORMER_NOTEBOOK_WORKDIR') or tempfile.mkdtemp(prefix='performer_nb_')
-# The same settings in notebooks 3, 4 and 5, so their runs are shared.
-if QUICK:
-  OVERRIDES = ['model.num_layers=1', 'model.emb_dim=64', 'model.mlp_dim=128',
-               'model.max_len=64', 'model.attention.num_features=32',
-               'model.attention.chunk_size=32', 'data.seq_len=64', 'train.batch_size=8',
-               'train.num_steps=30', 'train.warmup_steps=5', 'train.log_every=10',
-               'train.eval_every=10', 'train.eval_batches=0', 'train.checkpoint_every=0']
-else:
-  OVERRIDES = ['train.num_steps=150', 'train.warmup_steps=15', 'train.log_every=50',
-               'train.eval_every=50', 'train.eval_batches=0', 'train.checkpoint_every=0']
-TAG = 'quick' if QUICK else 'full'
-NUM_SAMPLES = 8 if QUICK else 32
+# The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
+RUNS = runs.NotebookRuns.from_env()
+NUM_SAMPLES = 8 if RUNS.quick else 32
 TEMPERATURE, TOP_P = 1.0, 0.95
 
-
-def train(name, config_file):
-  """Trains configs/<config_file> with OVERRIDES in WORK/<name>_<tag>, unless a
-  finished run is already there; returns the workdir."""
-  config = training.load_config(os.path.join(ROOT, 'configs', config_file), OVERRIDES)
-  workdir = os.path.join(WORK, f'{name}_{TAG}')
-  done = [r for r in metrics.read_metrics(workdir, 'final_validation')
-          if r['step'] == config.train.num_steps]
-  if not done:
-    training.train_and_evaluate(config, workdir, progress=False)
-  return workdir
-
-
-workdir = os.environ.get('PERFORMER_PROTEIN_WORKDIR') or train('protein_favor', 'default.py')
+workdir = (os.environ.get('PERFORMER_PROTEIN_WORKDIR')
+           or RUNS.train('protein_favor', 'default.py'))
 model, config, step = sampling.load_model(workdir)
 vocab = data.vocab_for(config.data)
 print(f'{workdir}: {config.model.attention.kind}, {config.model.num_layers} layers, '
@@ -99,7 +72,7 @@ tokens, out_lengths = sampling.generate(
 tokens, out_lengths = np.asarray(tokens), np.asarray(out_lengths)
 samples = [vocab.decode(row[1:n]) for row, n in zip(tokens, out_lengths)]
 ended = [vocab.eos_id in row[1:n] for row, n in zip(tokens, out_lengths)]
-fasta_path = os.path.join(WORK, f'samples_{TAG}.faa')
+fasta_path = os.path.join(RUNS.work, f'samples_{RUNS.tag}.faa')
 with open(fasta_path, 'w', encoding='ascii') as f:
   for i, (seq, eos) in enumerate(zip(samples, ended)):
     f.write(f'>sample_{i} temperature={TEMPERATURE} top_p={TOP_P} '

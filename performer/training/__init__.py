@@ -3,6 +3,8 @@
     from performer import training
     config = training.load_config('configs/tiny.py', ['train.num_steps=20'])
     result = training.train_and_evaluate(config, '/tmp/workdir')
+
+`training.runs` caches finished runs by name for notebooks and scripts (see runs.py).
 """
 
 from performer.training.config_utils import ConfigError
@@ -10,5 +12,6 @@ from performer.training.config_utils import load_config
 from performer.training.config_utils import validate
 from performer.training.train_lib import evaluate
 from performer.training.train_lib import train_and_evaluate
+from performer.training import runs
 
-__all__ = ['ConfigError', 'evaluate', 'load_config', 'train_and_evaluate', 'validate']
+__all__ = ['ConfigError', 'evaluate', 'load_config', 'runs', 'train_and_evaluate', 'validate']
