@@ -67,6 +67,18 @@ def test_logits_shape_every_task_and_kind(task, kind):
   assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.parametrize('task', models.TASKS)
+def test_hidden_states_feed_the_logits(task):
+  """hidden_states is the final normalized residual; the head maps it to the logits."""
+  model = cached_model(task, 'favor_softmax')
+  tokens = random_tokens(4, (2, L), model.vocab_size)
+  hidden = nnx.jit(lambda m, t: m.hidden_states(t))(model, tokens)
+  assert hidden.shape == (2, L, 32)
+  np.testing.assert_allclose(np.asarray(hidden).mean(-1), 0.0, atol=1e-5)  # LayerNorm
+  np.testing.assert_allclose(model.logits_from_hidden(hidden), forward(model, tokens),
+                             atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('kind', attention.KINDS)
 @pytest.mark.parametrize('task', CAUSAL_TASKS)
 def test_causal_at_model_level(task, kind):

@@ -253,6 +253,17 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens, *, mask=None, segment_ids=None, positions=None,
                deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    return self.logits_from_hidden(self.hidden_states(
+        tokens, mask=mask, segment_ids=segment_ids, positions=positions,
+        deterministic=deterministic, rngs=rngs))
+
+  def hidden_states(self, tokens, *, mask=None, segment_ids=None,
+                    positions=None, deterministic: bool = True,
+                    rngs: nnx.Rngs | None = None):
+    """The final (normalized) hidden states [B, L, emb_dim] that the output
+    head reads; same arguments as the call. Public so that hidden-state
+    distillation and probes need no second forward pass:
+    model(t) == model.logits_from_hidden(model.hidden_states(t))."""
     self.check_inputs(tokens, mask, segment_ids, positions)
     tokens = jnp.asarray(tokens)
     batch, length = tokens.shape
@@ -279,7 +290,7 @@ class Transformer(nnx.Module):
     for layer in self.layers:
       x = layer(x, mask=mask, segment_ids=segment_ids, positions=rope_positions,
                 deterministic=deterministic, rngs=rngs)
-    return self._logits(x)
+    return self.final_norm(x)
 
   def _embed(self, inputs, positions):
     """Token embedding plus additive positions (any leading shape)."""
@@ -289,11 +300,14 @@ class Transformer(nnx.Module):
     return x
 
   def _logits(self, x):
-    x = self.final_norm(x)
+    return self.logits_from_hidden(self.final_norm(x))
+
+  def logits_from_hidden(self, hidden):
+    """float32 logits [..., vocab_size] from `hidden_states` (already normalized)."""
     if self.head is None:
-      logits = self.embed.attend(x)[..., :self.vocab_size]
+      logits = self.embed.attend(hidden)[..., :self.vocab_size]
     else:
-      logits = self.head(x)
+      logits = self.head(hidden)
     return logits.astype(jnp.float32)
 
   # --- Recurrent decoding ----------------------------------------------------

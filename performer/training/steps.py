@@ -120,22 +120,14 @@ def _forward(graphdef, params, features, rest, inputs, batch, *, deterministic, 
     # Dropout noise is a function of (seed, step, micro-batch) only, so resuming from a
     # checkpoint replays exactly the same noise.
     nnx.reseed(model, dropout=dropout_key)
-  captured = {}
-  if return_hidden:
-    # The Transformer computes its logits as head(final_norm(x)) in `_logits`; wrapping that
-    # method on this trace-local copy captures the final (normalized) hidden states without
-    # a second forward pass.
-    to_logits = getattr(model, '_logits', None)
-    if to_logits is None:
-      raise ValueError("distill_target='hidden' needs a model with `final_norm` / `_logits`")
-
-    def capture(x):
-      captured['hidden'] = model.final_norm(x).astype(jnp.float32)
-      return to_logits(x)
-    object.__setattr__(model, '_logits', capture)
-  logits = model(inputs, mask=batch['mask'], segment_ids=batch.get('segment_ids'),
-                 deterministic=deterministic)
-  return (logits, captured['hidden']) if return_hidden else logits
+  kwargs = dict(mask=batch['mask'], segment_ids=batch.get('segment_ids'),
+                deterministic=deterministic)
+  if not return_hidden:
+    return model(inputs, **kwargs)
+  # One forward pass for both: the final (normalized) hidden states and the logits the
+  # output head makes of them.
+  hidden = model.hidden_states(inputs, **kwargs)
+  return model.logits_from_hidden(hidden), hidden.astype(jnp.float32)
 
 
 def distill_sum(student, teacher, weights, *, target, temperature):
