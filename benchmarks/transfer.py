@@ -3,29 +3,35 @@ r"""Zoo transfer at small scale: softmax teacher -> FAVOR+ student, with and wit
 The Performer paper (section 4.3) loads a trained softmax Transformer's weights into a
 Performer: the transferred model starts with a low accuracy (FAVOR+ approximates the
 attention it was trained with, and the errors compound over layers) and recovers in a
-small fraction of the original training steps. Here, on the bundled protein sample:
+small fraction of the original training steps. Here:
 
-  1. train a small softmax causal LM (configs/protein_transformer_uni.py, shrunk by the
-     flags below) for --teacher_steps steps with the normal training loop (train_and_evaluate);
+  1. train a small softmax causal LM for --teacher_steps steps with the normal training
+     loop (train_and_evaluate). --data text (default): English prose from the stdlib's
+     pydoc topics, written to <workdir>/pydoc_topics.txt and read as data.name='text'
+     (its own sentencepiece vocabulary; configs/lm1b_transformer.py shrunk by the flags
+     below). --data protein: the bundled protein sample (configs/protein_transformer_uni.py);
   2. load its parameters by name into the same model with attention --kind (init_from:
      checkpoints.load_params_by_name; the random features are the student's own draw);
   3. fine-tune for --finetune_frac of the teacher's steps, evaluating validation accuracy at
      step 0 (before any update) and every --eval_every steps, once with the plain task loss
      and once with distillation from the frozen teacher (logits, KL at temperature 1).
 
-    python benchmarks/transfer.py                      # ~4-6 min on 2 CPU cores
-    python benchmarks/transfer.py --quick              # seconds: smoke test only
+    python benchmarks/transfer.py                      # text: ~6 min on 2 CPU cores
+    python benchmarks/transfer.py --data protein       # ~5 min: no drop (README)
+    python benchmarks/transfer.py --quick              # under a minute: smoke test only
     python benchmarks/transfer.py --json transfer.json
 
 Every evaluation (teacher included) runs over the same whole validation split with the same
-deterministic crops, so the numbers compare directly. Accuracy is next-residue accuracy.
+deterministic crops, so the numbers compare directly. Accuracy is next-token accuracy.
+The teacher is reused when --workdir already holds its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -38,6 +44,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 from benchmarks import common
+from configs import lm1b_transformer
 from configs import protein_transformer_uni
 from performer import data
 from performer.training import checkpoints
@@ -45,18 +52,90 @@ from performer.training import sharding
 from performer.training import train_lib
 
 
-def teacher_config(args):
-  """The softmax protein LM, shrunk so that it trains in a few minutes on 2 CPU cores."""
-  config = protein_transformer_uni.get_config()
+DEFAULTS = {  # per --data; every value can be overridden by its flag
+    'text': dict(teacher_steps=1500, finetune_frac=0.1, finetune_lr=1e-3, lr=2e-3,
+                 eval_every=15, num_features=128, chunk_size=64, layers=3, width=128,
+                 heads=4, seq_len=128, batch_size=16, dropout=0.1, vocab_size=1024,
+                 line_chars=400),
+    'protein': dict(teacher_steps=400, finetune_frac=0.15, finetune_lr=1e-3, lr=2e-3,
+                    eval_every=10, num_features=64, chunk_size=64, layers=3, width=128,
+                    heads=4, seq_len=128, batch_size=16, dropout=0.0, vocab_size=0,
+                    line_chars=0),
+}
+QUICK = dict(teacher_steps=20, finetune_frac=0.15, layers=1, width=32, heads=2, seq_len=32,
+             batch_size=4, eval_every=2, num_features=16, chunk_size=16, vocab_size=384)
+
+
+def english_lines(max_chars=400):
+  """Real English prose from the stdlib's pydoc topics (no downloads), as lines.
+
+  Grammar rules and indented code samples are skipped; consecutive sentences of one topic
+  are joined into lines of at most about `max_chars` characters, so that a line is a
+  paragraph-sized context that mostly fits one training row.
+  """
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  lines = []
+  for name in sorted(topics.topics):
+    line = ''
+    for para in topics.topics[name].split('\n\n'):
+      if '::=' in para or para.startswith(' '):
+        continue  # grammar rules, code samples
+      words = [w for w in para.split() if not re.fullmatch(r'[*=-]{3,}', w)]  # underlines
+      if len(words) < 4:
+        continue  # headings
+      for sent in re.split(r'(?<=[.!?:])\s+', ' '.join(words)):
+        if line and len(line) + 1 + len(sent) > max_chars:
+          lines.append(line)
+          line = ''
+        line = f'{line} {sent}' if line else sent
+    if line:
+      lines.append(line)
+  return lines
+
+
+def write_corpus(workdir, lines):
+  """Writes `lines` to workdir/pydoc_topics.txt (only when changed: the tokenizer that
+  data.name='text' trains is cached beside the file, and a rewrite drops it)."""
+  path = os.path.join(workdir, 'pydoc_topics.txt')
+  text = '\n'.join(lines) + '\n'
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      if f.read() == text:
+        return path
+  for stale in glob.glob(path + '.spm*'):
+    os.remove(stale)
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  return path
+
+
+def teacher_config(args, corpus_path=''):
+  """The softmax LM, shrunk so that it trains in a few minutes on 2 CPU cores."""
+  if args.data == 'text':
+    config = lm1b_transformer.get_config()
+    config.data.name = 'text'
+    config.data.path = corpus_path
+    config.data.vocab_size = args.vocab_size
+    config.data.pack = False  # one line (about one row) per example
+    config.data.crop = 'random'
+    # As in the protein configs. With lm1b's sinusoidal positions the FAVOR+ student stayed
+    # 1.1-1.5 points below the teacher after 20% of its steps (README, "Fine-tuning").
+    config.model.positions = 'learned'
+    config.train.weight_decay = 0.01
+  else:
+    config = protein_transformer_uni.get_config()
   config.model.num_layers = args.layers
   config.model.emb_dim = args.width
   config.model.mlp_dim = 4 * args.width
   config.model.num_heads = args.heads
   config.model.max_len = args.seq_len
-  config.model.dropout_rate = 0.0
+  config.model.dropout_rate = args.dropout
+  config.model.attention.chunk_size = args.chunk_size
   config.data.seq_len = args.seq_len
   config.train.batch_size = args.batch_size
   config.train.num_steps = args.teacher_steps
+  config.train.learning_rate = args.lr
   config.train.warmup_steps = max(1, args.teacher_steps // 10)
   config.train.eval_every = 0
   config.train.log_every = max(1, args.teacher_steps // 4)
@@ -65,8 +144,8 @@ def teacher_config(args):
   return config
 
 
-def student_config(args, teacher_dir, distill):
-  config = teacher_config(args).copy_and_resolve_references()
+def student_config(args, teacher_dir, distill, corpus_path=''):
+  config = teacher_config(args, corpus_path).copy_and_resolve_references()
   config.model.attention.kind = args.kind
   config.model.attention.num_features = args.num_features
   config.train.redraw_every = 0  # one fixed draw for the short fine-tune
@@ -124,38 +203,40 @@ def teacher_accuracy(config, teacher_dir):
   return _evaluate(run, params, st['features'], st['rest'])
 
 
-def main(argv=None):
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--teacher_steps', type=int, default=400)
-  p.add_argument('--finetune_frac', type=float, default=0.15)
-  p.add_argument('--finetune_lr', type=float, default=1e-3)
-  p.add_argument('--eval_every', type=int, default=10)
+  p.add_argument('--data', choices=sorted(DEFAULTS), default='text')
   p.add_argument('--kind', default='favor_softmax')
-  p.add_argument('--num_features', type=int, default=64)
-  p.add_argument('--layers', type=int, default=3)
-  p.add_argument('--width', type=int, default=128)
-  p.add_argument('--heads', type=int, default=4)
-  p.add_argument('--seq_len', type=int, default=128)
-  p.add_argument('--batch_size', type=int, default=16)
+  for name, value in DEFAULTS['text'].items():  # default None: DEFAULTS[--data]
+    p.add_argument(f'--{name}', type=type(value), default=None,
+                   help=f"default {value} (text), {DEFAULTS['protein'][name]} (protein)")
   p.add_argument('--workdir', default='', help='keeps the teacher here (default: a temp dir)')
   p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke test only')
   p.add_argument('--json', default='')
   args = p.parse_args(argv)
-  if args.quick:
-    args.teacher_steps, args.layers, args.width, args.heads = 20, 1, 32, 2
-    args.seq_len, args.batch_size, args.eval_every, args.num_features = 32, 4, 2, 16
+  for name, value in {**DEFAULTS[args.data], **(QUICK if args.quick else {})}.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   workdir = args.workdir or tempfile.mkdtemp(prefix='transfer_')
   teacher_dir = os.path.join(workdir, 'teacher')
+  corpus = write_corpus(workdir, english_lines(args.line_chars)) if args.data == 'text' else ''
 
   start = time.perf_counter()
-  t_config = teacher_config(args)
+  t_config = teacher_config(args, corpus)
   if not os.path.isdir(os.path.join(teacher_dir, 'checkpoints')):
     train_lib.train_and_evaluate(t_config, teacher_dir, progress=False)
   teacher_time = time.perf_counter() - start
   t_acc, t_loss = teacher_accuracy(t_config, teacher_dir)
+  unigram = data.unigram_baseline(train_lib.resolve_config(t_config)[0].data)
   curves = {}
   for name, distill in (('finetune', False), ('finetune+distill', True)):
-    curves[name] = finetune(student_config(args, teacher_dir, distill), args.eval_every)
+    curves[name] = finetune(student_config(args, teacher_dir, distill, corpus),
+                            args.eval_every)
 
   rows = []
   for plain, dist in zip(curves['finetune'], curves['finetune+distill']):
@@ -163,21 +244,33 @@ def main(argv=None):
                  'distill': dist['accuracy'], 'gap_plain': 100 * (t_acc - plain['accuracy']),
                  'gap_distill': 100 * (t_acc - dist['accuracy']), 'kl': dist['distill_loss']})
   n_ft = curves['finetune'][-1]['step']
-  print(f'teacher: softmax, {args.layers} layers x {args.width}, {args.teacher_steps} steps '
-        f'(batch {args.batch_size}, L={args.seq_len}; trained in {teacher_time:.0f} s)')
-  print(f'student: {args.kind}, m={args.num_features}, fine-tuned {n_ft} steps '
-        f'({100 * n_ft / args.teacher_steps:.0f}% of the teacher\'s), lr {args.finetune_lr}')
-  print('validation next-residue accuracy; gap = teacher - student in points')
+  print(f'data: {args.data}' + (f' ({corpus}, sentencepiece vocabulary {args.vocab_size})'
+                                if corpus else ''))
+  print(f'teacher: softmax, {args.layers} layers x {args.width}, {args.heads} heads, '
+        f'{args.teacher_steps} steps (batch {args.batch_size}, L={args.seq_len}, lr {args.lr}; '
+        f'trained in {teacher_time:.0f} s)')
+  print(f'student: {args.kind}, m={args.num_features}, chunk {args.chunk_size}, fine-tuned '
+        f'{n_ft} steps ({100 * n_ft / args.teacher_steps:.0f}% of the teacher\'s), '
+        f'lr {args.finetune_lr}')
+  print(f'validation next-token accuracy over {unigram["num_tokens"]} tokens (majority-token '
+        f'baseline {unigram["accuracy"]:.4f}); gap = teacher - student in points')
   print(common.format_table(rows, [
       ('step', 'step', '{}'), ('teacher', 'teacher', '{:.4f}'),
       ('plain', 'transfer', '{:.4f}'), ('gap_plain', 'gap', '{:+.2f}'),
       ('distill', 'transfer+distill', '{:.4f}'), ('gap_distill', 'gap', '{:+.2f}'),
       ('kl', 'train KL', '{:.4f}')]))
-  print(f'total {time.perf_counter() - start:.0f} s')
+  print(f'validation loss: teacher {t_loss:.4f} (unigram {unigram["cross_entropy"]:.4f}); '
+        f'transfer {curves["finetune"][0]["loss"]:.4f} at step 0 -> '
+        f'{curves["finetune"][-1]["loss"]:.4f} plain / '
+        f'{curves["finetune+distill"][-1]["loss"]:.4f} distilled at step {n_ft}')
+  total = time.perf_counter() - start
+  print(f'total {total:.0f} s')
   if args.json:
     common.write_json(args.json, {'args': vars(args), 'machine': common.machine_info(),
-                                  'teacher': {'accuracy': t_acc, 'loss': t_loss},
-                                  'curves': curves, 'rows': rows})
+                                  'teacher': {'accuracy': t_acc, 'loss': t_loss,
+                                              'seconds': teacher_time},
+                                  'unigram': unigram, 'curves': curves, 'rows': rows,
+                                  'seconds': total})
   return rows
 
 

@@ -180,7 +180,8 @@ def word_perplexity(token_loss: float, counts: dict[str, Any]) -> float:
 
 
 def unigram_baseline(cfg, split: str = "validation") -> dict[str, Any]:
-  """Cross-entropy of a token-frequency model fitted on train (add-one smoothed)."""
+  """Cross-entropy of a token-frequency model fitted on train (add-one smoothed), and
+  the accuracy of always predicting its most frequent token."""
   seq_len, _, _ = sequences.check_options(cfg)
   vocab = vocab_for(cfg)
   counts = np.ones(vocab.size, np.float64)
@@ -191,5 +192,7 @@ def unigram_baseline(cfg, split: str = "validation") -> dict[str, Any]:
   targets = np.concatenate([vocab.encode_example(t)[1:seq_len]
                             for t in split_lines(cfg, split)])
   ce = float(-log_p[targets].mean())
-  return {"cross_entropy": ce, "perplexity": math.exp(ce), "num_tokens": int(targets.size),
-          "split": split}
+  # Majority-class accuracy: always predicting the most frequent train token.
+  accuracy = float(np.mean(targets == int(np.argmax(counts))))
+  return {"cross_entropy": ce, "perplexity": math.exp(ce), "accuracy": accuracy,
+          "num_tokens": int(targets.size), "split": split}
