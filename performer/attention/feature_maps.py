@@ -83,10 +83,7 @@ def _exp_shared_key(x, w, mask, logits_fn):
 
 def _generic_shared_key(feature_map, x, w, mask):
   """k~ exp(r - max r): any map's key parts with one shift per (batch, head)."""
-  kf, kr = feature_map.key(x, w)
-  if mask is not None:
-    kf = kf * mask[:, None, :, None]
-    kr = jnp.where(mask[:, None, :], kr, NEG)
+  kf, kr = feature_map.masked_key(x, w, mask)
   shift = _sg(jnp.max(kr, axis=2, keepdims=True))
   return kf * jnp.exp(kr - shift)[..., None]
 
@@ -164,6 +161,13 @@ class FeatureMap:
   positive: bool = True
   features_per_row: int = 1  # feature-vector entries per random direction
   fast_shared_key: Callable | None = None
+
+  def masked_key(self, x, w, mask=None):
+    """key(x, w) with masked keys dropped: k~ = 0 and log-scale NEG."""
+    kf, kr = self.key(x, w)
+    if mask is None:
+      return kf, kr
+    return kf * mask[:, None, :, None], jnp.where(mask[:, None, :], kr, NEG)
 
   def shared_key(self, x, w, mask=None):
     """phi(k) up to one factor per (batch, head), masked keys zero."""

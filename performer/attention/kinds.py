@@ -188,10 +188,7 @@ class LinearAttention(Attention):
   def _split_features(self, q, k, mask, features):
     """Heads-major q~ [B, H, L, M], masked k~ and its log-scale [B, H, L]."""
     qf = self.feature_map.query(q, features)
-    kf, kr = self.feature_map.key(k, features)
-    if mask is not None:
-      kf = kf * mask[:, None, :, None]
-      kr = jnp.where(mask[:, None, :], kr, linear.NEG)
+    kf, kr = self.feature_map.masked_key(k, features, mask)
     return qf, kf, kr
 
   def _output(self, num, den, v):
