@@ -147,7 +147,7 @@ def build_step(config):
   return train_fn, args
 
 
-def time_steps(compiled, args, repeats, single_above=40.0):
+def time_steps(compiled, args, repeats, single_above):
   """Best wall time of `repeats` steps after a warm-up step; the updated
   parameters and optimizer state are fed back (the inputs are donated).
 
