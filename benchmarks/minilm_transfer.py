@@ -32,7 +32,6 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from performer import attention
 from performer.convert import bert as convert_bert
 from performer.models import bert as bert_lib
 

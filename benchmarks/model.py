@@ -57,7 +57,6 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import common  # noqa: E402
 
 from configs import base as base_config  # noqa: E402
-from performer import attention  # noqa: E402
 from performer import data  # noqa: E402
 from performer import models  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
@@ -129,8 +128,7 @@ def build_step(config):
   """
   model = models.build_model(config.model, rngs=nnx.Rngs(params=config.seed,
                                                            dropout=config.seed + 1))
-  graphdef, params, features, rest = nnx.split(
-      model, nnx.Param, attention.RandomFeatures, ...)
+  graphdef, params, features, stats, rest = models.split(model)
   tx, schedule = steps_lib.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
   task_info = steps_lib.build_task_info(config.model, config.train, vocab,
@@ -142,25 +140,26 @@ def build_step(config):
   low = vocab.num_special if hasattr(vocab, "num_special") else 0
   batch = {"tokens": jnp.asarray(rng.randint(low, low + 20, shape), jnp.int32),
            "mask": jnp.ones(shape, bool)}
-  args = (params, tx.init(params), features, rest, batch,
+  args = (params, tx.init(params), stats, features, rest, batch,
           jnp.asarray(1, jnp.int32), jax.random.key(0))
   return train_fn, args
 
 
 def time_steps(compiled, args, repeats, single_above):
   """Best wall time of `repeats` steps after a warm-up step; the updated
-  parameters and optimizer state are fed back (the inputs are donated).
+  parameters, optimizer state and statistics are fed back (the inputs are
+  donated).
 
   A step whose first (warm-up) call takes longer than `single_above` seconds
   is timed by that call alone, which includes one-time costs (see the module
   docstring): only for steps long enough that repeating them is too costly.
   Returns (seconds, number of calls).
   """
-  params, opt_state, *rest = args
+  params, opt_state, stats, *rest = args
   times = []
   for _ in range(repeats + 1):
     start = time.perf_counter()
-    params, opt_state, metrics = compiled(params, opt_state, *rest)
+    params, opt_state, stats, metrics = compiled(params, opt_state, stats, *rest)
     jax.block_until_ready((params, metrics))
     times.append(time.perf_counter() - start)
     if times[0] > single_above:

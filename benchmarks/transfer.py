@@ -157,8 +157,8 @@ def student_config(args, teacher_dir, distill, corpus_path=''):
   return config
 
 
-def _evaluate(run, params, features, rest):
-  result = train_lib.evaluate(run['eval_fn'], params, features, rest, run['config'],
+def _evaluate(run, params, stats, features, rest):
+  result = train_lib.evaluate(run['eval_fn'], params, stats, features, rest, run['config'],
                               'validation', batch_sharding=run['batch_sharding'],
                               eval_key=run['keys']['eval'], num_batches=0)
   return result['accuracy'], result['loss']
@@ -172,23 +172,24 @@ def finetune(config, eval_every):
       config.train.init_from, st['params'], st['shardings']['params'])
   if report['only_in_checkpoint'] or report['only_in_model']:
     raise ValueError(f'architecture mismatch: {report}')
-  features, rest = st['features'], st['rest']
+  stats, features, rest = st['stats'], st['features'], st['rest']
   opt_state = jax.jit(run['tx'].init)(params)
   it = data.build_dataset(config.data, split='train', batch_size=config.train.batch_size,
                           seed=config.seed + 1)  # not the teacher's batch order
   curve = []
-  acc, loss = _evaluate(run, params, features, rest)
+  acc, loss = _evaluate(run, params, stats, features, rest)
   curve.append({'step': 0, 'accuracy': acc, 'loss': loss, 'distill_loss': None})
   distill = []
   for step in range(config.train.num_steps):
     batch = sharding.global_batch(next(it), run['batch_sharding'])
-    params, opt_state, m = run['train_fn'](params, opt_state, features, rest, batch,
-                                           jnp.asarray(step, jnp.int32), run['keys']['train'])
+    params, opt_state, stats, m = run['train_fn'](params, opt_state, stats, features, rest,
+                                                  batch, jnp.asarray(step, jnp.int32),
+                                                  run['keys']['train'])
     if 'distill_loss' in m:
       distill.append(m['distill_loss'])
     done = step + 1
     if done % eval_every == 0 or done == config.train.num_steps:
-      acc, loss = _evaluate(run, params, features, rest)
+      acc, loss = _evaluate(run, params, stats, features, rest)
       d = float(jnp.mean(jnp.stack(distill))) if distill else None
       distill = []
       curve.append({'step': done, 'accuracy': acc, 'loss': loss, 'distill_loss': d})
@@ -200,7 +201,7 @@ def teacher_accuracy(config, teacher_dir):
   st = run['state']
   params, _ = checkpoints.load_params_by_name(teacher_dir, st['params'],
                                               st['shardings']['params'])
-  return _evaluate(run, params, st['features'], st['rest'])
+  return _evaluate(run, params, st['stats'], st['features'], st['rest'])
 
 
 def parse_args(argv=None):

@@ -38,6 +38,8 @@ def get_config():
   config.model.attention.orthogonal = True
   config.model.attention.feature_norms = 'chi'  # 'chi' | 'sqrt'
   config.model.attention.per_head_features = False
+  config.model.attention.stats_decay = 0.99  # favor_plus_plus / favor_sharp running moments
+  config.model.attention.hedgehog_dim = 0  # hedgehog feature width d' (0 = head_dim)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'protein_sample'

@@ -54,7 +54,6 @@ import matplotlib.pyplot as plt
 import ml_collections
 from flax import nnx
 
-from performer import attention
 from performer import data
 from performer import models
 from performer import sampling
@@ -69,7 +68,7 @@ print(f'workdir {RUNS.work}; quick={RUNS.quick}')
 
 def evaluate(model, config, split='validation'):
   """Held-out metrics of `model` with the training code's own eval step."""
-  graphdef, params, features, rest = nnx.split(model, nnx.Param, attention.RandomFeatures, ...)
+  graphdef, params, features, stats, rest = models.split(model)
   task_info = steps.build_task_info(config.model, config.train, data.vocab_for(config.data),
                                     model.target_offset)
   eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, task_info=task_info))
@@ -77,7 +76,8 @@ def evaluate(model, config, split='validation'):
   for i, batch in enumerate(data.build_dataset(config.data, split=split,
                                                batch_size=config.train.batch_size,
                                                seed=config.seed, num_epochs=1)):
-    sums = eval_fn(params, features, rest, batch, jax.random.fold_in(jax.random.key(0), i))
+    sums = eval_fn(params, stats, features, rest, batch,
+                   jax.random.fold_in(jax.random.key(0), i))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return metrics.summarize(jax.device_get(totals), config.model.task)
 

@@ -240,8 +240,9 @@ def load_config(workdir: str):
 
 
 def load_model(path: str, config=None):
-  """Builds the model of a training run and restores its parameters and
-  random features (the stored matrices, so sampling is deterministic).
+  """Builds the model of a training run and restores its parameters, random
+  features and running statistics (the stored values, so sampling is
+  deterministic and decoding equals the evaluated forward pass).
 
   Args:
     path: a workdir, its checkpoints/ dir, or one step dir (checkpoints/<step>).
@@ -249,14 +250,13 @@ def load_model(path: str, config=None):
   Returns:
     (model, config, step). Raises ValueError when nothing usable is found.
   """
-  from performer import attention  # pylint: disable=g-import-not-at-top
   from performer import models  # pylint: disable=g-import-not-at-top
   from performer.training import checkpoints  # pylint: disable=g-import-not-at-top
   workdir, step = find_checkpoint(path)
   config = load_config(workdir) if config is None else config
   model = models.build_model(config.model, rngs=nnx.Rngs(params=0, dropout=1))
-  _, params, features, _ = nnx.split(model, nnx.Param, attention.RandomFeatures, ...)
-  templates = {'params': params, 'features': features}
+  _, params, features, stats, _ = models.split(model)
+  templates = {'params': params, 'features': features, 'stats': stats}
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: device, templates)
   manager = checkpoints.make_manager(workdir, 1, read_only=True)
@@ -268,5 +268,5 @@ def load_model(path: str, config=None):
     step, trees, _ = restored
   else:
     trees, _ = checkpoints.restore_step(manager, step, templates, shardings)
-  nnx.update(model, trees['params'], trees['features'])
+  nnx.update(model, trees['params'], trees['features'], trees['stats'])
   return model, config, step

@@ -97,8 +97,8 @@ def test_redraw_features_keeps_structure_and_metadata():
 
 def _kernel_estimate(q, k, key, m, orthogonal, kind="favor_softmax"):
   w = attention.draw_features(key, m, q.shape[-1], orthogonal=orthogonal)
-  return jnp.einsum("blhm,bshm->bhls", attention.kernel_features(kind, q, w),
-                    attention.kernel_features(kind, k, w))
+  phi_q, phi_k = attention.get_attention(kind).features(q, k, features=w)
+  return jnp.einsum("blhm,bshm->bhls", phi_q, phi_k)
 
 
 @pytest.mark.parametrize("kind", ["favor_softmax", "favor_hyperbolic",

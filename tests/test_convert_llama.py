@@ -14,6 +14,7 @@ float64 numpy Llama written from HF's LlamaModel.
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import time
 
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from performer import convert
 from performer.convert import files
 from performer.convert import llama as convert_llama
 from performer.models import llama as llama_lib
@@ -274,12 +276,18 @@ def test_gguf_path_matches_hf_path(tmp_path):
                              np.asarray(direct(TOKENS[None])), atol=1e-5)
 
 
-def test_tiny_loads_into_performer_kinds(tmp_path):
+def test_tiny_loads_into_performer_kinds(tmp_path, caplog):
   folder = write_hf(tmp_path, tiny_hf_tensors())
-  for kind in ('favor_softmax', 'favor_relu'):
-    model, _, _ = convert_llama.import_llama_safetensors(
-        folder, kind, num_features=32, chunk_size=4, per_head_features=True)
+  for kind in ('favor_softmax', 'favor_relu', 'favor_plus_plus', 'favor_sharp', 'hedgehog'):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='performer.convert.keymap'):
+      model, _, _ = convert_llama.import_llama_safetensors(
+          folder, kind, num_features=32, chunk_size=4, per_head_features=True)
     assert np.isfinite(np.asarray(model(TOKENS[None]))).all()
+    # Hedgehog's maps are not in any checkpoint: initialised and reported, not an error.
+    missing = convert.feature_params(model)
+    assert bool(missing) == (kind == 'hedgehog')
+    assert ('feature-map parameters are not in the checkpoint' in caplog.text) == bool(missing)
 
 
 # --- error cases --------------------------------------------------------------------

@@ -279,10 +279,11 @@ def _save_run(workdir, **overrides):
   from performer.training import checkpoints, metrics, train_lib  # pylint: disable=g-import-not-at-top
   config, _ = train_lib.resolve_config(tiny_config(**overrides))
   model = models.build_model(config.model, rngs=nnx.Rngs(params=3, dropout=1))
-  _, params, feats, _ = nnx.split(model, nnx.Param, attention.RandomFeatures, ...)
+  _, params, feats, stats, _ = models.split(model)
   metrics.write_config(config, str(workdir))
   manager = checkpoints.make_manager(str(workdir), 2)
-  checkpoints.save(manager, 7, params, {'mu': params}, feats, {'step': 7})
+  checkpoints.save(manager, 7, {'params': params, 'opt_state': {'mu': params},
+                                'features': feats, 'stats': stats}, {'step': 7})
   manager.wait_until_finished()
   manager.close()
   return model

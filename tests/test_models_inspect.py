@@ -36,8 +36,7 @@ def test_matrix_times_v_is_the_attention_output(kind, task):
   x = layer.attn_norm(model._embed(tokens, jnp.broadcast_to(jnp.arange(L), (2, L))))  # pylint: disable=protected-access
   v = layer.attn.value(x)
   r = records[0]
-  out = layer.attn.attend(r['q'], r['k'], v, causal=r['causal'], mask=mask,
-                          features=r['features'])
+  out = layer.attn.attend(r['q'], r['k'], v, causal=r['causal'], mask=mask)
   rebuilt = jnp.einsum('bhqk,bkhd->bqhd', maps[0], v)
   np.testing.assert_allclose(rebuilt, out, rtol=1e-3, atol=2e-4)
   rows = np.asarray(maps.sum(-1))                      # [layers, B, H, L]

@@ -1,5 +1,5 @@
 """Sharding tests: parameter specs, and 8 CPU devices (mesh data=4 x fsdp=2, and data=8)
-giving the same losses as 1 device over several steps."""
+giving the same losses (and feature-map statistics) as 1 device over several steps."""
 
 import json
 import os
@@ -18,35 +18,57 @@ EIGHT_DEVICES = textwrap.dedent('''
     from performer import data
     from performer.training import sharding, train_lib
     assert jax.device_count() == 8, jax.devices()
-    out = {}
-    for name, (d, f) in {'1': (1, 1), '4x2': (4, 2), '8': (8, 1)}.items():
+    kinds, meshes = sys.argv[1].split(','), sys.argv[2].split(',')
+    out = {kind: {} for kind in kinds}
+    for kind, (name, (d, f)) in ((kind, mesh) for kind in kinds for mesh in
+                                 {'1': (1, 1), '4x2': (4, 2), '8': (8, 1)}.items()):
+      if name not in meshes:
+        continue
       config = tiny_config(mesh__data=d, mesh__fsdp=f, train__batch_size=8, data__seq_len=32,
-                           model__num_layers=1,
+                           model__num_layers=1, model__attention__kind=kind,
                            model__max_len=32, model__dropout_rate=0.1, train__grad_accum_steps=2)
       run = train_lib.setup(config)
       st = run['state']
-      params, features, rest = st['params'], st['features'], st['rest']
+      params, features, stats, rest = st['params'], st['features'], st['stats'], st['rest']
       opt = jax.jit(run['tx'].init, out_shardings=st['shardings']['opt_state'])(params)
       it = data.build_dataset(run['config'].data, split='train', batch_size=8, seed=0)
       losses = []
       for step in range(4):
         batch = sharding.global_batch(next(it), run['batch_sharding'])
-        params, opt, m = run['train_fn'](params, opt, features, rest, batch, jnp.asarray(step),
-                                         run['keys']['train'])
+        params, opt, stats, m = run['train_fn'](params, opt, stats, features, rest, batch,
+                                                jnp.asarray(step), run['keys']['train'])
         losses.append(float(m['loss']))
       specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})
-      out[name] = {'losses': losses, 'devices': len(run['mesh'].devices.flat), 'specs': specs}
+      out[kind][name] = {'losses': losses, 'devices': len(run['mesh'].devices.flat), 'specs': specs,
+                   'stats': [float(jnp.sum(x)) for x in jax.tree.leaves(stats)]}
     print('RESULT' + json.dumps(out))
 ''')
 
 
-def test_eight_devices_match_one_device():
-  proc = run_script(['-c', EIGHT_DEVICES], timeout=300,
+def _eight_devices(kinds, meshes):
+  proc = run_script(['-c', EIGHT_DEVICES, ','.join(kinds), ','.join(meshes)], timeout=300,
                     XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
                     ' --xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT'))
-  out = json.loads(line[len('RESULT'):])
+  return json.loads(line[len('RESULT'):])
+
+
+def test_adaptive_and_learned_maps_on_eight_devices():
+  """FAVOR++, FAVOR# (running statistics) and Hedgehog (trained maps): same losses and
+  statistics on a data=4 x fsdp=2 mesh as on one device."""
+  kinds = ['favor_plus_plus', 'favor_sharp', 'hedgehog']
+  for kind, out in _eight_devices(kinds, ['1', '4x2']).items():
+    assert out['4x2']['devices'] == 8
+    for a, b in zip(out['1']['losses'], out['4x2']['losses']):
+      assert abs(a - b) <= 1e-5, (kind, out)
+    assert len(out['1']['stats']) == (2 if kind != 'hedgehog' else 0)
+    for a, b in zip(out['1']['stats'], out['4x2']['stats']):
+      assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (kind, out)
+
+
+def test_eight_devices_match_one_device():
+  out = _eight_devices(['favor_softmax'], ['1', '4x2', '8'])['favor_softmax']
   assert out['1']['devices'] == 1 and out['4x2']['devices'] == 8 and out['8']['devices'] == 8
   assert any("'fsdp'" in s for s in out['4x2']['specs'])  # parameters really are sharded
   assert all("'fsdp'" not in s for s in out['8']['specs'])

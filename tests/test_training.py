@@ -28,13 +28,14 @@ def _train_fixed(config, num_steps):
   """Runs the jitted train step `num_steps` times on one fixed batch; returns losses."""
   run = train_lib.setup(config)
   st = run['state']
-  params, features, rest = st['params'], st['features'], st['rest']
+  params, features, stats, rest = st['params'], st['features'], st['stats'], st['rest']
   opt_state = jax.jit(run['tx'].init)(params)
   batch = sharding.global_batch(_fixed_batch(run['config']), run['batch_sharding'])
   losses = []
   for step in range(num_steps):
-    params, opt_state, m = run['train_fn'](params, opt_state, features, rest, batch,
-                                           jnp.asarray(step), run['keys']['train'])
+    params, opt_state, stats, m = run['train_fn'](params, opt_state, stats, features, rest,
+                                                  batch, jnp.asarray(step),
+                                                  run['keys']['train'])
     losses.append(float(m['loss']))
   return losses, params, run
 
@@ -74,8 +75,9 @@ def test_image_ar_learns_and_reports_bits_per_dim():
                        train__learning_rate=1e-2)
   losses, params, run = _train_fixed(config, 8)
   assert losses[-1] < 0.8 * losses[0], losses
-  result = train_lib.evaluate(run['eval_fn'], params, run['state']['features'],
-                              run['state']['rest'], run['config'], 'validation', num_batches=1,
+  result = train_lib.evaluate(run['eval_fn'], params, run['state']['stats'],
+                              run['state']['features'], run['state']['rest'], run['config'],
+                              'validation', num_batches=1,
                               batch_sharding=run['batch_sharding'], eval_key=run['keys']['eval'])
   assert result['bits_per_dim'] == pytest.approx(result['loss'] / np.log(2))
 
@@ -107,10 +109,9 @@ def test_eval_is_deterministic(task):
   st = run['state']
   kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=run['keys']['eval'],
                 num_batches=2)
-  first = train_lib.evaluate(run['eval_fn'], st['params'], st['features'], st['rest'],
-                             run['config'], 'validation', **kwargs)
-  second = train_lib.evaluate(run['eval_fn'], st['params'], st['features'], st['rest'],
-                              run['config'], 'validation', **kwargs)
+  pieces = [st[k] for k in ('params', 'stats', 'features', 'rest')]
+  first = train_lib.evaluate(run['eval_fn'], *pieces, run['config'], 'validation', **kwargs)
+  second = train_lib.evaluate(run['eval_fn'], *pieces, run['config'], 'validation', **kwargs)
   assert first == second
   assert first['tokens'] > 0 and 0 <= first['accuracy'] <= 1
   assert first['perplexity'] == pytest.approx(np.exp(first['loss']))
@@ -224,3 +225,35 @@ def test_segment_ids_reach_the_model_only_for_packed_rows():
            'segment_ids': np.ones((1, 4), np.int32)}
   assert 'segment_ids' not in train_lib.model_batch(batch, ConfigDict({'pack': False}))
   assert 'segment_ids' in train_lib.model_batch(batch, ConfigDict({'pack': True}))
+
+
+def test_running_statistics_update_and_survive_resume(tmp_path):
+  """FAVOR++ moments are updated by every train step (not reset: the step returns them),
+  frozen by eval, checkpointed, and a run resumed from step 2 ends with the same
+  statistics and parameters as a run straight to step 4."""
+  args = dict(model__attention__kind='favor_plus_plus', train__num_steps=4,
+              train__checkpoint_every=2, train__eval_every=0, train__log_every=2,
+              train__schedule='constant', data__seq_len=32, model__max_len=32)
+  straight = train_lib.train_and_evaluate(tiny_config(**args), str(tmp_path / 'straight'))
+  half = train_lib.train_and_evaluate(tiny_config(**{**args, 'train__num_steps': 2}),
+                                      str(tmp_path / 'resumed'))
+  resumed = train_lib.train_and_evaluate(tiny_config(**args), str(tmp_path / 'resumed'))
+
+  def stats(result):
+    return {k: np.asarray(v) for k, v in checkpoints.flatten(result['stats']).items()}
+
+  two, four = stats(half), stats(resumed)
+  assert len(two) == 4  # moments and weight of each of the 2 layers
+  weights = sorted(k for k in two if k.endswith('weight'))
+  for k in weights:  # 1 - 0.99^steps: exactly two, then four updates
+    np.testing.assert_allclose(two[k], 1 - 0.99 ** 2, rtol=1e-5)
+    np.testing.assert_allclose(four[k], 1 - 0.99 ** 4, rtol=1e-5)
+  assert not any(np.array_equal(two[k], four[k]) for k in two)
+  for k, v in stats(straight).items():
+    np.testing.assert_array_equal(four[k], v, err_msg=k)
+  for a, b in zip(jax.tree.leaves(resumed['params']), jax.tree.leaves(straight['params'])):
+    np.testing.assert_array_equal(a, b)
+  # Eval reads the checkpointed statistics and does not move them.
+  again = train_lib.evaluate_checkpoint(tiny_config(**args), str(tmp_path / 'resumed'),
+                                        splits=('validation',))
+  assert again['final']['validation'] == resumed['final']['validation']

@@ -1,34 +1,41 @@
-"""Attention library: exact softmax, FAVOR+ feature maps, random features and
-the linear-attention core (bidirectional, chunked causal, recurrent step).
+"""Attention library: exact softmax, feature-map modules (one file per map),
+random features and the linear-attention core (bidirectional, chunked causal,
+recurrent step).
 
     from performer import attention
+    attn = attention.build("favor_plus_plus", head_dim=64, num_heads=8,
+                           rngs=nnx.Rngs(0), num_features=256)
+    out = attn(q, k, v, causal=True, mask=None, segment_ids=None)
+
+    # or as a plain function with an explicit random matrix:
     attend = attention.get_attention("favor_softmax", num_features=256)
     w = attention.draw_features(key, num_features=256, head_dim=64)
     out = attend(q, k, v, causal=True, mask=None, segment_ids=None, features=w)
+    phi_q, phi_k = attend.features(q, k, features=w)   # true-scale features
+
+Variables a kind may own, each its own type: ``RandomFeatures`` (redrawn,
+not trained), ``FeatureParam`` (trained, absent from pretrained checkpoints)
+and ``FeatureStats`` (running statistics, updated in train steps).
 """
 
-from performer.attention.feature_maps import FEATURE_MAPS
+from performer.attention.feature_map import FeatureMap
+from performer.attention.feature_map import FeatureParam
+from performer.attention.feature_map import FeatureStats
+from performer.attention.feature_map import Options
 from performer.attention.features import RandomFeatures
 from performer.attention.features import draw_features
 from performer.attention.features import redraw_features
-from performer.attention.kinds import KINDS
-from performer.attention.kinds import OPTIONS
 from performer.attention.kinds import Attention
-from performer.attention.kinds import get_attention
+from performer.attention.registry import KINDS
+from performer.attention.registry import OPTIONS
+from performer.attention.registry import REGISTRY
+from performer.attention.registry import build
+from performer.attention.registry import get_attention
+from performer.attention.registry import make_options
 from performer.attention.softmax import softmax_reference
 
-
-def kernel_features(kind, x, features=None):
-  """phi(x) with its true scale: phi(q).phi(k) estimates the kernel of
-  ``kind`` (exp(q.k / sqrt(d)) for the softmax kinds). For analysis only: the
-  attention functions use a numerically stabilised split of the same map."""
-  if kind not in FEATURE_MAPS:
-    raise ValueError(f"{kind!r} has no feature map; kinds with one: "
-                     f"{', '.join(FEATURE_MAPS)}")
-  # [B, H, L, M] internally; [B, L, H, M] like the inputs for callers.
-  return FEATURE_MAPS[kind].exact(x, features).swapaxes(1, 2)
-
-
-__all__ = ["KINDS", "OPTIONS", "Attention", "RandomFeatures", "draw_features",
-           "get_attention", "kernel_features", "redraw_features",
+__all__ = ["KINDS", "OPTIONS", "REGISTRY", "Attention", "FeatureMap",
+           "FeatureParam", "FeatureStats", "Options", "RandomFeatures",
+           "build", "draw_features", "get_attention", "make_options",
+           "redraw_features",
            "softmax_reference"]

@@ -12,7 +12,10 @@ unless the map and the checkpoint agree exactly:
 * every source array has the entry's declared shape (else: *shape
   mismatch*: wrong config or wrong file),
 * every trainable parameter of the model is the target of exactly one
-  entry (else the map itself is incomplete: a bug in the importer).
+  entry (else the map itself is incomplete: a bug in the importer), except
+  feature-map parameters (`attention.FeatureParam`, e.g. Hedgehog's W): no
+  pretrained checkpoint has them, so they keep their initial values and are
+  reported as expected-missing (`feature_params`), never as an error.
 
 All problems are collected and raised together as one ValueError that names
 the keys, so a user fixes them in one go.
@@ -27,11 +30,16 @@ parameter's shape, which only splits or merges axes (sizes are checked).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from performer import attention
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +57,27 @@ class Entry:
   transpose: bool = False
 
 
-def param_table(model: nnx.Module) -> dict[str, nnx.Param]:
-  """Every trainable parameter of `model` by dotted path ('layers.0.mlp.up.kernel').
-
-  Random feature matrices are not `nnx.Param`s, so they never need a
-  checkpoint entry: a softmax checkpoint loads into a FAVOR model as is.
-  """
+def _params(model: nnx.Module, feature_map: bool) -> dict[str, nnx.Param]:
   return {'.'.join(str(p) for p in path): node
           for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Param)}
+          if isinstance(node, nnx.Param)
+          and isinstance(node, attention.FeatureParam) == feature_map}
+
+
+def param_table(model: nnx.Module) -> dict[str, nnx.Param]:
+  """Every parameter a checkpoint must provide, by dotted path
+  ('layers.0.mlp.up.kernel').
+
+  Random feature matrices and running statistics are not `nnx.Param`s and
+  feature-map parameters are expected to be missing, so none of them needs a
+  checkpoint entry: a softmax checkpoint loads into any kind as is.
+  """
+  return _params(model, feature_map=False)
+
+
+def feature_params(model: nnx.Module) -> list[str]:
+  """Dotted paths of the feature-map parameters, which no checkpoint holds."""
+  return sorted(_params(model, feature_map=True))
 
 
 def _fmt_shape(shape) -> str:
@@ -122,7 +142,8 @@ def apply_keymap(model: nnx.Module, tensors: Mapping[str, np.ndarray],
   Writes in place and returns `model`. Values are cast to the parameter's
   dtype (float32 parameters; bf16 is a compute dtype only). Nothing is
   written unless the whole map checks out, so a failed import never leaves
-  a half-loaded model behind.
+  a half-loaded model behind. Feature-map parameters keep their initial
+  values and are logged as expected-missing.
   """
   entries = list(entries)
   check_keymap(tensors, entries, ignore, model=model, what=what)
@@ -133,4 +154,8 @@ def apply_keymap(model: nnx.Module, tensors: Mapping[str, np.ndarray],
     if e.transpose:
       arr = arr.T
     param.value = jnp.asarray(arr.reshape(param.shape), dtype=param.dtype)
+  missing = feature_params(model)
+  if missing:
+    log.info('%s: %d feature-map parameters are not in the checkpoint, as expected; '
+             'they keep their initial values: %s', what, len(missing), missing)
   return model

@@ -6,15 +6,17 @@
                    deterministic=True)          # float32 [B, L, vocab_size]
 
 The attention kind is a config string; the model never branches on it (see
-`blocks.py`). Random feature matrices are `attention.RandomFeatures`
-variables, separate from `nnx.Param`, so
-`nnx.split(model, attention.RandomFeatures, ...)` isolates them for redraws.
+`blocks.py`). `split(model)` separates what training treats differently:
+parameters (feature-map parameters included), random features (redrawn),
+running statistics (updated by train steps) and the rest.
 """
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
+
+from performer import attention
 
 from performer.models.positions import (
     POSITION_KINDS, apply_rope, positions_from_segments, sinusoidal)
@@ -33,6 +35,20 @@ def build_model(model_config, *, rngs: nnx.Rngs) -> Transformer:
   return Transformer(spec_from_config(model_config), rngs=rngs)
 
 
+def split(model: nnx.Module):
+  """(graphdef, params, features, stats, rest) of `model`:
+
+  params    nnx.Param (attention.FeatureParam included)  -> trained
+  features  attention.RandomFeatures                     -> redrawn, never trained
+  stats     attention.FeatureStats                       -> updated by train steps
+  rest      everything else (RNG streams)
+
+  `nnx.merge(graphdef, params, features, stats, rest)` rebuilds the model.
+  """
+  return nnx.split(model, nnx.Param, attention.RandomFeatures,
+                   attention.FeatureStats, ...)
+
+
 def param_count(model: nnx.Module) -> int:
   """Number of trainable scalars (nnx.Param only; random features excluded)."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -41,5 +57,5 @@ def param_count(model: nnx.Module) -> int:
 __all__ = [
     'POSITION_KINDS', 'TASKS', 'ModelSpec', 'Transformer', 'apply_rope',
     'build_model', 'check_tokens', 'param_count', 'positions_from_segments',
-    'shift_right', 'sinusoidal', 'spec_from_config',
+    'shift_right', 'sinusoidal', 'spec_from_config', 'split',
 ]

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from performer import attention
 from performer.models import blocks
 from performer.models import transformer
 
@@ -48,7 +47,7 @@ class BertConfig:
   dropout_rate: float = 0.0
   dtype: str = 'float32'
   attention_kind: str = 'softmax'
-  attention_options: tuple = ()       # (name, value) pairs for get_attention
+  attention_options: tuple = ()       # (name, value) pairs for attention.build
   per_head_features: bool = False
 
   @classmethod
@@ -85,12 +84,11 @@ class PostLNBlock(nnx.Module):
   """x = LN(x + Drop(Attn(x))); x = LN(x + Drop(MLP(x))) -- the original
   Transformer/BERT order, needed to reproduce post-LN checkpoints."""
 
-  def __init__(self, cfg: BertConfig, *, attend, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, *, make_attention, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.attn = blocks.MultiHeadAttention(
-        cfg.emb_dim, cfg.num_heads, attend=attend, causal=False,
-        per_head_features=cfg.per_head_features, use_bias=True, dtype=dtype,
-        rngs=rngs)
+        cfg.emb_dim, cfg.num_heads, make_attention=make_attention,
+        causal=False, use_bias=True, dtype=dtype, rngs=rngs)
     self.attn_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps,
                                    dtype=dtype, rngs=rngs)
     self.mlp = BertMlp(cfg.emb_dim, cfg.mlp_dim, dtype=dtype, rngs=rngs)
@@ -133,10 +131,9 @@ class BertEncoder(nnx.Module):
     self.embed_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps,
                                     dtype=dtype, rngs=rngs)
     self.embed_dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
-    options = dict(cfg.attention_options)
+    make_attention = transformer.attention_factory(cfg)
     self.layers = nnx.List([
-        PostLNBlock(cfg, attend=attention.get_attention(cfg.attention_kind,
-                                                        **options), rngs=rngs)
+        PostLNBlock(cfg, make_attention=make_attention, rngs=rngs)
         for _ in range(cfg.num_layers)])
     self.pooler = (nnx.Linear(cfg.emb_dim, cfg.emb_dim, dtype=dtype, rngs=rngs)
                    if cfg.pooler else None)

@@ -1,13 +1,14 @@
 """Transformer building blocks whose attention is chosen by name.
 
 The point of this zoo is that one parameter set works with every attention
-kind (softmax, FAVOR+ variants, linear, identity): a softmax checkpoint loads
-into a Performer unchanged. So the layers here never branch on the kind. The
-attention layer asks `attention.get_attention(kind, **options)` for an
-`attend` callable once, at construction, and the only kind-dependent state is
-the random feature matrix, which lives in an `attention.RandomFeatures`
-variable (not an `nnx.Param`: the optimizer must not train it, the training
-loop redraws it on a schedule).
+kind (softmax, FAVOR+ variants, learned feature maps, linear, identity): a
+softmax checkpoint loads into a Performer unchanged. So the layers here never
+branch on the kind. The attention layer builds its kind's module once, with
+`make_attention(head_dim=, num_heads=, rngs=)` (a partial of
+`attention.build`), and every kind-dependent variable lives inside that
+module, typed by what training must do with it: `attention.RandomFeatures`
+(redrawn, never trained), `attention.FeatureParam` (trained, absent from
+pretrained checkpoints), `attention.FeatureStats` (running statistics).
 
 Norm and MLP are separate small modules built by plain functions, so later
 blocks (post-LN BERT, Llama RMSNorm/SwiGLU/GQA) can swap them without
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from performer import attention
 from performer.models import positions as positions_lib
 
 
@@ -37,9 +37,9 @@ class MultiHeadAttention(nnx.Module):
   keeps its own exp/normaliser in float32 (attention library's contract).
   """
 
-  def __init__(self, emb_dim: int, num_heads: int, *, attend,
-               causal: bool, rotary: bool = False, per_head_features: bool = False,
-               use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, emb_dim: int, num_heads: int, *, make_attention,
+               causal: bool, rotary: bool = False, use_bias: bool = True,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if emb_dim % num_heads:
       raise ValueError(
           f'emb_dim {emb_dim} is not divisible by num_heads {num_heads}')
@@ -47,7 +47,6 @@ class MultiHeadAttention(nnx.Module):
     self.head_dim = head_dim = emb_dim // num_heads
     self.causal = causal
     self.rotary = rotary
-    self.attend = attend
 
     def proj_in():
       return nnx.LinearGeneral(emb_dim, (num_heads, head_dim), use_bias=use_bias,
@@ -58,16 +57,8 @@ class MultiHeadAttention(nnx.Module):
     self.value = proj_in()
     self.out = nnx.LinearGeneral((num_heads, head_dim), emb_dim, axis=(-2, -1),
                                  use_bias=use_bias, dtype=dtype, rngs=rngs)
-    if attend.uses_features:
-      feats = attend.make_features(rngs.params(), head_dim,
-                                   num_heads=num_heads if per_head_features else None)
-      # Draw options travel as variable metadata so that
-      # attention.redraw_features can redraw from the same distribution.
-      opts = getattr(attend, 'options', {})
-      meta = {k: opts[k] for k in ('orthogonal', 'feature_norms') if k in opts}
-      self.features = attention.RandomFeatures(feats, **meta)
-    else:
-      self.features = None
+    self.attend = make_attention(head_dim=head_dim, num_heads=num_heads,
+                                 rngs=rngs)
 
   def _qkv(self, x, positions):
     q, k, v = self.query(x), self.key(x), self.value(x)
@@ -78,39 +69,33 @@ class MultiHeadAttention(nnx.Module):
       k = positions_lib.apply_rope(k, positions)
     return q, k, v
 
-  def _features(self):
-    return None if self.features is None else self.features[...]
-
   def __call__(self, x: jax.Array, *, mask=None, segment_ids=None,
                positions=None) -> jax.Array:
     q, k, v = self._qkv(x, positions)
     y = self.attend(q, k, v, causal=self.causal, mask=mask,
-                    segment_ids=segment_ids, features=self._features())
+                    segment_ids=segment_ids)
     return self.out(y)
 
-  # Decoding. The cache is whatever the attend object keeps: (S, z, M) for
+  # Decoding. The cache is whatever the attend module keeps: (S, z, M) for
   # feature-map kinds (fixed size), a KV cache of `max_length` for softmax,
   # nothing for identity. This layer only projects and rotates, so it needs no
   # knowledge of the kind.
   def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
     """Empty decoding state for `batch` rows; `max_length` sizes a KV cache."""
-    return self.attend.init_state(batch, self.num_heads, self.head_dim,
-                                  self.head_dim, features=self._features(),
-                                  max_length=max_length, dtype=dtype)
+    return self.attend.init_state(batch, self.head_dim, max_length=max_length,
+                                  dtype=dtype)
 
   def prefill(self, x: jax.Array, cache, *, mask=None, positions=None):
     """Causal pass over a prompt x [B, L, D] -> (out [B, L, D], cache)."""
     q, k, v = self._qkv(x, positions)
-    y, cache = self.attend.prefill(cache, q, k, v, features=self._features(),
-                                   mask=mask)
+    y, cache = self.attend.prefill(cache, q, k, v, mask=mask)
     return self.out(y), cache
 
   def decode_step(self, x: jax.Array, cache, *, positions=None):
     """One token per row, x [B, D] at absolute `positions` [B] -> (out, cache)."""
     q, k, v = self._qkv(x[:, None],
                         None if positions is None else positions[:, None])
-    y, cache = self.attend.step(cache, q[:, 0], k[:, 0], v[:, 0],
-                                features=self._features())
+    y, cache = self.attend.step(cache, q[:, 0], k[:, 0], v[:, 0])
     return self.out(y), cache
 
 
@@ -140,13 +125,13 @@ class TransformerBlock(nnx.Module):
   never forms attention probabilities, so there is nothing to drop there.
   """
 
-  def __init__(self, emb_dim: int, num_heads: int, mlp_dim: int, *, attend,
-               causal: bool, rotary: bool = False, per_head_features: bool = False,
+  def __init__(self, emb_dim: int, num_heads: int, mlp_dim: int, *,
+               make_attention, causal: bool, rotary: bool = False,
                dropout_rate: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
     self.attn_norm = layer_norm(emb_dim, dtype=dtype, rngs=rngs)
     self.attn = MultiHeadAttention(
-        emb_dim, num_heads, attend=attend, causal=causal, rotary=rotary,
-        per_head_features=per_head_features, dtype=dtype, rngs=rngs)
+        emb_dim, num_heads, make_attention=make_attention, causal=causal,
+        rotary=rotary, dtype=dtype, rngs=rngs)
     self.attn_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
     self.mlp_norm = layer_norm(emb_dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)

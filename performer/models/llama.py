@@ -5,7 +5,7 @@ Imported Llama checkpoints (HF safetensors or llama.cpp GGUF) need pieces
 our own pre-LN `Transformer` does not have: RMSNorm without bias, a gated
 SiLU MLP, rotary positions with a model-specific base (theta), and fewer
 key/value heads than query heads. The attention kernel itself is still the
-zoo's `attention.get_attention(kind, **options)`, so one imported checkpoint
+zoo's `attention.build(kind, ...)` module, so one imported checkpoint
 runs as softmax or as any Performer kind. With GQA, k and v are repeated to
 the query heads *before* `attend` (HF's `repeat_kv` order: query head h
 uses kv head h // (num_heads // num_kv_heads)), so FAVOR works per query head
@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from performer import attention
 from performer.models import positions as positions_lib
 from performer.models import transformer
 
@@ -52,7 +51,7 @@ class LlamaConfig:
   tie_embeddings: bool = False
   dtype: str = 'float32'
   attention_kind: str = 'softmax'
-  attention_options: tuple = ()        # (name, value) pairs for get_attention
+  attention_options: tuple = ()        # (name, value) pairs for attention.build
   per_head_features: bool = False
 
   def __post_init__(self):
@@ -101,12 +100,11 @@ class SwiGLU(nnx.Module):
 class GQAttention(nnx.Module):
   """Grouped-query attention with RoPE, through a pluggable `attend`."""
 
-  def __init__(self, cfg: LlamaConfig, *, attend, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, make_attention, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
     self.head_dim = hd = cfg.dims_per_head
     self.rope_theta = cfg.rope_theta
-    self.attend = attend
 
     def proj(heads):
       return nnx.LinearGeneral(cfg.emb_dim, (heads, hd), use_bias=False,
@@ -118,15 +116,8 @@ class GQAttention(nnx.Module):
     self.out = nnx.LinearGeneral((cfg.num_heads, hd), cfg.emb_dim,
                                  axis=(-2, -1), use_bias=False, dtype=dtype,
                                  rngs=rngs)
-    if attend.uses_features:
-      feats = attend.make_features(
-          rngs.params(), hd,
-          num_heads=cfg.num_heads if cfg.per_head_features else None)
-      opts = getattr(attend, 'options', {})
-      meta = {k: opts[k] for k in ('orthogonal', 'feature_norms') if k in opts}
-      self.features = attention.RandomFeatures(feats, **meta)
-    else:
-      self.features = None
+    self.attend = make_attention(head_dim=hd, num_heads=cfg.num_heads,
+                                 rngs=rngs)
 
   def __call__(self, x, *, positions, mask=None, segment_ids=None):
     q, k, v = self.query(x), self.key(x), self.value(x)
@@ -135,19 +126,17 @@ class GQAttention(nnx.Module):
     groups = self.num_heads // self.num_kv_heads
     if groups > 1:
       k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    features = None if self.features is None else self.features[...]
-    y = self.attend(q, k, v, causal=True, mask=mask, segment_ids=segment_ids,
-                    features=features)
+    y = self.attend(q, k, v, causal=True, mask=mask, segment_ids=segment_ids)
     return self.out(y)
 
 
 class LlamaBlock(nnx.Module):
   """x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) (pre-norm)."""
 
-  def __init__(self, cfg: LlamaConfig, *, attend, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, make_attention, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.attn_norm = RMSNorm(cfg.emb_dim, cfg.rms_eps, dtype=dtype)
-    self.attn = GQAttention(cfg, attend=attend, rngs=rngs)
+    self.attn = GQAttention(cfg, make_attention=make_attention, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.rms_eps, dtype=dtype)
     self.mlp = SwiGLU(cfg.emb_dim, cfg.mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -179,10 +168,9 @@ class LlamaForCausalLM(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.emb_dim, dtype=dtype,
                            embedding_init=nnx.initializers.normal(0.02),
                            rngs=rngs)
-    options = dict(cfg.attention_options)
+    make_attention = transformer.attention_factory(cfg)
     self.layers = nnx.List([
-        LlamaBlock(cfg, attend=attention.get_attention(cfg.attention_kind,
-                                                       **options), rngs=rngs)
+        LlamaBlock(cfg, make_attention=make_attention, rngs=rngs)
         for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_eps, dtype=dtype)
     self.head = (None if cfg.tie_embeddings else

@@ -25,6 +25,7 @@ segment start instead of carrying the previous image's last sub-pixel over.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -59,7 +60,7 @@ class ModelSpec:
   dtype: str = 'float32'
   image_shape: tuple | None = None
   attention_kind: str = 'softmax'
-  attention_options: tuple = ()          # (name, value) pairs for get_attention
+  attention_options: tuple = ()          # (name, value) pairs for attention.build
   per_head_features: bool = False
   tie_embeddings: bool = False
 
@@ -144,6 +145,16 @@ def spec_from_config(cfg) -> ModelSpec:
       dtype=dtype, image_shape=image_shape, attention_kind=kind,
       attention_options=options, per_head_features=per_head,
       tie_embeddings=bool(_get(cfg, 'tie_embeddings', False)))
+
+
+def attention_factory(spec):
+  """`make_attention(head_dim=, num_heads=, rngs=)` for a model config with
+  `attention_kind`, `attention_options` and `per_head_features`; the options
+  are checked here, at build time."""
+  options = dict(spec.attention_options,
+                 per_head_features=spec.per_head_features)
+  attention.make_options(spec.attention_kind, **options)
+  return functools.partial(attention.build, spec.attention_kind, **options)
 
 
 def _is_concrete(x) -> bool:
@@ -231,15 +242,14 @@ class Transformer(nnx.Module):
         image_shape=spec.image_shape, dtype=dtype, rngs=rngs)
     self.rotary = spec.positions == 'rotary'
     self.embed_dropout = nnx.Dropout(spec.dropout_rate, rngs=rngs)
-    options = dict(spec.attention_options)
+    make_attention = attention_factory(spec)
     layers = []
     for _ in range(spec.num_layers):
-      attend = attention.get_attention(spec.attention_kind, **options)
       layers.append(blocks.TransformerBlock(
-          spec.emb_dim, spec.num_heads, spec.mlp_dim, attend=attend,
-          causal=spec.causal, rotary=self.rotary,
-          per_head_features=spec.per_head_features,
-          dropout_rate=spec.dropout_rate, dtype=dtype, rngs=rngs))
+          spec.emb_dim, spec.num_heads, spec.mlp_dim,
+          make_attention=make_attention, causal=spec.causal,
+          rotary=self.rotary, dropout_rate=spec.dropout_rate, dtype=dtype,
+          rngs=rngs))
     self.layers = nnx.List(layers)
     self.final_norm = blocks.layer_norm(spec.emb_dim, dtype=dtype, rngs=rngs)
     if spec.tie_embeddings:

@@ -1,6 +1,7 @@
 """Checkpoints: orbax CheckpointManager, resume with fallback, and params-only init_from.
 
-Layout: `workdir/checkpoints/<step>/{params,opt_state,features,meta}`. Trees are stored as
+Layout: `workdir/checkpoints/<step>/{params,opt_state,features,stats,meta}` (an item with
+nothing in it, e.g. no random features with softmax attention, is not written). Trees are stored as
 FLAT dicts keyed by dotted paths ('layers.0.attn.query.kernel') rather than as nnx.State
 objects: the names are readable, independent of the Python classes that produced them,
 and let `init_from` match parameters by name across models with different attention kinds.
@@ -23,7 +24,7 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
-ITEMS = ('params', 'opt_state', 'features', 'meta')
+ITEMS = ('params', 'opt_state', 'features', 'stats', 'meta')
 
 
 # ---------------------------------------------------------------------------- flat trees
@@ -40,7 +41,8 @@ def _key_name(key):
   return str(key)
 
 
-def _path_name(path):
+def path_name(path):
+  """The dotted checkpoint name of a pytree path ('layers.0.attn.query.kernel')."""
   parts = [_key_name(k) for k in path]
   # Variables flatten to their `.value`; drop it so names read like module paths.
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
@@ -51,7 +53,7 @@ def _path_name(path):
 def flatten(tree):
   """{dotted path: leaf} for any pytree (nnx.State, optax state, dicts)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  flat = {_path_name(path): leaf for path, leaf in leaves}
+  flat = {path_name(path): leaf for path, leaf in leaves}
   if len(flat) != len(leaves):
     raise ValueError('two leaves map to the same checkpoint name')
   return flat
@@ -60,7 +62,7 @@ def flatten(tree):
 def unflatten(template, flat):
   """Puts the leaves of `flat` back into the structure of `template` (matched by name)."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-  return jax.tree_util.tree_unflatten(treedef, [flat[_path_name(p)] for p, _ in paths])
+  return jax.tree_util.tree_unflatten(treedef, [flat[path_name(p)] for p, _ in paths])
 
 
 def _abstract(flat_template, flat_shardings):
@@ -71,8 +73,8 @@ def _abstract(flat_template, flat_shardings):
 # ---------------------------------------------------------------------------- manager
 
 def _handlers():
-  return {'params': ocp.StandardCheckpointHandler(), 'opt_state': ocp.StandardCheckpointHandler(),
-          'features': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS if name != 'meta'}
+  return {**handlers, 'meta': ocp.JsonCheckpointHandler()}
 
 
 class CheckpointError(ValueError):
@@ -92,16 +94,19 @@ def make_manager(workdir, keep, read_only=False):
   return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
 
 
-def save(manager, step, params, opt_state, features, meta):
-  """Starts an (async) save of the full training state at `step`.
+def save(manager, step, trees, meta):
+  """Starts an (async) save of the training state at `step`.
 
-  Orbax copies the arrays to host memory before `save` returns, so the caller may donate
-  the device buffers to the next train step right away.
+  `trees` maps item names of ITEMS (params, opt_state, features, stats) to pytrees. Orbax
+  copies the arrays to host memory before `save` returns, so the caller may donate the
+  device buffers to the next train step right away.
   """
-  trees = {'params': flatten(params), 'opt_state': flatten(opt_state),
-           'features': flatten(features)}
+  unknown = sorted(set(trees) - set(ITEMS))
+  if unknown:
+    raise ValueError(f'unknown checkpoint items {unknown}; valid: {ITEMS[:-1]}')
+  flat_trees = {name: flatten(tree) for name, tree in trees.items()}
   # Orbax refuses empty items (e.g. no random features with softmax attention): skip them.
-  items = {name: ocp.args.StandardSave(flat) for name, flat in trees.items() if flat}
+  items = {name: ocp.args.StandardSave(flat) for name, flat in flat_trees.items() if flat}
   manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
 
@@ -146,8 +151,8 @@ def restore_latest(manager, templates, shardings, move_corrupt=True):
 
   Args:
     manager: from make_manager.
-    templates: {item: tree} for some of 'params', 'opt_state', 'features' (arrays or
-      ShapeDtypeStructs; they fix the structure). eval.py asks for params and features only.
+    templates: {item: tree} for some of 'params', 'opt_state', 'features', 'stats' (arrays
+      or ShapeDtypeStructs; they fix the structure). eval.py skips the optimizer state.
     shardings: {item: matching tree of shardings}.
     move_corrupt: move damaged steps to checkpoints_corrupt/ (training); eval only skips.
   Returns:
@@ -186,28 +191,32 @@ def _find_checkpoint(path):
   return path, steps
 
 
-def load_params_by_name(path, params, shardings):
+def load_params_by_name(path, params, shardings, expected_missing=()):
   """Loads PARAMETERS ONLY from another run into the structure of `params`.
 
   Matching is by dotted name. Shapes must agree for shared names. Names present in only one
   of the two models are reported (logged as a warning and returned), never silently dropped:
-  parameters missing from the checkpoint keep their fresh initialization. Random features,
-  optimizer state and step are not taken, so the new run starts at step 0 with features
-  drawn for its own attention kind.
+  parameters missing from the checkpoint keep their fresh initialization. Names listed in
+  `expected_missing` (feature-map parameters, which a softmax checkpoint never has) are
+  reported apart, under 'expected_missing', with no warning when absent. Random features,
+  running statistics, optimizer state and step are not taken, so the new run starts at step
+  0 with features drawn for its own attention kind.
 
   Returns:
-    (new params, report) where report = {'step', 'only_in_checkpoint', 'only_in_model', 'loaded'}.
+    (new params, report) where report = {'step', 'only_in_checkpoint', 'only_in_model',
+    'expected_missing', 'loaded'}.
   """
   directory, steps = _find_checkpoint(path)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
                                   item_handlers={'params': ocp.PyTreeCheckpointHandler()})
   try:
-    return _load_params_by_name(manager, directory, steps, params, shardings)
+    return _load_params_by_name(manager, directory, steps, params, shardings,
+                                set(expected_missing))
   finally:
     manager.close()
 
 
-def _load_params_by_name(manager, directory, steps, params, shardings):
+def _load_params_by_name(manager, directory, steps, params, shardings, expected_missing):
   flat_model, flat_sh = flatten(params), flatten(shardings)
   last_error = None
   for step in steps:
@@ -231,9 +240,15 @@ def _load_params_by_name(manager, directory, steps, params, shardings):
       log.warning('init_from: step %d under %s unreadable (%s); trying an older one', step,
                   directory, e)
       continue
+    missing = set(flat_model) - set(saved)
     report = {'step': step, 'loaded': shared,
               'only_in_checkpoint': sorted(set(saved) - set(flat_model)),
-              'only_in_model': sorted(set(flat_model) - set(saved))}
+              'only_in_model': sorted(missing - expected_missing),
+              'expected_missing': sorted(missing & expected_missing)}
+    if report['expected_missing']:
+      log.info('init_from %s (step %d): %d feature-map parameters are not in the checkpoint, '
+               'as expected; they keep their initial values: %s', directory, step,
+               len(report['expected_missing']), report['expected_missing'])
     if report['only_in_checkpoint'] or report['only_in_model']:
       log.warning('init_from %s (step %d): parameters only in the checkpoint (not loaded): %s; '
                   'only in this model (kept at their fresh init): %s', directory, step,

@@ -1,10 +1,12 @@
 """Pure train and eval steps, losses, BERT masking and the optimizer.
 
 Everything here is a plain function of arrays so it can be `jax.jit`-ed with donated
-buffers. The model travels as `nnx.split` pieces -- (graphdef, params, features, rest) -- and
-is rebuilt with `nnx.merge` inside the step: splitting once outside the loop and merging
-inside the trace costs nothing at run time, while `nnx.jit` in the hot loop would re-walk
-the object graph on every call.
+buffers. The model travels as `models.split` pieces -- (graphdef, params, features, stats,
+rest) -- and is rebuilt with `nnx.merge` inside the step: splitting once outside the loop and
+merging inside the trace costs nothing at run time, while `nnx.jit` in the hot loop would
+re-walk the object graph on every call. The train step returns every piece it changes:
+params and optimizer state, and the feature maps' running statistics (`FeatureStats`, which
+train steps update and eval freezes).
 
 Losses are per token: every step returns SUMS (loss, correct, weight) so that micro-batches,
 devices and eval batches can be added up and divided once, which is what makes gradient
@@ -17,6 +19,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
+
+from performer.attention import FeatureStats
 
 
 # ---------------------------------------------------------------------------- optimizer
@@ -112,10 +116,18 @@ def token_sums(logits, targets, weights):
           'weight_sum': jnp.sum(w)}
 
 
-def _forward(graphdef, params, features, rest, inputs, batch, *, deterministic, dropout_key,
-             return_hidden=False):
-  # copy=True: fresh Variables owned by this trace, so reseeding and dropout may mutate them.
-  model = nnx.merge(graphdef, params, features, rest, copy=True)
+def _forward(graphdef, params, features, stats, rest, inputs, batch, *, deterministic,
+             dropout_key, return_hidden=False, training=False):
+  """The model's outputs and its running statistics after the call.
+
+  `training` lets feature maps update their statistics (`use_running_average=False`);
+  eval and the distillation teacher keep them frozen.
+  """
+  # copy=True: fresh Variables owned by this trace, so reseeding, dropout and statistic
+  # updates may mutate them.
+  model = nnx.merge(graphdef, params, features, stats, rest, copy=True)
+  if training:
+    model.set_attributes(use_running_average=False, raise_if_not_found=False)
   if not deterministic and dropout_key is not None:
     # Dropout noise is a function of (seed, step, micro-batch) only, so resuming from a
     # checkpoint replays exactly the same noise.
@@ -123,11 +135,13 @@ def _forward(graphdef, params, features, rest, inputs, batch, *, deterministic, 
   kwargs = dict(mask=batch['mask'], segment_ids=batch.get('segment_ids'),
                 deterministic=deterministic)
   if not return_hidden:
-    return model(inputs, **kwargs)
-  # One forward pass for both: the final (normalized) hidden states and the logits the
-  # output head makes of them.
-  hidden = model.hidden_states(inputs, **kwargs)
-  return model.logits_from_hidden(hidden), hidden.astype(jnp.float32)
+    out = model(inputs, **kwargs)
+  else:
+    # One forward pass for both: the final (normalized) hidden states and the logits the
+    # output head makes of them.
+    hidden = model.hidden_states(inputs, **kwargs)
+    out = model.logits_from_hidden(hidden), hidden.astype(jnp.float32)
+  return out, nnx.state(model, FeatureStats)
 
 
 def distill_sum(student, teacher, weights, *, target, temperature):
@@ -151,16 +165,17 @@ def distill_sum(student, teacher, weights, *, target, temperature):
 
 # ---------------------------------------------------------------------------- steps
 
-def train_step(params, opt_state, features, rest, batch, step, base_key, teacher=None, *,
-               graphdef, tx, schedule, task_info, grad_accum_steps, use_dropout,
+def train_step(params, opt_state, stats, features, rest, batch, step, base_key, teacher=None,
+               *, graphdef, tx, schedule, task_info, grad_accum_steps, use_dropout,
                distill=None):
-  """One optimizer update on a global batch; returns (params, opt_state, metrics).
+  """One optimizer update on a global batch; returns (params, opt_state, stats, metrics).
 
   The batch is split into `grad_accum_steps` micro-batches scanned in sequence. Gradients
   of the summed loss are added and divided once by the total weight of the whole batch,
-  so the update equals the big-batch update up to float summation order.
+  so the update equals the big-batch update up to float summation order. Running
+  statistics are updated by every micro-batch in turn (carried through the scan).
 
-  Distillation: `teacher` = (params, features, rest) of a frozen model with graphdef
+  Distillation: `teacher` = (params, features, stats, rest) of a frozen model with graphdef
   `distill['graphdef']`, passed as an ARGUMENT (never donated, never in the optimizer, no
   gradient) so the step stays a pure function. The loss adds `distill['weight']` times
   `distill_sum`; the reported 'loss' stays the task's cross-entropy and 'distill_loss' is the
@@ -174,25 +189,26 @@ def train_step(params, opt_state, features, rest, batch, step, base_key, teacher
   distilling = teacher is not None and distill is not None
   hidden = distilling and distill['target'] == 'hidden'
 
-  def loss_fn(p, micro, key):
-    out = _forward(graphdef, p, features, rest, micro['inputs'], micro,
-                   deterministic=not use_dropout, dropout_key=key, return_hidden=hidden)
+  def loss_fn(p, s, micro, key):
+    out, new_stats = _forward(graphdef, p, features, s, rest, micro['inputs'], micro,
+                              deterministic=not use_dropout, dropout_key=key,
+                              return_hidden=hidden, training=True)
     logits = out[0] if hidden else out
     sums = token_sums(logits, micro['targets'], micro['weights'])
     if not distilling:
-      return sums['loss_sum'], sums
-    t_out = _forward(distill['graphdef'], *teacher, micro['inputs'], micro,
-                     deterministic=True, dropout_key=None, return_hidden=hidden)
+      return sums['loss_sum'], (sums, new_stats)
+    t_out, _ = _forward(distill['graphdef'], *teacher, micro['inputs'], micro,
+                        deterministic=True, dropout_key=None, return_hidden=hidden)
     student, target = (out[1], t_out[1]) if hidden else (logits, t_out)
     sums['distill_sum'] = distill_sum(student, target, micro['weights'],
                                       target=distill['target'],
                                       temperature=distill['temperature'])
-    return sums['loss_sum'] + distill['weight'] * sums['distill_sum'], sums
+    return sums['loss_sum'] + distill['weight'] * sums['distill_sum'], (sums, new_stats)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
   full = dict(batch, inputs=inputs, targets=targets, weights=weights)
   if grad_accum_steps == 1:
-    grads, sums = grad_fn(params, full, dropout_key)
+    grads, (sums, stats) = grad_fn(params, stats, full, dropout_key)
   else:
     # Strided split (micro-batch i = rows i, i+k, ...): each device's contiguous block of
     # the data-sharded batch contributes equally to every micro-batch, so no rows move.
@@ -201,14 +217,16 @@ def train_step(params, opt_state, features, rest, batch, step, base_key, teacher
 
     def body(carry, xs):
       i, mb = xs
-      g, s = grad_fn(params, mb, jax.random.fold_in(dropout_key, i))
-      return jax.tree.map(jnp.add, carry, (g, s)), None
+      totals, s = carry
+      g, (sums, s) = grad_fn(params, s, mb, jax.random.fold_in(dropout_key, i))
+      return (jax.tree.map(jnp.add, totals, (g, sums)), s), None
 
     sum_keys = ('loss_sum', 'correct_sum', 'weight_sum') + (('distill_sum',) if distilling
                                                             else ())
     zeros = (jax.tree.map(jnp.zeros_like, params),
              {k: jnp.zeros((), jnp.float32) for k in sum_keys})
-    (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+    ((grads, sums), stats), _ = jax.lax.scan(
+        body, (zeros, stats), (jnp.arange(grad_accum_steps), micro))
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
@@ -219,17 +237,18 @@ def train_step(params, opt_state, features, rest, batch, step, base_key, teacher
              'learning_rate': schedule(step)}
   if distilling:
     metrics['distill_loss'] = sums['distill_sum'] / total_weight
-  return params, opt_state, metrics
+  return params, opt_state, stats, metrics
 
 
-def eval_step(params, features, rest, batch, mask_key, *, graphdef, task_info):
-  """Deterministic forward pass (stored features, no dropout); returns token sums.
+def eval_step(params, stats, features, rest, batch, mask_key, *, graphdef, task_info):
+  """Deterministic forward pass (stored features and statistics, no dropout); returns
+  token sums.
 
   MLM eval masks a fixed (per batch index) 15% of tokens, all with MASK.
   """
   inputs, targets, weights = make_targets(batch, mask_key, task_info, evaluating=True)
-  logits = _forward(graphdef, params, features, rest, inputs, batch, deterministic=True,
-                    dropout_key=None)
+  logits, _ = _forward(graphdef, params, features, stats, rest, inputs, batch,
+                       deterministic=True, dropout_key=None)
   return token_sums(logits, targets, weights)
 
 
@@ -246,14 +265,17 @@ def build_task_info(model_config, train_config, vocab, target_offset):
 
 def make_step_fns(graphdef, tx, schedule, task_info, train_config, use_dropout,
                   state_shardings=None, batch_sharding=None, replicated=None, teacher=None):
-  """Jits the train and eval steps; params and optimizer state are donated.
+  """Jits the train and eval steps; params, optimizer state and statistics are donated.
 
-  With `state_shardings` = (params, opt_state, features, rest) shardings, the inputs are
-  pinned and the outputs keep the same layout, so FSDP-sharded parameters stay sharded.
-  `teacher` (distillation): {'graphdef', 'trees': (params, features, rest), 'shardings'}.
-  The jitted step takes the teacher trees as its last argument; the returned train function
-  binds them, so callers keep the signature (params, opt_state, features, rest, batch, step,
-  key) whether or not they distil.
+  train(params, opt_state, stats, features, rest, batch, step, key)
+      -> (params, opt_state, stats, metrics)
+  evaluate(params, stats, features, rest, batch, mask_key) -> token sums
+
+  With `state_shardings` = (params, opt_state, stats, features, rest) shardings, the inputs
+  are pinned and the outputs keep the same layout, so FSDP-sharded parameters stay sharded.
+  `teacher` (distillation): {'graphdef', 'trees': (params, features, stats, rest),
+  'shardings'}. The jitted step takes the teacher trees as its last argument; the returned
+  train function binds them, so callers keep one signature whether or not they distil.
   """
   distill = None
   if teacher is not None:
@@ -266,20 +288,20 @@ def make_step_fns(graphdef, tx, schedule, task_info, train_config, use_dropout,
                             use_dropout=use_dropout, distill=distill)
   evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info)
   if state_shardings is None:
-    train, evaluate = jax.jit(train, donate_argnums=(0, 1)), jax.jit(evaluate)
+    train, evaluate = jax.jit(train, donate_argnums=(0, 1, 2)), jax.jit(evaluate)
   else:
-    p_sh, o_sh, f_sh, r_sh = state_shardings
-    in_sh = (p_sh, o_sh, f_sh, r_sh, batch_sharding, replicated, replicated)
+    p_sh, o_sh, s_sh, f_sh, r_sh = state_shardings
+    in_sh = (p_sh, o_sh, s_sh, f_sh, r_sh, batch_sharding, replicated, replicated)
     if teacher is not None:
       in_sh += (teacher.get('shardings'),)
-    train = jax.jit(train, donate_argnums=(0, 1), in_shardings=in_sh,
-                    out_shardings=(p_sh, o_sh, replicated))
-    evaluate = jax.jit(evaluate, in_shardings=(p_sh, f_sh, r_sh, batch_sharding, replicated),
-                       out_shardings=replicated)
+    train = jax.jit(train, donate_argnums=(0, 1, 2), in_shardings=in_sh,
+                    out_shardings=(p_sh, o_sh, s_sh, replicated))
+    evaluate = jax.jit(evaluate, in_shardings=(p_sh, s_sh, f_sh, r_sh, batch_sharding,
+                                               replicated), out_shardings=replicated)
   if teacher is None:
     return train, evaluate
   jitted, trees = train, tuple(teacher['trees'])
 
-  def train_with_teacher(params, opt_state, features, rest, batch, step, base_key):
-    return jitted(params, opt_state, features, rest, batch, step, base_key, trees)
+  def train_with_teacher(params, opt_state, stats, features, rest, batch, step, base_key):
+    return jitted(params, opt_state, stats, features, rest, batch, step, base_key, trees)
   return train_with_teacher, evaluate

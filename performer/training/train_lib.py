@@ -6,7 +6,10 @@ as `nnx.split` pieces for the whole run:
 
   graphdef  static structure, closed over by the jitted steps
   params    nnx.Param           -> optimized, FSDP-sharded, donated to the step
+                                   (feature-map parameters, attention.FeatureParam, too)
   features  RandomFeatures      -> redrawn every `train.redraw_every` steps, checkpointed
+  stats     FeatureStats        -> running statistics, updated and returned by the step,
+                                   frozen in eval, checkpointed
   rest      everything else     -> (dropout RNG streams) reseeded inside the step
 
 Every random choice is a pure function of (config.seed, step): dropout, MLM masks, feature
@@ -71,7 +74,7 @@ def should_redraw(step, redraw_every):
 def create_state(config, mesh):
   """Builds the model sharded from the start (jitted init with out_shardings).
 
-  Returns a dict with graphdef, params, features, rest, their shardings, abstract
+  Returns a dict with graphdef, params, features, stats, rest, their shardings, abstract
   templates and the model's target offset.
   """
   seed = config.seed
@@ -80,20 +83,30 @@ def create_state(config, mesh):
     return models.build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
   abstract_model = nnx.eval_shape(build)
-  graphdef, a_params, a_features, a_rest = nnx.split(
-      abstract_model, nnx.Param, attention.RandomFeatures, ...)
+  graphdef, a_params, a_features, a_stats, a_rest = models.split(abstract_model)
   shard = {'params': sharding.param_shardings(mesh, a_params),
            'features': sharding.replicated_shardings(mesh, a_features),
+           'stats': sharding.replicated_shardings(mesh, a_stats),
            'rest': sharding.replicated_shardings(mesh, a_rest)}
+  pieces = ('params', 'features', 'stats', 'rest')
 
   def init():
-    return nnx.split(build(), nnx.Param, attention.RandomFeatures, ...)[1:]
+    return models.split(build())[1:]
 
-  params, features, rest = jax.jit(
-      init, out_shardings=(shard['params'], shard['features'], shard['rest']))()
-  return {'graphdef': graphdef, 'params': params, 'features': features, 'rest': rest,
-          'shardings': shard, 'abstract': {'params': a_params, 'features': a_features},
+  trees = jax.jit(init, out_shardings=tuple(shard[k] for k in pieces))()
+  return {'graphdef': graphdef, **dict(zip(pieces, trees)), 'shardings': shard,
+          'abstract': {'params': a_params, 'features': a_features, 'stats': a_stats},
+          'feature_params': feature_param_names(a_params),
           'target_offset': int(getattr(abstract_model, 'target_offset', 1))}
+
+
+def feature_param_names(params):
+  """Dotted names of the feature-map parameters (attention.FeatureParam): a softmax or
+  pretrained checkpoint never has them, so init_from expects them to be missing."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  return sorted(checkpoints.path_name(path) for path, leaf in leaves
+                if isinstance(leaf, attention.FeatureParam))
 
 
 def model_batch(batch, data_config):
@@ -119,8 +132,8 @@ def _local_batch_size(global_size):
   return global_size // jax.process_count()
 
 
-def evaluate(eval_fn, params, features, rest, config, split, *, batch_sharding, eval_key,
-             num_batches=0):
+def evaluate(eval_fn, params, stats, features, rest, config, split, *, batch_sharding,
+             eval_key, num_batches=0):
   """Deterministic eval over `num_batches` batches of `split` (<= 0: the whole split)."""
   local_bs = _local_batch_size(config.train.batch_size)
   it = data.build_dataset(config.data, split=split, batch_size=local_bs, seed=config.seed,
@@ -133,7 +146,8 @@ def evaluate(eval_fn, params, features, rest, config, split, *, batch_sharding, 
     batch = _pad_batch(batch, local_bs)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = model_batch(batch, config.data)
-    sums = eval_fn(params, features, rest, sharding.global_batch(batch, batch_sharding),
+    sums = eval_fn(params, stats, features, rest,
+                   sharding.global_batch(batch, batch_sharding),
                    jax.random.fold_in(eval_key, i))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -184,7 +198,8 @@ def setup(config, mesh=None):
   train_fn, eval_fn = steps_lib.make_step_fns(
       state['graphdef'], tx, schedule, task_info, config.train,
       use_dropout=config.model.dropout_rate > 0,
-      state_shardings=(sh['params'], sh['opt_state'], sh['features'], sh['rest']),
+      state_shardings=(sh['params'], sh['opt_state'], sh['stats'], sh['features'],
+                       sh['rest']),
       batch_sharding=batch_sh, replicated=replicated, teacher=teacher)
   redraw_fn = jax.jit(attention.redraw_features, out_shardings=sh['features'])
   return {'config': config, 'vocab': vocab, 'mesh': mesh, 'state': state, 'tx': tx,
@@ -199,8 +214,8 @@ def build_teacher(config, mesh):
   """The frozen distillation teacher: this model with 'softmax' attention, params loaded
   from `config.train.distill_from` by name (every name must match: same architecture).
 
-  Returns {'graphdef', 'trees': (params, features, rest), 'shardings', 'report'}; the trees
-  are passed to the train step as an argument, outside the optimizer.
+  Returns {'graphdef', 'trees': (params, features, stats, rest), 'shardings', 'report'}; the
+  trees are passed to the train step as an argument, outside the optimizer.
   """
   tc = config.train
   if tc.distill_target not in DISTILL_TARGETS:
@@ -223,8 +238,8 @@ def build_teacher(config, mesh):
            report['step'], tc.distill_target, tc.distill_weight)
   sh = tstate['shardings']
   return {'graphdef': tstate['graphdef'], 'report': report,
-          'trees': (params, tstate['features'], tstate['rest']),
-          'shardings': (sh['params'], sh['features'], sh['rest'])}
+          'trees': (params, tstate['features'], tstate['stats'], tstate['rest']),
+          'shardings': (sh['params'], sh['features'], sh['stats'], sh['rest'])}
 
 
 def _initial_state(run, manager, workdir):
@@ -235,7 +250,7 @@ def _initial_state(run, manager, workdir):
   """
   config, state = run['config'], run['state']
   sh, abstract = state['shardings'], state['abstract']
-  items = ('params', 'opt_state', 'features')
+  items = ('params', 'opt_state', 'features', 'stats')
   restored = checkpoints.restore_latest(manager, {k: abstract[k] for k in items},
                                         {k: sh[k] for k in items})
   if restored is not None:
@@ -245,7 +260,8 @@ def _initial_state(run, manager, workdir):
     return step, meta
   if config.train.init_from:
     state['params'], report = checkpoints.load_params_by_name(
-        config.train.init_from, state['params'], sh['params'])
+        config.train.init_from, state['params'], sh['params'],
+        expected_missing=state['feature_params'])
     state['init_report'] = report
     if jax.process_index() == 0:  # a record of exactly what was (not) transferred
       with open(os.path.join(workdir, 'init_from.json'), 'w', encoding='utf-8') as f:
@@ -281,7 +297,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
   bar = metrics_lib.Progress(tc.num_steps, step, enabled=progress)
   pending, last_time, last_step = [], time.perf_counter(), step
   params, opt_state, features = state['params'], state['opt_state'], state['features']
-  rest = state['rest']
+  stats, rest = state['stats'], state['rest']
   eval_kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=keys['eval'])
 
   while step < tc.num_steps:
@@ -290,8 +306,9 @@ def train_and_evaluate(config, workdir, *, progress=None):
     batch = next(train_it)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = sharding.global_batch(model_batch(batch, config.data), run['batch_sharding'])
-    params, opt_state, step_metrics = run['train_fn'](
-        params, opt_state, features, rest, batch, jnp.asarray(step, jnp.int32), keys['train'])
+    params, opt_state, stats, step_metrics = run['train_fn'](
+        params, opt_state, stats, features, rest, batch, jnp.asarray(step, jnp.int32),
+        keys['train'])
     pending.append(step_metrics)
     step += 1
     bar.advance()
@@ -309,13 +326,14 @@ def train_and_evaluate(config, workdir, *, progress=None):
                rate, rate * tokens_per_step)
       pending, last_time, last_step = [], now, step
     if tc.eval_every and (step % tc.eval_every == 0 and step < tc.num_steps):
-      result = evaluate(run['eval_fn'], params, features, rest, config, 'validation',
-                        num_batches=tc.eval_batches, **eval_kwargs)
+      result = evaluate(run['eval_fn'], params, stats, features, rest, config,
+                        'validation', num_batches=tc.eval_batches, **eval_kwargs)
       writer.write(step, 'validation', result)
       log.info('step %d validation: %s', step, _fmt(result))
       last_time = time.perf_counter()
     if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.num_steps:
-      checkpoints.save(manager, step, params, opt_state, features,
+      checkpoints.save(manager, step, {'params': params, 'opt_state': opt_state,
+                                       'features': features, 'stats': stats},
                        {'step': step, 'data_state': _data_state(train_it)})
   bar.close()
   manager.wait_until_finished()
@@ -323,32 +341,34 @@ def train_and_evaluate(config, workdir, *, progress=None):
 
   final = {}
   for split in ('validation', 'test'):
-    final[split] = evaluate(run['eval_fn'], params, features, rest, config, split,
+    final[split] = evaluate(run['eval_fn'], params, stats, features, rest, config, split,
                             num_batches=0, **eval_kwargs)
   unigram = held_out_extras(config, final)
   for split in final:
     writer.write(step, f'final_{split}', final[split])
   writer.close()
   print_summary(config, step, final, unigram, progress_write=bar.write)
-  return {'step': step, 'params': params, 'features': features, 'rest': rest, 'final': final,
-          'unigram': unigram, 'init_report': state.get('init_report')}
+  return {'step': step, 'params': params, 'features': features, 'stats': stats, 'rest': rest,
+          'final': final, 'unigram': unigram, 'init_report': state.get('init_report')}
 
 
 def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
-  """Evaluates the newest good checkpoint of `workdir` (params + features only)."""
+  """Evaluates the newest good checkpoint of `workdir` (params, features, statistics)."""
   run = setup(config)
   config, state = run['config'], run['state']
   sh = state['shardings']
   manager = checkpoints.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
+  items = ('params', 'features', 'stats')
   restored = checkpoints.restore_latest(
-      manager, {'params': state['abstract']['params'], 'features': state['abstract']['features']},
-      {'params': sh['params'], 'features': sh['features']}, move_corrupt=False)
+      manager, {k: state['abstract'][k] for k in items}, {k: sh[k] for k in items},
+      move_corrupt=False)
   manager.close()
   if restored is None:
     raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
   step, trees, _ = restored
-  results = {split: evaluate(run['eval_fn'], trees['params'], trees['features'], state['rest'],
-                             config, split, batch_sharding=run['batch_sharding'],
+  results = {split: evaluate(run['eval_fn'], trees['params'], trees['stats'],
+                             trees['features'], state['rest'], config, split,
+                             batch_sharding=run['batch_sharding'],
                              eval_key=run['keys']['eval'], num_batches=num_batches)
              for split in splits}
   unigram = held_out_extras(config, results)
