@@ -8,8 +8,7 @@ Bad configs and a workdir without a usable checkpoint: one line on stderr, exit 
 
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 import train  # the shared flag definitions and one-line error handling
 
@@ -23,9 +22,10 @@ def main(argv):
   config = train.get_config(sys.argv)
   workdir = train._WORKDIR.value  # pylint: disable=protected-access
   if not workdir:
-    train.fail('--workdir: missing; pass the training run\'s --workdir')
+    train.fail("--workdir: missing; pass the training run's --workdir")
   train.setup_logging()
   from performer.training import train_lib  # pylint: disable=g-import-not-at-top
+
   splits = ('validation', 'test') if _SPLIT.value == 'both' else (_SPLIT.value,)
   try:
     train_lib.evaluate_checkpoint(config, workdir, splits, num_batches=_EVAL_BATCHES.value)

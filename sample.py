@@ -23,14 +23,15 @@ import logging
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (newest good checkpoint).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                  'A checkpoint step dir (workdir/checkpoints/<step>).')
-_CONFIG = flags.DEFINE_string('config', None,
-                              'Config file, only if the workdir has no config.json.')
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'A checkpoint step dir (workdir/checkpoints/<step>).'
+)
+_CONFIG = flags.DEFINE_string(
+  'config', None, 'Config file, only if the workdir has no config.json.'
+)
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text / residues, or image rows to condition on.')
 _IMAGE = flags.DEFINE_string('image', None, 'PNG whose first --prompt rows condition images.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Samples (one batch).')
@@ -66,56 +67,69 @@ def encode_text_prompt(vocab, text, max_len):
   if not ids:
     raise UsageError('--prompt: empty prompt and the vocabulary has no BOS token')
   if len(ids) > max_len:
-    raise UsageError(f'--prompt: {len(ids)} tokens (with BOS) is longer than the model '
-                     f'max_len {max_len}')
+    raise UsageError(
+      f'--prompt: {len(ids)} tokens (with BOS) is longer than the model max_len {max_len}'
+    )
   return ids
 
 
 def image_prompt(config, rows_text, num_samples, image_path):
   """(tokens [num_samples, rows*W*C] uint8-valued, rows) for image conditioning."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   height, width, channels = (int(s) for s in config.model.image_shape)
   try:
     rows = int(rows_text or 0)
   except ValueError:
-    raise UsageError(f'--prompt: for image models give the number of rows to condition '
-                     f'on (0..{height}), got {rows_text!r}') from None
+    raise UsageError(
+      f'--prompt: for image models give the number of rows to condition '
+      f'on (0..{height}), got {rows_text!r}'
+    ) from None
   if not 0 <= rows < height:
-    raise UsageError(f'--prompt: {rows} rows is outside [0, {height - 1}] for images of '
-                     f'height {height}')
+    raise UsageError(
+      f'--prompt: {rows} rows is outside [0, {height - 1}] for images of height {height}'
+    )
   if rows == 0:
     return np.zeros((num_samples, 0), np.int32), 0
   if image_path:
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     pixels = np.asarray(Image.open(image_path))
     if pixels.ndim == 2:
       pixels = pixels[..., None]
     if pixels.shape != (height, width, channels):
-      raise UsageError(f'--image: {image_path} has shape {pixels.shape}, the model needs '
-                       f'{(height, width, channels)}')
+      raise UsageError(
+        f'--image: {image_path} has shape {pixels.shape}, the model needs '
+        f'{(height, width, channels)}'
+      )
     flat = np.broadcast_to(pixels.reshape(1, -1), (num_samples, pixels.size))
   else:
     from performer import data  # pylint: disable=g-import-not-at-top
+
     try:
-      batch = next(data.build_dataset(config.data, split='validation',
-                                      batch_size=num_samples, seed=0))
+      batch = next(
+        data.build_dataset(config.data, split='validation', batch_size=num_samples, seed=0)
+      )
     except Exception as e:  # pylint: disable=broad-except
-      raise UsageError(f'could not read conditioning images from the validation split '
-                       f'({type(e).__name__}: {e}); pass --image=PATH.png') from e
+      raise UsageError(
+        f'could not read conditioning images from the validation split '
+        f'({type(e).__name__}: {e}); pass --image=PATH.png'
+      ) from e
     flat = np.asarray(batch['tokens'])
-  return np.asarray(flat[:, :rows * width * channels], np.int32), rows
+  return np.asarray(flat[:, : rows * width * channels], np.int32), rows
 
 
 def write_images(path, tokens, image_shape):
   """Samples side by side (2 px gaps) in one PNG."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   height, width, channels = image_shape
   images = np.asarray(tokens, np.uint8).reshape(-1, height, width, channels)
   gap = 2
   grid = np.zeros((height, len(images) * (width + gap) - gap, channels), np.uint8)
   for i, image in enumerate(images):
-    grid[:, i * (width + gap):i * (width + gap) + width] = image
+    grid[:, i * (width + gap) : i * (width + gap) + width] = image
   mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}.get(channels)
   if mode is None:
     raise UsageError(f'cannot write {channels}-channel images as PNG')
@@ -126,19 +140,26 @@ def format_fasta(sequences, header):
   lines = []
   for i, seq in enumerate(sequences):
     lines.append(f'>sample_{i} {header} length={len(seq)}')
-    lines.extend(seq[j:j + 60] for j in range(0, len(seq), 60))
+    lines.extend(seq[j : j + 60] for j in range(0, len(seq), 60))
   return '\n'.join(lines) + '\n'
 
 
 def run(workdir_or_checkpoint, config_path=None):
   """Everything after flag parsing; returns the text written (or the PNG path)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from performer import data  # pylint: disable=g-import-not-at-top
-  from performer import sampling  # pylint: disable=g-import-not-at-top
+
+  from performer import (
+    data,  # pylint: disable=g-import-not-at-top
+    sampling,  # pylint: disable=g-import-not-at-top
+  )
+
   workdir, _ = sampling.find_checkpoint(workdir_or_checkpoint)
   if config_path:
-    from performer.training import config_utils  # pylint: disable=g-import-not-at-top
-    from performer.training import train_lib  # pylint: disable=g-import-not-at-top
+    from performer.training import (
+      config_utils,  # pylint: disable=g-import-not-at-top
+      train_lib,  # pylint: disable=g-import-not-at-top
+    )
+
     config, _ = train_lib.resolve_config(config_utils.load_config(config_path))
   else:
     config = sampling.load_config(workdir)
@@ -159,29 +180,42 @@ def run(workdir_or_checkpoint, config_path=None):
     prompt, _ = sampling.pad_prompts([ids] * n, vocab.pad_id)
     eos_id, pad_id = getattr(vocab, 'eos_id', None), vocab.pad_id
   else:
-    raise UsageError(f'task {task!r} is bidirectional: sampling needs a causal_lm '
-                     'or image_ar checkpoint')
+    raise UsageError(
+      f'task {task!r} is bidirectional: sampling needs a causal_lm or image_ar checkpoint'
+    )
   model, config, step = sampling.load_model(workdir_or_checkpoint, config)
   max_new = _MAX_NEW.value or model.max_len - prompt.shape[1]
   if max_new < 1:
-    raise UsageError(f'the prompt ({prompt.shape[1]} tokens) fills the model max_len '
-                     f'{model.max_len}; nothing left to generate')
+    raise UsageError(
+      f'the prompt ({prompt.shape[1]} tokens) fills the model max_len '
+      f'{model.max_len}; nothing left to generate'
+    )
   tokens, lengths = sampling.generate(
-      model, prompt, max_new_tokens=max_new, key=jax.random.key(_SEED.value),
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-      eos_id=eos_id, pad_id=pad_id)
+    model,
+    prompt,
+    max_new_tokens=max_new,
+    key=jax.random.key(_SEED.value),
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    eos_id=eos_id,
+    pad_id=pad_id,
+  )
   tokens, lengths = jax.device_get((tokens, lengths))
   if model.task == 'image_ar':
     write_images(_OUTPUT.value, tokens, tuple(int(s) for s in config.model.image_shape))
-    print(f'wrote {n} image(s) from step {step} (conditioned on {rows} rows) to '
-          f'{_OUTPUT.value}', file=sys.stderr)
+    print(
+      f'wrote {n} image(s) from step {step} (conditioned on {rows} rows) to {_OUTPUT.value}',
+      file=sys.stderr,
+    )
     return _OUTPUT.value
   texts = [vocab.decode(row[:length]) for row, length in zip(tokens, lengths)]
-  header = (f'step={step} attention={config.model.attention.kind} '
-            f'temperature={_TEMPERATURE.value} top_k={_TOP_K.value} top_p={_TOP_P.value} '
-            f'seed={_SEED.value}')
-  out = (format_fasta(texts, header) if is_protein(config)
-         else '\n\n'.join(texts) + '\n')
+  header = (
+    f'step={step} attention={config.model.attention.kind} '
+    f'temperature={_TEMPERATURE.value} top_k={_TOP_K.value} top_p={_TOP_P.value} '
+    f'seed={_SEED.value}'
+  )
+  out = format_fasta(texts, header) if is_protein(config) else '\n\n'.join(texts) + '\n'
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
       f.write(out)

@@ -11,16 +11,16 @@ line on stderr and exit with status 2, before anything is built.
 import logging
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from performer.training import config_utils
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-_PROGRESS = flags.DEFINE_enum('progress', 'auto', ['auto', 'on', 'off'],
-                              'Progress bar: auto = only when stderr is a terminal.')
+_PROGRESS = flags.DEFINE_enum(
+  'progress', 'auto', ['auto', 'on', 'off'], 'Progress bar: auto = only when stderr is a terminal.'
+)
 
 
 def fail(message):
@@ -40,6 +40,7 @@ def parse_flags(argv):
 def get_config(argv):
   """The parsed config, validated; any problem becomes one line and exit 2."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):  # config_flags' deferred load error
     fail(config_utils.diagnose_argv(argv) or '--config: could not load the config file')
@@ -65,6 +66,7 @@ def main(argv):
     fail('--workdir: missing; pass --workdir=DIR (checkpoints and metrics go there)')
   setup_logging()
   from performer.training import train_lib  # pylint: disable=g-import-not-at-top
+
   progress = {'auto': None, 'on': True, 'off': False}[_PROGRESS.value]
   try:
     train_lib.train_and_evaluate(config, _WORKDIR.value, progress=progress)
@@ -76,6 +78,7 @@ def _user_errors():
   """Errors that describe a fixable setup problem: print them as one line, not a traceback."""
   from performer import data  # pylint: disable=g-import-not-at-top
   from performer.training import checkpoints  # pylint: disable=g-import-not-at-top
+
   return (config_utils.ConfigError, checkpoints.CheckpointError, data.DatasetNotPreparedError)
 
 

@@ -29,43 +29,40 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
 from performer import attention  # noqa: E402
 
-SCAN = "favor_softmax/scan"
+SCAN = 'favor_softmax/scan'
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--lengths", type=int, nargs="+",
-                 default=[1024, 2048, 4096, 8192, 16384, 32768])
-  p.add_argument("--kinds", nargs="+",
-                 default=list(attention.KINDS) + [SCAN])
-  p.add_argument("--modes", nargs="+", default=["bidirectional", "causal"],
-                 choices=["bidirectional", "causal"])
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--head_dim", type=int, default=64)
-  p.add_argument("--num_features", type=int, default=256)
-  p.add_argument("--chunk_size", type=int, default=128)
-  p.add_argument("--dtype", default="float32",
-                 choices=["float32", "bfloat16"])
-  p.add_argument("--softmax_impl", default=None,
-                 choices=[None, "xla", "cudnn"])
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--max_seconds", type=float, default=20.0,
-                 help="skip a case predicted to take longer per call")
-  p.add_argument("--max_memory_gb", type=float, default=12.0)
-  p.add_argument("--json", default=None, help="write results here")
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--lengths', type=int, nargs='+', default=[1024, 2048, 4096, 8192, 16384, 32768])
+  p.add_argument('--kinds', nargs='+', default=list(attention.KINDS) + [SCAN])
+  p.add_argument(
+    '--modes', nargs='+', default=['bidirectional', 'causal'], choices=['bidirectional', 'causal']
+  )
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--heads', type=int, default=8)
+  p.add_argument('--head_dim', type=int, default=64)
+  p.add_argument('--num_features', type=int, default=256)
+  p.add_argument('--chunk_size', type=int, default=128)
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--softmax_impl', default=None, choices=[None, 'xla', 'cudnn'])
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument(
+    '--max_seconds', type=float, default=20.0, help='skip a case predicted to take longer per call'
+  )
+  p.add_argument('--max_memory_gb', type=float, default=12.0)
+  p.add_argument('--json', default=None, help='write results here')
   return p.parse_args(argv)
 
 
 def make_attend(kind, args):
-  options = dict(num_features=args.num_features, chunk_size=args.chunk_size,
-                 implementation=args.softmax_impl)
+  options = dict(
+    num_features=args.num_features, chunk_size=args.chunk_size, implementation=args.softmax_impl
+  )
   if kind == SCAN:
-    return attention.get_attention("favor_softmax", causal_impl="scan",
-                                   **options)
+    return attention.get_attention('favor_softmax', causal_impl='scan', **options)
   return attention.get_attention(kind, **options)
 
 
@@ -73,14 +70,14 @@ def forward_backward(attend, causal, features):
   def loss(q, k, v):
     out = attend(q, k, v, causal=causal, features=features)
     return jnp.sum(out.astype(jnp.float32) ** 2)
+
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
 def run_case(kind, causal, length, args, predicted):
-  row = {"kind": kind, "mode": "causal" if causal else "bidirectional",
-         "length": length}
+  row = {'kind': kind, 'mode': 'causal' if causal else 'bidirectional', 'length': length}
   if predicted is not None and predicted > args.max_seconds:
-    row["skipped"] = f"predicted {predicted:.0f}s > --max_seconds"
+    row['skipped'] = f'predicted {predicted:.0f}s > --max_seconds'
     return row
   dtype = jnp.dtype(args.dtype)
   shape = (args.batch, length, args.heads, args.head_dim)
@@ -90,9 +87,9 @@ def run_case(kind, causal, length, args, predicted):
   features = attend.make_features(keys[3], args.head_dim)
   fn = forward_backward(attend, causal, features)
   compiled, peak, flops = common.compile_stats(fn, q, k, v)
-  row["peak_mb"] = None if peak is None else peak / 2**20
+  row['peak_mb'] = None if peak is None else peak / 2**20
   if peak is not None and peak > args.max_memory_gb * 2**30:
-    row["skipped"] = f"needs {peak / 2**30:.1f} GB > --max_memory_gb"
+    row['skipped'] = f'needs {peak / 2**30:.1f} GB > --max_memory_gb'
     return row
   seconds = common.time_call(compiled, q, k, v, repeats=args.repeats)
   row.update(ms=seconds * 1e3, gflops=flops / seconds / 1e9 if flops else None)
@@ -100,33 +97,36 @@ def run_case(kind, causal, length, args, predicted):
 
 
 def add_ratios(rows, matmul_rate):
-  by_key = {(r["kind"], r["mode"], r["length"]): r for r in rows}
+  by_key = {(r['kind'], r['mode'], r['length']): r for r in rows}
   for r in rows:
-    if "ms" not in r:
+    if 'ms' not in r:
       continue
-    soft = by_key.get(("softmax", r["mode"], r["length"]), {}).get("ms")
-    ident = by_key.get(("identity", r["mode"], r["length"]), {}).get("ms")
-    r["speedup_vs_softmax"] = soft / r["ms"] if soft else None
-    r["x_identity"] = r["ms"] / ident if ident else None
-    favor = by_key.get(("favor_softmax", r["mode"], r["length"]), {}).get("ms")
-    r["x_favor"] = r["ms"] / favor if favor else None
-    if r.get("gflops"):
-      r["matmul_fraction"] = r["gflops"] / matmul_rate
+    soft = by_key.get(('softmax', r['mode'], r['length']), {}).get('ms')
+    ident = by_key.get(('identity', r['mode'], r['length']), {}).get('ms')
+    r['speedup_vs_softmax'] = soft / r['ms'] if soft else None
+    r['x_identity'] = r['ms'] / ident if ident else None
+    favor = by_key.get(('favor_softmax', r['mode'], r['length']), {}).get('ms')
+    r['x_favor'] = r['ms'] / favor if favor else None
+    if r.get('gflops'):
+      r['matmul_fraction'] = r['gflops'] / matmul_rate
 
 
 def main(argv=None):
   args = parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   rows_per_head = args.batch * min(args.lengths)
-  matmul_rate = common.matmul_gflops(rows_per_head * args.heads,
-                                     args.head_dim, args.num_features, dtype)
-  print(f"# {common.machine_info()}")
-  print(f"# plain matmul [{rows_per_head * args.heads}x{args.head_dim}] @ "
-        f"[{args.head_dim}x{args.num_features}] {args.dtype}: "
-        f"{matmul_rate:.1f} GFLOP/s")
+  matmul_rate = common.matmul_gflops(
+    rows_per_head * args.heads, args.head_dim, args.num_features, dtype
+  )
+  print(f'# {common.machine_info()}')
+  print(
+    f'# plain matmul [{rows_per_head * args.heads}x{args.head_dim}] @ '
+    f'[{args.head_dim}x{args.num_features}] {args.dtype}: '
+    f'{matmul_rate:.1f} GFLOP/s'
+  )
   rows = []
   for mode in args.modes:
-    causal = mode == "causal"
+    causal = mode == 'causal'
     for kind in args.kinds:
       if kind == SCAN and not causal:
         continue
@@ -134,33 +134,47 @@ def main(argv=None):
       for length in sorted(args.lengths):
         predicted = None
         if last is not None:
-          growth = 4.0 if kind == "softmax" else 2.0
-          predicted = last[1] / 1e3 * growth * (length / last[0] / 2) ** (
-              2 if kind == "softmax" else 1)
+          growth = 4.0 if kind == 'softmax' else 2.0
+          predicted = (
+            last[1] / 1e3 * growth * (length / last[0] / 2) ** (2 if kind == 'softmax' else 1)
+          )
         row = run_case(kind, causal, length, args, predicted)
         rows.append(row)
-        if "ms" in row:
-          last = (length, row["ms"])
-        print(f"  {mode:13s} {kind:18s} L={length:6d} "
-              + (f"{row['ms']:9.1f} ms" if "ms" in row else row["skipped"]),
-              file=sys.stderr, flush=True)
+        if 'ms' in row:
+          last = (length, row['ms'])
+        print(
+          f'  {mode:13s} {kind:18s} L={length:6d} '
+          + (f'{row["ms"]:9.1f} ms' if 'ms' in row else row['skipped']),
+          file=sys.stderr,
+          flush=True,
+        )
   add_ratios(rows, matmul_rate)
-  columns = [("mode", "mode", None), ("kind", "kind", None),
-             ("length", "L", "{:d}"), ("ms", "fwd+bwd ms", "{:.1f}"),
-             ("peak_mb", "peak MB", "{:.0f}"),
-             ("speedup_vs_softmax", "vs softmax", "{:.1f}x"),
-             ("x_identity", "/ identity", "{:.1f}x"),
-             ("x_favor", "/ favor_softmax", "{:.2f}x"),
-             ("gflops", "GFLOP/s", "{:.1f}"),
-             ("matmul_fraction", "of matmul", "{:.0%}"),
-             ("skipped", "note", None)]
+  columns = [
+    ('mode', 'mode', None),
+    ('kind', 'kind', None),
+    ('length', 'L', '{:d}'),
+    ('ms', 'fwd+bwd ms', '{:.1f}'),
+    ('peak_mb', 'peak MB', '{:.0f}'),
+    ('speedup_vs_softmax', 'vs softmax', '{:.1f}x'),
+    ('x_identity', '/ identity', '{:.1f}x'),
+    ('x_favor', '/ favor_softmax', '{:.2f}x'),
+    ('gflops', 'GFLOP/s', '{:.1f}'),
+    ('matmul_fraction', 'of matmul', '{:.0%}'),
+    ('skipped', 'note', None),
+  ]
   print(common.format_table(rows, columns))
   if args.json:
-    common.write_json(args.json, {"machine": common.machine_info(),
-                                  "args": vars(args),
-                                  "matmul_gflops": matmul_rate, "rows": rows})
+    common.write_json(
+      args.json,
+      {
+        'machine': common.machine_info(),
+        'args': vars(args),
+        'matmul_gflops': matmul_rate,
+        'rows': rows,
+      },
+    )
   return rows
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

@@ -21,19 +21,23 @@ def compile_stats(fn, *args):
   memory = compiled.memory_analysis()
   peak = None
   if memory is not None:
-    peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    peak = (
+      memory.temp_size_in_bytes
+      + memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+    )
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  flops = float(cost.get('flops', 0.0)) if cost else 0.0
   return compiled, peak, flops
 
 
 def time_call(compiled, *args, repeats=3):
   """Best wall time of ``repeats`` calls after one warm-up call."""
   jax.block_until_ready(compiled(*args))
-  best = float("inf")
+  best = float('inf')
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
@@ -52,9 +56,14 @@ def matmul_gflops(m, k, n, dtype=jnp.float32, repeats=5):
 
 def machine_info():
   device = jax.devices()[0]
-  return {"backend": jax.default_backend(), "device": device.device_kind,
-          "num_devices": jax.device_count(), "jax": jax.__version__,
-          "python": platform.python_version(), "machine": platform.machine()}
+  return {
+    'backend': jax.default_backend(),
+    'device': device.device_kind,
+    'num_devices': jax.device_count(),
+    'jax': jax.__version__,
+    'python': platform.python_version(),
+    'machine': platform.machine(),
+  }
 
 
 def format_table(rows, columns):
@@ -64,19 +73,18 @@ def format_table(rows, columns):
     line = []
     for key, _, fmt in columns:
       value = row.get(key)
-      line.append("-" if value is None else (fmt.format(value) if fmt
-                                             else str(value)))
+      line.append('-' if value is None else (fmt.format(value) if fmt else str(value)))
     cells.append(line)
   widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
   out = []
   for index, line in enumerate(cells):
-    out.append("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    out.append('  '.join(c.rjust(w) for c, w in zip(line, widths)))
     if index == 0:
-      out.append("  ".join("-" * w for w in widths))
-  return "\n".join(out)
+      out.append('  '.join('-' * w for w in widths))
+  return '\n'.join(out)
 
 
 def write_json(path, payload):
-  with open(path, "w") as f:
+  with open(path, 'w') as f:
     json.dump(payload, f, indent=2)
-  print(f"wrote {path}")
+  print(f'wrote {path}')

@@ -47,33 +47,39 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-
 from performer import models  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--contexts", type=int, nargs="+",
-                 default=[128, 512, 2048, 8192, 32768])
-  p.add_argument("--kinds", nargs="+", default=["favor_softmax", "softmax"])
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--emb_dim", type=int, default=256)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--num_features", type=int, default=256)
-  p.add_argument("--chunk_size", type=int, default=128)
-  p.add_argument("--vocab", type=int, default=256)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--steps", type=int, default=32, help="tokens per timed loop")
-  p.add_argument("--repeats", type=int, default=15,
-                 help="timed loops per context (best is reported)")
-  p.add_argument("--max_seconds_per_context", type=float, default=3.0,
-                 help="stop repeating a context after this much time (>= 3 loops)")
-  p.add_argument("--softmax_prefill_max", type=int, default=4096,
-                 help="longer softmax prefills are replaced by a random cache")
-  p.add_argument("--quick", action="store_true",
-                 help="tiny model and contexts: a smoke test")
-  p.add_argument("--json", default=None, help="write results here")
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--contexts', type=int, nargs='+', default=[128, 512, 2048, 8192, 32768])
+  p.add_argument('--kinds', nargs='+', default=['favor_softmax', 'softmax'])
+  p.add_argument('--layers', type=int, default=4)
+  p.add_argument('--emb_dim', type=int, default=256)
+  p.add_argument('--heads', type=int, default=8)
+  p.add_argument('--num_features', type=int, default=256)
+  p.add_argument('--chunk_size', type=int, default=128)
+  p.add_argument('--vocab', type=int, default=256)
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--steps', type=int, default=32, help='tokens per timed loop')
+  p.add_argument(
+    '--repeats', type=int, default=15, help='timed loops per context (best is reported)'
+  )
+  p.add_argument(
+    '--max_seconds_per_context',
+    type=float,
+    default=3.0,
+    help='stop repeating a context after this much time (>= 3 loops)',
+  )
+  p.add_argument(
+    '--softmax_prefill_max',
+    type=int,
+    default=4096,
+    help='longer softmax prefills are replaced by a random cache',
+  )
+  p.add_argument('--quick', action='store_true', help='tiny model and contexts: a smoke test')
+  p.add_argument('--json', default=None, help='write results here')
   args = p.parse_args(argv)
   if args.quick:
     args.contexts = [128, 512]
@@ -84,13 +90,20 @@ def parse_args(argv=None):
 
 
 def build(kind, args):
-  cfg = ml_collections.ConfigDict(dict(
-      task="causal_lm", vocab_size=args.vocab, num_layers=args.layers,
-      num_heads=args.heads, emb_dim=args.emb_dim, mlp_dim=4 * args.emb_dim,
-      max_len=max(args.contexts) + args.steps + 1, positions="learned",
+  cfg = ml_collections.ConfigDict(
+    dict(
+      task='causal_lm',
+      vocab_size=args.vocab,
+      num_layers=args.layers,
+      num_heads=args.heads,
+      emb_dim=args.emb_dim,
+      mlp_dim=4 * args.emb_dim,
+      max_len=max(args.contexts) + args.steps + 1,
+      positions='learned',
       dtype=args.dtype,
-      attention=dict(kind=kind, num_features=args.num_features,
-                     chunk_size=args.chunk_size)))
+      attention=dict(kind=kind, num_features=args.num_features, chunk_size=args.chunk_size),
+    )
+  )
   return models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
 
 
@@ -102,16 +115,19 @@ def random_cache(cache, length, key):
   """A cache as if `length` tokens had been prefilled: random K/V, marked
   valid. Softmax decode cost depends only on the cache's size, not on how
   its entries were computed."""
+
   def fill(path, leaf):
-    name = getattr(path[-1], "key", None)
-    if name in ("k", "v"):
-      return jax.random.normal(jax.random.fold_in(key, zlib.crc32(str(path).encode())),
-                               leaf.shape, leaf.dtype)
-    if name == "valid":
+    name = getattr(path[-1], 'key', None)
+    if name in ('k', 'v'):
+      return jax.random.normal(
+        jax.random.fold_in(key, zlib.crc32(str(path).encode())), leaf.shape, leaf.dtype
+      )
+    if name == 'valid':
       return jnp.broadcast_to(jnp.arange(leaf.shape[1]) < length, leaf.shape)
-    if name in ("index", "positions"):
+    if name in ('index', 'positions'):
       return jnp.full(leaf.shape, length, leaf.dtype)
     return leaf
+
   return jax.tree_util.tree_map_with_path(fill, cache)
 
 
@@ -129,10 +145,10 @@ def make_fns(graphdef, steps):
       token, cache = carry
       logits, cache = model.decode_step(token, cache)
       return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
     return jax.lax.fori_loop(0, steps, body, (token, cache))
 
-  return (jax.jit(prefill, static_argnums=2),
-          jax.jit(decode, donate_argnums=1))
+  return (jax.jit(prefill, static_argnums=2), jax.jit(decode, donate_argnums=1))
 
 
 def bench_kind(kind, args, rows):
@@ -145,106 +161,122 @@ def bench_kind(kind, args, rows):
   compiled_decode, entries = {}, []
   for length in args.contexts:
     max_length = length + args.steps + 1
-    row = {"kind": kind, "context": length}
+    row = {'kind': kind, 'context': length}
     tokens = jnp.asarray(rng.randint(0, args.vocab, (args.batch, length)), jnp.int32)
-    if kind == "softmax" and length > args.softmax_prefill_max:
+    if kind == 'softmax' and length > args.softmax_prefill_max:
       cache = model.init_cache(args.batch, max_length)
       cache = random_cache(cache, length, jax.random.key(length))
       token = tokens[:, -1]
-      row["note"] = "random cache (prefill skipped)"
+      row['note'] = 'random cache (prefill skipped)'
     else:
       jax.block_until_ready(prefill(state, tokens, max_length))  # compile
       start = time.perf_counter()
       token, cache = jax.block_until_ready(prefill(state, tokens, max_length))
-      row["prefill_s"] = time.perf_counter() - start
-    row["cache_mib"] = tree_bytes(cache) / 2**20
+      row['prefill_s'] = time.perf_counter() - start
+    row['cache_mib'] = tree_bytes(cache) / 2**20
     key = str(jax.tree.leaves(jax.tree.map(lambda x: (x.shape, x.dtype), cache)))
-    if key not in compiled_decode:   # FAVOR: one program for every context
+    if key not in compiled_decode:  # FAVOR: one program for every context
       compiled, peak, _ = common.compile_stats(decode, state, cache, token)
       compiled_decode[key] = (compiled, peak)
     compiled, peak = compiled_decode[key]
-    row["decode_peak_mib"] = None if peak is None else peak / 2**20
+    row['decode_peak_mib'] = None if peak is None else peak / 2**20
     token, cache = jax.block_until_ready(compiled(state, cache, token))  # warm-up
-    entries.append({"row": row, "fn": compiled, "token": token,
-                    "cache": rewind(cache, length), "times": []})
-    print(f"  {kind:14s} context {length:6d}: prefilled", flush=True)
+    entries.append(
+      {'row': row, 'fn': compiled, 'token': token, 'cache': rewind(cache, length), 'times': []}
+    )
+    print(f'  {kind:14s} context {length:6d}: prefilled', flush=True)
   for _ in range(args.repeats):
     for entry in entries:
-      if (len(entry["times"]) >= 3
-          and sum(entry["times"]) > args.max_seconds_per_context):
+      if len(entry['times']) >= 3 and sum(entry['times']) > args.max_seconds_per_context:
         continue
       start = time.perf_counter()
-      entry["token"], cache = jax.block_until_ready(
-          entry["fn"](state, entry["cache"], entry["token"]))
-      entry["times"].append(time.perf_counter() - start)
+      entry['token'], cache = jax.block_until_ready(
+        entry['fn'](state, entry['cache'], entry['token'])
+      )
+      entry['times'].append(time.perf_counter() - start)
       # Each loop advances the cache by `steps`; rewind so the next loop
       # reuses the same slots instead of running off the buffer.
-      entry["cache"] = rewind(cache, entry["row"]["context"])
+      entry['cache'] = rewind(cache, entry['row']['context'])
   for entry in entries:
-    row = entry["row"]
-    row["ms_per_token"] = 1e3 * min(entry["times"]) / args.steps
-    row["repeats"] = len(entry["times"])
+    row = entry['row']
+    row['ms_per_token'] = 1e3 * min(entry['times']) / args.steps
+    row['repeats'] = len(entry['times'])
     rows.append(row)
-    print(f"  {kind:14s} context {row['context']:6d}: "
-          f"{row['ms_per_token']:.3f} ms/token", flush=True)
+    print(
+      f'  {kind:14s} context {row["context"]:6d}: {row["ms_per_token"]:.3f} ms/token', flush=True
+    )
 
 
 def rewind(cache, length):
   """Resets per-row positions and KV write indices to `length`, so repeated
   timing loops overwrite the same slots instead of running off the buffer."""
+
   def fix(path, leaf):
-    name = getattr(path[-1], "key", None)
-    if name in ("index", "positions"):
+    name = getattr(path[-1], 'key', None)
+    if name in ('index', 'positions'):
       return jnp.full(leaf.shape, length, leaf.dtype)
     return leaf
+
   return jax.tree_util.tree_map_with_path(fix, cache)
 
 
 def add_ratios(rows):
   base = {}
   for row in rows:
-    base.setdefault(row["kind"], row)
-    ref = base[row["kind"]]
-    row["ratio"] = row["ms_per_token"] / ref["ms_per_token"]
-    row["ratio_to"] = ref["context"]
+    base.setdefault(row['kind'], row)
+    ref = base[row['kind']]
+    row['ratio'] = row['ms_per_token'] / ref['ms_per_token']
+    row['ratio_to'] = ref['context']
 
 
 def main(argv=None):
   args = parse_args(argv)
   args.contexts = sorted(set(args.contexts))
   info = common.machine_info()
-  print(f"decode benchmark on {info['backend']} ({info['device']}): {args.layers} "
-        f"layers, d={args.emb_dim}, {args.heads} heads, m={args.num_features}, "
-        f"batch {args.batch}, {args.dtype}, {args.steps} tokens per timed loop",
-        flush=True)
+  print(
+    f'decode benchmark on {info["backend"]} ({info["device"]}): {args.layers} '
+    f'layers, d={args.emb_dim}, {args.heads} heads, m={args.num_features}, '
+    f'batch {args.batch}, {args.dtype}, {args.steps} tokens per timed loop',
+    flush=True,
+  )
   rows = []
   for kind in args.kinds:
     bench_kind(kind, args, rows)
   add_ratios(rows)
-  columns = [("kind", "kind", None), ("context", "context", "{:d}"),
-             ("prefill_s", "prefill s", "{:.3f}"),
-             ("ms_per_token", "ms/token", "{:.3f}"),
-             ("ratio", f"x ctx {args.contexts[0]}", "{:.2f}"),
-             ("cache_mib", "cache MiB", "{:.2f}"),
-             ("decode_peak_mib", "decode peak MiB", "{:.1f}"),
-             ("note", "note", None)]
+  columns = [
+    ('kind', 'kind', None),
+    ('context', 'context', '{:d}'),
+    ('prefill_s', 'prefill s', '{:.3f}'),
+    ('ms_per_token', 'ms/token', '{:.3f}'),
+    ('ratio', f'x ctx {args.contexts[0]}', '{:.2f}'),
+    ('cache_mib', 'cache MiB', '{:.2f}'),
+    ('decode_peak_mib', 'decode peak MiB', '{:.1f}'),
+    ('note', 'note', None),
+  ]
   print(common.format_table(rows, columns))
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(f"peak RSS of this process: {rss:.0f} MiB")
+  print(f'peak RSS of this process: {rss:.0f} MiB')
   summary = {}
   for kind in args.kinds:
-    by_len = {r["context"]: r for r in rows if r["kind"] == kind}
+    by_len = {r['context']: r for r in rows if r['kind'] == kind}
     if 8192 in by_len and 128 in by_len:
-      ratio = by_len[8192]["ms_per_token"] / by_len[128]["ms_per_token"]
+      ratio = by_len[8192]['ms_per_token'] / by_len[128]['ms_per_token']
       summary[kind] = ratio
-      target = "  (target <= 1.1)" if kind.startswith("favor") else ""
-      print(f"{kind}: time per token at context 8192 / 128 = {ratio:.3f}{target}")
+      target = '  (target <= 1.1)' if kind.startswith('favor') else ''
+      print(f'{kind}: time per token at context 8192 / 128 = {ratio:.3f}{target}')
   if args.json:
-    common.write_json(args.json, {"machine": info, "args": vars(args), "rows": rows,
-                                  "ratio_8192_vs_128": summary,
-                                  "peak_rss_mib": rss})
+    common.write_json(
+      args.json,
+      {
+        'machine': info,
+        'args': vars(args),
+        'rows': rows,
+        'ratio_8192_vs_128': summary,
+        'peak_rss_mib': rss,
+      },
+    )
   return rows
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

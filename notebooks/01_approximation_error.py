@@ -62,10 +62,14 @@ QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
 L = 512 if QUICK else 4096
 D = 16
 MS = [16, 128] if QUICK else [8, 16, 32, 64, 128, 256, 512]
-SEEDS = 2 if QUICK else 15           # the paper's 15 samples
-ROWS = 128 if QUICK else 1024        # query rows for the attention-matrix MSE
-KINDS = {'positive': 'favor_softmax', 'trigonometric': 'favor_trig',
-         'FAVOR++': 'favor_plus_plus', 'FAVOR#': 'favor_sharp'}
+SEEDS = 2 if QUICK else 15  # the paper's 15 samples
+ROWS = 128 if QUICK else 1024  # query rows for the attention-matrix MSE
+KINDS = {
+  'positive': 'favor_softmax',
+  'trigonometric': 'favor_trig',
+  'FAVOR++': 'favor_plus_plus',
+  'FAVOR#': 'favor_sharp',
+}
 print(f'L={L}, d={D}, m in {MS}, {SEEDS} seeds, {ROWS} query rows; quick={QUICK}')
 
 # %% [markdown]
@@ -99,10 +103,11 @@ def errors(kind, num_features):
   @jax.jit
   def fn(q, k, v, w, rows, a_exact, out_exact):
     phi_q, phi_k = attend.features(q, k, features=w)
-    scores = phi_q[0, rows, 0] @ phi_k[0, :, 0].T                     # [R, L]
+    scores = phi_q[0, rows, 0] @ phi_k[0, :, 0].T  # [R, L]
     a_hat = scores / jnp.sum(scores, axis=-1, keepdims=True)
     out = attend(q, k, v, causal=False, features=w)
     return jnp.mean((a_hat - a_exact) ** 2), jnp.mean((out - out_exact) ** 2)
+
   return fn
 
 
@@ -114,7 +119,7 @@ def exact(q, k, v, rows):
 
 
 start = time.perf_counter()
-results = {}   # (|x|^2, feature map, 'orthogonal'|'iid', m) -> [(matrix, output) MSE per seed]
+results = {}  # (|x|^2, feature map, 'orthogonal'|'iid', m) -> [(matrix, output) MSE per seed]
 fns = {(kind, m): errors(kind, m) for kind in KINDS.values() for m in MS}
 for sq_norm in SQ_NORMS:
   sigma = (sq_norm / np.sqrt(D)) ** 0.5
@@ -129,13 +134,15 @@ for sq_norm in SQ_NORMS:
         for m in MS:
           w = attention.draw_features(jax.random.fold_in(kw, m), m, D, orthogonal=orthogonal)
           err = fns[kind, m](q, k, v, w, rows, a_exact, out_exact)
-          results.setdefault((sq_norm, name, 'orthogonal' if orthogonal else 'iid', m),
-                             []).append(tuple(float(e) for e in err))
+          results.setdefault((sq_norm, name, 'orthogonal' if orthogonal else 'iid', m), []).append(
+            tuple(float(e) for e in err)
+          )
 print(f'{len(results)} settings x {SEEDS} seeds in {time.perf_counter() - start:.1f} s')
 
 # %% [markdown]
 # ## The table
 # Mean over seeds of each MSE.
+
 
 # %%
 def summary(sq_norm, name, draw, which):
@@ -146,8 +153,9 @@ def summary(sq_norm, name, draw, which):
 for sq_norm in SQ_NORMS:
   for which, label in ((0, 'attention-matrix MSE'), (1, 'output MSE')):
     print(f'|x|^2 = {sq_norm}: {label}')
-    print(f'{"feature map":>14s} {"features":>10s}  '
-          + ''.join(f'{"m=" + str(m):>11s}' for m in MS))
+    print(
+      f'{"feature map":>14s} {"features":>10s}  ' + ''.join(f'{"m=" + str(m):>11s}' for m in MS)
+    )
     for name in KINDS:
       for draw in ('orthogonal', 'iid'):
         mean, _ = summary(sq_norm, name, draw, which)
@@ -155,17 +163,32 @@ for sq_norm in SQ_NORMS:
 
 # %%
 fig, axes = plt.subplots(len(SQ_NORMS), 2, figsize=(11, 4 * len(SQ_NORMS)), squeeze=False)
-colors = {'positive': 'tab:blue', 'trigonometric': 'tab:red', 'FAVOR++': 'tab:green',
-          'FAVOR#': 'tab:purple'}
-styles = {(name, draw): (colors[name], '-' if draw == 'orthogonal' else '--')
-          for name in KINDS for draw in ('orthogonal', 'iid')}
+colors = {
+  'positive': 'tab:blue',
+  'trigonometric': 'tab:red',
+  'FAVOR++': 'tab:green',
+  'FAVOR#': 'tab:purple',
+}
+styles = {
+  (name, draw): (colors[name], '-' if draw == 'orthogonal' else '--')
+  for name in KINDS
+  for draw in ('orthogonal', 'iid')
+}
 for row, sq_norm in enumerate(SQ_NORMS):
   for col, title in enumerate(('attention matrix', 'attention output')):
     ax = axes[row, col]
     for (name, draw), (color, line) in styles.items():
       mean, std = summary(sq_norm, name, draw, col)
-      ax.errorbar(MS, mean, yerr=std, color=color, linestyle=line, marker='o', capsize=3,
-                  label=f'{name}, {draw}')
+      ax.errorbar(
+        MS,
+        mean,
+        yerr=std,
+        color=color,
+        linestyle=line,
+        marker='o',
+        capsize=3,
+        label=f'{name}, {draw}',
+      )
     ax.set_xscale('log', base=2)
     ax.set_yscale('log')
     ax.set_xlabel('number of random features m')
@@ -201,15 +224,21 @@ largest = MS[-1]
 for sq_norm in SQ_NORMS:
   for which, label in ((0, 'matrix'), (1, 'output')):
     pos_orth, pos_iid, trig_orth, trig_iid = (
-        summary(sq_norm, name, draw, which)[0]
-        for name in ('positive', 'trigonometric') for draw in ('orthogonal', 'iid'))
+      summary(sq_norm, name, draw, which)[0]
+      for name in ('positive', 'trigonometric')
+      for draw in ('orthogonal', 'iid')
+    )
     slope = np.polyfit(np.log(MS), np.log(pos_orth), 1)[0]
-    print(f'|x|^2={sq_norm:g} {label} MSE at m={largest}: positive orthogonal '
-          f'{pos_orth[-1]:.2e}, positive iid {pos_iid[-1]:.2e} '
-          f'(iid/orth {pos_iid[-1] / pos_orth[-1]:.2f}x), trig orthogonal {trig_orth[-1]:.2e} '
-          f'(trig/positive {trig_orth[-1] / pos_orth[-1]:.2f}x), trig iid {trig_iid[-1]:.2e}; '
-          f'positive orthogonal slope vs m {slope:.2f}')
+    print(
+      f'|x|^2={sq_norm:g} {label} MSE at m={largest}: positive orthogonal '
+      f'{pos_orth[-1]:.2e}, positive iid {pos_iid[-1]:.2e} '
+      f'(iid/orth {pos_iid[-1] / pos_orth[-1]:.2f}x), trig orthogonal {trig_orth[-1]:.2e} '
+      f'(trig/positive {trig_orth[-1] / pos_orth[-1]:.2f}x), trig iid {trig_iid[-1]:.2e}; '
+      f'positive orthogonal slope vs m {slope:.2f}'
+    )
     for name in ('FAVOR++', 'FAVOR#'):
       ours = summary(sq_norm, name, 'orthogonal', which)[0]
-      print(f'    {name:8s} orthogonal: FAVOR+ / {name} MSE = '
-            + ', '.join(f'm={m}: {p / o:.2f}x' for m, p, o in zip(MS, pos_orth, ours)))
+      print(
+        f'    {name:8s} orthogonal: FAVOR+ / {name} MSE = '
+        + ', '.join(f'm={m}: {p / o:.2f}x' for m, p, o in zip(MS, pos_orth, ours))
+      )

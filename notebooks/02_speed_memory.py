@@ -45,7 +45,7 @@ except ImportError:  # a checkout without `pip install -e .`: notebooks/ is besi
   sys.path.insert(0, os.path.abspath('..'))
   import performer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(performer.__file__)))
-if ROOT not in sys.path:   # benchmarks/ is a top-level folder of the repository
+if ROOT not in sys.path:  # benchmarks/ is a top-level folder of the repository
   sys.path.insert(0, ROOT)
 
 import matplotlib.pyplot as plt
@@ -55,12 +55,40 @@ from benchmarks import model as model_bench
 QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
 JSON = os.environ.get('PERFORMER_MODEL_BENCH_JSON', '')
 if QUICK:
-  ARGV = ['--quick', '--lengths', '128', '512', '--modes', 'causal',
-          '--kinds', 'favor_softmax', 'identity']
+  ARGV = [
+    '--quick',
+    '--lengths',
+    '128',
+    '512',
+    '--modes',
+    'causal',
+    '--kinds',
+    'favor_softmax',
+    'identity',
+  ]
 else:
-  ARGV = ['--layers', '4', '--emb_dim', '256', '--heads', '4', '--mlp_dim', '1024',
-          '--num_features', '128', '--lengths', '512', '1024', '2048', '4096', '8192',
-          '--max_seconds', '8', '--max_memory_gb', '4']
+  ARGV = [
+    '--layers',
+    '4',
+    '--emb_dim',
+    '256',
+    '--heads',
+    '4',
+    '--mlp_dim',
+    '1024',
+    '--num_features',
+    '128',
+    '--lengths',
+    '512',
+    '1024',
+    '2048',
+    '4096',
+    '8192',
+    '--max_seconds',
+    '8',
+    '--max_memory_gb',
+    '4',
+  ]
 args = model_bench.parse_args(ARGV)
 print(' '.join(ARGV) if not JSON else f'reading {JSON}')
 
@@ -69,28 +97,42 @@ if JSON:
   with open(JSON, encoding='utf-8') as f:
     saved = json.load(f)
   rows = saved['rows']
-  print(f"model: {saved['args']['layers']} layers, d={saved['args']['emb_dim']}")
+  print(f'model: {saved["args"]["layers"]} layers, d={saved["args"]["emb_dim"]}')
 else:
-  print(f'model: {args.layers} layers, d={args.emb_dim}, {args.heads} heads, mlp {args.mlp_dim}, '
-        f'm={args.num_features}, batch {args.batch}, {args.dtype}')
+  print(
+    f'model: {args.layers} layers, d={args.emb_dim}, {args.heads} heads, mlp {args.mlp_dim}, '
+    f'm={args.num_features}, batch {args.batch}, {args.dtype}'
+  )
   rows = model_bench.run(args, log=print)
 print(model_bench.common.format_table(rows, model_bench.COLUMNS))
 
 # %%
 modes = [m for m in model_bench.MODES if any(r['mode'] == m for r in rows)]
 kinds = [k for k in model_bench.KINDS if any(r['kind'] == k for r in rows)]
-colors = {'softmax': 'tab:red', 'favor_softmax': 'tab:blue', 'favor_relu': 'tab:green',
-          'identity': 'black'}
+colors = {
+  'softmax': 'tab:red',
+  'favor_softmax': 'tab:blue',
+  'favor_relu': 'tab:green',
+  'identity': 'black',
+}
 fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
 for i, mode in enumerate(modes):
   for j, (key, label) in enumerate((('ms', 'training step (ms)'), ('peak_mb', 'peak memory (MB)'))):
     ax = axes[i, j]
     for kind in kinds:
-      pts = sorted((r['length'], r[key]) for r in rows
-                   if r['mode'] == mode and r['kind'] == kind and r.get(key))
+      pts = sorted(
+        (r['length'], r[key])
+        for r in rows
+        if r['mode'] == mode and r['kind'] == kind and r.get(key)
+      )
       if pts:
-        ax.plot(*zip(*pts), marker='o', color=colors.get(kind), label=kind,
-                linestyle=':' if kind == 'identity' else '-')
+        ax.plot(
+          *zip(*pts),
+          marker='o',
+          color=colors.get(kind),
+          label=kind,
+          linestyle=':' if kind == 'identity' else '-',
+        )
     ax.set_xscale('log', base=2)
     ax.set_yscale('log')
     ax.set_xlabel('sequence length L')
@@ -115,8 +157,9 @@ for mode in modes:
     mine = [r for r in timed if r['kind'] == kind]
     if mine:
       last = max(mine, key=lambda r: r['length'])
-      print(f"{mode:13s} {kind:14s} L={last['length']:5d}: {last['x_identity']:.2f}x identity"
-            + (f", {last['vs_softmax']:.1f}x faster than softmax" if last.get('vs_softmax')
-               else ''))
+      print(
+        f'{mode:13s} {kind:14s} L={last["length"]:5d}: {last["x_identity"]:.2f}x identity'
+        + (f', {last["vs_softmax"]:.1f}x faster than softmax' if last.get('vs_softmax') else '')
+      )
 for line in model_bench.summary_lines(rows, length=max(r['length'] for r in rows)):
   print(line)

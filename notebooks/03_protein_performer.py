@@ -55,8 +55,7 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
-from performer import data
-from performer import sampling
+from performer import data, sampling
 from performer.data import vocab as vocab_lib
 from performer.models import inspect
 from performer.training import runs
@@ -70,14 +69,19 @@ print(f'workdir {RUNS.work}; quick={RUNS.quick}')
 
 # %%
 performer_dir = os.environ.get('PERFORMER_PROTEIN_WORKDIR') or RUNS.train(
-    'protein_favor', 'default.py')
+  'protein_favor', 'default.py'
+)
 softmax_dir = os.environ.get('PERFORMER_PROTEIN_SOFTMAX_WORKDIR') or (
-    None if os.environ.get('PERFORMER_PROTEIN_WORKDIR')
-    else RUNS.train('protein_softmax', 'protein_transformer_uni.py'))
+  None
+  if os.environ.get('PERFORMER_PROTEIN_WORKDIR')
+  else RUNS.train('protein_softmax', 'protein_transformer_uni.py')
+)
 model, config, step = sampling.load_model(performer_dir)
 vocab = data.vocab_for(config.data)
-print(f'Performer: {config.model.num_layers} layers, d={config.model.emb_dim}, '
-      f'{config.model.attention.kind}, step {step}')
+print(
+  f'Performer: {config.model.num_layers} layers, d={config.model.emb_dim}, '
+  f'{config.model.attention.kind}, step {step}'
+)
 
 # %% [markdown]
 # ## Accuracy against a same-size softmax Transformer
@@ -88,17 +92,23 @@ print(f'Performer: {config.model.num_layers} layers, d={config.model.emb_dim}, '
 unigram = data.unigram_baseline(config.data, split='validation')
 print(f'{"model":28s}{"steps":>7s}{"loss":>9s}{"accuracy":>10s}{"perplexity":>12s}')
 results = {}
-for label, workdir in (('Performer (favor_softmax)', performer_dir),
-                       ('Transformer (softmax)', softmax_dir)):
+for label, workdir in (
+  ('Performer (favor_softmax)', performer_dir),
+  ('Transformer (softmax)', softmax_dir),
+):
   result = runs.final_metrics(workdir) if workdir else None
   if result is None:
     print(f'{label:28s}  (no run: set PERFORMER_PROTEIN_SOFTMAX_WORKDIR)')
     continue
   results[label] = result
-  print(f'{label:28s}{result["step"]:7d}{result["loss"]:9.4f}{result["accuracy"]:10.4f}'
-        f'{result["perplexity"]:12.3f}')
-print(f'{"unigram baseline":28s}{"":7s}{unigram["cross_entropy"]:9.4f}{"":10s}'
-      f'{unigram["perplexity"]:12.3f}')
+  print(
+    f'{label:28s}{result["step"]:7d}{result["loss"]:9.4f}{result["accuracy"]:10.4f}'
+    f'{result["perplexity"]:12.3f}'
+  )
+print(
+  f'{"unigram baseline":28s}{"":7s}{unigram["cross_entropy"]:9.4f}{"":10s}'
+  f'{unigram["perplexity"]:12.3f}'
+)
 
 # %% [markdown]
 # ## Attention maps for one protein
@@ -108,17 +118,19 @@ print(f'{"unigram baseline":28s}{"":7s}{unigram["cross_entropy"]:9.4f}{"":10s}'
 # square-root colour scale so that small weights stay visible.
 
 # %%
-batch = next(data.build_dataset(config.data, split='validation', batch_size=32, seed=0,
-                                num_epochs=1))
+batch = next(
+  data.build_dataset(config.data, split='validation', batch_size=32, seed=0, num_epochs=1)
+)
 row = int(np.argmax(batch['mask'].sum(axis=1)))
-tokens, mask = batch['tokens'][row:row + 1], batch['mask'][row:row + 1]
+tokens, mask = batch['tokens'][row : row + 1], batch['mask'][row : row + 1]
 _, maps = inspect.attention_maps(model, jnp.asarray(tokens), mask=jnp.asarray(mask))
-maps = np.asarray(maps[:, 0])   # [layers, heads, L, L]
+maps = np.asarray(maps[:, 0])  # [layers, heads, L, L]
 num_layers, num_heads = maps.shape[:2]
 SHOW = min(maps.shape[-1], 96)
 print('protein:', vocab.decode(tokens[0])[:80], '...')
-fig, axes = plt.subplots(num_layers, num_heads, figsize=(2.6 * num_heads, 2.6 * num_layers),
-                         squeeze=False)
+fig, axes = plt.subplots(
+  num_layers, num_heads, figsize=(2.6 * num_heads, 2.6 * num_layers), squeeze=False
+)
 for layer in range(num_layers):
   for head in range(num_heads):
     ax = axes[layer, head]
@@ -162,26 +174,33 @@ BLOSUM62_ROWS = """
 -2 -2 -2 -3 -2 -1 -2 -3  2 -1 -1 -2 -1  3 -3 -2 -2  2  7 -1
  0 -3 -3 -3 -1 -2 -2 -3 -3  3  1 -2  1 -1 -2 -2  0 -3 -1  4
 """
-AMINO = vocab_lib.STANDARD            # the vocabulary's order: ACDEFGHIKLMNPQRSTVWY
+AMINO = vocab_lib.STANDARD  # the vocabulary's order: ACDEFGHIKLMNPQRSTVWY
 blosum_raw = np.array(BLOSUM62_ROWS.split(), float).reshape(20, 20)
 assert (blosum_raw == blosum_raw.T).all()
 perm = [BLOSUM_ORDER.index(a) for a in AMINO]
 BLOSUM62 = blosum_raw[np.ix_(perm, perm)]
-FIRST = vocab.num_special              # id of 'A'; the 20 standard residues follow
+FIRST = vocab.num_special  # id of 'A'; the 20 standard residues follow
 
 
 def pair_mass(model, tokens, mask):
   """(S, E) [20, 20] for one batch: attention mass from type a onto type b,
   and the mass uniform attention over the same allowed keys would give."""
   _, maps = inspect.attention_maps(model, tokens, mask=mask)
-  attn = jnp.mean(maps, axis=(0, 2))                       # [B, L, L] over layers, heads
+  attn = jnp.mean(maps, axis=(0, 2))  # [B, L, L] over layers, heads
   length = tokens.shape[1]
-  allowed = (jnp.tril(jnp.ones((length, length), bool)) if model.causal
-             else jnp.ones((length, length), bool))[None] & mask[:, None, :] & mask[:, :, None]
+  allowed = (
+    (
+      jnp.tril(jnp.ones((length, length), bool))
+      if model.causal
+      else jnp.ones((length, length), bool)
+    )[None]
+    & mask[:, None, :]
+    & mask[:, :, None]
+  )
   allowed &= ~jnp.eye(length, dtype=bool)[None]
   attn = jnp.where(allowed, attn, 0.0)
   uniform = allowed / jnp.maximum(allowed.sum(-1, keepdims=True), 1)
-  onehot = jax.nn.one_hot(tokens - FIRST, 20) * mask[..., None]   # specials -> zero rows
+  onehot = jax.nn.one_hot(tokens - FIRST, 20) * mask[..., None]  # specials -> zero rows
   s = jnp.einsum('bij,bia,bjc->ac', attn, onehot, onehot)
   e = jnp.einsum('bij,bia,bjc->ac', uniform, onehot, onehot)
   return s, e
@@ -191,8 +210,7 @@ def similarity(model, config, num_proteins):
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda state, t, m: pair_mass(nnx.merge(graphdef, state), t, m))
   batch_size = 8 if RUNS.quick else 16
-  it = data.build_dataset(config.data, split='train', batch_size=batch_size, seed=1,
-                          num_epochs=1)
+  it = data.build_dataset(config.data, split='train', batch_size=batch_size, seed=1, num_epochs=1)
   s = e = 0.0
   for _, batch in zip(range(max(1, num_proteins // batch_size)), it):
     ds, de = fn(state, jnp.asarray(batch['tokens']), jnp.asarray(batch['mask']))
@@ -214,13 +232,17 @@ def compare(sim, label):
   pearson = stats.pearsonr(sim[iu], BLOSUM62[iu])[0]
   spearman = stats.spearmanr(sim[iu], BLOSUM62[iu])[0]
   de, fy = pair_rank(sim, 'D', 'E'), pair_rank(sim, 'F', 'Y')
-  print(f'{label}: Pearson r = {pearson:.3f}, Spearman rho = {spearman:.3f} with BLOSUM62 '
-        f'over 190 pairs; D-E ranks {de}/190, F-Y {fy}/190')
+  print(
+    f'{label}: Pearson r = {pearson:.3f}, Spearman rho = {spearman:.3f} with BLOSUM62 '
+    f'over 190 pairs; D-E ranks {de}/190, F-Y {fy}/190'
+  )
   return {'pearson': pearson, 'spearman': spearman, 'rank_DE': de, 'rank_FY': fy}
 
 
-print(f'in BLOSUM62 itself D-E ranks {pair_rank(BLOSUM62, "D", "E")}/190 and F-Y '
-      f'{pair_rank(BLOSUM62, "F", "Y")}/190')
+print(
+  f'in BLOSUM62 itself D-E ranks {pair_rank(BLOSUM62, "D", "E")}/190 and F-Y '
+  f'{pair_rank(BLOSUM62, "F", "Y")}/190'
+)
 
 
 NUM_PROTEINS = 64 if RUNS.quick else 1024
@@ -234,9 +256,10 @@ similarity_report = {label: compare(sim, label) for label, sim in sims.items()}
 fig, axes = plt.subplots(1, len(sims) + 1, figsize=(5.2 * (len(sims) + 1), 4.6))
 for ax, (label, matrix) in zip(axes, [*sims.items(), ('BLOSUM62', BLOSUM62)]):
   shown = matrix.copy()
-  np.fill_diagonal(shown, np.nan)   # the diagonal dwarfs the rest in BLOSUM62
-  im = ax.imshow(shown, cmap='RdBu_r',
-                 vmin=-np.nanmax(np.abs(shown)), vmax=np.nanmax(np.abs(shown)))
+  np.fill_diagonal(shown, np.nan)  # the diagonal dwarfs the rest in BLOSUM62
+  im = ax.imshow(
+    shown, cmap='RdBu_r', vmin=-np.nanmax(np.abs(shown)), vmax=np.nanmax(np.abs(shown))
+  )
   ax.set_xticks(range(20), list(AMINO), fontsize=7)
   ax.set_yticks(range(20), list(AMINO), fontsize=7)
   ax.set_title(label if label == 'BLOSUM62' else f'{label}: log attention enrichment')
@@ -252,9 +275,13 @@ plt.show()
 
 # %%
 for label, result in results.items():
-  print(f'{label}: validation accuracy {result["accuracy"]:.4f}, '
-        f'perplexity {result["perplexity"]:.3f} (unigram {unigram["perplexity"]:.3f})')
+  print(
+    f'{label}: validation accuracy {result["accuracy"]:.4f}, '
+    f'perplexity {result["perplexity"]:.3f} (unigram {unigram["perplexity"]:.3f})'
+  )
 for label, report in similarity_report.items():
-  print(f'{label} similarity vs BLOSUM62: Pearson {report["pearson"]:.3f}, Spearman '
-        f'{report["spearman"]:.3f}; D-E rank {report["rank_DE"]}/190, '
-        f'F-Y rank {report["rank_FY"]}/190')
+  print(
+    f'{label} similarity vs BLOSUM62: Pearson {report["pearson"]:.3f}, Spearman '
+    f'{report["spearman"]:.3f}; D-E rank {report["rank_DE"]}/190, '
+    f'F-Y rank {report["rank_FY"]}/190'
+  )

@@ -54,12 +54,8 @@ import matplotlib.pyplot as plt
 import ml_collections
 from flax import nnx
 
-from performer import data
-from performer import models
-from performer import sampling
-from performer.training import metrics
-from performer.training import runs
-from performer.training import steps
+from performer import data, models, sampling
+from performer.training import metrics, runs, steps
 
 # The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
 RUNS = runs.NotebookRuns.from_env()
@@ -69,17 +65,20 @@ print(f'workdir {RUNS.work}; quick={RUNS.quick}')
 def evaluate(model, config, split='validation'):
   """Held-out metrics of `model` with the training code's own eval step."""
   graphdef, params, features, stats, rest = models.split(model)
-  task_info = steps.build_task_info(config.model, config.train, data.vocab_for(config.data),
-                                    model.target_offset)
+  task_info = steps.build_task_info(
+    config.model, config.train, data.vocab_for(config.data), model.target_offset
+  )
   eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, task_info=task_info))
   totals = None
-  for i, batch in enumerate(data.build_dataset(config.data, split=split,
-                                               batch_size=config.train.batch_size,
-                                               seed=config.seed, num_epochs=1)):
-    sums = eval_fn(params, stats, features, rest, batch,
-                   jax.random.fold_in(jax.random.key(0), i))
+  for i, batch in enumerate(
+    data.build_dataset(
+      config.data, split=split, batch_size=config.train.batch_size, seed=config.seed, num_epochs=1
+    )
+  ):
+    sums = eval_fn(params, stats, features, rest, batch, jax.random.fold_in(jax.random.key(0), i))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return metrics.summarize(jax.device_get(totals), config.model.task)
+
 
 # %% [markdown]
 # ## The teacher, and the Performer trained from scratch
@@ -104,8 +103,10 @@ nnx.update(student, nnx.state(teacher, nnx.Param))
 zero_shot = evaluate(student, student_config)
 teacher_check = evaluate(teacher, teacher_config)
 print(f'teacher re-evaluated here: accuracy {teacher_check["accuracy"]:.4f}')
-print(f'softmax weights + favor_softmax, no fine-tuning: accuracy {zero_shot["accuracy"]:.4f}, '
-      f'perplexity {zero_shot["perplexity"]:.3f}')
+print(
+  f'softmax weights + favor_softmax, no fine-tuning: accuracy {zero_shot["accuracy"]:.4f}, '
+  f'perplexity {zero_shot["perplexity"]:.3f}'
+)
 
 # %% [markdown]
 # ## Fine-tuning
@@ -114,11 +115,14 @@ print(f'softmax weights + favor_softmax, no fine-tuning: accuracy {zero_shot["ac
 # learning rate), so the two curves differ only in the starting parameters.
 
 # %%
-finetune_dir = RUNS.train('protein_favor_from_softmax', 'default.py',
-                          [f'train.init_from={teacher_dir}'])
+finetune_dir = RUNS.train(
+  'protein_favor_from_softmax', 'default.py', [f'train.init_from={teacher_dir}']
+)
 steps_f, acc_f = runs.curve(finetune_dir)
-curves = {'fine-tuned from softmax': ([0] + steps_f, [zero_shot['accuracy']] + acc_f),
-          'Performer from scratch': runs.curve(scratch_dir)}
+curves = {
+  'fine-tuned from softmax': ([0] + steps_f, [zero_shot['accuracy']] + acc_f),
+  'Performer from scratch': runs.curve(scratch_dir),
+}
 
 # %% [markdown]
 # ## With distillation
@@ -131,13 +135,18 @@ curves = {'fine-tuned from softmax': ([0] + steps_f, [zero_shot['accuracy']] + a
 # %%
 distill_keys = [k for k in RUNS.config('default.py').train.keys() if 'distill' in k]
 if 'distill_from' in distill_keys:
-  distill_dir = RUNS.train('protein_favor_distilled', 'default.py',
-                           [f'train.init_from={teacher_dir}', f'train.distill_from={teacher_dir}'])
+  distill_dir = RUNS.train(
+    'protein_favor_distilled',
+    'default.py',
+    [f'train.init_from={teacher_dir}', f'train.distill_from={teacher_dir}'],
+  )
   steps_d, acc_d = runs.curve(distill_dir)
   curves['fine-tuned + distillation'] = ([0] + steps_d, [zero_shot['accuracy']] + acc_d)
 else:
-  print('NOTE: skipped -- config.train has no distill_from key '
-        f'(found: {distill_keys or "none"}); the curve is without distillation only.')
+  print(
+    'NOTE: skipped -- config.train has no distill_from key '
+    f'(found: {distill_keys or "none"}); the curve is without distillation only.'
+  )
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -156,6 +165,6 @@ plt.show()
 
 # %%
 print(f'teacher (softmax) accuracy: {teacher_result["accuracy"]:.4f}')
-print(f'zero-shot favor_softmax with the teacher\'s weights: {zero_shot["accuracy"]:.4f}')
+print(f"zero-shot favor_softmax with the teacher's weights: {zero_shot['accuracy']:.4f}")
 for label, (xs, ys) in curves.items():
   print(f'{label}: ' + ', '.join(f'step {x}: {y:.4f}' for x, y in zip(xs, ys)))

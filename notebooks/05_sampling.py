@@ -42,8 +42,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from performer import data
-from performer import sampling
+from performer import data, sampling
 from performer.data import vocab as vocab_lib
 from performer.training import runs
 
@@ -52,12 +51,13 @@ RUNS = runs.NotebookRuns.from_env()
 NUM_SAMPLES = 8 if RUNS.quick else 32
 TEMPERATURE, TOP_P = 1.0, 0.95
 
-workdir = (os.environ.get('PERFORMER_PROTEIN_WORKDIR')
-           or RUNS.train('protein_favor', 'default.py'))
+workdir = os.environ.get('PERFORMER_PROTEIN_WORKDIR') or RUNS.train('protein_favor', 'default.py')
 model, config, step = sampling.load_model(workdir)
 vocab = data.vocab_for(config.data)
-print(f'{workdir}: {config.model.attention.kind}, {config.model.num_layers} layers, '
-      f'd={config.model.emb_dim}, max_len {model.max_len}, step {step}')
+print(
+  f'{workdir}: {config.model.attention.kind}, {config.model.num_layers} layers, '
+  f'd={config.model.emb_dim}, max_len {model.max_len}, step {step}'
+)
 
 # %% [markdown]
 # ## Unconditional samples
@@ -67,18 +67,28 @@ print(f'{workdir}: {config.model.attention.kind}, {config.model.num_layers} laye
 # %%
 prompts, lengths = sampling.pad_prompts([[vocab.bos_id]] * NUM_SAMPLES)
 tokens, out_lengths = sampling.generate(
-    model, prompts, lengths, max_new_tokens=model.max_len - 1, key=jax.random.key(0),
-    temperature=TEMPERATURE, top_p=TOP_P, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
+  model,
+  prompts,
+  lengths,
+  max_new_tokens=model.max_len - 1,
+  key=jax.random.key(0),
+  temperature=TEMPERATURE,
+  top_p=TOP_P,
+  eos_id=vocab.eos_id,
+  pad_id=vocab.pad_id,
+)
 tokens, out_lengths = np.asarray(tokens), np.asarray(out_lengths)
 samples = [vocab.decode(row[1:n]) for row, n in zip(tokens, out_lengths)]
 ended = [vocab.eos_id in row[1:n] for row, n in zip(tokens, out_lengths)]
 fasta_path = os.path.join(RUNS.work, f'samples_{RUNS.tag}.faa')
 with open(fasta_path, 'w', encoding='ascii') as f:
   for i, (seq, eos) in enumerate(zip(samples, ended)):
-    f.write(f'>sample_{i} temperature={TEMPERATURE} top_p={TOP_P} '
-            f'{"complete" if eos else "truncated_at_max_len"}\n')
+    f.write(
+      f'>sample_{i} temperature={TEMPERATURE} top_p={TOP_P} '
+      f'{"complete" if eos else "truncated_at_max_len"}\n'
+    )
     for start in range(0, len(seq), 60):
-      f.write(seq[start:start + 60] + '\n')
+      f.write(seq[start : start + 60] + '\n')
 print(f'wrote {len(samples)} samples to {fasta_path}')
 print(open(fasta_path, encoding='ascii').read()[:1500])
 
@@ -88,8 +98,7 @@ print(open(fasta_path, encoding='ascii').read()[:1500])
 # often a sample starts with methionine (M), as most real proteins do.
 
 # %%
-train_batches = data.build_dataset(config.data, split='train', batch_size=32, seed=0,
-                                   num_epochs=1)
+train_batches = data.build_dataset(config.data, split='train', batch_size=32, seed=0, num_epochs=1)
 real = collections.Counter()
 real_first = collections.Counter()
 for _, batch in zip(range(8), train_batches):
@@ -107,10 +116,14 @@ tv = 0.5 * np.abs(p_real - p_made).sum()
 starts_m = np.mean([s[:1] == 'M' for s in samples])
 real_m = real_first['M'] / max(sum(real_first.values()), 1)
 print(f'total variation distance of residue composition (samples vs train): {tv:.3f}')
-print(f'samples starting with M: {starts_m:.0%} (training windows: {real_m:.0%}, '
-      'random crops, so an underestimate for whole proteins)')
-print(f'samples that ended with EOS: {np.mean(ended):.0%}; mean length '
-      f'{np.mean([len(s) for s in samples]):.0f} residues')
+print(
+  f'samples starting with M: {starts_m:.0%} (training windows: {real_m:.0%}, '
+  'random crops, so an underestimate for whole proteins)'
+)
+print(
+  f'samples that ended with EOS: {np.mean(ended):.0%}; mean length '
+  f'{np.mean([len(s) for s in samples]):.0f} residues'
+)
 
 fig, ax = plt.subplots(figsize=(9, 3.2))
 x = np.arange(len(amino))
@@ -127,15 +140,23 @@ plt.show()
 # greedy continuation and one sampled, beside the real continuation.
 
 # %%
-val = next(data.build_dataset(config.data, split='validation', batch_size=4, seed=0,
-                              num_epochs=1))
+val = next(data.build_dataset(config.data, split='validation', batch_size=4, seed=0, num_epochs=1))
 row = int(np.argmax(val['mask'].sum(axis=1)))
 real_tokens = val['tokens'][row][val['mask'][row]]
-prompt = [int(t) for t in real_tokens[:21]]   # BOS + 20 residues
+prompt = [int(t) for t in real_tokens[:21]]  # BOS + 20 residues
 new = min(40, model.max_len - len(prompt))
 for label, temperature in (('greedy', 0.0), ('sampled', TEMPERATURE)):
-  out, n = sampling.generate(model, [prompt], max_new_tokens=new, key=jax.random.key(1),
-                             temperature=temperature, top_p=TOP_P, eos_id=vocab.eos_id)
-  cont = vocab.decode(np.asarray(out)[0, len(prompt):int(n[0])])
+  out, n = sampling.generate(
+    model,
+    [prompt],
+    max_new_tokens=new,
+    key=jax.random.key(1),
+    temperature=temperature,
+    top_p=TOP_P,
+    eos_id=vocab.eos_id,
+  )
+  cont = vocab.decode(np.asarray(out)[0, len(prompt) : int(n[0])])
   print(f'{label:8s} {vocab.decode(prompt)} | {cont}')
-print(f'{"real":8s} {vocab.decode(prompt)} | {vocab.decode(real_tokens[len(prompt):len(prompt) + new])}')
+print(
+  f'{"real":8s} {vocab.decode(prompt)} | {vocab.decode(real_tokens[len(prompt) : len(prompt) + new])}'
+)

@@ -68,10 +68,9 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=0, top_p=1.0):
   if top_p < 1:
     ordered = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs   # mass of strictly likelier tokens
-    keep = before < top_p                        # always true for the first
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1,
-                        keepdims=True)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly likelier tokens
+    keep = before < top_p  # always true for the first
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -82,7 +81,7 @@ def pad_prompts(prompts, pad_id=0):
   width = int(lengths.max()) if len(prompts) else 0
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   for row, p in enumerate(prompts):
-    tokens[row, :len(p)] = p
+    tokens[row, : len(p)] = p
   return tokens, lengths
 
 
@@ -92,44 +91,63 @@ def check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens):
   Returns (tokens int32 [B, P], lengths int32 [B]) as numpy arrays.
   """
   if not getattr(model, 'causal', False):
-    raise ValueError(f'generation needs a causal model; task '
-                     f'{getattr(model, "task", None)!r} is bidirectional')
+    raise ValueError(
+      f'generation needs a causal model; task {getattr(model, "task", None)!r} is bidirectional'
+    )
   tokens = np.asarray(prompt_tokens)
   if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f'prompt_tokens must be an int array [batch, length], got '
-                     f'shape {tokens.shape} dtype {tokens.dtype}')
+    raise ValueError(
+      f'prompt_tokens must be an int array [batch, length], got '
+      f'shape {tokens.shape} dtype {tokens.dtype}'
+    )
   batch, width = tokens.shape
-  lengths = (np.full((batch,), width, np.int32) if prompt_lengths is None
-             else np.asarray(prompt_lengths).astype(np.int32))
+  lengths = (
+    np.full((batch,), width, np.int32)
+    if prompt_lengths is None
+    else np.asarray(prompt_lengths).astype(np.int32)
+  )
   if lengths.shape != (batch,):
     raise ValueError(f'prompt_lengths must have shape ({batch},), got {lengths.shape}')
   if (lengths < 0).any() or (lengths > width).any():
     raise ValueError(f'prompt_lengths must be in [0, {width}], got {lengths.tolist()}')
   if model.start_id is None and (lengths < 1).any():
-    raise ValueError('every causal_lm prompt needs at least one token (e.g. BOS); '
-                     f'got lengths {lengths.tolist()}')
+    raise ValueError(
+      f'every causal_lm prompt needs at least one token (e.g. BOS); got lengths {lengths.tolist()}'
+    )
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens}')
   longest = int(lengths.max()) if batch else 0
   if longest > model.max_len:
-    raise ValueError(f'prompt of {longest} tokens is longer than the model max_len '
-                     f'{model.max_len}')
+    raise ValueError(f'prompt of {longest} tokens is longer than the model max_len {model.max_len}')
   if longest + max_new_tokens > model.max_len:
     raise ValueError(
-        f'prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the '
-        f'model max_len {model.max_len}; use max_new_tokens <= {model.max_len - longest}')
+      f'prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the '
+      f'model max_len {model.max_len}; use max_new_tokens <= {model.max_len - longest}'
+    )
   real = np.arange(width)[None, :] < lengths[:, None]
   bad = real & ((tokens < 0) | (tokens >= model.vocab_size))
   if bad.any():
     row, col = (int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f'prompt token id {int(tokens[row, col])} at (row {row}, position '
-                     f'{col}) is outside the vocabulary [0, {model.vocab_size})')
+    raise ValueError(
+      f'prompt token id {int(tokens[row, col])} at (row {row}, position '
+      f'{col}) is outside the vocabulary [0, {model.vocab_size})'
+    )
   return tokens.astype(np.int32), lengths
 
 
-def generate(model, prompt_tokens, prompt_lengths=None, *, max_new_tokens: int,
-             key=None, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0):
+def generate(
+  model,
+  prompt_tokens,
+  prompt_lengths=None,
+  *,
+  max_new_tokens: int,
+  key=None,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  eos_id: int | None = None,
+  pad_id: int = 0,
+):
   """Samples continuations of a batch of prompts.
 
   Args:
@@ -148,8 +166,7 @@ def generate(model, prompt_tokens, prompt_lengths=None, *, max_new_tokens: int,
     prompt, then its samples, then pad_id from lengths[b] on.
   """
   check_sampling_options(temperature, top_k, top_p)
-  tokens, lengths = check_prompts(model, prompt_tokens, prompt_lengths,
-                                  max_new_tokens)
+  tokens, lengths = check_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens)
   if key is None:
     if temperature != 0:
       raise ValueError('sampling with temperature > 0 needs a PRNG key: pass key=')
@@ -157,21 +174,42 @@ def generate(model, prompt_tokens, prompt_lengths=None, *, max_new_tokens: int,
   graphdef, state = nnx.split(model)
   # eos_id and pad_id are traced (-1 never matches a token), so changing them
   # does not recompile; the sampling options and the length are static.
-  return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key,
-                   jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
-                   jnp.asarray(pad_id, jnp.int32),
-                   max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                   top_k=int(top_k), top_p=float(top_p))
+  return _generate(
+    graphdef,
+    state,
+    jnp.asarray(tokens),
+    jnp.asarray(lengths),
+    key,
+    jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+    jnp.asarray(pad_id, jnp.int32),
+    max_new_tokens=int(max_new_tokens),
+    temperature=float(temperature),
+    top_k=int(top_k),
+    top_p=float(top_p),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    'graphdef', 'max_new_tokens', 'temperature', 'top_k', 'top_p'))
-def _generate(graphdef, state, tokens, lengths, key, eos_id, pad_id, *,
-              max_new_tokens, temperature, top_k, top_p):
+@functools.partial(
+  jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
+)
+def _generate(
+  graphdef,
+  state,
+  tokens,
+  lengths,
+  key,
+  eos_id,
+  pad_id,
+  *,
+  max_new_tokens,
+  temperature,
+  top_k,
+  top_p,
+):
   model = nnx.merge(graphdef, state)
   batch, width = tokens.shape
   rows = jnp.arange(batch)
-  inputs = model.decode_inputs(tokens)       # START-prefixed for images
+  inputs = model.decode_inputs(tokens)  # START-prefixed for images
   input_lengths = lengths + (inputs.shape[1] - width)
   mask = jnp.arange(inputs.shape[1])[None, :] < input_lengths[:, None]
   # Prefill uses inputs.shape[1] slots, the loop max_new_tokens - 1 more.
@@ -181,8 +219,7 @@ def _generate(graphdef, state, tokens, lengths, key, eos_id, pad_id, *,
   out = jnp.full((batch, width + max_new_tokens), pad_id, jnp.int32)
   in_prompt = jnp.arange(width)[None, :] < lengths[:, None]
   out = out.at[:, :width].set(jnp.where(in_prompt, tokens, pad_id))
-  sample = functools.partial(sample_logits, temperature=temperature,
-                             top_k=top_k, top_p=top_p)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
   def emit(i, logits, out, done, count):
     """Samples token i of every row and writes it after that row's prompt."""
@@ -212,9 +249,11 @@ def _generate(graphdef, state, tokens, lengths, key, eos_id, pad_id, *,
 
 # --- Restoring a trained model for inference ---------------------------------
 
+
 def find_checkpoint(path: str):
   """(workdir, step or None) from a workdir, its checkpoints/ dir or one step dir."""
   import os  # pylint: disable=g-import-not-at-top
+
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise ValueError(f'no such directory {path!r}')
@@ -230,11 +269,15 @@ def load_config(workdir: str):
   """The run's resolved config, from workdir/config.json (written by training)."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
-    raise ValueError(f'no config.json in {workdir!r}: pass the training run\'s workdir '
-                     '(or --config with the config file it was trained with)')
+    raise ValueError(
+      f"no config.json in {workdir!r}: pass the training run's workdir "
+      '(or --config with the config file it was trained with)'
+    )
   with open(path, encoding='utf-8') as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -252,6 +295,7 @@ def load_model(path: str, config=None):
   """
   from performer import models  # pylint: disable=g-import-not-at-top
   from performer.training import checkpoints  # pylint: disable=g-import-not-at-top
+
   workdir, step = find_checkpoint(path)
   config = load_config(workdir) if config is None else config
   model = models.build_model(config.model, rngs=nnx.Rngs(params=0, dropout=1))
@@ -261,8 +305,7 @@ def load_model(path: str, config=None):
   shardings = jax.tree.map(lambda _: device, templates)
   manager = checkpoints.make_manager(workdir, 1, read_only=True)
   if step is None:
-    restored = checkpoints.restore_latest(manager, templates, shardings,
-                                          move_corrupt=False)
+    restored = checkpoints.restore_latest(manager, templates, shardings, move_corrupt=False)
     if restored is None:
       raise ValueError(f'no usable checkpoint under {manager.directory}')
     step, trees, _ = restored

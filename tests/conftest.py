@@ -31,7 +31,8 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 def tiny_config(**overrides):
   """configs/tiny.py with 'a.b=value'-style overrides given as keyword a__b=value."""
   from performer.training import config_utils  # pylint: disable=g-import-not-at-top
-  items = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+
+  items = [f'{k.replace("__", ".")}={v}' for k, v in overrides.items()]
   return config_utils.load_config(os.path.join(ROOT, 'configs', 'tiny.py'), items)
 
 
@@ -44,8 +45,15 @@ def subprocess_env(**extra):
 
 def run_script(args, timeout=300, **env):
   """Runs `python <args...>` from the repo root; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(**env),
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=subprocess_env(**env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 @pytest.fixture

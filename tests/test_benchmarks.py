@@ -11,8 +11,7 @@ import json
 import os
 import sys
 
-from conftest import ROOT
-from conftest import run_script
+from conftest import ROOT, run_script
 
 sys.path.insert(0, ROOT)
 from benchmarks import model as model_bench  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -20,9 +19,23 @@ from benchmarks import model as model_bench  # noqa: E402  pylint: disable=g-imp
 
 def test_model_benchmark_quick(tmp_path):
   path = tmp_path / 'model.json'
-  proc = run_script(['benchmarks/model.py', '--quick', '--modes', 'bidirectional',
-                     '--kinds', 'softmax', 'identity', '--lengths', '128', '512',
-                     '--json', str(path)], timeout=300)
+  proc = run_script(
+    [
+      'benchmarks/model.py',
+      '--quick',
+      '--modes',
+      'bidirectional',
+      '--kinds',
+      'softmax',
+      'identity',
+      '--lengths',
+      '128',
+      '512',
+      '--json',
+      str(path),
+    ],
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(path.read_text())
   rows = {(r['kind'], r['length']): r for r in out['rows']}
@@ -37,7 +50,7 @@ def test_model_benchmark_quick(tmp_path):
       assert row['vs_softmax'] == 1.0
   for kind in ('softmax', 'identity'):
     assert rows[kind, 512]['mem_growth_4x'] > 1.0
-  assert out['args']['layers'] == 1          # --quick shrinks the model
+  assert out['args']['layers'] == 1  # --quick shrinks the model
   assert 'step ms' in proc.stdout and '/ identity' in proc.stdout
   assert 'memory growth L -> 4L' in proc.stdout
 
@@ -54,18 +67,24 @@ def test_model_benchmark_skips_by_prediction_and_memory():
 
 
 def test_model_benchmark_ratios_and_summary():
-  rows = [{'mode': 'causal', 'kind': k, 'length': n, 'ms': ms, 'peak_mb': mb}
-          for k, n, ms, mb in (('identity', 2048, 10.0, 100.0), ('identity', 8192, 40.0, 380.0),
-                               ('favor_softmax', 2048, 12.0, 110.0),
-                               ('favor_softmax', 8192, 48.0, 440.0),
-                               ('softmax', 2048, 30.0, 400.0))]
-  rows.append({'mode': 'causal', 'kind': 'softmax', 'length': 8192, 'peak_mb': 6400.0,
-               'skipped': 'needs'})
+  rows = [
+    {'mode': 'causal', 'kind': k, 'length': n, 'ms': ms, 'peak_mb': mb}
+    for k, n, ms, mb in (
+      ('identity', 2048, 10.0, 100.0),
+      ('identity', 8192, 40.0, 380.0),
+      ('favor_softmax', 2048, 12.0, 110.0),
+      ('favor_softmax', 8192, 48.0, 440.0),
+      ('softmax', 2048, 30.0, 400.0),
+    )
+  ]
+  rows.append(
+    {'mode': 'causal', 'kind': 'softmax', 'length': 8192, 'peak_mb': 6400.0, 'skipped': 'needs'}
+  )
   model_bench.add_ratios(rows)
   by = {(r['kind'], r['length']): r for r in rows}
   assert by['favor_softmax', 8192]['x_identity'] == 1.2
   assert by['favor_softmax', 2048]['vs_softmax'] == 2.5
-  assert by['softmax', 8192]['mem_growth_4x'] == 16.0   # memory even when not timed
+  assert by['softmax', 8192]['mem_growth_4x'] == 16.0  # memory even when not timed
   assert by['favor_softmax', 8192]['mem_growth_4x'] == 4.0
   text = '\n'.join(model_bench.summary_lines(rows))
   assert 'favor_softmax: step time at L=8192 = 1.20x identity' in text
@@ -82,12 +101,26 @@ def test_model_benchmark_rejects_unknown_kind(capsys):
 
 def test_attention_benchmark_runs(tmp_path):
   path = tmp_path / 'attention.json'
-  proc = run_script(['benchmarks/attention.py', '--lengths', '256', '--kinds', 'softmax',
-                     'favor_softmax', 'identity', '--repeats', '1', '--json', str(path)],
-                    timeout=300)
+  proc = run_script(
+    [
+      'benchmarks/attention.py',
+      '--lengths',
+      '256',
+      '--kinds',
+      'softmax',
+      'favor_softmax',
+      'identity',
+      '--repeats',
+      '1',
+      '--json',
+      str(path),
+    ],
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(path.read_text())['rows']
   assert {(r['mode'], r['kind']) for r in rows} == {
-      (m, k) for m in ('bidirectional', 'causal') for k in ('softmax', 'favor_softmax', 'identity')}
+    (m, k) for m in ('bidirectional', 'causal') for k in ('softmax', 'favor_softmax', 'identity')
+  }
   assert all(r['ms'] > 0 and r['peak_mb'] > 0 for r in rows)
   assert os.path.getsize(path) > 0

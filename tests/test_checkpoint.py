@@ -15,14 +15,21 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_config
-from performer.training import checkpoints
+from performer.training import checkpoints, train_lib
 from performer.training.metrics import read_metrics
-from performer.training import train_lib
 
 # Long enough (in steps) that a kill right after the first checkpoint lands mid-run.
-KILL_ARGS = dict(train__num_steps=120, train__checkpoint_every=10, train__keep_checkpoints=3,
-                 train__eval_every=0, train__log_every=40, data__seq_len=32, model__max_len=32,
-                 train__redraw_every=7, model__dropout_rate=0.1)
+KILL_ARGS = dict(
+  train__num_steps=120,
+  train__checkpoint_every=10,
+  train__keep_checkpoints=3,
+  train__eval_every=0,
+  train__log_every=40,
+  data__seq_len=32,
+  model__max_len=32,
+  train__redraw_every=7,
+  model__dropout_rate=0.1,
+)
 
 
 def _leaves(tree):
@@ -38,11 +45,21 @@ def _finalized_steps(workdir):
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   killed_dir, ref_dir = str(tmp_path / 'killed'), str(tmp_path / 'reference')
-  overrides = [f"--config.{k.replace('__', '.')}={v}" for k, v in KILL_ARGS.items()]
+  overrides = [f'--config.{k.replace("__", ".")}={v}' for k, v in KILL_ARGS.items()]
   proc = subprocess.Popen(
-      [sys.executable, 'train.py', '--config=configs/tiny.py', f'--workdir={killed_dir}',
-       '--progress=off', *overrides],
-      cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    [
+      sys.executable,
+      'train.py',
+      '--config=configs/tiny.py',
+      f'--workdir={killed_dir}',
+      '--progress=off',
+      *overrides,
+    ],
+    cwd=ROOT,
+    env=subprocess_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   deadline = time.time() + 240
   while not _finalized_steps(killed_dir) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
@@ -77,8 +94,13 @@ def _corrupt(step_dir):
 
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
   workdir = str(tmp_path)
-  config = tiny_config(train__num_steps=4, train__checkpoint_every=2, train__eval_every=0,
-                       data__seq_len=32, model__max_len=32)
+  config = tiny_config(
+    train__num_steps=4,
+    train__checkpoint_every=2,
+    train__eval_every=0,
+    data__seq_len=32,
+    model__max_len=32,
+  )
   first = train_lib.train_and_evaluate(config, workdir)
   assert _finalized_steps(workdir) == [2, 4]
   _corrupt(os.path.join(workdir, 'checkpoints', '4'))
@@ -98,10 +120,14 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
 
 def test_init_from_across_attention_kinds(tmp_path, caplog):
   source = str(tmp_path / 'softmax')
-  base = dict(train__num_steps=2, train__checkpoint_every=2, train__eval_every=0,
-              data__seq_len=32, model__max_len=32)
-  src = train_lib.train_and_evaluate(tiny_config(model__attention__kind='softmax', **base),
-                                     source)
+  base = dict(
+    train__num_steps=2,
+    train__checkpoint_every=2,
+    train__eval_every=0,
+    data__seq_len=32,
+    model__max_len=32,
+  )
+  src = train_lib.train_and_evaluate(tiny_config(model__attention__kind='softmax', **base), source)
 
   # Same architecture, other kind: every parameter transfers, nothing is reported missing.
   config = tiny_config(model__attention__kind='favor_relu', **base)
@@ -118,16 +144,18 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
   run3 = train_lib.setup(deeper)
   with caplog.at_level(logging.WARNING):
     _, report = checkpoints.load_params_by_name(
-        os.path.join(source, 'checkpoints', '2'), run3['state']['params'],
-        run3['state']['shardings']['params'])
-  assert report['only_in_model'] and all(n.startswith('layers.2.')
-                                         for n in report['only_in_model'])
+      os.path.join(source, 'checkpoints', '2'),
+      run3['state']['params'],
+      run3['state']['shardings']['params'],
+    )
+  assert report['only_in_model'] and all(n.startswith('layers.2.') for n in report['only_in_model'])
   assert report['only_in_checkpoint'] == []
   assert any('layers.2.' in r.getMessage() for r in caplog.records)
 
   # Through the training loop (shallower model: checkpoint-only names are reported).
-  shallow = tiny_config(model__attention__kind='favor_softmax', model__num_layers=1,
-                        train__init_from=source, **base)
+  shallow = tiny_config(
+    model__attention__kind='favor_softmax', model__num_layers=1, train__init_from=source, **base
+  )
   result = train_lib.train_and_evaluate(shallow, str(tmp_path / 'shallow'))
   assert result['init_report']['only_in_checkpoint']
   assert all(n.startswith('layers.1.') for n in result['init_report']['only_in_checkpoint'])
@@ -135,8 +163,9 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
   wider = tiny_config(model__mlp_dim=128, **base)
   run_w = train_lib.setup(wider)
   with pytest.raises(checkpoints.InitFromError, match='shape mismatch'):
-    checkpoints.load_params_by_name(source, run_w['state']['params'],
-                                    run_w['state']['shardings']['params'])
+    checkpoints.load_params_by_name(
+      source, run_w['state']['params'], run_w['state']['shardings']['params']
+    )
 
 
 def test_data_position_restore():
@@ -148,9 +177,11 @@ def test_data_position_restore():
   class Stateful:
     def __init__(self):
       self.i = 0
+
     def __next__(self):
       self.i += 1
       return self.i
+
     def set_state(self, state):
       self.i = state['i']
 

@@ -12,14 +12,21 @@ from conftest import ROOT, run_script
 from performer import data
 from performer.training import config_utils
 
-CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                      if not p.endswith('__init__.py'))
+CONFIG_FILES = sorted(
+  p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py')) if not p.endswith('__init__.py')
+)
 
 
 def test_expected_config_files_exist():
   names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
-  assert {'base', 'tiny', 'default', 'lm1b_transformer', 'lm1b_performer',
-          'imagenet64_performer'} <= names
+  assert {
+    'base',
+    'tiny',
+    'default',
+    'lm1b_transformer',
+    'lm1b_performer',
+    'imagenet64_performer',
+  } <= names
   for attn in ('transformer', 'performer_softmax', 'performer_relu'):
     for direction in ('uni', 'bi'):
       assert f'protein_{attn}_{direction}' in names
@@ -54,16 +61,26 @@ def test_protein_variants_differ_only_where_named():
 
 def test_overrides_are_typed():
   path = os.path.join(ROOT, 'configs', 'tiny.py')
-  config = config_utils.load_config(path, ['train.learning_rate=1', 'config.train.batch_size=8',
-                                           'model.attention.orthogonal=false',
-                                           'model.image_shape=(8,8,3)', 'data.path=/x.faa'])
+  config = config_utils.load_config(
+    path,
+    [
+      'train.learning_rate=1',
+      'config.train.batch_size=8',
+      'model.attention.orthogonal=false',
+      'model.image_shape=(8,8,3)',
+      'data.path=/x.faa',
+    ],
+  )
   assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
   assert config.train.batch_size == 8 and config.model.attention.orthogonal is False
   assert config.model.image_shape == (8, 8, 3) and config.data.path == '/x.faa'
-  for bad, key in [('train.batch_size=abc', 'config.train.batch_size'),
-                   ('train.batch_sze=8', 'config.train.batch_sze'),
-                   ('nope.x=1', 'config.nope'), ('model.attention=3', 'config.model.attention'),
-                   ('model.attention.orthogonal=maybe', 'config.model.attention.orthogonal')]:
+  for bad, key in [
+    ('train.batch_size=abc', 'config.train.batch_size'),
+    ('train.batch_sze=8', 'config.train.batch_sze'),
+    ('nope.x=1', 'config.nope'),
+    ('model.attention=3', 'config.model.attention'),
+    ('model.attention.orthogonal=maybe', 'config.model.attention.orthogonal'),
+  ]:
     with pytest.raises(config_utils.ConfigError, match=key.replace('.', r'\.')) as e:
       config_utils.load_config(path, [bad])
     assert '\n' not in str(e.value)
@@ -71,21 +88,27 @@ def test_overrides_are_typed():
 
 def test_variant_file_cannot_add_keys(tmp_path):
   path = tmp_path / 'typo.py'
-  path.write_text('from configs import base\n\ndef get_config():\n'
-                  '  config = base.get_config()\n  config.train.batch_sze = 8\n  return config\n')
+  path.write_text(
+    'from configs import base\n\ndef get_config():\n'
+    '  config = base.get_config()\n  config.train.batch_sze = 8\n  return config\n'
+  )
   with pytest.raises(config_utils.ConfigError, match="'batch_sze'.*did you mean 'batch_size'"):
     config_utils.load_config(str(path))
 
 
-@pytest.mark.parametrize('override,key', [
+@pytest.mark.parametrize(
+  'override,key',
+  [
     ('--config.train.no_such_key=1', 'config.train.no_such_key'),
     ('--config.train.batch_size=eight', 'config.train.batch_size'),
     ('--config.model.attention.kind=fancy', 'config.model.attention.kind'),
     ('--config.model.task=translation', 'config.model.task'),
-])
+  ],
+)
 def test_train_py_bad_config_is_one_line_exit_2(override, key, tmp_path):
-  proc = run_script(['train.py', '--config=configs/tiny.py', f'--workdir={tmp_path}', override],
-                    timeout=120)
+  proc = run_script(
+    ['train.py', '--config=configs/tiny.py', f'--workdir={tmp_path}', override], timeout=120
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
@@ -95,17 +118,22 @@ def test_train_py_bad_config_is_one_line_exit_2(override, key, tmp_path):
 
 def test_train_py_unavailable_dataset_fails_fast(tmp_path):
   """lm1b is not prepared on a test machine: the data module's message, as one line."""
-  proc = run_script(['train.py', '--config=configs/lm1b_transformer.py',
-                     f'--workdir={tmp_path}', f'--config.data.data_dir={tmp_path}/none'],
-                    timeout=120)
+  proc = run_script(
+    [
+      'train.py',
+      '--config=configs/lm1b_transformer.py',
+      f'--workdir={tmp_path}',
+      f'--config.data.data_dir={tmp_path}/none',
+    ],
+    timeout=120,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith('W')]
   assert len(lines) == 1 and 'lm1b' in lines[0] and 'Traceback' not in proc.stderr, proc.stderr
 
 
 def test_eval_py_without_checkpoint_is_one_line_exit_2(tmp_path):
-  proc = run_script(['eval.py', '--config=configs/tiny.py', f'--workdir={tmp_path}'],
-                    timeout=120)
+  proc = run_script(['eval.py', '--config=configs/tiny.py', f'--workdir={tmp_path}'], timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith('W')]
   assert len(lines) == 1 and 'checkpoint' in lines[0], proc.stderr

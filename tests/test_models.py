@@ -13,26 +13,38 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from performer import attention
-from performer import models
+from performer import attention, models
 from performer.models import positions as positions_lib
 
 VOCAB = 13
 L = 16
 CAUSAL_TASKS = ('causal_lm', 'image_ar')
-FEATURE_KINDS = tuple(k for k in attention.KINDS
-                      if attention.get_attention(k).uses_features)
+FEATURE_KINDS = tuple(k for k in attention.KINDS if attention.get_attention(k).uses_features)
 
 
 def make_config(task='causal_lm', kind='softmax', **overrides):
   image = task == 'image_ar'
   cfg = dict(
-      task=task, vocab_size=256 if image else VOCAB, num_layers=2, num_heads=2,
-      emb_dim=32, mlp_dim=64, dropout_rate=0.0,
-      max_len=32, positions='learned', dtype='float32',
-      image_shape=(4, 4, 2) if image else None,
-      attention=dict(kind=kind, num_features=16, chunk_size=4, orthogonal=True,
-                     feature_norms='chi', per_head_features=False))
+    task=task,
+    vocab_size=256 if image else VOCAB,
+    num_layers=2,
+    num_heads=2,
+    emb_dim=32,
+    mlp_dim=64,
+    dropout_rate=0.0,
+    max_len=32,
+    positions='learned',
+    dtype='float32',
+    image_shape=(4, 4, 2) if image else None,
+    attention=dict(
+      kind=kind,
+      num_features=16,
+      chunk_size=4,
+      orthogonal=True,
+      feature_norms='chi',
+      per_head_features=False,
+    ),
+  )
   attn = overrides.pop('attention', {})
   cfg.update(overrides)
   cfg['attention'].update(attn)
@@ -40,8 +52,7 @@ def make_config(task='causal_lm', kind='softmax', **overrides):
 
 
 @functools.lru_cache(maxsize=None)
-def cached_model(task='causal_lm', kind='softmax', positions='learned',
-                 dtype='float32'):
+def cached_model(task='causal_lm', kind='softmax', positions='learned', dtype='float32'):
   cfg = make_config(task, kind, positions=positions, dtype=dtype)
   return models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
 
@@ -52,8 +63,7 @@ def forward(model, tokens, mask=None, segment_ids=None, positions=None):
 
 
 def random_tokens(seed, shape, vocab):
-  return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape),
-                     jnp.int32)
+  return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
 
 
 @pytest.mark.parametrize('kind', attention.KINDS)
@@ -75,8 +85,9 @@ def test_hidden_states_feed_the_logits(task):
   hidden = nnx.jit(lambda m, t: m.hidden_states(t))(model, tokens)
   assert hidden.shape == (2, L, 32)
   np.testing.assert_allclose(np.asarray(hidden).mean(-1), 0.0, atol=1e-5)  # LayerNorm
-  np.testing.assert_allclose(model.logits_from_hidden(hidden), forward(model, tokens),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    model.logits_from_hidden(hidden), forward(model, tokens), atol=1e-5, rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize('kind', attention.KINDS)
@@ -90,10 +101,9 @@ def test_causal_at_model_level(task, kind):
   tokens = random_tokens(1, (1, L), model.vocab_size)
   other = tokens.at[0, changed].set((tokens[0, changed] + 1) % model.vocab_size)
   logits = forward(model, jnp.concatenate([tokens, other]))
-  np.testing.assert_allclose(logits[0, :t + 1], logits[1, :t + 1],
-                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(logits[0, : t + 1], logits[1, : t + 1], atol=1e-6, rtol=0)
   if kind != 'identity':  # identity attention has no cross-position flow
-    assert not np.allclose(logits[0, t + 2:], logits[1, t + 2:])
+    assert not np.allclose(logits[0, t + 2 :], logits[1, t + 2 :])
 
 
 def test_image_ar_first_logits_ignore_all_pixels():
@@ -104,7 +114,8 @@ def test_image_ar_first_logits_ignore_all_pixels():
   logits = forward(model, jnp.concatenate([a, b]))
   np.testing.assert_allclose(logits[0, 0], logits[1, 0], atol=1e-6)
   np.testing.assert_array_equal(
-      models.shift_right(a, 256)[0], np.concatenate([[256], np.asarray(a[0, :-1])]))
+    models.shift_right(a, 256)[0], np.concatenate([[256], np.asarray(a[0, :-1])])
+  )
 
 
 @pytest.mark.parametrize('kind', attention.KINDS)
@@ -135,14 +146,15 @@ def test_random_features_are_variables_not_params(kind):
   assert not any(isinstance(p, attention.RandomFeatures) for p in param_leaves)
   assert 'features' not in str(jax.tree_util.tree_structure(params))
   if kind in FEATURE_KINDS:
-    assert len(feats) == 2 and feats[0].shape == (16, 16)   # one per layer
+    assert len(feats) == 2 and feats[0].shape == (16, 16)  # one per layer
   else:
     assert feats == []
 
 
 def test_per_head_features_and_redraw():
-  cfg = make_config('causal_lm', 'favor_softmax',
-                    attention=dict(per_head_features=True, orthogonal=False))
+  cfg = make_config(
+    'causal_lm', 'favor_softmax', attention=dict(per_head_features=True, orthogonal=False)
+  )
   model = models.build_model(cfg, rngs=nnx.Rngs(0))
   graphdef, feats, rest = nnx.split(model, attention.RandomFeatures, ...)
   assert all(x.shape == (2, 16, 16) for x in jax.tree.leaves(feats))
@@ -169,8 +181,8 @@ def test_rope_relative_shift_property():
   # Position 0 is the identity rotation; norms are preserved.
   np.testing.assert_allclose(positions_lib.apply_rope(q, jnp.array([[0]])), q)
   np.testing.assert_allclose(
-      jnp.linalg.norm(positions_lib.apply_rope(q, jnp.array([[37]]))),
-      jnp.linalg.norm(q), rtol=1e-5)
+    jnp.linalg.norm(positions_lib.apply_rope(q, jnp.array([[37]]))), jnp.linalg.norm(q), rtol=1e-5
+  )
 
 
 def test_rotary_model_is_shift_invariant():
@@ -179,11 +191,13 @@ def test_rotary_model_is_shift_invariant():
   tokens = random_tokens(7, (1, L), VOCAB)
   pos = positions_lib.default_positions(1, L)
   rot = cached_model('causal_lm', 'softmax', positions='rotary')
-  np.testing.assert_allclose(forward(rot, tokens, positions=pos),
-                             forward(rot, tokens, positions=pos + 9), atol=1e-4)
+  np.testing.assert_allclose(
+    forward(rot, tokens, positions=pos), forward(rot, tokens, positions=pos + 9), atol=1e-4
+  )
   learned = cached_model('causal_lm', 'softmax')
-  assert not np.allclose(forward(learned, tokens, positions=pos),
-                         forward(learned, tokens, positions=pos + 9), atol=1e-4)
+  assert not np.allclose(
+    forward(learned, tokens, positions=pos), forward(learned, tokens, positions=pos + 9), atol=1e-4
+  )
 
 
 def test_axial_positions_cover_64x64x3():
@@ -196,12 +210,14 @@ def test_axial_positions_cover_64x64x3():
   emb = axial(p[None])
   assert emb.shape == (1, 12288, 4)
   np.testing.assert_allclose(
-      emb[0, 3 * 64 * 3 + 5 * 3 + 1],
-      axial.row.embedding[3] + axial.col.embedding[5] + axial.channel.embedding[1],
-      rtol=1e-6)
+    emb[0, 3 * 64 * 3 + 5 * 3 + 1],
+    axial.row.embedding[3] + axial.col.embedding[5] + axial.channel.embedding[1],
+    rtol=1e-6,
+  )
   # Full-size image model builds; a short prefix runs (L <= max_len).
-  cfg = make_config('image_ar', 'favor_softmax', positions='axial',
-                    image_shape=(64, 64, 3), max_len=12288)
+  cfg = make_config(
+    'image_ar', 'favor_softmax', positions='axial', image_shape=(64, 64, 3), max_len=12288
+  )
   model = models.build_model(cfg, rngs=nnx.Rngs(0))
   assert forward(model, random_tokens(8, (1, 8), 256)).shape == (1, 8, 256)
 
@@ -216,12 +232,10 @@ def test_other_positions_run(positions):
 
 def test_bfloat16_compute_gives_float32_logits():
   model = cached_model('causal_lm', 'favor_softmax', dtype='bfloat16')
-  assert all(x.dtype == jnp.float32
-             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   logits = forward(model, random_tokens(10, (2, L), VOCAB))
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-  ref = forward(cached_model('causal_lm', 'favor_softmax'),
-                random_tokens(10, (2, L), VOCAB))
+  ref = forward(cached_model('causal_lm', 'favor_softmax'), random_tokens(10, (2, L), VOCAB))
   np.testing.assert_allclose(logits, ref, atol=0.15)  # same params, bf16 noise
 
 
@@ -239,8 +253,7 @@ def test_packed_segments_match_separate_runs(kind, positions):
   np.testing.assert_allclose(got[:, :10], forward(model, a), atol=1e-5)
   np.testing.assert_allclose(got[:, 10:], forward(model, b), atol=1e-5)
   # Positions default to restarting per segment when segment_ids are given.
-  np.testing.assert_allclose(forward(model, packed, segment_ids=seg), got,
-                             atol=1e-6)
+  np.testing.assert_allclose(forward(model, packed, segment_ids=seg), got, atol=1e-6)
 
 
 def test_packed_images_restart_with_start_token():
@@ -264,7 +277,7 @@ def test_bad_inputs_raise_clear_errors():
     model(jnp.zeros((1, 4), jnp.float32))
   with pytest.raises(ValueError, match=r'int array \[batch, length\]'):
     model(jnp.zeros((4,), jnp.int32))
-  with pytest.raises(ValueError, match="valid tasks: .*causal_lm.*mlm.*image_ar"):
+  with pytest.raises(ValueError, match='valid tasks: .*causal_lm.*mlm.*image_ar'):
     models.build_model(make_config(task='seq2seq'), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='axial'):
     models.build_model(make_config(positions='axial'), rngs=nnx.Rngs(0))

@@ -13,9 +13,18 @@ L = 24
 
 
 def build(kind, task):
-  cfg = ml_collections.ConfigDict(dict(
-      task=task, vocab_size=29, num_layers=2, num_heads=2, emb_dim=16, mlp_dim=32, max_len=L,
-      attention=dict(kind=kind, num_features=64, chunk_size=8)))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      task=task,
+      vocab_size=29,
+      num_layers=2,
+      num_heads=2,
+      emb_dim=16,
+      mlp_dim=32,
+      max_len=L,
+      attention=dict(kind=kind, num_features=64, chunk_size=8),
+    )
+  )
   return models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
 
 
@@ -39,9 +48,9 @@ def test_matrix_times_v_is_the_attention_output(kind, task):
   out = layer.attn.attend(r['q'], r['k'], v, causal=r['causal'], mask=mask)
   rebuilt = jnp.einsum('bhqk,bkhd->bqhd', maps[0], v)
   np.testing.assert_allclose(rebuilt, out, rtol=1e-3, atol=2e-4)
-  rows = np.asarray(maps.sum(-1))                      # [layers, B, H, L]
-  np.testing.assert_allclose(rows[..., :15], 1.0, rtol=1e-4)   # real in both rows
-  assert np.all(rows[:, 1, :, 15:] == 0)               # padded queries of row 1
+  rows = np.asarray(maps.sum(-1))  # [layers, B, H, L]
+  np.testing.assert_allclose(rows[..., :15], 1.0, rtol=1e-4)  # real in both rows
+  assert np.all(rows[:, 1, :, 15:] == 0)  # padded queries of row 1
   if task == 'causal_lm':
     assert np.all(np.triu(np.asarray(maps), k=1) == 0)
 

@@ -20,7 +20,7 @@ from conftest import ROOT
 nbformat = pytest.importorskip('nbformat')
 jupytext = pytest.importorskip('jupytext')
 nbclient = pytest.importorskip('nbclient')
-pytest.importorskip('ipykernel')   # the 'python3' kernel the notebooks run in
+pytest.importorskip('ipykernel')  # the 'python3' kernel the notebooks run in
 
 NOTEBOOK_DIR = os.path.join(ROOT, 'notebooks')
 SOURCES = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, '[0-9][0-9]_*.py')))
@@ -33,8 +33,9 @@ def _cells(nb):
 
 def test_every_notebook_is_paired():
   assert len(NAMES) == 5, NAMES
-  ipynbs = sorted(p for p in glob.glob(os.path.join(NOTEBOOK_DIR, '*.ipynb'))
-                  if not p.endswith(".out.ipynb"))   # executed copies, if any
+  ipynbs = sorted(
+    p for p in glob.glob(os.path.join(NOTEBOOK_DIR, '*.ipynb')) if not p.endswith('.out.ipynb')
+  )  # executed copies, if any
   assert [os.path.splitext(os.path.basename(p))[0] for p in ipynbs] == NAMES
 
 
@@ -45,11 +46,13 @@ def test_ipynb_is_stripped_and_in_sync(name):
   for cell in nb.cells:
     if cell.cell_type == 'code':
       assert cell.outputs == [] and cell.execution_count is None, (
-          f'{name}.ipynb has outputs: strip them (jupytext --sync notebooks/*.py)')
+        f'{name}.ipynb has outputs: strip them (jupytext --sync notebooks/*.py)'
+      )
   assert nb.metadata['jupytext']['formats'] == 'ipynb,py:percent'
   paired = jupytext.read(os.path.join(NOTEBOOK_DIR, name + '.py'))
   assert _cells(nb) == _cells(paired), (
-      f'{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py`')
+    f'{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py`'
+  )
 
 
 def execute(name, workdir, run_dir, monkeypatch, quick):
@@ -57,13 +60,20 @@ def execute(name, workdir, run_dir, monkeypatch, quick):
   monkeypatch.setenv('PYTHONPATH', ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   monkeypatch.setenv('PERFORMER_NOTEBOOK_WORKDIR', str(workdir))
   monkeypatch.setenv('PERFORMER_NOTEBOOK_QUICK', '1' if quick else '0')
-  for var in ('PERFORMER_PROTEIN_WORKDIR', 'PERFORMER_PROTEIN_SOFTMAX_WORKDIR',
-              'PERFORMER_MODEL_BENCH_JSON'):
+  for var in (
+    'PERFORMER_PROTEIN_WORKDIR',
+    'PERFORMER_PROTEIN_SOFTMAX_WORKDIR',
+    'PERFORMER_MODEL_BENCH_JSON',
+  ):
     monkeypatch.delenv(var, raising=False)
   nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name + '.ipynb'), as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=600 if quick else 3600, kernel_name='python3',
-                                   resources={'metadata': {'path': str(run_dir)}})
-  client.execute()   # raises CellExecutionError naming the failing cell
+  client = nbclient.NotebookClient(
+    nb,
+    timeout=600 if quick else 3600,
+    kernel_name='python3',
+    resources={'metadata': {'path': str(run_dir)}},
+  )
+  client.execute()  # raises CellExecutionError naming the failing cell
   return nb
 
 

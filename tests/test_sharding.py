@@ -5,12 +5,10 @@ import json
 import os
 import textwrap
 
-import pytest
-
 from conftest import run_script
 
 # Runs in a fresh process: the device count is fixed when JAX starts.
-EIGHT_DEVICES = textwrap.dedent('''
+EIGHT_DEVICES = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, 'tests')
     import jax, jax.numpy as jnp
@@ -42,16 +40,19 @@ EIGHT_DEVICES = textwrap.dedent('''
       out[kind][name] = {'losses': losses, 'devices': len(run['mesh'].devices.flat), 'specs': specs,
                    'stats': [float(jnp.sum(x)) for x in jax.tree.leaves(stats)]}
     print('RESULT' + json.dumps(out))
-''')
+""")
 
 
 def _eight_devices(kinds, meshes):
-  proc = run_script(['-c', EIGHT_DEVICES, ','.join(kinds), ','.join(meshes)], timeout=300,
-                    XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
-                    ' --xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  proc = run_script(
+    ['-c', EIGHT_DEVICES, ','.join(kinds), ','.join(meshes)],
+    timeout=300,
+    XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8',
+    JAX_PLATFORMS='cpu',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT'))
-  return json.loads(line[len('RESULT'):])
+  return json.loads(line[len('RESULT') :])
 
 
 def test_adaptive_and_learned_maps_on_eight_devices():
@@ -79,7 +80,9 @@ def test_eight_devices_match_one_device():
 
 def test_param_spec_shards_largest_divisible_dim():
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
   from performer.training import sharding  # pylint: disable=g-import-not-at-top
+
   assert sharding.param_spec((32, 64), 2) == P(None, 'fsdp')
   assert sharding.param_spec((64, 32), 2) == P('fsdp', None)
   assert sharding.param_spec((29, 32), 2) == P(None, 'fsdp')
@@ -90,12 +93,23 @@ def test_param_spec_shards_largest_divisible_dim():
 
 def test_distributed_env_detection(monkeypatch):
   from performer.training import sharding  # pylint: disable=g-import-not-at-top
-  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_JOB_ID',
-              'SLURM_NTASKS', 'OMPI_MCA_orte_hnp_uri', 'TPU_WORKER_HOSTNAMES'):
+
+  for var in (
+    'JAX_COORDINATOR_ADDRESS',
+    'JAX_NUM_PROCESSES',
+    'JAX_PROCESS_ID',
+    'SLURM_JOB_ID',
+    'SLURM_NTASKS',
+    'OMPI_MCA_orte_hnp_uri',
+    'TPU_WORKER_HOSTNAMES',
+  ):
     monkeypatch.delenv(var, raising=False)
   assert sharding._distributed_env() is None
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:1234')
   monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
   monkeypatch.setenv('JAX_PROCESS_ID', '3')
-  assert sharding._distributed_env() == {'coordinator_address': '10.0.0.1:1234',
-                                         'num_processes': 4, 'process_id': 3}
+  assert sharding._distributed_env() == {
+    'coordinator_address': '10.0.0.1:1234',
+    'num_processes': 4,
+    'process_id': 3,
+  }

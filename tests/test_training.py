@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from performer import attention
-from performer import data
-from performer.training import checkpoints
+from performer import attention, data
+from performer.training import checkpoints, sharding, train_lib
 from performer.training import steps as steps_lib
-from performer.training import train_lib
-from performer.training import sharding
 
 
 def _fixed_batch(config, split='train'):
@@ -33,58 +30,96 @@ def _train_fixed(config, num_steps):
   batch = sharding.global_batch(_fixed_batch(run['config']), run['batch_sharding'])
   losses = []
   for step in range(num_steps):
-    params, opt_state, stats, m = run['train_fn'](params, opt_state, stats, features, rest,
-                                                  batch, jnp.asarray(step),
-                                                  run['keys']['train'])
+    params, opt_state, stats, m = run['train_fn'](
+      params, opt_state, stats, features, rest, batch, jnp.asarray(step), run['keys']['train']
+    )
     losses.append(float(m['loss']))
   return losses, params, run
 
 
 @pytest.mark.parametrize('kind', attention.KINDS)
 def test_every_kind_learns(kind):
-  config = tiny_config(model__attention__kind=kind, train__schedule='constant',
-                       train__learning_rate=1e-2, train__warmup_steps=0, data__seq_len=32,
-                       model__max_len=32, model__num_layers=1)
+  config = tiny_config(
+    model__attention__kind=kind,
+    train__schedule='constant',
+    train__learning_rate=1e-2,
+    train__warmup_steps=0,
+    data__seq_len=32,
+    model__max_len=32,
+    model__num_layers=1,
+  )
   losses, _, _ = _train_fixed(config, 12)
   assert np.all(np.isfinite(losses)), losses
   assert losses[-1] < 0.8 * losses[0], (kind, losses)
 
 
 def test_bfloat16_compute_learns():
-  config = tiny_config(model__dtype='bfloat16', train__schedule='constant',
-                       train__learning_rate=1e-2, train__warmup_steps=0, data__seq_len=32,
-                       model__max_len=32, model__num_layers=1)
+  config = tiny_config(
+    model__dtype='bfloat16',
+    train__schedule='constant',
+    train__learning_rate=1e-2,
+    train__warmup_steps=0,
+    data__seq_len=32,
+    model__max_len=32,
+    model__num_layers=1,
+  )
   losses, params, _ = _train_fixed(config, 10)
   assert losses[-1] < 0.8 * losses[0], losses
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # master weights
 
 
 def test_mlm_learns():
-  config = tiny_config(model__task='mlm', train__schedule='constant', train__learning_rate=1e-2,
-                       train__warmup_steps=0, data__seq_len=32, model__max_len=32,
-                       model__num_layers=1)
+  config = tiny_config(
+    model__task='mlm',
+    train__schedule='constant',
+    train__learning_rate=1e-2,
+    train__warmup_steps=0,
+    data__seq_len=32,
+    model__max_len=32,
+    model__num_layers=1,
+  )
   losses, _, _ = _train_fixed(config, 12)
   assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_image_ar_learns_and_reports_bits_per_dim():
   """The image head on stand-in tokens (protein ids < 256) shaped as a 4x8x1 'image'."""
-  config = tiny_config(model__task='image_ar', model__vocab_size=256,
-                       model__image_shape='(4,8,1)', model__max_len=32, data__seq_len=32,
-                       model__num_layers=1, train__schedule='constant', train__warmup_steps=0,
-                       train__learning_rate=1e-2)
+  config = tiny_config(
+    model__task='image_ar',
+    model__vocab_size=256,
+    model__image_shape='(4,8,1)',
+    model__max_len=32,
+    data__seq_len=32,
+    model__num_layers=1,
+    train__schedule='constant',
+    train__warmup_steps=0,
+    train__learning_rate=1e-2,
+  )
   losses, params, run = _train_fixed(config, 8)
   assert losses[-1] < 0.8 * losses[0], losses
-  result = train_lib.evaluate(run['eval_fn'], params, run['state']['stats'],
-                              run['state']['features'], run['state']['rest'], run['config'],
-                              'validation', num_batches=1,
-                              batch_sharding=run['batch_sharding'], eval_key=run['keys']['eval'])
+  result = train_lib.evaluate(
+    run['eval_fn'],
+    params,
+    run['state']['stats'],
+    run['state']['features'],
+    run['state']['rest'],
+    run['config'],
+    'validation',
+    num_batches=1,
+    batch_sharding=run['batch_sharding'],
+    eval_key=run['keys']['eval'],
+  )
   assert result['bits_per_dim'] == pytest.approx(result['loss'] / np.log(2))
 
 
 def test_train_and_evaluate_writes_outputs(tmp_path):
-  config = tiny_config(train__num_steps=6, train__log_every=3, train__eval_every=3,
-                       train__checkpoint_every=2, train__keep_checkpoints=2)
+  config = tiny_config(
+    train__num_steps=6,
+    train__log_every=3,
+    train__eval_every=3,
+    train__checkpoint_every=2,
+    train__keep_checkpoints=2,
+  )
   result = train_lib.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 6
   for split in ('validation', 'test'):
@@ -107,8 +142,7 @@ def test_eval_is_deterministic(task):
   config = tiny_config(model__task=task, model__dropout_rate=0.1)
   run = train_lib.setup(config)
   st = run['state']
-  kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=run['keys']['eval'],
-                num_batches=2)
+  kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=run['keys']['eval'], num_batches=2)
   pieces = [st[k] for k in ('params', 'stats', 'features', 'rest')]
   first = train_lib.evaluate(run['eval_fn'], *pieces, run['config'], 'validation', **kwargs)
   second = train_lib.evaluate(run['eval_fn'], *pieces, run['config'], 'validation', **kwargs)
@@ -122,8 +156,14 @@ def test_grad_accumulation_equals_big_batch():
   task = 'mlm'
   results = []
   for accum in (1, 4):
-    config = tiny_config(model__task=task, train__grad_accum_steps=accum, train__batch_size=8,
-                         data__seq_len=32, model__max_len=32, model__num_layers=1)
+    config = tiny_config(
+      model__task=task,
+      train__grad_accum_steps=accum,
+      train__batch_size=8,
+      data__seq_len=32,
+      model__max_len=32,
+      model__num_layers=1,
+    )
     losses, params, _ = _train_fixed(config, 3)
     results.append((losses, jax.tree.leaves(params)))
   (loss1, p1), (loss4, p4) = results
@@ -134,9 +174,15 @@ def test_grad_accumulation_equals_big_batch():
 
 def test_redraw_schedule(tmp_path):
   """Features change before steps 3 and 6 only, to redraw(seed, step) exactly."""
-  config = tiny_config(train__num_steps=7, train__redraw_every=3, train__checkpoint_every=1,
-                       train__keep_checkpoints=10, train__eval_every=0, data__seq_len=32,
-                       model__max_len=32)
+  config = tiny_config(
+    train__num_steps=7,
+    train__redraw_every=3,
+    train__checkpoint_every=1,
+    train__keep_checkpoints=10,
+    train__eval_every=0,
+    data__seq_len=32,
+    model__max_len=32,
+  )
   train_lib.train_and_evaluate(config, str(tmp_path))
   run = train_lib.setup(config)
   initial = run['state']['features']
@@ -171,8 +217,13 @@ def test_mlm_masking_rule():
   vocab = data.vocab_for(config.data)
   special = (vocab.pad_id, vocab.bos_id, vocab.eos_id, vocab.mask_id)
   inputs, targets, picked = steps_lib.mlm_targets(
-      batch, jax.random.key(0), rate=0.15, mask_id=vocab.mask_id, special_ids=special,
-      vocab_size=vocab.size)
+    batch,
+    jax.random.key(0),
+    rate=0.15,
+    mask_id=vocab.mask_id,
+    special_ids=special,
+    vocab_size=vocab.size,
+  )
   tokens, real = np.asarray(batch['tokens']), np.asarray(batch['mask'])
   inputs, picked = np.asarray(inputs), np.asarray(picked)
   np.testing.assert_array_equal(np.asarray(targets), tokens)
@@ -184,21 +235,35 @@ def test_mlm_masking_rule():
   frac_kept = np.mean(inputs[picked] == tokens[picked])
   assert 0.75 < frac_mask < 0.85 and 0.06 < frac_kept < 0.16
   assert not np.isin(inputs[picked & (inputs != vocab.mask_id)], special).any()
-  again = steps_lib.mlm_targets(batch, jax.random.key(0), rate=0.15, mask_id=vocab.mask_id,
-                                special_ids=special, vocab_size=vocab.size)
+  again = steps_lib.mlm_targets(
+    batch,
+    jax.random.key(0),
+    rate=0.15,
+    mask_id=vocab.mask_id,
+    special_ids=special,
+    vocab_size=vocab.size,
+  )
   np.testing.assert_array_equal(np.asarray(again[0]), inputs)
   # Eval: the same positions, every one of them MASK.
   ev_inputs, _, ev_picked = steps_lib.mlm_targets(
-      batch, jax.random.key(0), rate=0.15, mask_id=vocab.mask_id, special_ids=special,
-      vocab_size=vocab.size, mask_all=True)
+    batch,
+    jax.random.key(0),
+    rate=0.15,
+    mask_id=vocab.mask_id,
+    special_ids=special,
+    vocab_size=vocab.size,
+    mask_all=True,
+  )
   np.testing.assert_array_equal(np.asarray(ev_picked), picked)
   assert np.all(np.asarray(ev_inputs)[picked] == vocab.mask_id)
 
 
 def test_causal_targets_respect_segments():
-  batch = {'tokens': jnp.array([[1, 5, 6, 2, 1, 7, 2, 0]]),
-           'mask': jnp.array([[1, 1, 1, 1, 1, 1, 1, 0]], bool),
-           'segment_ids': jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]])}
+  batch = {
+    'tokens': jnp.array([[1, 5, 6, 2, 1, 7, 2, 0]]),
+    'mask': jnp.array([[1, 1, 1, 1, 1, 1, 1, 0]], bool),
+    'segment_ids': jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]]),
+  }
   _, targets, weights = steps_lib.causal_targets(batch)
   np.testing.assert_array_equal(np.asarray(targets)[0, :6], [5, 6, 2, 1, 7, 2])
   np.testing.assert_array_equal(np.asarray(weights)[0], [1, 1, 1, 0, 1, 1, 0, 0])
@@ -211,8 +276,7 @@ def test_schedule_warmup_then_cosine():
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(55)) == pytest.approx(0.5, abs=1e-6)
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
-  config = tiny_config(train__schedule='constant', train__warmup_steps=10,
-                       train__learning_rate=1.0)
+  config = tiny_config(train__schedule='constant', train__warmup_steps=10, train__learning_rate=1.0)
   schedule = steps_lib.make_schedule(config.train)
   assert float(schedule(5)) == pytest.approx(0.5) and float(schedule(50)) == 1.0
 
@@ -221,8 +285,12 @@ def test_segment_ids_reach_the_model_only_for_packed_rows():
   """Unpacked rows hold one sequence: their segment ids would only send attention down
   the slower packed-segment path, so the loop drops them."""
   from ml_collections import ConfigDict
-  batch = {'tokens': np.zeros((1, 4), np.int32), 'mask': np.ones((1, 4), bool),
-           'segment_ids': np.ones((1, 4), np.int32)}
+
+  batch = {
+    'tokens': np.zeros((1, 4), np.int32),
+    'mask': np.ones((1, 4), bool),
+    'segment_ids': np.ones((1, 4), np.int32),
+  }
   assert 'segment_ids' not in train_lib.model_batch(batch, ConfigDict({'pack': False}))
   assert 'segment_ids' in train_lib.model_batch(batch, ConfigDict({'pack': True}))
 
@@ -231,12 +299,20 @@ def test_running_statistics_update_and_survive_resume(tmp_path):
   """FAVOR++ moments are updated by every train step (not reset: the step returns them),
   frozen by eval, checkpointed, and a run resumed from step 2 ends with the same
   statistics and parameters as a run straight to step 4."""
-  args = dict(model__attention__kind='favor_plus_plus', train__num_steps=4,
-              train__checkpoint_every=2, train__eval_every=0, train__log_every=2,
-              train__schedule='constant', data__seq_len=32, model__max_len=32)
+  args = dict(
+    model__attention__kind='favor_plus_plus',
+    train__num_steps=4,
+    train__checkpoint_every=2,
+    train__eval_every=0,
+    train__log_every=2,
+    train__schedule='constant',
+    data__seq_len=32,
+    model__max_len=32,
+  )
   straight = train_lib.train_and_evaluate(tiny_config(**args), str(tmp_path / 'straight'))
-  half = train_lib.train_and_evaluate(tiny_config(**{**args, 'train__num_steps': 2}),
-                                      str(tmp_path / 'resumed'))
+  half = train_lib.train_and_evaluate(
+    tiny_config(**{**args, 'train__num_steps': 2}), str(tmp_path / 'resumed')
+  )
   resumed = train_lib.train_and_evaluate(tiny_config(**args), str(tmp_path / 'resumed'))
 
   def stats(result):
@@ -246,14 +322,15 @@ def test_running_statistics_update_and_survive_resume(tmp_path):
   assert len(two) == 4  # moments and weight of each of the 2 layers
   weights = sorted(k for k in two if k.endswith('weight'))
   for k in weights:  # 1 - 0.99^steps: exactly two, then four updates
-    np.testing.assert_allclose(two[k], 1 - 0.99 ** 2, rtol=1e-5)
-    np.testing.assert_allclose(four[k], 1 - 0.99 ** 4, rtol=1e-5)
+    np.testing.assert_allclose(two[k], 1 - 0.99**2, rtol=1e-5)
+    np.testing.assert_allclose(four[k], 1 - 0.99**4, rtol=1e-5)
   assert not any(np.array_equal(two[k], four[k]) for k in two)
   for k, v in stats(straight).items():
     np.testing.assert_array_equal(four[k], v, err_msg=k)
   for a, b in zip(jax.tree.leaves(resumed['params']), jax.tree.leaves(straight['params'])):
     np.testing.assert_array_equal(a, b)
   # Eval reads the checkpointed statistics and does not move them.
-  again = train_lib.evaluate_checkpoint(tiny_config(**args), str(tmp_path / 'resumed'),
-                                        splits=('validation',))
+  again = train_lib.evaluate_checkpoint(
+    tiny_config(**args), str(tmp_path / 'resumed'), splits=('validation',)
+  )
   assert again['final']['validation'] == resumed['final']['validation']

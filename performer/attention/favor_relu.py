@@ -10,7 +10,6 @@ RELU_EPS = 1e-3
 
 
 class FavorRelu(fm.RandomFeatureMap):
-
   def query(self, x, ctx):
     return jax.nn.relu(fm.project(fm.scaled(x), self.w)) + RELU_EPS
 

@@ -8,7 +8,6 @@ from performer.attention import feature_map as fm
 
 
 class FavorSoftmax(fm.ExpFeatureMap):
-
   def logits(self, x, ctx, *, key):
     del ctx, key
     xs = fm.scaled(x)

@@ -26,5 +26,4 @@ class FavorTrig(fm.RandomFeatureMap):
 
   def exact_query(self, x, ctx):
     m = self.w.shape[-2]
-    return (self._parts(x) * jnp.exp(fm.half_sq_norm(fm.scaled(x)))[..., None]
-            / jnp.sqrt(float(m)))
+    return self._parts(x) * jnp.exp(fm.half_sq_norm(fm.scaled(x)))[..., None] / jnp.sqrt(float(m))

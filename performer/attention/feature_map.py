@@ -64,16 +64,17 @@ class Options:
   """Every attention option, with its default. Every kind accepts all of
   them (a kind ignores the ones it has no use for), so a config switches kinds
   by changing only the name."""
-  num_features: int = 256       # m, random features (FAVOR kinds)
-  chunk_size: int = 128         # causal chunk length C
-  orthogonal: bool = True       # orthogonal random features
-  feature_norms: str = "chi"    # 'chi' or 'sqrt' row norms
-  eps: float = 1e-6             # added to the normaliser (sign-preserving)
-  causal_impl: str = "chunked"  # 'chunked' or 'scan' (per-step reference)
+
+  num_features: int = 256  # m, random features (FAVOR kinds)
+  chunk_size: int = 128  # causal chunk length C
+  orthogonal: bool = True  # orthogonal random features
+  feature_norms: str = 'chi'  # 'chi' or 'sqrt' row norms
+  eps: float = 1e-6  # added to the normaliser (sign-preserving)
+  causal_impl: str = 'chunked'  # 'chunked' or 'scan' (per-step reference)
   implementation: str | None = None  # softmax: None, 'xla', 'cudnn', 'reference'
-  per_head_features: bool = False    # one random matrix per head
-  stats_decay: float = 0.99     # FAVOR++/FAVOR#: running-moment decay
-  hedgehog_dim: int | None = None    # Hedgehog d' (None or 0: head_dim)
+  per_head_features: bool = False  # one random matrix per head
+  stats_decay: float = 0.99  # FAVOR++/FAVOR#: running-moment decay
+  hedgehog_dim: int | None = None  # Hedgehog d' (None or 0: head_dim)
 
 
 def heads_major(x: jax.Array) -> jax.Array:
@@ -94,7 +95,7 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
   CPU than one that writes a transposed result.
   """
   w = w.astype(x.dtype)
-  spec = "bhld,md->bhlm" if w.ndim == 2 else "bhld,hmd->bhlm"
+  spec = 'bhld,md->bhlm' if w.ndim == 2 else 'bhld,hmd->bhlm'
   return jnp.einsum(spec, heads_major(x), w, preferred_element_type=jnp.float32)
 
 
@@ -129,10 +130,17 @@ class FeatureMap(nnx.Module):
   ``exact_key`` and ``num_features``; the rest has generic defaults."""
 
   uses_random_features = False  # owns a RandomFeatures matrix
-  positive = True               # phi >= 0 (normaliser never changes sign)
+  positive = True  # phi >= 0 (normaliser never changes sign)
 
-  def __init__(self, head_dim: int, num_heads: int, options: Options, *,
-               rngs: nnx.Rngs | None = None, features=None):
+  def __init__(
+    self,
+    head_dim: int,
+    num_heads: int,
+    options: Options,
+    *,
+    rngs: nnx.Rngs | None = None,
+    features=None,
+  ):
     del rngs, features
     self.head_dim, self.num_heads = head_dim, num_heads
 
@@ -169,28 +177,37 @@ class RandomFeatureMap(FeatureMap):
   uses_random_features = True
   features_per_row = 1  # entries of phi per random direction
 
-  def __init__(self, head_dim, num_heads, options, *, rngs=None,
-               features=None):
+  def __init__(self, head_dim, num_heads, options, *, rngs=None, features=None):
     super().__init__(head_dim, num_heads, options)
     heads = num_heads if options.per_head_features else None
     if features is None:
       if rngs is None:
-        raise ValueError(f"{type(self).__name__} needs a random feature "
-                         "matrix: pass features=attention.draw_features(...)")
+        raise ValueError(
+          f'{type(self).__name__} needs a random feature '
+          'matrix: pass features=attention.draw_features(...)'
+        )
       features = features_lib.draw_features(
-          rngs.params(), options.num_features, head_dim,
-          orthogonal=options.orthogonal, feature_norms=options.feature_norms,
-          num_heads=heads)
+        rngs.params(),
+        options.num_features,
+        head_dim,
+        orthogonal=options.orthogonal,
+        feature_norms=options.feature_norms,
+        num_heads=heads,
+      )
     features = jnp.asarray(features)
-    if features.ndim not in (2, 3) or features.shape[-1] != head_dim or (
-        features.ndim == 3 and features.shape[0] != num_heads):
-      raise ValueError(f"features must be [m, {head_dim}] or [{num_heads}, "
-                       f"m, {head_dim}], got {features.shape}")
+    if (
+      features.ndim not in (2, 3)
+      or features.shape[-1] != head_dim
+      or (features.ndim == 3 and features.shape[0] != num_heads)
+    ):
+      raise ValueError(
+        f'features must be [m, {head_dim}] or [{num_heads}, m, {head_dim}], got {features.shape}'
+      )
     # Draw options travel as metadata so that redraw_features can redraw from
     # the same distribution.
     self.features = features_lib.RandomFeatures(
-        features, orthogonal=options.orthogonal,
-        feature_norms=options.feature_norms)
+      features, orthogonal=options.orthogonal, feature_norms=options.feature_norms
+    )
 
   @property
   def num_features(self) -> int:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-FEATURE_NORMS = ("chi", "sqrt")
+FEATURE_NORMS = ('chi', 'sqrt')
 
 
 class RandomFeatures(nnx.Variable):
@@ -34,13 +34,15 @@ def _orthogonal_block(key: jax.Array, dim: int) -> jax.Array:
   return q * jnp.sign(jnp.diagonal(r))[None, :]
 
 
-def draw_features(key: jax.Array,
-                  num_features: int,
-                  head_dim: int,
-                  *,
-                  orthogonal: bool = True,
-                  feature_norms: str = "chi",
-                  num_heads: int | None = None) -> jax.Array:
+def draw_features(
+  key: jax.Array,
+  num_features: int,
+  head_dim: int,
+  *,
+  orthogonal: bool = True,
+  feature_norms: str = 'chi',
+  num_heads: int | None = None,
+) -> jax.Array:
   """Draws a feature matrix w of shape [m, d], or [num_heads, m, d].
 
   Args:
@@ -53,29 +55,33 @@ def draw_features(key: jax.Array,
     num_heads: if given, draw an independent matrix per head.
   """
   if num_features <= 0 or head_dim <= 0:
-    raise ValueError(f"num_features and head_dim must be positive, got "
-                     f"num_features={num_features}, head_dim={head_dim}")
+    raise ValueError(
+      f'num_features and head_dim must be positive, got '
+      f'num_features={num_features}, head_dim={head_dim}'
+    )
   if feature_norms not in FEATURE_NORMS:
-    raise ValueError(f"feature_norms must be one of {FEATURE_NORMS}, "
-                     f"got {feature_norms!r}")
+    raise ValueError(f'feature_norms must be one of {FEATURE_NORMS}, got {feature_norms!r}')
   if num_heads is not None:
     keys = jax.random.split(key, num_heads)
-    return jax.vmap(lambda k: draw_features(
-        k, num_features, head_dim, orthogonal=orthogonal,
-        feature_norms=feature_norms))(keys)
+    return jax.vmap(
+      lambda k: draw_features(
+        k, num_features, head_dim, orthogonal=orthogonal, feature_norms=feature_norms
+      )
+    )(keys)
   if not orthogonal:
     return jax.random.normal(key, (num_features, head_dim), jnp.float32)
   block_key, norm_key = jax.random.split(key)
   num_blocks = -(-num_features // head_dim)
   blocks = jax.vmap(_orthogonal_block, in_axes=(0, None))(
-      jax.random.split(block_key, num_blocks), head_dim)
+    jax.random.split(block_key, num_blocks), head_dim
+  )
   directions = blocks.reshape(num_blocks * head_dim, head_dim)[:num_features]
-  if feature_norms == "sqrt":
+  if feature_norms == 'sqrt':
     norms = jnp.full((num_features,), jnp.sqrt(float(head_dim)), jnp.float32)
   else:
     norms = jnp.linalg.norm(
-        jax.random.normal(norm_key, (num_features, head_dim), jnp.float32),
-        axis=-1)
+      jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1
+    )
   # Rows of Q are unit vectors; scale each to its drawn norm.
   return directions * norms[:, None]
 
@@ -103,9 +109,12 @@ def redraw_features(state, key: jax.Array):
     value = leaf[...]
     num_heads = value.shape[0] if value.ndim == 3 else None
     fresh = draw_features(
-        jax.random.fold_in(key, index), value.shape[-2], value.shape[-1],
-        orthogonal=meta.get("orthogonal", True),
-        feature_norms=meta.get("feature_norms", "chi"),
-        num_heads=num_heads).astype(value.dtype)
+      jax.random.fold_in(key, index),
+      value.shape[-2],
+      value.shape[-1],
+      orthogonal=meta.get('orthogonal', True),
+      feature_norms=meta.get('feature_norms', 'chi'),
+      num_heads=num_heads,
+    ).astype(value.dtype)
     new_leaves.append(leaf.replace(fresh))
   return jax.tree.unflatten(treedef, new_leaves)

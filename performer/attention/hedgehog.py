@@ -20,22 +20,17 @@ from performer.attention import feature_map as fm
 
 
 def _identity_init(num_heads, head_dim, width):
-  return jnp.broadcast_to(jnp.eye(head_dim, width, dtype=jnp.float32),
-                          (num_heads, head_dim, width))
+  return jnp.broadcast_to(jnp.eye(head_dim, width, dtype=jnp.float32), (num_heads, head_dim, width))
 
 
 class Hedgehog(fm.FeatureMap):
-
-  def __init__(self, head_dim, num_heads, options, *, rngs=None,
-               features=None):
+  def __init__(self, head_dim, num_heads, options, *, rngs=None, features=None):
     super().__init__(head_dim, num_heads, options)
     width = options.hedgehog_dim or head_dim
     self.width = width
-    self.query_weight = fm.FeatureParam(_identity_init(num_heads, head_dim,
-                                                       width))
+    self.query_weight = fm.FeatureParam(_identity_init(num_heads, head_dim, width))
     self.query_bias = fm.FeatureParam(jnp.zeros((num_heads, width)))
-    self.key_weight = fm.FeatureParam(_identity_init(num_heads, head_dim,
-                                                     width))
+    self.key_weight = fm.FeatureParam(_identity_init(num_heads, head_dim, width))
     self.key_bias = fm.FeatureParam(jnp.zeros((num_heads, width)))
 
   @property
@@ -44,18 +39,17 @@ class Hedgehog(fm.FeatureMap):
 
   @staticmethod
   def _phi(x, weight, bias):
-    z = jnp.einsum("blhd,hdf->bhlf", fm.scaled(x), weight.astype(x.dtype),
-                   preferred_element_type=jnp.float32)
+    z = jnp.einsum(
+      'blhd,hdf->bhlf', fm.scaled(x), weight.astype(x.dtype), preferred_element_type=jnp.float32
+    )
     z = z + bias[None, :, None, :]
-    return jnp.concatenate([jax.nn.softmax(z, axis=-1),
-                            jax.nn.softmax(-z, axis=-1)], axis=-1)
+    return jnp.concatenate([jax.nn.softmax(z, axis=-1), jax.nn.softmax(-z, axis=-1)], axis=-1)
 
   def query(self, x, ctx):
     return self._phi(x, self.query_weight[...], self.query_bias[...])
 
   def key(self, x, ctx):
-    return (self._phi(x, self.key_weight[...], self.key_bias[...]),
-            fm.zero_log_scale(x))
+    return (self._phi(x, self.key_weight[...], self.key_bias[...]), fm.zero_log_scale(x))
 
   def exact_query(self, x, ctx):
     return self.query(x, ctx)

@@ -23,29 +23,29 @@ from performer.attention.feature_map import Options
 
 def check_inputs(q, k, v, mask, segment_ids):
   """Raises ValueError naming the first shape problem."""
-  for name, x in (("q", q), ("k", k), ("v", v)):
+  for name, x in (('q', q), ('k', k), ('v', v)):
     if x.ndim != 4:
-      raise ValueError(f"{name} must be [batch, length, heads, dim], "
-                       f"got shape {x.shape}")
+      raise ValueError(f'{name} must be [batch, length, heads, dim], got shape {x.shape}')
   if q.shape != k.shape:
-    raise ValueError(f"q and k shapes differ: q {q.shape}, k {k.shape} "
-                     "(batch, length, heads and head_dim must match)")
+    raise ValueError(
+      f'q and k shapes differ: q {q.shape}, k {k.shape} '
+      '(batch, length, heads and head_dim must match)'
+    )
   if v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"v {v.shape} does not match q {q.shape} in batch, "
-                     "length or heads")
+    raise ValueError(f'v {v.shape} does not match q {q.shape} in batch, length or heads')
   expected = q.shape[:2]
   if mask is not None:
     if mask.shape != expected:
-      raise ValueError(f"mask must have shape [batch, length] = {expected}, "
-                       f"got {mask.shape}")
+      raise ValueError(f'mask must have shape [batch, length] = {expected}, got {mask.shape}')
     if mask.dtype != jnp.bool_:
-      raise ValueError(f"mask must be bool (True = real token), got {mask.dtype}")
+      raise ValueError(f'mask must be bool (True = real token), got {mask.dtype}')
   if segment_ids is not None:
     if segment_ids.shape != expected:
-      raise ValueError(f"segment_ids must have shape [batch, length] = "
-                       f"{expected}, got {segment_ids.shape}")
+      raise ValueError(
+        f'segment_ids must have shape [batch, length] = {expected}, got {segment_ids.shape}'
+      )
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise ValueError(f"segment_ids must be integers, got {segment_ids.dtype}")
+      raise ValueError(f'segment_ids must be integers, got {segment_ids.dtype}')
 
 
 def _zero_padded_queries(out, mask):
@@ -55,8 +55,7 @@ def _zero_padded_queries(out, mask):
 
 
 def _allowed(length, causal, mask, segment_ids):
-  allowed = softmax_lib.combined_mask(length, causal=causal, mask=mask,
-                                      segment_ids=segment_ids)
+  allowed = softmax_lib.combined_mask(length, causal=causal, mask=mask, segment_ids=segment_ids)
   if mask is not None:  # padded queries: empty rows
     allowed = allowed & mask[:, None, :, None]
   return allowed
@@ -64,10 +63,18 @@ def _allowed(length, causal, mask, segment_ids):
 
 class Attention(nnx.Module):
   """Base class: one signature for every kind."""
-  name = "base"
 
-  def __init__(self, head_dim: int, num_heads: int, options: Options, *,
-               rngs: nnx.Rngs | None = None, features=None):
+  name = 'base'
+
+  def __init__(
+    self,
+    head_dim: int,
+    num_heads: int,
+    options: Options,
+    *,
+    rngs: nnx.Rngs | None = None,
+    features=None,
+  ):
     del rngs, features
     self.head_dim, self.num_heads = head_dim, num_heads
     self.options = options
@@ -75,21 +82,21 @@ class Attention(nnx.Module):
   def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None):
     check_inputs(q, k, v, mask, segment_ids)
     return _zero_padded_queries(
-        self._attend(q, k, v, causal=causal, mask=mask,
-                     segment_ids=segment_ids), mask)
+      self._attend(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids), mask
+    )
 
   def weights(self, q, k, *, causal, mask=None, segment_ids=None):
     """The [B, H, L, L] attention matrix this kind implies (analysis only):
     out = weights @ v. Rows of padded queries are zero."""
     allowed = _allowed(q.shape[1], causal, mask, segment_ids)
-    scores = jnp.where(allowed, self._scores(q, k, causal=causal, mask=mask,
-                                             segment_ids=segment_ids), 0.0)
+    scores = jnp.where(
+      allowed, self._scores(q, k, causal=causal, mask=mask, segment_ids=segment_ids), 0.0
+    )
     total = jnp.sum(scores, axis=-1, keepdims=True)
     return scores / jnp.where(total == 0, 1.0, total)
 
   # Recurrent decoding: init_state, then prefill and/or one step per token.
-  def init_state(self, batch, value_dim, *, max_length=None,
-                 dtype=jnp.float32):
+  def init_state(self, batch, value_dim, *, max_length=None, dtype=jnp.float32):
     raise NotImplementedError
 
   def prefill(self, state, q, k, v, *, mask=None):
@@ -103,30 +110,40 @@ class Attention(nnx.Module):
 
 class SoftmaxAttention(Attention):
   """Exact attention; decodes with a KV cache."""
-  name = "softmax"
+
+  name = 'softmax'
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids):
-    if self.options.implementation == "reference":
-      out = softmax_lib.softmax_reference(q, k, v, causal=causal, mask=mask,
-                                          segment_ids=segment_ids)
+    if self.options.implementation == 'reference':
+      out = softmax_lib.softmax_reference(
+        q, k, v, causal=causal, mask=mask, segment_ids=segment_ids
+      )
       return out.astype(v.dtype)
-    return softmax_lib.softmax_fast(q, k, v, causal=causal, mask=mask,
-                                    segment_ids=segment_ids,
-                                    implementation=self.options.implementation)
+    return softmax_lib.softmax_fast(
+      q,
+      k,
+      v,
+      causal=causal,
+      mask=mask,
+      segment_ids=segment_ids,
+      implementation=self.options.implementation,
+    )
 
   def _scores(self, q, k, *, causal, mask, segment_ids):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
-                        k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    logits = (
+      jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
+      * q.shape[-1] ** -0.5
+    )
     allowed = _allowed(q.shape[1], causal, mask, segment_ids)
     logits = jnp.where(allowed, logits, -1e30)
     return jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
 
-  def init_state(self, batch, value_dim, *, max_length=None,
-                 dtype=jnp.float32):
+  def init_state(self, batch, value_dim, *, max_length=None, dtype=jnp.float32):
     if max_length is None:
-      raise ValueError("softmax decoding keeps a KV cache: pass max_length")
-    return softmax_lib.init_cache(batch, self.num_heads, self.head_dim,
-                                  value_dim, max_length, dtype)
+      raise ValueError('softmax decoding keeps a KV cache: pass max_length')
+    return softmax_lib.init_cache(
+      batch, self.num_heads, self.head_dim, value_dim, max_length, dtype
+    )
 
   def prefill(self, state, q, k, v, *, mask=None):
     mask = jnp.ones(q.shape[:2], bool) if mask is None else mask
@@ -141,15 +158,15 @@ class SoftmaxAttention(Attention):
 
 class IdentityAttention(Attention):
   """Returns v: the 'dummy attention' lower bound used by benchmarks."""
-  name = "identity"
+
+  name = 'identity'
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids):
     return v
 
   def _scores(self, q, k, **unused):
     b, length, h, _ = q.shape
-    return jnp.broadcast_to(jnp.eye(length, dtype=jnp.float32),
-                            (b, h, length, length))
+    return jnp.broadcast_to(jnp.eye(length, dtype=jnp.float32), (b, h, length, length))
 
   def init_state(self, *args, **kwargs):
     return {}
@@ -165,21 +182,17 @@ class LinearAttention(Attention):
   """Feature-map attention: ``feature_map`` (a module of its own, see
   ``feature_map.py``) through the pure functions of ``linear.py``."""
 
-  def __init__(self, map_class, name, head_dim, num_heads, options, *,
-               rngs=None, features=None):
+  def __init__(self, map_class, name, head_dim, num_heads, options, *, rngs=None, features=None):
     super().__init__(head_dim, num_heads, options)
     self.name = name
-    if options.causal_impl not in ("chunked", "scan"):
-      raise ValueError(f"causal_impl must be 'chunked' or 'scan', "
-                       f"got {options.causal_impl!r}")
-    self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs,
-                                 features=features)
+    if options.causal_impl not in ('chunked', 'scan'):
+      raise ValueError(f"causal_impl must be 'chunked' or 'scan', got {options.causal_impl!r}")
+    self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs, features=features)
 
   def _split(self, q, k, *, causal, mask, segment_ids):
     """Heads-major q~ [B, H, L, M], masked k~ and its log-scale [B, H, L]."""
     fmap = self.feature_map
-    ctx = fmap.calibrate(q, k, causal=causal, mask=mask,
-                         segment_ids=segment_ids)
+    ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     return (fmap.query(q, ctx),) + fmap.masked_key(k, mask, ctx)
 
   def _output(self, num, den, v):
@@ -194,14 +207,11 @@ class LinearAttention(Attention):
       ctx = fmap.calibrate(q, k, causal=False, mask=mask)
       kw = fmap.shared_key(k, mask, ctx)
       return self._output(*linear.bidirectional(fmap.query(q, ctx), kw, v), v)
-    qf, kf, kr = self._split(q, k, causal=causal, mask=mask,
-                             segment_ids=segment_ids)
+    qf, kf, kr = self._split(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     if not causal:
-      return self._output(*linear.bidirectional_segments(
-          qf, kf, kr, v, segment_ids, chunk), v)
-    seg = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
-           else segment_ids)
-    if self.options.causal_impl == "scan":
+      return self._output(*linear.bidirectional_segments(qf, kf, kr, v, segment_ids, chunk), v)
+    seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    if self.options.causal_impl == 'scan':
       num, den = linear.causal_scan(qf, kf, kr, v, seg)
     else:
       num, den = linear.causal_chunked(qf, kf, kr, v, seg, chunk)
@@ -211,20 +221,15 @@ class LinearAttention(Attention):
     """(phi(q), phi(k)) [B, L, H, M] with their true scale, calibrated as the
     attention call would be: phi(q).phi(k) estimates the kind's kernel."""
     fmap = self.feature_map
-    ctx = fmap.calibrate(q, k, causal=causal, mask=mask,
-                         segment_ids=segment_ids)
-    return (fmap.exact_query(q, ctx).swapaxes(1, 2),
-            fmap.exact_key(k, ctx).swapaxes(1, 2))
+    ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+    return (fmap.exact_query(q, ctx).swapaxes(1, 2), fmap.exact_key(k, ctx).swapaxes(1, 2))
 
   def _scores(self, q, k, *, causal, mask, segment_ids):
-    phi_q, phi_k = self.features(q, k, causal=causal, mask=mask,
-                                 segment_ids=segment_ids)
-    return jnp.einsum("bqhm,bkhm->bhqk", phi_q, phi_k)
+    phi_q, phi_k = self.features(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+    return jnp.einsum('bqhm,bkhm->bhqk', phi_q, phi_k)
 
-  def init_state(self, batch, value_dim, *, max_length=None,
-                 dtype=jnp.float32):
-    return linear.init_state(batch, self.num_heads,
-                             self.feature_map.num_features, value_dim)
+  def init_state(self, batch, value_dim, *, max_length=None, dtype=jnp.float32):
+    return linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
 
   def prefill(self, state, q, k, v, *, mask=None):
     """Chunked causal pass that also returns the carried (S, z, M).
@@ -236,14 +241,17 @@ class LinearAttention(Attention):
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
     num, den, state = linear.causal_chunked(
-        qf, kf, kr, v.swapaxes(1, 2), seg, self.options.chunk_size,
-        return_state=True)
+      qf, kf, kr, v.swapaxes(1, 2), seg, self.options.chunk_size, return_state=True
+    )
     return _zero_padded_queries(self._output(num, den, v), mask), state
 
   def step(self, state, q, k, v, *, mask=None):
-    qf, kf, kr = self._split(q[:, None], k[:, None], causal=True,
-                             mask=None if mask is None else mask[:, None],
-                             segment_ids=None)
-    num, den, state = linear.recurrent_step(state, qf[:, :, 0], kf[:, :, 0],
-                                            kr[:, :, 0], v)
+    qf, kf, kr = self._split(
+      q[:, None],
+      k[:, None],
+      causal=True,
+      mask=None if mask is None else mask[:, None],
+      segment_ids=None,
+    )
+    num, den, state = linear.recurrent_step(state, qf[:, :, 0], kf[:, :, 0], kr[:, :, 0], v)
     return linear.normalise(num, den, self.options.eps).astype(v.dtype), state

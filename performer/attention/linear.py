@@ -56,7 +56,7 @@ def _divide_rows_fwd(num, den):
 
 def _divide_rows_bwd(residuals, g):
   out, inv = residuals
-  return g * inv[..., None], -jnp.einsum("...d,...d->...", g, out) * inv
+  return g * inv[..., None], -jnp.einsum('...d,...d->...', g, out) * inv
 
 
 _divide_rows.defvjp(_divide_rows_fwd, _divide_rows_bwd)
@@ -64,15 +64,16 @@ _divide_rows.defvjp(_divide_rows_fwd, _divide_rows_bwd)
 
 # --- bidirectional -----------------------------------------------------------
 
+
 def bidirectional(qf, kw, v):
   """Unnormalised (num, den): Z = phi(K)^T V and z = phi(K)^T 1 in O(L M D).
 
   kw is phi(k) up to one factor per (batch, head), which cancels.
   """
-  context = jnp.einsum("bhlm,bhld->bhmd", kw, v.astype(jnp.float32))
+  context = jnp.einsum('bhlm,bhld->bhmd', kw, v.astype(jnp.float32))
   normaliser = jnp.sum(kw, axis=2)
-  num = jnp.einsum("bhlm,bhmd->bhld", qf, context)
-  den = jnp.einsum("bhlm,bhm->bhl", qf, normaliser)
+  num = jnp.einsum('bhlm,bhmd->bhld', qf, context)
+  den = jnp.einsum('bhlm,bhm->bhl', qf, normaliser)
   return num, den
 
 
@@ -81,25 +82,31 @@ def bidirectional_segments(qf, kf, kr, v, segment_ids, chunk_size):
   backward exclusive pass of the causal core, with one fixed shift per
   segment so the two halves share a scale."""
   starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool),
-       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   runs = jnp.cumsum(starts, axis=1) - 1  # [B, L] contiguous run index
   length = kr.shape[2]
   per_row = lambda r, i: jax.ops.segment_max(r, i, length)
   run_max = jax.vmap(jax.vmap(per_row, in_axes=(0, None)))(kr, runs)
-  shift = jnp.take_along_axis(run_max, jnp.broadcast_to(runs[:, None], kr.shape),
-                              axis=2)
+  shift = jnp.take_along_axis(run_max, jnp.broadcast_to(runs[:, None], kr.shape), axis=2)
   kw = kf * jnp.exp(kr - shift)[..., None]
   flat_r = jnp.where(kr > NEG / 2, 0.0, NEG)
   fwd = causal_chunked(qf, kw, flat_r, v, segment_ids, chunk_size)
   flip = lambda x: jnp.flip(x, axis=2)
-  bwd = causal_chunked(flip(qf), flip(kw), flip(flat_r), flip(v),
-                       jnp.flip(segment_ids, axis=1), chunk_size,
-                       inclusive=False)
+  bwd = causal_chunked(
+    flip(qf),
+    flip(kw),
+    flip(flat_r),
+    flip(v),
+    jnp.flip(segment_ids, axis=1),
+    chunk_size,
+    inclusive=False,
+  )
   return fwd[0] + flip(bwd[0]), fwd[1] + flip(bwd[1])
 
 
 # --- causal, chunkwise parallel ---------------------------------------------
+
 
 def _pad_length(x, pad, axis, value):
   """Pads the length axis; value None repeats the last entry (segment ids)."""
@@ -114,12 +121,10 @@ def _pad_length(x, pad, axis, value):
 
 
 def _chunk(x, c, axis):
-  return x.reshape(x.shape[:axis] + (x.shape[axis] // c, c)
-                   + x.shape[axis + 1:])
+  return x.reshape(x.shape[:axis] + (x.shape[axis] // c, c) + x.shape[axis + 1 :])
 
 
-def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True,
-                   return_state=False):
+def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True, return_state=False):
   """Causal linear attention in chunks of C positions.
 
   Within a chunk: the masked quadratic form tril(q~ k~^T) V. Across chunks: an
@@ -133,71 +138,80 @@ def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True,
   d = v.shape[-1]
   c = max(1, min(chunk_size, length))
   pad = -length % c
-  qf, kf, v = (_chunk(_pad_length(x, pad, 2, 0.0), c, 2)
-               for x in (qf, kf, v.astype(jnp.float32)))
-  kr = _chunk(_pad_length(kr, pad, 2, NEG), c, 2)             # [B, H, N, C]
+  qf, kf, v = (_chunk(_pad_length(x, pad, 2, 0.0), c, 2) for x in (qf, kf, v.astype(jnp.float32)))
+  kr = _chunk(_pad_length(kr, pad, 2, NEG), c, 2)  # [B, H, N, C]
   seg = _chunk(_pad_length(segment_ids, pad, 1, None), c, 1)  # [B, N, C]
   n = qf.shape[2]
 
   # Each chunk's own state, seen from its last position (that position's
   # segment only); segments are contiguous, so these keys form a suffix.
-  seg_last = seg[:, :, -1]                                   # [B, N]
-  in_last = (seg == seg_last[..., None])[:, None]            # [B, 1, N, C]
-  own_max = jnp.max(jnp.where(in_last, kr, NEG), axis=3)     # [B, H, N]
+  seg_last = seg[:, :, -1]  # [B, N]
+  in_last = (seg == seg_last[..., None])[:, None]  # [B, 1, N, C]
+  own_max = jnp.max(jnp.where(in_last, kr, NEG), axis=3)  # [B, H, N]
   own_w = jnp.where(in_last, _safe_exp(kr - own_max[..., None]), 0.0)
   kw = kf * own_w[..., None]
-  own_s = jnp.einsum("bhncm,bhncd->nbhmd", kw, v)
-  own_z = jnp.einsum("bhncm->nbhm", kw)
+  own_s = jnp.einsum('bhncm,bhncd->nbhmd', kw, v)
+  own_z = jnp.einsum('bhncm->nbhm', kw)
 
   def carry_step(carry, chunk):
     s, z, mx, cseg = carry
     c_s, c_z, c_max, c_seg = chunk
-    cont = (cseg == c_seg)[:, None]                          # [B, 1]
+    cont = (cseg == c_seg)[:, None]  # [B, 1]
     new_max = jnp.maximum(jnp.where(cont, mx, NEG), c_max)
     old = jnp.where(cont, _safe_exp(mx - new_max), 0.0)
     own = _safe_exp(c_max - new_max)
-    new = (old[..., None, None] * s + own[..., None, None] * c_s,
-           old[..., None] * z + own[..., None] * c_z, new_max, c_seg)
+    new = (
+      old[..., None, None] * s + own[..., None, None] * c_s,
+      old[..., None] * z + own[..., None] * c_z,
+      new_max,
+      c_seg,
+    )
     return new, carry  # emit the state *before* this chunk: exclusive prefix
 
-  init = (jnp.zeros((b, h, m, d), jnp.float32),
-          jnp.zeros((b, h, m), jnp.float32),
-          jnp.full((b, h), NEG, jnp.float32), seg[:, 0, 0])
+  init = (
+    jnp.zeros((b, h, m, d), jnp.float32),
+    jnp.zeros((b, h, m), jnp.float32),
+    jnp.full((b, h), NEG, jnp.float32),
+    seg[:, 0, 0],
+  )
   final, (prev_s, prev_z, prev_max, prev_seg) = jax.lax.scan(
-      carry_step, init,
-      (own_s, own_z, jnp.moveaxis(own_max, 2, 0), jnp.moveaxis(seg_last, 1, 0)))
+    carry_step, init, (own_s, own_z, jnp.moveaxis(own_max, 2, 0), jnp.moveaxis(seg_last, 1, 0))
+  )
   prev_s, prev_z = jnp.moveaxis(prev_s, 0, 2), jnp.moveaxis(prev_z, 0, 2)
   prev_max, prev_seg = jnp.moveaxis(prev_max, 0, 2), jnp.moveaxis(prev_seg, 0, 1)
 
   # Per-query stabiliser: max over the keys this query may see.
   tri = jnp.tril(jnp.ones((c, c), bool), 0 if inclusive else -1)
   visible = (tri & (seg[..., :, None] == seg[..., None, :]))[:, None]
-  carry_ok = (seg == prev_seg[..., None])[:, None]           # [B, 1, N, C]
-  key_r = kr[..., None, :]                                   # [B, H, N, 1, Cs]
+  carry_ok = (seg == prev_seg[..., None])[:, None]  # [B, 1, N, C]
+  key_r = kr[..., None, :]  # [B, H, N, 1, Cs]
   intra_max = jnp.max(jnp.where(visible, key_r, NEG), axis=-1)
-  q_max = jnp.maximum(intra_max,
-                      jnp.where(carry_ok, prev_max[..., None], NEG))
+  q_max = jnp.maximum(intra_max, jnp.where(carry_ok, prev_max[..., None], NEG))
   weights = jnp.where(visible, _safe_exp(key_r - q_max[..., None]), 0.0)
-  scores = jnp.einsum("bhntm,bhnsm->bhnts", qf, kf) * weights
+  scores = jnp.einsum('bhntm,bhnsm->bhnts', qf, kf) * weights
   carry_w = jnp.where(carry_ok, _safe_exp(prev_max[..., None] - q_max), 0.0)
-  num = (jnp.einsum("bhnts,bhnsd->bhntd", scores, v)
-         + jnp.einsum("bhntm,bhnmd->bhntd", qf, prev_s) * carry_w[..., None])
-  den = (jnp.sum(scores, axis=-1)
-         + jnp.einsum("bhntm,bhnm->bhnt", qf, prev_z) * carry_w)
+  num = (
+    jnp.einsum('bhnts,bhnsd->bhntd', scores, v)
+    + jnp.einsum('bhntm,bhnmd->bhntd', qf, prev_s) * carry_w[..., None]
+  )
+  den = jnp.sum(scores, axis=-1) + jnp.einsum('bhntm,bhnm->bhnt', qf, prev_z) * carry_w
   num = num.reshape(b, h, n * c, d)[:, :, :length]
   den = den.reshape(b, h, n * c)[:, :, :length]
   if return_state:
     s, z, mx, _ = final
-    return num, den, {"S": s, "z": z, "M": mx}
+    return num, den, {'S': s, 'z': z, 'M': mx}
   return num, den
 
 
 # --- per-step recurrence: the test reference and the decoding update ---------
 
+
 def init_state(batch, heads, state_size, value_dim):
-  return {"S": jnp.zeros((batch, heads, state_size, value_dim), jnp.float32),
-          "z": jnp.zeros((batch, heads, state_size), jnp.float32),
-          "M": jnp.full((batch, heads), NEG, jnp.float32)}
+  return {
+    'S': jnp.zeros((batch, heads, state_size, value_dim), jnp.float32),
+    'z': jnp.zeros((batch, heads, state_size), jnp.float32),
+    'M': jnp.full((batch, heads), NEG, jnp.float32),
+  }
 
 
 def recurrent_step(state, qf, kf, kr, v):
@@ -205,14 +219,13 @@ def recurrent_step(state, qf, kf, kr, v):
 
   qf, kf [B, H, M]; kr [B, H]; v [B, H, D]. Returns (num, den, new_state).
   """
-  new_max = jnp.maximum(state["M"], kr)
-  old, own = _safe_exp(state["M"] - new_max), _safe_exp(kr - new_max)
-  s = (old[..., None, None] * state["S"]
-       + own[..., None, None] * kf[..., :, None] * v[..., None, :])
-  z = old[..., None] * state["z"] + own[..., None] * kf
-  num = jnp.einsum("bhm,bhmd->bhd", qf, s)
-  den = jnp.einsum("bhm,bhm->bh", qf, z)
-  return num, den, {"S": s, "z": z, "M": new_max}
+  new_max = jnp.maximum(state['M'], kr)
+  old, own = _safe_exp(state['M'] - new_max), _safe_exp(kr - new_max)
+  s = old[..., None, None] * state['S'] + own[..., None, None] * kf[..., :, None] * v[..., None, :]
+  z = old[..., None] * state['z'] + own[..., None] * kf
+  num = jnp.einsum('bhm,bhmd->bhd', qf, s)
+  den = jnp.einsum('bhm,bhm->bh', qf, z)
+  return num, den, {'S': s, 'z': z, 'M': new_max}
 
 
 def causal_scan(qf, kf, kr, v, segment_ids):
@@ -220,20 +233,22 @@ def causal_scan(qf, kf, kr, v, segment_ids):
   b, h, _, m = qf.shape
   v = v.astype(jnp.float32)
   starts = jnp.concatenate(
-      [jnp.zeros_like(segment_ids[:, :1], bool),
-       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
 
   def step(state, xs):
     q_t, k_t, r_t, v_t, reset = xs
     fresh = init_state(b, h, m, v.shape[-1])
     state = jax.tree.map(
-        lambda f, s: jnp.where(reset.reshape((b,) + (1,) * (s.ndim - 1)), f, s),
-        fresh, state)
+      lambda f, s: jnp.where(reset.reshape((b,) + (1,) * (s.ndim - 1)), f, s), fresh, state
+    )
     num, den, state = recurrent_step(state, q_t, k_t, r_t, v_t)
     return state, (num, den)
 
   time_major = lambda x: jnp.moveaxis(x, 2, 0)
   _, (num, den) = jax.lax.scan(
-      step, init_state(b, h, m, v.shape[-1]),
-      tuple(time_major(x) for x in (qf, kf, kr, v)) + (starts.T,))
+    step,
+    init_state(b, h, m, v.shape[-1]),
+    tuple(time_major(x) for x in (qf, kf, kr, v)) + (starts.T,),
+  )
   return jnp.moveaxis(num, 0, 2), jnp.moveaxis(den, 0, 2)

@@ -8,7 +8,6 @@ from performer.attention import feature_map as fm
 
 
 class LinearElu(fm.FeatureMap):
-
   def query(self, x, ctx):
     return fm.heads_major(jax.nn.elu(x.astype(jnp.float32)) + 1.0)
 

@@ -41,6 +41,7 @@ from performer.attention.linear_elu import LinearElu
 class Kind:
   """How to build one kind: an attention class and, for linear attention,
   its feature-map class."""
+
   attention: type
   feature_map: type | None = None
 
@@ -48,25 +49,27 @@ class Kind:
   def uses_random_features(self) -> bool:
     return bool(self.feature_map and self.feature_map.uses_random_features)
 
-  def build(self, name, head_dim, num_heads, options, *, rngs=None,
-            features=None) -> kinds.Attention:
+  def build(
+    self, name, head_dim, num_heads, options, *, rngs=None, features=None
+  ) -> kinds.Attention:
     if self.feature_map is None:
       return self.attention(head_dim, num_heads, options)
-    return self.attention(self.feature_map, name, head_dim, num_heads,
-                          options, rngs=rngs, features=features)
+    return self.attention(
+      self.feature_map, name, head_dim, num_heads, options, rngs=rngs, features=features
+    )
 
 
 REGISTRY = {
-    "softmax": Kind(kinds.SoftmaxAttention),
-    "favor_softmax": Kind(kinds.LinearAttention, FavorSoftmax),
-    "favor_hyperbolic": Kind(kinds.LinearAttention, FavorHyperbolic),
-    "favor_trig": Kind(kinds.LinearAttention, FavorTrig),
-    "favor_relu": Kind(kinds.LinearAttention, FavorRelu),
-    "linear_elu": Kind(kinds.LinearAttention, LinearElu),
-    "favor_plus_plus": Kind(kinds.LinearAttention, FavorPlusPlus),
-    "favor_sharp": Kind(kinds.LinearAttention, FavorSharp),
-    "hedgehog": Kind(kinds.LinearAttention, Hedgehog),
-    "identity": Kind(kinds.IdentityAttention),
+  'softmax': Kind(kinds.SoftmaxAttention),
+  'favor_softmax': Kind(kinds.LinearAttention, FavorSoftmax),
+  'favor_hyperbolic': Kind(kinds.LinearAttention, FavorHyperbolic),
+  'favor_trig': Kind(kinds.LinearAttention, FavorTrig),
+  'favor_relu': Kind(kinds.LinearAttention, FavorRelu),
+  'linear_elu': Kind(kinds.LinearAttention, LinearElu),
+  'favor_plus_plus': Kind(kinds.LinearAttention, FavorPlusPlus),
+  'favor_sharp': Kind(kinds.LinearAttention, FavorSharp),
+  'hedgehog': Kind(kinds.LinearAttention, Hedgehog),
+  'identity': Kind(kinds.IdentityAttention),
 }
 KINDS = tuple(REGISTRY)
 OPTIONS = {f.name: f.default for f in dataclasses.fields(Options)}
@@ -75,33 +78,38 @@ OPTIONS = {f.name: f.default for f in dataclasses.fields(Options)}
 def make_options(kind: str, **options) -> Options:
   """Validated ``Options`` for ``kind``; unknown names and values raise."""
   if kind not in REGISTRY:
-    raise ValueError(f"unknown attention kind {kind!r}; valid kinds: "
-                     f"{', '.join(KINDS)}")
+    raise ValueError(f'unknown attention kind {kind!r}; valid kinds: {", ".join(KINDS)}')
   unknown = sorted(set(options) - set(OPTIONS))
   if unknown:
-    raise ValueError(f"unknown attention option(s) {unknown} for {kind!r}; "
-                     f"valid options: {', '.join(OPTIONS)}")
-  norms = options.get("feature_norms", "chi")
+    raise ValueError(
+      f'unknown attention option(s) {unknown} for {kind!r}; valid options: {", ".join(OPTIONS)}'
+    )
+  norms = options.get('feature_norms', 'chi')
   if norms not in features_lib.FEATURE_NORMS:
-    raise ValueError(f"feature_norms must be one of "
-                     f"{features_lib.FEATURE_NORMS}, got {norms!r}")
-  decay = options.get("stats_decay", 0.99)
+    raise ValueError(f'feature_norms must be one of {features_lib.FEATURE_NORMS}, got {norms!r}')
+  decay = options.get('stats_decay', 0.99)
   if not 0.0 <= decay < 1.0:
-    raise ValueError(f"stats_decay must be in [0, 1), got {decay}")
+    raise ValueError(f'stats_decay must be in [0, 1), got {decay}')
   return Options(**options)
 
 
-def build(kind: str, *, head_dim: int, num_heads: int,
-          rngs: nnx.Rngs | None = None, features=None,
-          **options) -> kinds.Attention:
+def build(
+  kind: str,
+  *,
+  head_dim: int,
+  num_heads: int,
+  rngs: nnx.Rngs | None = None,
+  features=None,
+  **options,
+) -> kinds.Attention:
   """The attention module of ``kind`` for ``num_heads`` heads of ``head_dim``.
 
   ``rngs.params()`` draws the random matrix of kinds that have one, unless
   ``features`` gives it.
   """
-  return REGISTRY[kind].build(kind, head_dim, num_heads,
-                              make_options(kind, **options), rngs=rngs,
-                              features=features)
+  return REGISTRY[kind].build(
+    kind, head_dim, num_heads, make_options(kind, **options), rngs=rngs, features=features
+  )
 
 
 class FunctionalAttention:
@@ -114,7 +122,7 @@ class FunctionalAttention:
     self.uses_features = REGISTRY[kind].uses_random_features
 
   def __repr__(self):
-    return f"get_attention({self.name!r}, {self.options})"
+    return f'get_attention({self.name!r}, {self.options})'
 
   def bind(self, head_dim, num_heads, features=None, rngs=None):
     """The module for these sizes around ``features`` (a matrix or variable)."""
@@ -122,38 +130,50 @@ class FunctionalAttention:
       features = features[...]
     if not self.uses_features:  # kinds without random features ignore it
       features = None
-    return REGISTRY[self.name].build(self.name, head_dim, num_heads,
-                                     self.options, rngs=rngs,
-                                     features=features)
+    return REGISTRY[self.name].build(
+      self.name, head_dim, num_heads, self.options, rngs=rngs, features=features
+    )
 
   def make_features(self, key, head_dim, num_heads=None):
     """A random matrix [m, d] (or [num_heads, m, d]) for this kind, or None."""
     if not self.uses_features:
       return None
     return features_lib.draw_features(
-        key, self.options.num_features, head_dim,
-        orthogonal=self.options.orthogonal,
-        feature_norms=self.options.feature_norms, num_heads=num_heads)
+      key,
+      self.options.num_features,
+      head_dim,
+      orthogonal=self.options.orthogonal,
+      feature_norms=self.options.feature_norms,
+      num_heads=num_heads,
+    )
 
   def _module(self, q, features):
     return self.bind(q.shape[-1], q.shape[-2], features)
 
-  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None,
-               features=None):
+  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None, features=None):
     kinds.check_inputs(q, k, v, mask, segment_ids)
-    return self._module(q, features)(q, k, v, causal=causal, mask=mask,
-                                     segment_ids=segment_ids)
+    return self._module(q, features)(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
 
-  def features(self, q, k, *, causal=False, mask=None, segment_ids=None,
-               features=None):
+  def features(self, q, k, *, causal=False, mask=None, segment_ids=None, features=None):
     """(phi(q), phi(k)) with their true scale; see LinearAttention.features."""
     return self._module(q, features).features(
-        q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+      q, k, causal=causal, mask=mask, segment_ids=segment_ids
+    )
 
-  def init_state(self, batch, num_heads, head_dim, value_dim, *,
-                 features=None, max_length=None, dtype=jnp.float32):
+  def init_state(
+    self,
+    batch,
+    num_heads,
+    head_dim,
+    value_dim,
+    *,
+    features=None,
+    max_length=None,
+    dtype=jnp.float32,
+  ):
     return self.bind(head_dim, num_heads, features).init_state(
-        batch, value_dim, max_length=max_length, dtype=dtype)
+      batch, value_dim, max_length=max_length, dtype=dtype
+    )
 
   def prefill(self, state, q, k, v, *, features=None, mask=None):
     return self._module(q, features).prefill(state, q, k, v, mask=mask)

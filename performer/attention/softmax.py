@@ -18,75 +18,72 @@ def combined_mask(length, *, causal, mask, segment_ids):
   if mask is not None:
     allowed = allowed & mask[:, None, None, :]
   if segment_ids is not None:
-    allowed = allowed & (segment_ids[:, None, :, None]
-                         == segment_ids[:, None, None, :])
+    allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
   return allowed
 
 
 def softmax_reference(q, k, v, *, causal, mask=None, segment_ids=None):
   """Plain einsum softmax attention in float32."""
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
-                      k.astype(jnp.float32)) * scale
-  allowed = combined_mask(q.shape[1], causal=causal, mask=mask,
-                          segment_ids=segment_ids)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+  allowed = combined_mask(q.shape[1], causal=causal, mask=mask, segment_ids=segment_ids)
   logits = jnp.where(allowed, logits, -1e30)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32))
+  out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(jnp.float32))
   return out
 
 
-def softmax_fast(q, k, v, *, causal, mask=None, segment_ids=None,
-                 implementation=None):
+def softmax_fast(q, k, v, *, causal, mask=None, segment_ids=None, implementation=None):
   """Exact attention through ``jax.nn.dot_product_attention``."""
   if v.shape[-1] != q.shape[-1]:
-    return softmax_reference(q, k, v, causal=causal, mask=mask,
-                             segment_ids=segment_ids).astype(v.dtype)
+    return softmax_reference(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids).astype(
+      v.dtype
+    )
   if mask is None and segment_ids is None:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                        implementation=implementation)
-  allowed = combined_mask(q.shape[1], causal=causal, mask=mask,
-                          segment_ids=segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, mask=allowed,
-                                      implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  allowed = combined_mask(q.shape[1], causal=causal, mask=mask, segment_ids=segment_ids)
+  return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation=implementation)
 
 
 # --- KV cache for decoding ---------------------------------------------------
 
+
 def init_cache(batch, heads, head_dim, value_dim, max_length, dtype):
-  return {"k": jnp.zeros((batch, max_length, heads, head_dim), dtype),
-          "v": jnp.zeros((batch, max_length, heads, value_dim), dtype),
-          "valid": jnp.zeros((batch, max_length), bool),
-          "index": jnp.zeros((), jnp.int32)}
+  return {
+    'k': jnp.zeros((batch, max_length, heads, head_dim), dtype),
+    'v': jnp.zeros((batch, max_length, heads, value_dim), dtype),
+    'valid': jnp.zeros((batch, max_length), bool),
+    'index': jnp.zeros((), jnp.int32),
+  }
 
 
 def cache_step(cache, q, k, v, mask):
   """Writes one token at ``index`` and attends over the cache. q [B, H, D]."""
-  index = cache["index"]
+  index = cache['index']
   new = {
-      "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k[:, None].astype(
-          cache["k"].dtype), index, 1),
-      "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v[:, None].astype(
-          cache["v"].dtype), index, 1),
-      "valid": jax.lax.dynamic_update_slice_in_dim(cache["valid"],
-                                                   mask[:, None], index, 1),
-      "index": index + 1,
+    'k': jax.lax.dynamic_update_slice_in_dim(
+      cache['k'], k[:, None].astype(cache['k'].dtype), index, 1
+    ),
+    'v': jax.lax.dynamic_update_slice_in_dim(
+      cache['v'], v[:, None].astype(cache['v'].dtype), index, 1
+    ),
+    'valid': jax.lax.dynamic_update_slice_in_dim(cache['valid'], mask[:, None], index, 1),
+    'index': index + 1,
   }
-  logits = jnp.einsum("bhd,bkhd->bhk", q.astype(jnp.float32),
-                      new["k"].astype(jnp.float32)) * q.shape[-1] ** -0.5
-  logits = jnp.where(new["valid"][:, None, :], logits, -1e30)
-  out = jnp.einsum("bhk,bkhd->bhd", jax.nn.softmax(logits, axis=-1),
-                   new["v"].astype(jnp.float32))
+  logits = (
+    jnp.einsum('bhd,bkhd->bhk', q.astype(jnp.float32), new['k'].astype(jnp.float32))
+    * q.shape[-1] ** -0.5
+  )
+  logits = jnp.where(new['valid'][:, None, :], logits, -1e30)
+  out = jnp.einsum('bhk,bkhd->bhd', jax.nn.softmax(logits, axis=-1), new['v'].astype(jnp.float32))
   return out, new
 
 
 def prefill_cache(cache, k, v, mask):
   length = k.shape[1]
   return {
-      "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(
-          cache["k"].dtype), 0, 1),
-      "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(
-          cache["v"].dtype), 0, 1),
-      "valid": jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask, 0, 1),
-      "index": jnp.asarray(length, jnp.int32),
+    'k': jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), 0, 1),
+    'v': jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), 0, 1),
+    'valid': jax.lax.dynamic_update_slice_in_dim(cache['valid'], mask, 0, 1),
+    'index': jnp.asarray(length, jnp.int32),
   }

@@ -12,15 +12,30 @@ parameter: a softmax checkpoint loads unchanged into any Performer kind.
 """
 
 from performer.convert.bert import bert_keymap, import_bert
-from performer.convert.keymap import (
-    Entry, apply_keymap, check_keymap, feature_params, param_table)
+from performer.convert.keymap import Entry, apply_keymap, check_keymap, feature_params, param_table
 from performer.convert.llama import (
-    config_from_gguf, config_from_hf, import_llama_gguf,
-    import_llama_safetensors, llama_from_tensors, llama_keymap, unpermute_rope)
+  config_from_gguf,
+  config_from_hf,
+  import_llama_gguf,
+  import_llama_safetensors,
+  llama_from_tensors,
+  llama_keymap,
+  unpermute_rope,
+)
 
 __all__ = [
-    'Entry', 'apply_keymap', 'bert_keymap', 'check_keymap', 'config_from_gguf',
-    'config_from_hf', 'feature_params', 'import_bert', 'import_llama_gguf',
-    'import_llama_safetensors', 'llama_from_tensors', 'llama_keymap',
-    'param_table', 'unpermute_rope',
+  'Entry',
+  'apply_keymap',
+  'bert_keymap',
+  'check_keymap',
+  'config_from_gguf',
+  'config_from_hf',
+  'feature_params',
+  'import_bert',
+  'import_llama_gguf',
+  'import_llama_safetensors',
+  'llama_from_tensors',
+  'llama_keymap',
+  'param_table',
+  'unpermute_rope',
 ]

@@ -30,22 +30,22 @@ IGNORE = ('embeddings.position_ids',)
 # torch [out, in] (transpose); attention kernels additionally split or merge
 # the head axis, which the shape in `bert_keymap` spells out.
 LAYER_MAP = (
-    ('attention.self.query.weight', 'attn.query.kernel', True),
-    ('attention.self.query.bias', 'attn.query.bias', False),
-    ('attention.self.key.weight', 'attn.key.kernel', True),
-    ('attention.self.key.bias', 'attn.key.bias', False),
-    ('attention.self.value.weight', 'attn.value.kernel', True),
-    ('attention.self.value.bias', 'attn.value.bias', False),
-    ('attention.output.dense.weight', 'attn.out.kernel', True),
-    ('attention.output.dense.bias', 'attn.out.bias', False),
-    ('attention.output.LayerNorm.weight', 'attn_norm.scale', False),
-    ('attention.output.LayerNorm.bias', 'attn_norm.bias', False),
-    ('intermediate.dense.weight', 'mlp.up.kernel', True),
-    ('intermediate.dense.bias', 'mlp.up.bias', False),
-    ('output.dense.weight', 'mlp.down.kernel', True),
-    ('output.dense.bias', 'mlp.down.bias', False),
-    ('output.LayerNorm.weight', 'mlp_norm.scale', False),
-    ('output.LayerNorm.bias', 'mlp_norm.bias', False),
+  ('attention.self.query.weight', 'attn.query.kernel', True),
+  ('attention.self.query.bias', 'attn.query.bias', False),
+  ('attention.self.key.weight', 'attn.key.kernel', True),
+  ('attention.self.key.bias', 'attn.key.bias', False),
+  ('attention.self.value.weight', 'attn.value.kernel', True),
+  ('attention.self.value.bias', 'attn.value.bias', False),
+  ('attention.output.dense.weight', 'attn.out.kernel', True),
+  ('attention.output.dense.bias', 'attn.out.bias', False),
+  ('attention.output.LayerNorm.weight', 'attn_norm.scale', False),
+  ('attention.output.LayerNorm.bias', 'attn_norm.bias', False),
+  ('intermediate.dense.weight', 'mlp.up.kernel', True),
+  ('intermediate.dense.bias', 'mlp.up.bias', False),
+  ('output.dense.weight', 'mlp.down.kernel', True),
+  ('output.dense.bias', 'mlp.down.bias', False),
+  ('output.LayerNorm.weight', 'mlp_norm.scale', False),
+  ('output.LayerNorm.bias', 'mlp_norm.bias', False),
 )
 
 
@@ -53,28 +53,33 @@ def bert_keymap(cfg: bert_lib.BertConfig) -> list[Entry]:
   """Every HF BertModel tensor of `cfg`, with its expected HF shape."""
   d, f = cfg.emb_dim, cfg.mlp_dim
   shapes = {  # HF shape of each per-layer tensor (torch layout)
-      'attention.self.query.weight': (d, d), 'attention.self.key.weight': (d, d),
-      'attention.self.value.weight': (d, d),
-      'attention.output.dense.weight': (d, d),
-      'intermediate.dense.weight': (f, d), 'intermediate.dense.bias': (f,),
-      'output.dense.weight': (d, f)}
+    'attention.self.query.weight': (d, d),
+    'attention.self.key.weight': (d, d),
+    'attention.self.value.weight': (d, d),
+    'attention.output.dense.weight': (d, d),
+    'intermediate.dense.weight': (f, d),
+    'intermediate.dense.bias': (f,),
+    'output.dense.weight': (d, f),
+  }
   entries = [
-      Entry('embeddings.word_embeddings.weight', 'word_embed.embedding',
-            (cfg.vocab_size, d)),
-      Entry('embeddings.position_embeddings.weight', 'pos_embed.embedding',
-            (cfg.max_len, d)),
-      Entry('embeddings.token_type_embeddings.weight', 'type_embed.embedding',
-            (cfg.type_vocab_size, d)),
-      Entry('embeddings.LayerNorm.weight', 'embed_norm.scale', (d,)),
-      Entry('embeddings.LayerNorm.bias', 'embed_norm.bias', (d,)),
+    Entry('embeddings.word_embeddings.weight', 'word_embed.embedding', (cfg.vocab_size, d)),
+    Entry('embeddings.position_embeddings.weight', 'pos_embed.embedding', (cfg.max_len, d)),
+    Entry(
+      'embeddings.token_type_embeddings.weight', 'type_embed.embedding', (cfg.type_vocab_size, d)
+    ),
+    Entry('embeddings.LayerNorm.weight', 'embed_norm.scale', (d,)),
+    Entry('embeddings.LayerNorm.bias', 'embed_norm.bias', (d,)),
   ]
   for i in range(cfg.num_layers):
     for src, dst, transpose in LAYER_MAP:
-      entries.append(Entry(f'encoder.layer.{i}.{src}', f'layers.{i}.{dst}',
-                           shapes.get(src, (d,)), transpose))
+      entries.append(
+        Entry(f'encoder.layer.{i}.{src}', f'layers.{i}.{dst}', shapes.get(src, (d,)), transpose)
+      )
   if cfg.pooler:
-    entries += [Entry('pooler.dense.weight', 'pooler.kernel', (d, d), True),
-                Entry('pooler.dense.bias', 'pooler.bias', (d,))]
+    entries += [
+      Entry('pooler.dense.weight', 'pooler.kernel', (d, d), True),
+      Entry('pooler.dense.bias', 'pooler.bias', (d,)),
+    ]
   return entries
 
 
@@ -83,6 +88,7 @@ def load_tokenizer(path: str, max_length: int | None = None):
   batch and truncating at `max_length` (the file's own fixed-128 padding
   would waste compute and differs from sentence-transformers)."""
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
   if not os.path.exists(path):
     raise FileNotFoundError(f'tokenizer not found: {path}')
   try:
@@ -99,10 +105,17 @@ def load_tokenizer(path: str, max_length: int | None = None):
   return tok
 
 
-def import_bert(path_or_dir, attention_kind: str = 'softmax', *,
-                pooler: bool | None = None, dtype: str = 'float32',
-                dropout_rate: float = 0.0, per_head_features: bool = False,
-                seed: int = 0, **attention_opts):
+def import_bert(
+  path_or_dir,
+  attention_kind: str = 'softmax',
+  *,
+  pooler: bool | None = None,
+  dtype: str = 'float32',
+  dropout_rate: float = 0.0,
+  per_head_features: bool = False,
+  seed: int = 0,
+  **attention_opts,
+):
   """Load an HF BERT checkpoint into a `BertEncoder` of any attention kind.
 
   path_or_dir: a directory with config.json, model.safetensors (or shards)
@@ -124,18 +137,22 @@ def import_bert(path_or_dir, attention_kind: str = 'softmax', *,
   if pooler is None:
     pooler = 'pooler.dense.weight' in tensors
   cfg = bert_lib.BertConfig.from_hf(
-      hf, pooler=pooler, dtype=dtype, dropout_rate=dropout_rate,
-      attention_kind=attention_kind, per_head_features=per_head_features,
-      attention_options=tuple(sorted(attention_opts.items())))
+    hf,
+    pooler=pooler,
+    dtype=dtype,
+    dropout_rate=dropout_rate,
+    attention_kind=attention_kind,
+    per_head_features=per_head_features,
+    attention_options=tuple(sorted(attention_opts.items())),
+  )
   model = bert_lib.BertEncoder(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-  apply_keymap(model, tensors, bert_keymap(cfg), IGNORE,
-               what=f'BERT checkpoint {path_or_dir}')
+  apply_keymap(model, tensors, bert_keymap(cfg), IGNORE, what=f'BERT checkpoint {path_or_dir}')
   tok_path = os.path.join(folder, 'tokenizer.json')
   max_length = cfg.max_len
   st = os.path.join(folder, 'sentence_bert_config.json')
   if os.path.exists(st):  # sentence-transformers' own truncation length
     max_length = files.read_json(st, 'sentence-transformers config').get(
-        'max_seq_length', max_length)
-  tokenizer = (load_tokenizer(tok_path, max_length)
-               if os.path.exists(tok_path) else None)
+      'max_seq_length', max_length
+    )
+  tokenizer = load_tokenizer(tok_path, max_length) if os.path.exists(tok_path) else None
   return model, tokenizer, cfg

@@ -56,7 +56,8 @@ def safetensors_files(path_or_dir: str) -> list[str]:
       files = [os.path.join(path, s) for s in shards]
     else:
       raise FileNotFoundError(
-          f'{path} has neither model.safetensors nor model.safetensors.index.json')
+        f'{path} has neither model.safetensors nor model.safetensors.index.json'
+      )
   elif os.path.exists(path):
     files = [path]
   else:
@@ -70,9 +71,18 @@ def safetensors_files(path_or_dir: str) -> list[str]:
   return files
 
 
-_ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
-              'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
-              'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+_ST_DTYPES = {
+  'F64': np.float64,
+  'F32': np.float32,
+  'F16': np.float16,
+  'BF16': ml_dtypes.bfloat16,
+  'I64': np.int64,
+  'I32': np.int32,
+  'I16': np.int16,
+  'I8': np.int8,
+  'U8': np.uint8,
+  'BOOL': np.bool_,
+}
 
 
 def _read_one(path: str) -> dict[str, np.ndarray]:
@@ -96,14 +106,16 @@ def _read_one(path: str) -> dict[str, np.ndarray]:
       continue
     dtype = _ST_DTYPES.get(info.get('dtype'))
     if dtype is None:
-      raise ValueError(f'{path}: tensor {key!r} has unsupported dtype '
-                       f'{info.get("dtype")!r}')
+      raise ValueError(f'{path}: tensor {key!r} has unsupported dtype {info.get("dtype")!r}')
     start, stop = info['data_offsets']
     shape = tuple(info['shape'])
     if stop > buf.size or (stop - start) != np.dtype(dtype).itemsize * int(
-        np.prod(shape, dtype=np.int64)):
-      raise ValueError(f'{path}: tensor {key!r} has inconsistent byte range '
-                       f'{start}:{stop} for {info["dtype"]} {list(shape)}')
+      np.prod(shape, dtype=np.int64)
+    ):
+      raise ValueError(
+        f'{path}: tensor {key!r} has inconsistent byte range '
+        f'{start}:{stop} for {info["dtype"]} {list(shape)}'
+      )
     out[key] = np.frombuffer(buf[start:stop], dtype=dtype).reshape(shape)
   return out
 

@@ -18,33 +18,38 @@ import os
 CONTROL, USER_DEFINED = 3, 4
 
 # Llama-3 style split (llama.cpp 'llama-bpe'), as in Meta's tokenizer.json.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-                 r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+  r'\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+'
+)
 
 
 def _pre_tokenizer(pre: str):
   """HF pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` name."""
   from tokenizers import Regex, pre_tokenizers  # pylint: disable=g-import-not-at-top
+
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if pre in ('default', 'gpt-2', 'gpt2'):
     return byte_level
   if pre in ('smollm', 'starcoder', 'refact', 'codeshell'):
     # llama.cpp: "\p{N}" (single digits) then the GPT-2 regex.
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   if pre == 'llama-bpe':
-    return pre_tokenizers.Sequence([
+    return pre_tokenizers.Sequence(
+      [
         pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior='isolated'),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
   raise ValueError(
-      f'GGUF pre-tokenizer {pre!r} is not rebuilt here; pass tokenizer_file= '
-      'with the model\'s tokenizer.json')
+    f'GGUF pre-tokenizer {pre!r} is not rebuilt here; pass tokenizer_file= '
+    "with the model's tokenizer.json"
+  )
 
 
 def from_gguf(reader):
   """`tokenizers.Tokenizer` equivalent to the GGUF's own BPE tokenizer."""
-  from tokenizers import (AddedToken, Tokenizer, decoders, models,  # pylint: disable=g-import-not-at-top
-                          processors)
+  from tokenizers import AddedToken, Tokenizer, decoders, models, processors  # pylint: disable=g-import-not-at-top
 
   def field(key, default=None):
     f = reader.fields.get(key)
@@ -53,8 +58,9 @@ def from_gguf(reader):
   kind = field('tokenizer.ggml.model')
   if kind != 'gpt2':
     raise ValueError(
-        f'GGUF tokenizer model {kind!r} is not rebuilt here (only byte-level '
-        "BPE, 'gpt2'); pass tokenizer_file= with the model's tokenizer.json")
+      f'GGUF tokenizer model {kind!r} is not rebuilt here (only byte-level '
+      "BPE, 'gpt2'); pass tokenizer_file= with the model's tokenizer.json"
+    )
   tokens = field('tokenizer.ggml.tokens')
   merges = field('tokenizer.ggml.merges')
   if not tokens or merges is None:
@@ -75,24 +81,31 @@ def from_gguf(reader):
     raise ValueError(f'GGUF tokenizer is inconsistent: {e}') from e
   tok.pre_tokenizer = _pre_tokenizer(field('tokenizer.ggml.pre', 'default'))
   tok.decoder = decoders.ByteLevel()
-  special = [AddedToken(t, special=True, normalized=False)
-             for t, ty in zip(tokens, types) if ty == CONTROL]
-  user = [AddedToken(t, special=False, normalized=False)
-          for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+  special = [
+    AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL
+  ]
+  user = [
+    AddedToken(t, special=False, normalized=False)
+    for t, ty in zip(tokens, types)
+    if ty == USER_DEFINED
+  ]
   tok.add_special_tokens(special)
   if user:
     tok.add_tokens(user)
   bos = field('tokenizer.ggml.bos_token_id')
   if field('tokenizer.ggml.add_bos_token', False) and bos is not None:
     tok.post_processor = processors.TemplateProcessing(
-        single=f'{tokens[bos]} $A', pair=f'{tokens[bos]} $A $B',
-        special_tokens=[(tokens[bos], int(bos))])
+      single=f'{tokens[bos]} $A',
+      pair=f'{tokens[bos]} $A $B',
+      special_tokens=[(tokens[bos], int(bos))],
+    )
   return tok
 
 
 def load_tokenizer_file(path: str):
   """A tokenizers JSON file, with a ValueError naming the file if it is not one."""
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
   if not os.path.exists(path):
     raise FileNotFoundError(f'tokenizer not found: {path}')
   try:

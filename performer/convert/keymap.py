@@ -51,6 +51,7 @@ class Entry:
   shape: the shape the checkpoint tensor must have (its own layout).
   transpose: reverse the axes before reshaping (torch [out, in] -> [in, out]).
   """
+
   source: str
   target: str
   shape: tuple
@@ -58,10 +59,11 @@ class Entry:
 
 
 def _params(model: nnx.Module, feature_map: bool) -> dict[str, nnx.Param]:
-  return {'.'.join(str(p) for p in path): node
-          for path, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Param)
-          and isinstance(node, attention.FeatureParam) == feature_map}
+  return {
+    '.'.join(str(p) for p in path): node
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Param) and isinstance(node, attention.FeatureParam) == feature_map
+  }
 
 
 def param_table(model: nnx.Module) -> dict[str, nnx.Param]:
@@ -84,9 +86,14 @@ def _fmt_shape(shape) -> str:
   return '(' + ', '.join(str(int(s)) for s in shape) + ')'
 
 
-def check_keymap(tensors: Mapping[str, object], entries: Iterable[Entry],
-                 ignore: Iterable[str] = (), *, model: nnx.Module | None = None,
-                 what: str = 'checkpoint') -> None:
+def check_keymap(
+  tensors: Mapping[str, object],
+  entries: Iterable[Entry],
+  ignore: Iterable[str] = (),
+  *,
+  model: nnx.Module | None = None,
+  what: str = 'checkpoint',
+) -> None:
   """Raise ValueError listing every disagreement between map and checkpoint.
 
   `tensors` only needs `.keys()` and per-key `.shape`. `ignore` lists
@@ -111,8 +118,7 @@ def check_keymap(tensors: Mapping[str, object], entries: Iterable[Entry],
     if e.source in tensors:
       got = tuple(int(s) for s in tensors[e.source].shape)
       if got != tuple(e.shape):
-        bad.append(f'{e.source}: got {_fmt_shape(got)}, expected '
-                   f'{_fmt_shape(e.shape)}')
+        bad.append(f'{e.source}: got {_fmt_shape(got)}, expected {_fmt_shape(e.shape)}')
   if bad:
     problems.append(f'shape mismatches ({len(bad)}): ' + '; '.join(bad))
   if model is not None:
@@ -122,21 +128,25 @@ def check_keymap(tensors: Mapping[str, object], entries: Iterable[Entry],
     if unmapped:
       problems.append(f'model parameters with no entry (importer bug): {unmapped}')
     if unknown:
-      problems.append(f'entries for parameters the model lacks (importer bug): '
-                      f'{unknown}')
+      problems.append(f'entries for parameters the model lacks (importer bug): {unknown}')
     for e in entries:
       if e.target in table and np.prod(e.shape) != table[e.target].size:
         problems.append(
-            f'{e.source} -> {e.target}: {_fmt_shape(e.shape)} cannot become '
-            f'{_fmt_shape(table[e.target].shape)} (importer bug)')
+          f'{e.source} -> {e.target}: {_fmt_shape(e.shape)} cannot become '
+          f'{_fmt_shape(table[e.target].shape)} (importer bug)'
+        )
   if problems:
-    raise ValueError(f'{what} does not match the key map:\n  - '
-                     + '\n  - '.join(problems))
+    raise ValueError(f'{what} does not match the key map:\n  - ' + '\n  - '.join(problems))
 
 
-def apply_keymap(model: nnx.Module, tensors: Mapping[str, np.ndarray],
-                 entries: Iterable[Entry], ignore: Iterable[str] = (), *,
-                 what: str = 'checkpoint') -> nnx.Module:
+def apply_keymap(
+  model: nnx.Module,
+  tensors: Mapping[str, np.ndarray],
+  entries: Iterable[Entry],
+  ignore: Iterable[str] = (),
+  *,
+  what: str = 'checkpoint',
+) -> nnx.Module:
   """Check the map (see `check_keymap`), then write every tensor into `model`.
 
   Writes in place and returns `model`. Values are cast to the parameter's
@@ -156,6 +166,11 @@ def apply_keymap(model: nnx.Module, tensors: Mapping[str, np.ndarray],
     param.value = jnp.asarray(arr.reshape(param.shape), dtype=param.dtype)
   missing = feature_params(model)
   if missing:
-    log.info('%s: %d feature-map parameters are not in the checkpoint, as expected; '
-             'they keep their initial values: %s', what, len(missing), missing)
+    log.info(
+      '%s: %d feature-map parameters are not in the checkpoint, as expected; '
+      'they keep their initial values: %s',
+      what,
+      len(missing),
+      missing,
+    )
   return model

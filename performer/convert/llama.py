@@ -27,29 +27,28 @@ import os
 import numpy as np
 from flax import nnx
 
-from performer.convert import files
+from performer.convert import files, gguf_tokenizer
 from performer.convert.keymap import Entry, apply_keymap
-from performer.convert import gguf_tokenizer
 from performer.models import llama as llama_lib
 
 # Global tensors: role -> (HF key, GGUF key, our path, transpose).
 GLOBAL_ROLES = {
-    'embed': ('model.embed_tokens.weight', 'token_embd.weight', 'embed.embedding', False),
-    'norm': ('model.norm.weight', 'output_norm.weight', 'final_norm.scale', False),
-    'head': ('lm_head.weight', 'output.weight', 'head.kernel', True),
+  'embed': ('model.embed_tokens.weight', 'token_embd.weight', 'embed.embedding', False),
+  'norm': ('model.norm.weight', 'output_norm.weight', 'final_norm.scale', False),
+  'head': ('lm_head.weight', 'output.weight', 'head.kernel', True),
 }
 # Per-layer tensors: (HF suffix after 'model.layers.{i}.', GGUF suffix after
 # 'blk.{i}.', our suffix after 'layers.{i}.', transpose).
 LAYER_ROLES = (
-    ('input_layernorm.weight', 'attn_norm.weight', 'attn_norm.scale', False),
-    ('self_attn.q_proj.weight', 'attn_q.weight', 'attn.query.kernel', True),
-    ('self_attn.k_proj.weight', 'attn_k.weight', 'attn.key.kernel', True),
-    ('self_attn.v_proj.weight', 'attn_v.weight', 'attn.value.kernel', True),
-    ('self_attn.o_proj.weight', 'attn_output.weight', 'attn.out.kernel', True),
-    ('post_attention_layernorm.weight', 'ffn_norm.weight', 'mlp_norm.scale', False),
-    ('mlp.gate_proj.weight', 'ffn_gate.weight', 'mlp.gate.kernel', True),
-    ('mlp.up_proj.weight', 'ffn_up.weight', 'mlp.up.kernel', True),
-    ('mlp.down_proj.weight', 'ffn_down.weight', 'mlp.down.kernel', True),
+  ('input_layernorm.weight', 'attn_norm.weight', 'attn_norm.scale', False),
+  ('self_attn.q_proj.weight', 'attn_q.weight', 'attn.query.kernel', True),
+  ('self_attn.k_proj.weight', 'attn_k.weight', 'attn.key.kernel', True),
+  ('self_attn.v_proj.weight', 'attn_v.weight', 'attn.value.kernel', True),
+  ('self_attn.o_proj.weight', 'attn_output.weight', 'attn.out.kernel', True),
+  ('post_attention_layernorm.weight', 'ffn_norm.weight', 'mlp_norm.scale', False),
+  ('mlp.gate_proj.weight', 'ffn_gate.weight', 'mlp.gate.kernel', True),
+  ('mlp.up_proj.weight', 'ffn_up.weight', 'mlp.up.kernel', True),
+  ('mlp.down_proj.weight', 'ffn_down.weight', 'mlp.down.kernel', True),
 )
 FORMATS = ('hf', 'gguf')
 
@@ -58,11 +57,17 @@ def _layer_shapes(cfg: llama_lib.LlamaConfig) -> dict[str, tuple]:
   """Checkpoint (torch [out, in]) shape of each per-layer weight, by our suffix."""
   d, f, hd = cfg.emb_dim, cfg.mlp_dim, cfg.dims_per_head
   q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-  return {'attn_norm.scale': (d,), 'attn.query.kernel': (q, d),
-          'attn.key.kernel': (kv, d), 'attn.value.kernel': (kv, d),
-          'attn.out.kernel': (d, q), 'mlp_norm.scale': (d,),
-          'mlp.gate.kernel': (f, d), 'mlp.up.kernel': (f, d),
-          'mlp.down.kernel': (d, f)}
+  return {
+    'attn_norm.scale': (d,),
+    'attn.query.kernel': (q, d),
+    'attn.key.kernel': (kv, d),
+    'attn.value.kernel': (kv, d),
+    'attn.out.kernel': (d, q),
+    'mlp_norm.scale': (d,),
+    'mlp.gate.kernel': (f, d),
+    'mlp.up.kernel': (f, d),
+    'mlp.down.kernel': (d, f),
+  }
 
 
 def llama_keymap(cfg: llama_lib.LlamaConfig, fmt: str = 'hf') -> list[Entry]:
@@ -71,8 +76,11 @@ def llama_keymap(cfg: llama_lib.LlamaConfig, fmt: str = 'hf') -> list[Entry]:
     raise ValueError(f'unknown format {fmt!r}; valid: {FORMATS}')
   col = FORMATS.index(fmt)
   shapes = _layer_shapes(cfg)
-  globals_ = {'embed': (cfg.vocab_size, cfg.emb_dim), 'norm': (cfg.emb_dim,),
-              'head': (cfg.vocab_size, cfg.emb_dim)}
+  globals_ = {
+    'embed': (cfg.vocab_size, cfg.emb_dim),
+    'norm': (cfg.emb_dim,),
+    'head': (cfg.vocab_size, cfg.emb_dim),
+  }
   entries = []
   for role, shape in globals_.items():
     if role == 'head' and cfg.tie_embeddings:
@@ -82,8 +90,7 @@ def llama_keymap(cfg: llama_lib.LlamaConfig, fmt: str = 'hf') -> list[Entry]:
   for i in range(cfg.num_layers):
     for row in LAYER_ROLES:
       prefix = f'model.layers.{i}.' if fmt == 'hf' else f'blk.{i}.'
-      entries.append(Entry(prefix + row[col], f'layers.{i}.{row[2]}',
-                           shapes[row[2]], row[3]))
+      entries.append(Entry(prefix + row[col], f'layers.{i}.{row[2]}', shapes[row[2]], row[3]))
   return entries
 
 
@@ -91,8 +98,15 @@ def build_model(cfg: llama_lib.LlamaConfig, seed: int = 0):
   return llama_lib.LlamaForCausalLM(cfg, rngs=nnx.Rngs(params=seed))
 
 
-def llama_from_tensors(tensors, cfg: llama_lib.LlamaConfig, *, fmt: str = 'hf',
-                       ignore=(), seed: int = 0, what: str = 'Llama checkpoint'):
+def llama_from_tensors(
+  tensors,
+  cfg: llama_lib.LlamaConfig,
+  *,
+  fmt: str = 'hf',
+  ignore=(),
+  seed: int = 0,
+  what: str = 'Llama checkpoint',
+):
   """Build a model of `cfg` and load a name -> numpy dict (HF or GGUF names,
   GGUF already dequantised and un-permuted) into it."""
   model = build_model(cfg, seed)
@@ -100,30 +114,42 @@ def llama_from_tensors(tensors, cfg: llama_lib.LlamaConfig, *, fmt: str = 'hf',
 
 
 def _model_options(attention_kind, dtype, per_head_features, attention_opts):
-  return dict(attention_kind=attention_kind, dtype=dtype,
-              per_head_features=per_head_features,
-              attention_options=tuple(sorted(attention_opts.items())))
+  return dict(
+    attention_kind=attention_kind,
+    dtype=dtype,
+    per_head_features=per_head_features,
+    attention_options=tuple(sorted(attention_opts.items())),
+  )
 
 
 # --- HF safetensors ----------------------------------------------------------
+
 
 def config_from_hf(hf: dict, **overrides) -> llama_lib.LlamaConfig:
   """LlamaConfig from an HF config.json dict; refuses features we lack."""
   if hf.get('model_type', 'llama') != 'llama':
     raise ValueError(f'config model_type is {hf.get("model_type")!r}, not "llama"')
-  for key, ok in (('rope_scaling', None), ('attention_bias', False),
-                  ('mlp_bias', False), ('hidden_act', 'silu')):
+  for key, ok in (
+    ('rope_scaling', None),
+    ('attention_bias', False),
+    ('mlp_bias', False),
+    ('hidden_act', 'silu'),
+  ):
     if hf.get(key, ok) != ok:
       raise ValueError(f'{key}={hf[key]!r} is not supported (only {ok!r})')
-  kw = dict(vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'],
-            num_heads=hf['num_attention_heads'],
-            num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
-            emb_dim=hf['hidden_size'], mlp_dim=hf['intermediate_size'],
-            head_dim=hf.get('head_dim'),
-            max_len=hf.get('max_position_embeddings', 2048),
-            rope_theta=float(hf.get('rope_theta', 10000.0)),
-            rms_eps=float(hf.get('rms_norm_eps', 1e-6)),
-            tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
+  kw = dict(
+    vocab_size=hf['vocab_size'],
+    num_layers=hf['num_hidden_layers'],
+    num_heads=hf['num_attention_heads'],
+    num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
+    emb_dim=hf['hidden_size'],
+    mlp_dim=hf['intermediate_size'],
+    head_dim=hf.get('head_dim'),
+    max_len=hf.get('max_position_embeddings', 2048),
+    rope_theta=float(hf.get('rope_theta', 10000.0)),
+    rms_eps=float(hf.get('rms_norm_eps', 1e-6)),
+    tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+  )
   kw.update(overrides)
   return llama_lib.LlamaConfig(**kw)
 
@@ -131,36 +157,44 @@ def config_from_hf(hf: dict, **overrides) -> llama_lib.LlamaConfig:
 def _hf_ignore(tensors, cfg):
   """Known non-weights: RoPE inv_freq buffers (old checkpoints), and a
   stored lm_head that merely repeats the tied embedding."""
-  ignore = [f'model.layers.{i}.self_attn.rotary_emb.inv_freq'
-            for i in range(cfg.num_layers)]
+  ignore = [f'model.layers.{i}.self_attn.rotary_emb.inv_freq' for i in range(cfg.num_layers)]
   if cfg.tie_embeddings and 'lm_head.weight' in tensors:
     emb = tensors.get('model.embed_tokens.weight')
     if emb is None or not np.array_equal(emb, tensors['lm_head.weight']):
-      raise ValueError('tie_word_embeddings is true but lm_head.weight differs '
-                       'from model.embed_tokens.weight')
+      raise ValueError(
+        'tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight'
+      )
     ignore.append('lm_head.weight')
   return ignore
 
 
-def import_llama_safetensors(path_or_dir, attention_kind: str = 'softmax', *,
-                             dtype: str = 'float32', per_head_features=False,
-                             seed: int = 0, **attention_opts):
+def import_llama_safetensors(
+  path_or_dir,
+  attention_kind: str = 'softmax',
+  *,
+  dtype: str = 'float32',
+  per_head_features=False,
+  seed: int = 0,
+  **attention_opts,
+):
   """HF Llama directory (config.json, model.safetensors or shards, optional
   tokenizer.json) -> (model, tokenizer or None, LlamaConfig)."""
   tensors = files.read_safetensors(path_or_dir)
   folder = files.checkpoint_dir(path_or_dir)
   hf = files.read_json(os.path.join(folder, 'config.json'), 'Llama config')
-  cfg = config_from_hf(hf, **_model_options(attention_kind, dtype,
-                                            per_head_features, attention_opts))
-  model = llama_from_tensors(tensors, cfg, ignore=_hf_ignore(tensors, cfg),
-                             seed=seed, what=f'Llama checkpoint {path_or_dir}')
+  cfg = config_from_hf(
+    hf, **_model_options(attention_kind, dtype, per_head_features, attention_opts)
+  )
+  model = llama_from_tensors(
+    tensors, cfg, ignore=_hf_ignore(tensors, cfg), seed=seed, what=f'Llama checkpoint {path_or_dir}'
+  )
   tok_path = os.path.join(folder, 'tokenizer.json')
-  tokenizer = (gguf_tokenizer.load_tokenizer_file(tok_path)
-               if os.path.exists(tok_path) else None)
+  tokenizer = gguf_tokenizer.load_tokenizer_file(tok_path) if os.path.exists(tok_path) else None
   return model, tokenizer, cfg
 
 
 # --- GGUF ------------------------------------------------------------------------
+
 
 def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
   """Inverse of llama.cpp convert_hf_to_gguf's `permute` for q/k rows.
@@ -171,8 +205,7 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
   layout, which is what `positions.apply_rope` expects.
   """
   rows = w.shape[0]
-  return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _reader(path):
@@ -182,10 +215,12 @@ def _reader(path):
   if os.path.isdir(path):
     raise ValueError(f'{path} is a directory; expected a GGUF file')
   if not files.is_gguf(path):
-    hint = (' (it is safetensors: use import_llama_safetensors)'
-            if files.is_safetensors(path) else '')
+    hint = (
+      ' (it is safetensors: use import_llama_safetensors)' if files.is_safetensors(path) else ''
+    )
     raise ValueError(f'{path} is not a GGUF file{hint}')
   import gguf  # pylint: disable=g-import-not-at-top
+
   return gguf.GGUFReader(path)
 
 
@@ -200,8 +235,7 @@ def config_from_gguf(reader, tensor_names, **overrides) -> llama_lib.LlamaConfig
   if arch != 'llama':
     raise ValueError(f'GGUF architecture is {arch!r}, not "llama"')
   get = lambda k, d=None: _field(reader, f'llama.{k}', d)
-  required = ('block_count', 'embedding_length', 'feed_forward_length',
-              'attention.head_count')
+  required = ('block_count', 'embedding_length', 'feed_forward_length', 'attention.head_count')
   missing = [f'llama.{k}' for k in required if get(k) is None]
   if missing:
     raise ValueError(f'GGUF metadata lacks {missing}')
@@ -214,18 +248,23 @@ def config_from_gguf(reader, tensor_names, **overrides) -> llama_lib.LlamaConfig
   head_dim = int(head_dim) if head_dim is not None else None
   rot = get('rope.dimension_count')
   if rot is not None and int(rot) != (head_dim or emb // heads):
-    raise ValueError(f'partial rotary (llama.rope.dimension_count={rot}) is '
-                     'not supported')
+    raise ValueError(f'partial rotary (llama.rope.dimension_count={rot}) is not supported')
   vocab = get('vocab_size')
   if vocab is None:
     vocab = len(_field(reader, 'tokenizer.ggml.tokens', []))
-  kw = dict(vocab_size=int(vocab), num_layers=int(get('block_count')),
-            num_heads=heads, num_kv_heads=int(get('attention.head_count_kv', heads)),
-            emb_dim=emb, mlp_dim=int(get('feed_forward_length')),
-            head_dim=head_dim, max_len=int(get('context_length', 2048)),
-            rope_theta=float(get('rope.freq_base', 10000.0)),
-            rms_eps=float(get('attention.layer_norm_rms_epsilon', 1e-5)),
-            tie_embeddings='output.weight' not in tensor_names)
+  kw = dict(
+    vocab_size=int(vocab),
+    num_layers=int(get('block_count')),
+    num_heads=heads,
+    num_kv_heads=int(get('attention.head_count_kv', heads)),
+    emb_dim=emb,
+    mlp_dim=int(get('feed_forward_length')),
+    head_dim=head_dim,
+    max_len=int(get('context_length', 2048)),
+    rope_theta=float(get('rope.freq_base', 10000.0)),
+    rms_eps=float(get('attention.layer_norm_rms_epsilon', 1e-5)),
+    tie_embeddings='output.weight' not in tensor_names,
+  )
   kw.update(overrides)
   return llama_lib.LlamaConfig(**kw)
 
@@ -237,6 +276,7 @@ def read_gguf_tensors(reader, cfg: llama_lib.LlamaConfig) -> dict[str, np.ndarra
   key map reports them by name instead of a reshape error here.
   """
   import gguf  # pylint: disable=g-import-not-at-top
+
   hd = cfg.dims_per_head
   out = {}
   for t in reader.tensors:
@@ -250,10 +290,16 @@ def read_gguf_tensors(reader, cfg: llama_lib.LlamaConfig) -> dict[str, np.ndarra
   return out
 
 
-def import_llama_gguf(path, attention_kind: str = 'softmax', *,
-                      dtype: str = 'float32', per_head_features=False,
-                      seed: int = 0, tokenizer_file: str | None = None,
-                      **attention_opts):
+def import_llama_gguf(
+  path,
+  attention_kind: str = 'softmax',
+  *,
+  dtype: str = 'float32',
+  per_head_features=False,
+  seed: int = 0,
+  tokenizer_file: str | None = None,
+  **attention_opts,
+):
   """llama.cpp GGUF file -> (model, tokenizer, LlamaConfig).
 
   tokenizer: a `tokenizers.Tokenizer` rebuilt from the GGUF metadata (or
@@ -262,11 +308,14 @@ def import_llama_gguf(path, attention_kind: str = 'softmax', *,
   """
   reader = _reader(path)
   names = [t.name for t in reader.tensors]
-  cfg = config_from_gguf(reader, names, **_model_options(
-      attention_kind, dtype, per_head_features, attention_opts))
+  cfg = config_from_gguf(
+    reader, names, **_model_options(attention_kind, dtype, per_head_features, attention_opts)
+  )
   tensors = read_gguf_tensors(reader, cfg)
-  model = llama_from_tensors(tensors, cfg, fmt='gguf', seed=seed,
-                             what=f'GGUF file {path}')
-  tokenizer = (gguf_tokenizer.load_tokenizer_file(tokenizer_file)
-               if tokenizer_file else gguf_tokenizer.from_gguf(reader))
+  model = llama_from_tensors(tensors, cfg, fmt='gguf', seed=seed, what=f'GGUF file {path}')
+  tokenizer = (
+    gguf_tokenizer.load_tokenizer_file(tokenizer_file)
+    if tokenizer_file
+    else gguf_tokenizer.from_gguf(reader)
+  )
   return model, tokenizer, cfg

@@ -27,27 +27,35 @@ from typing import Any, Iterator
 from performer.data.catalog import DatasetNotPreparedError  # noqa: F401
 
 _MODULES = {
-    "protein_sample": "performer.data.protein",   # the bundled 2,100-protein sample
-    "fasta": "performer.data.protein",            # config.data.path: a user's FASTA (.gz ok)
-    "text": "performer.data.text",                # config.data.path: a user's text file
-    "lm1b": "performer.data.lm1b",                # TFDS lm1b + sentencepiece
-    "imagenet64": "performer.data.imagenet64",    # TFDS downsampled_imagenet / imagenet_resized
-    "uniref50": "performer.data.uniref",          # our TFDS builder over the UniRef50 FASTA
-    "trembl": "performer.data.uniref",            # our TFDS builder over the TrEMBL FASTA
+  'protein_sample': 'performer.data.protein',  # the bundled 2,100-protein sample
+  'fasta': 'performer.data.protein',  # config.data.path: a user's FASTA (.gz ok)
+  'text': 'performer.data.text',  # config.data.path: a user's text file
+  'lm1b': 'performer.data.lm1b',  # TFDS lm1b + sentencepiece
+  'imagenet64': 'performer.data.imagenet64',  # TFDS downsampled_imagenet / imagenet_resized
+  'uniref50': 'performer.data.uniref',  # our TFDS builder over the UniRef50 FASTA
+  'trembl': 'performer.data.uniref',  # our TFDS builder over the TrEMBL FASTA
 }
 
 NAMES = tuple(_MODULES)
 
 
 def _module_for(cfg) -> ModuleType:
-  name = getattr(cfg, "name", None)
+  name = getattr(cfg, 'name', None)
   if name not in _MODULES:
-    raise ValueError(f"unknown config.data.name {name!r}; valid names: {', '.join(NAMES)}")
+    raise ValueError(f'unknown config.data.name {name!r}; valid names: {", ".join(NAMES)}')
   return importlib.import_module(_MODULES[name])
 
 
-def build_dataset(cfg, *, split: str, batch_size: int, seed: int = 0, shard_index: int = 0,
-                  shard_count: int = 1, num_epochs: int | None = None) -> Iterator[dict[str, Any]]:
+def build_dataset(
+  cfg,
+  *,
+  split: str,
+  batch_size: int,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+) -> Iterator[dict[str, Any]]:
   """Iterator of batches of numpy arrays for `split` ('train', 'validation', 'test').
 
   Training repeats `num_epochs` times (None = forever), shuffled per epoch from
@@ -55,8 +63,14 @@ def build_dataset(cfg, *, split: str, batch_size: int, seed: int = 0, shard_inde
   all-masked rows, so every example is seen exactly once.
   """
   return _module_for(cfg).build_dataset(
-      cfg, split=split, batch_size=batch_size, seed=seed, shard_index=shard_index,
-      shard_count=shard_count, num_epochs=num_epochs)
+    cfg,
+    split=split,
+    batch_size=batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+  )
 
 
 def vocab_for(cfg):
@@ -64,15 +78,15 @@ def vocab_for(cfg):
   return _module_for(cfg).vocab_for(cfg)
 
 
-def unigram_baseline(cfg, split: str = "validation") -> dict[str, Any]:
+def unigram_baseline(cfg, split: str = 'validation') -> dict[str, Any]:
   """Unigram cross-entropy (nats) and perplexity on `split`, fitted on train."""
   module = _module_for(cfg)
-  if not hasattr(module, "unigram_baseline"):
-    raise NotImplementedError(f"no unigram baseline for data.name {cfg.name!r}")
+  if not hasattr(module, 'unigram_baseline'):
+    raise NotImplementedError(f'no unigram baseline for data.name {cfg.name!r}')
   return module.unigram_baseline(cfg, split=split)
 
 
-def eval_word_counts(cfg, split: str = "test") -> dict[str, Any]:
+def eval_word_counts(cfg, split: str = 'test') -> dict[str, Any]:
   """Token and word counts of `split` for per-word perplexity (text datasets only).
 
   Returns {'num_tokens', 'num_words', 'words_per_token', 'num_examples', 'seq_len'}:
@@ -81,18 +95,20 @@ def eval_word_counts(cfg, split: str = "test") -> dict[str, Any]:
   also holds for an eval over the first few batches. NotImplementedError otherwise.
   """
   module = _module_for(cfg)
-  if not hasattr(module, "eval_word_counts"):
-    raise NotImplementedError(f"no word counts for data.name {cfg.name!r}")
+  if not hasattr(module, 'eval_word_counts'):
+    raise NotImplementedError(f'no word counts for data.name {cfg.name!r}')
   return module.eval_word_counts(cfg, split=split)
 
 
 def word_perplexity(token_loss: float, counts: dict[str, Any]) -> float:
   """Per-word perplexity from a per-token cross-entropy in nats and eval_word_counts()."""
   import math  # pylint: disable=g-import-not-at-top
-  return math.exp(min(token_loss / counts["words_per_token"], 700.0))
+
+  return math.exp(min(token_loss / counts['words_per_token'], 700.0))
 
 
 def bits_per_dim(nats_per_subpixel: float) -> float:
   """Bits per dimension from a mean cross-entropy in nats per sub-pixel (nats / ln 2)."""
   import math  # pylint: disable=g-import-not-at-top
+
   return float(nats_per_subpixel) / math.log(2.0)

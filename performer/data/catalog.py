@@ -22,26 +22,27 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ('train', 'validation', 'test')
 # Held-out validation examples taken from the end of a catalog training split.
 HOLDOUT = 10_000
-PREPARE_CMD = "python -m performer.data.prepare"
+PREPARE_CMD = 'python -m performer.data.prepare'
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What `prepare` needs to know about one dataset (sizes are estimates, in GB)."""
-  name: str                 # TFDS builder name, e.g. 'downsampled_imagenet/64x64'
-  splits: tuple[str, ...]   # the splits the prepared dataset must have
+
+  name: str  # TFDS builder name, e.g. 'downsampled_imagenet/64x64'
+  splits: tuple[str, ...]  # the splits the prepared dataset must have
   download_gb: float
   prepared_gb: float
-  scratch_gb: float = 0.0   # temporary extraction space during preparation
+  scratch_gb: float = 0.0  # temporary extraction space during preparation
   needs_tensorflow: bool = False
-  note: str = ""
+  note: str = ''
 
   @property
   def builder_name(self) -> str:
-    return self.name.split("/")[0]
+    return self.name.split('/')[0]
 
   @property
   def total_gb(self) -> float:
@@ -49,20 +50,35 @@ class Spec:
 
 
 SPECS = {
-    "lm1b": Spec("lm1b", ("train", "test"), 1.8, 4.3, scratch_gb=4.3, needs_tensorflow=True,
-                 note="plus a ~1 MB sentencepiece model trained on the training split"),
-    "downsampled_imagenet": Spec(
-        "downsampled_imagenet/64x64", ("train", "validation"), 12.7, 12.7,
-        needs_tensorflow=True,
-        note="image-net.org may require a login: put train_64x64.tar and valid_64x64.tar "
-             "in <data_dir>/downloads/manual/ first"),
-    "imagenet_resized": Spec(
-        "imagenet_resized/64x64", ("train", "validation"), 12.0, 13.0, needs_tensorflow=True,
-        note="image-net.org may require a login: put Imagenet64_train_part1_npz.zip, "
-             "..._part2_npz.zip and Imagenet64_val_npz.zip in <data_dir>/downloads/manual/"),
-    "uniref50": Spec("uniref50", SPLITS, 12.0, 20.0,
-                     note="sizes grow with each UniProt release"),
-    "trembl": Spec("trembl", SPLITS, 60.0, 110.0, note="sizes grow with each UniProt release"),
+  'lm1b': Spec(
+    'lm1b',
+    ('train', 'test'),
+    1.8,
+    4.3,
+    scratch_gb=4.3,
+    needs_tensorflow=True,
+    note='plus a ~1 MB sentencepiece model trained on the training split',
+  ),
+  'downsampled_imagenet': Spec(
+    'downsampled_imagenet/64x64',
+    ('train', 'validation'),
+    12.7,
+    12.7,
+    needs_tensorflow=True,
+    note='image-net.org may require a login: put train_64x64.tar and valid_64x64.tar '
+    'in <data_dir>/downloads/manual/ first',
+  ),
+  'imagenet_resized': Spec(
+    'imagenet_resized/64x64',
+    ('train', 'validation'),
+    12.0,
+    13.0,
+    needs_tensorflow=True,
+    note='image-net.org may require a login: put Imagenet64_train_part1_npz.zip, '
+    '..._part2_npz.zip and Imagenet64_val_npz.zip in <data_dir>/downloads/manual/',
+  ),
+  'uniref50': Spec('uniref50', SPLITS, 12.0, 20.0, note='sizes grow with each UniProt release'),
+  'trembl': Spec('trembl', SPLITS, 60.0, 110.0, note='sizes grow with each UniProt release'),
 }
 
 
@@ -72,13 +88,13 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 def data_dir_for(cfg) -> str:
   """config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (TFDS's default)."""
-  path = (getattr(cfg, "data_dir", "") or "") if cfg is not None else ""
-  path = path or os.environ.get("TFDS_DATA_DIR", "") or "~/tensorflow_datasets"
-  return os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
+  path = (getattr(cfg, 'data_dir', '') or '') if cfg is not None else ''
+  path = path or os.environ.get('TFDS_DATA_DIR', '') or '~/tensorflow_datasets'
+  return os.path.abspath(os.path.expanduser(path)) if '://' not in path else path
 
 
 def _version_key(name: str) -> tuple[int, ...]:
-  return tuple(int(p) for p in name.split("."))
+  return tuple(int(p) for p in name.split('.'))
 
 
 def find_prepared(tfds_name: str, data_dir: str, splits: Sequence[str]) -> str | None:
@@ -87,49 +103,61 @@ def find_prepared(tfds_name: str, data_dir: str, splits: Sequence[str]) -> str |
   Plain file-system calls only: safe and fast with no network.
   """
   from etils import epath  # pylint: disable=g-import-not-at-top  (no TF, handles gs://)
+
   root = epath.Path(data_dir) / tfds_name
   if not root.exists():
     return None
-  versions = sorted((p for p in root.iterdir() if re.fullmatch(r"\d+\.\d+\.\d+", p.name)),
-                    key=lambda p: _version_key(p.name), reverse=True)
-  builder = tfds_name.split("/")[0]
+  versions = sorted(
+    (p for p in root.iterdir() if re.fullmatch(r'\d+\.\d+\.\d+', p.name)),
+    key=lambda p: _version_key(p.name),
+    reverse=True,
+  )
+  builder = tfds_name.split('/')[0]
   for path in versions:
-    if not (path / "dataset_info.json").exists():
+    if not (path / 'dataset_info.json').exists():
       continue
-    if all(any(path.glob(f"{builder}-{s}.array_record-*")) for s in splits):
+    if all(any(path.glob(f'{builder}-{s}.array_record-*')) for s in splits):
       return os.fspath(path)
   return None
 
 
 def _tfrecord_only(tfds_name: str, data_dir: str) -> bool:
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   root = epath.Path(data_dir) / tfds_name
-  return root.exists() and any(root.glob("*/*.tfrecord-*"))
+  return root.exists() and any(root.glob('*/*.tfrecord-*'))
 
 
-def prepare_hint(dataset: str, data_dir: str, extra: str = "") -> str:
-  return f"{PREPARE_CMD} {dataset} --data_dir {data_dir}{extra}"
+def prepare_hint(dataset: str, data_dir: str, extra: str = '') -> str:
+  return f'{PREPARE_CMD} {dataset} --data_dir {data_dir}{extra}'
 
 
-def require_prepared(dataset: str, tfds_name: str, data_dir: str, splits: Sequence[str],
-                     extra_args: str = "") -> str:
+def require_prepared(
+  dataset: str, tfds_name: str, data_dir: str, splits: Sequence[str], extra_args: str = ''
+) -> str:
   """Returns the prepared version directory, or raises DatasetNotPreparedError in well
   under a second, naming the exact `prepare` command and the disk space it needs."""
   found = find_prepared(tfds_name, data_dir, splits)
   if found is not None:
     return found
-  spec = SPECS.get(tfds_name.split("/")[0])
-  why = (f"found only TFRecord files under {data_dir}/{tfds_name}; the pipelines read "
-         f"ArrayRecord" if _tfrecord_only(tfds_name, data_dir)
-         else f"no ArrayRecord files for splits {', '.join(splits)} under "
-              f"{data_dir}/{tfds_name}/<version>/")
-  size = f" (needs about {spec.total_gb:.0f} GB of disk)" if spec else ""
-  tf_note = ("; it needs TensorFlow to prepare: pip install 'performer-zoo[prepare]'"
-             if spec and spec.needs_tensorflow else "")
+  spec = SPECS.get(tfds_name.split('/')[0])
+  why = (
+    f'found only TFRecord files under {data_dir}/{tfds_name}; the pipelines read ArrayRecord'
+    if _tfrecord_only(tfds_name, data_dir)
+    else f'no ArrayRecord files for splits {", ".join(splits)} under '
+    f'{data_dir}/{tfds_name}/<version>/'
+  )
+  size = f' (needs about {spec.total_gb:.0f} GB of disk)' if spec else ''
+  tf_note = (
+    "; it needs TensorFlow to prepare: pip install 'performer-zoo[prepare]'"
+    if spec and spec.needs_tensorflow
+    else ''
+  )
   raise DatasetNotPreparedError(
-      f"dataset {dataset!r} (TFDS {tfds_name!r}) is not prepared: {why}. Prepare it once "
-      f"with: {prepare_hint(dataset, data_dir, extra_args)}{size}{tf_note}. Or set "
-      f"config.data.data_dir to where it was prepared.")
+    f'dataset {dataset!r} (TFDS {tfds_name!r}) is not prepared: {why}. Prepare it once '
+    f'with: {prepare_hint(dataset, data_dir, extra_args)}{size}{tf_note}. Or set '
+    f'config.data.data_dir to where it was prepared.'
+  )
 
 
 class _Slice:
@@ -144,11 +172,11 @@ class _Slice:
   def __getitem__(self, index):
     index = int(index)
     if not -self._len <= index < self._len:
-      raise IndexError(f"index {index} out of range for {self._len} examples")
+      raise IndexError(f'index {index} out of range for {self._len} examples')
     return self._source[self._start + index % self._len]
 
   def __repr__(self):
-    return f"_Slice({self._source!r}, {self._start}, {self._start + self._len})"
+    return f'_Slice({self._source!r}, {self._start}, {self._start + self._len})'
 
 
 def holdout_size(num_train: int) -> int:
@@ -163,15 +191,15 @@ def open_source(tfds_name: str, split: str, data_dir: str):
   after a TFDS upgrade bumps the builder's version.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  spec = SPECS.get(tfds_name.split("/")[0])
+
+  spec = SPECS.get(tfds_name.split('/')[0])
   found = find_prepared(tfds_name, data_dir, spec.splits if spec else (split,))
-  version = os.path.basename(found or "")
-  name = f"{tfds_name}:{version}" if re.fullmatch(r"\d+\.\d+\.\d+", version) else tfds_name
+  version = os.path.basename(found or '')
+  name = f'{tfds_name}:{version}' if re.fullmatch(r'\d+\.\d+\.\d+', version) else tfds_name
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
 
 
-def split_source(tfds_name: str, split: str, data_dir: str, *,
-                 has_validation: bool) -> Any:
+def split_source(tfds_name: str, split: str, data_dir: str, *, has_validation: bool) -> Any:
   """The random-access source for one of SPLITS.
 
   With `has_validation` (the dataset ships train/validation/test) the split is
@@ -180,17 +208,17 @@ def split_source(tfds_name: str, split: str, data_dir: str, *,
   else TFDS 'validation' (ImageNet: the official validation set papers report).
   """
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   if has_validation:
     return _Slice(*_full(open_source(tfds_name, split, data_dir)))
-  if split == "test":
-    spec = SPECS[tfds_name.split("/")[0]]
-    official = "test" if "test" in spec.splits else "validation"
+  if split == 'test':
+    spec = SPECS[tfds_name.split('/')[0]]
+    official = 'test' if 'test' in spec.splits else 'validation'
     return _Slice(*_full(open_source(tfds_name, official, data_dir)))
-  train = open_source(tfds_name, "train", data_dir)
+  train = open_source(tfds_name, 'train', data_dir)
   n = len(train)
   cut = n - holdout_size(n)
-  return _Slice(train, 0, cut) if split == "train" else _Slice(train, cut, n)
+  return _Slice(train, 0, cut) if split == 'train' else _Slice(train, cut, n)
 
 
 def _full(source) -> tuple[Any, int, int]:
@@ -214,10 +242,11 @@ def first_records(source, limit_chars: int, text_of: Callable[[Any], str]) -> li
 
 def tensorflow_available() -> bool:
   import importlib.util  # pylint: disable=g-import-not-at-top
-  return importlib.util.find_spec("tensorflow") is not None
+
+  return importlib.util.find_spec('tensorflow') is not None
 
 
-def prepare_catalog(tfds_name: str, data_dir: str, *, manual_dir: str = "") -> str:
+def prepare_catalog(tfds_name: str, data_dir: str, *, manual_dir: str = '') -> str:
   """Downloads and prepares a TFDS catalog dataset as ArrayRecord under `data_dir`.
 
   The catalog builders for lm1b, downsampled_imagenet and imagenet_resized call
@@ -225,21 +254,25 @@ def prepare_catalog(tfds_name: str, data_dir: str, *, manual_dir: str = "") -> s
   first so the user gets the install line instead of a deep ImportError.
   Reading the result later needs no TensorFlow.
   """
-  spec = SPECS[tfds_name.split("/")[0]]
+  spec = SPECS[tfds_name.split('/')[0]]
   found = find_prepared(tfds_name, data_dir, spec.splits)
   if found:
     return found
   if spec.needs_tensorflow and not tensorflow_available():
     raise RuntimeError(
-        f"preparing TFDS {tfds_name!r} needs TensorFlow (its catalog builder uses it to "
-        f"generate; training never does): pip install 'performer-zoo[prepare]' "
-        f"(or pip install tensorflow), then run this again")
+      f'preparing TFDS {tfds_name!r} needs TensorFlow (its catalog builder uses it to '
+      f"generate; training never does): pip install 'performer-zoo[prepare]' "
+      f'(or pip install tensorflow), then run this again'
+    )
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   builder = tfds.builder(tfds_name, data_dir=data_dir)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
-  builder.download_and_prepare(download_config=config, file_format="array_record")
+  builder.download_and_prepare(download_config=config, file_format='array_record')
   found = find_prepared(tfds_name, data_dir, spec.splits)
   if not found:
-    raise RuntimeError(f"TFDS finished preparing {tfds_name!r} but no ArrayRecord files "
-                       f"for {spec.splits} are under {data_dir}/{tfds_name}")
+    raise RuntimeError(
+      f'TFDS finished preparing {tfds_name!r} but no ArrayRecord files '
+      f'for {spec.splits} are under {data_dir}/{tfds_name}'
+    )
   return found

@@ -29,38 +29,38 @@ from typing import BinaryIO, Iterator
 
 from performer.data import vocab as vocab_lib
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_ALPHABET_BYTES = vocab_lib.ALPHABET.encode("ascii")
-_UPPER = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_GZIP_MAGIC = b'\x1f\x8b'
+_ALPHABET_BYTES = vocab_lib.ALPHABET.encode('ascii')
+_UPPER = bytes.maketrans(b'abcdefghijklmnopqrstuvwxyz', b'ABCDEFGHIJKLMNOPQRSTUVWXYZ')
 
 
 @dataclasses.dataclass
 class FastaStats:
   """Counts filled in while parsing, so callers can report what was cleaned up."""
+
   records: int = 0
   residues: int = 0
   empty_skipped: int = 0
   stops_stripped: int = 0
-  mapped_to_x: int = 0   # letters outside the 25-letter alphabet (e.g. J)
+  mapped_to_x: int = 0  # letters outside the 25-letter alphabet (e.g. J)
 
 
 def open_fasta(path: str | os.PathLike) -> BinaryIO:
   """Opens a plain or gzip-compressed file for binary line reading."""
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"FASTA file not found: {path!r}")
-  with open(path, "rb") as f:
+    raise FileNotFoundError(f'FASTA file not found: {path!r}')
+  with open(path, 'rb') as f:
     magic = f.read(2)
   if magic == _GZIP_MAGIC:
     # BufferedReader makes line iteration over gzip several times faster.
-    return io.BufferedReader(gzip.open(path, "rb"))
-  return open(path, "rb")
+    return io.BufferedReader(gzip.open(path, 'rb'))
+  return open(path, 'rb')
 
 
-def parse_fasta(path: str | os.PathLike,
-                *,
-                on_empty: str = "skip",
-                stats: FastaStats | None = None) -> Iterator[tuple[str, str, str]]:
+def parse_fasta(
+  path: str | os.PathLike, *, on_empty: str = 'skip', stats: FastaStats | None = None
+) -> Iterator[tuple[str, str, str]]:
   """Yields (record_id, description, sequence) for each record of a FASTA file.
 
   Args:
@@ -68,68 +68,75 @@ def parse_fasta(path: str | os.PathLike,
     on_empty: 'skip' (count in ``stats.empty_skipped`` and warn once) or 'error'.
     stats: optional FastaStats, updated in place as records are read.
   """
-  if on_empty not in ("skip", "error"):
+  if on_empty not in ('skip', 'error'):
     raise ValueError(f"on_empty must be 'skip' or 'error', got {on_empty!r}")
   stats = stats if stats is not None else FastaStats()
   name = os.fspath(path)
-  header = None        # (record_id, description, line number)
+  header = None  # (record_id, description, line number)
   chunks: list[bytes] = []
-  star_line = 0        # line holding a '*' that must stay the record's last residue
+  star_line = 0  # line holding a '*' that must stay the record's last residue
 
   def finish():
     record_id, description, header_line = header
-    seq = b"".join(chunks)
+    seq = b''.join(chunks)
     if star_line:
       stats.stops_stripped += 1
     if not seq:
-      if on_empty == "error":
-        raise ValueError(f"{name}:{header_line}: record {record_id!r} has an empty sequence")
+      if on_empty == 'error':
+        raise ValueError(f'{name}:{header_line}: record {record_id!r} has an empty sequence')
       stats.empty_skipped += 1
       return None
     stats.records += 1
     stats.residues += len(seq)
     stats.mapped_to_x += len(seq.translate(_UPPER).translate(None, _ALPHABET_BYTES))
-    return record_id, description, seq.translate(vocab_lib.NORMALIZE_TABLE).decode("ascii")
+    return record_id, description, seq.translate(vocab_lib.NORMALIZE_TABLE).decode('ascii')
 
   with open_fasta(path) as f:
     for lineno, raw in enumerate(f, 1):
-      line = raw.strip()   # also drops '\r' of Windows line endings
-      if not line or line.startswith(b";"):
+      line = raw.strip()  # also drops '\r' of Windows line endings
+      if not line or line.startswith(b';'):
         continue
-      if line.startswith(b">"):
+      if line.startswith(b'>'):
         if header is not None and (record := finish()) is not None:
           yield record
-        text = line[1:].decode("utf-8", errors="replace").strip()
+        text = line[1:].decode('utf-8', errors='replace').strip()
         if not text:
-          raise ValueError(f"{name}:{lineno}: FASTA header has an empty record id")
+          raise ValueError(f'{name}:{lineno}: FASTA header has an empty record id')
         parts = text.split(None, 1)
-        header = (parts[0], parts[1] if len(parts) > 1 else "", lineno)
+        header = (parts[0], parts[1] if len(parts) > 1 else '', lineno)
         chunks, star_line = [], 0
         continue
       if header is None:
-        raise ValueError(f"{name}:{lineno}: sequence data before the first '>' header "
-                         f"(is this a FASTA file?): {_preview(line)!r}")
+        raise ValueError(
+          f"{name}:{lineno}: sequence data before the first '>' header "
+          f'(is this a FASTA file?): {_preview(line)!r}'
+        )
       bad = vocab_lib.find_invalid(line)
       if bad:
-        raise ValueError(f"{name}:{lineno}: invalid character {_char(bad)!r} in the sequence of "
-                         f"record {header[0]!r}; only letters and a final '*' are allowed")
-      if star_line or (b"*" in line and line.index(b"*") != len(line) - 1):
-        raise ValueError(f"{name}:{star_line or lineno}: '*' inside the sequence of record "
-                         f"{header[0]!r}; only a final stop '*' is allowed")
-      if line.endswith(b"*"):
+        raise ValueError(
+          f'{name}:{lineno}: invalid character {_char(bad)!r} in the sequence of '
+          f"record {header[0]!r}; only letters and a final '*' are allowed"
+        )
+      if star_line or (b'*' in line and line.index(b'*') != len(line) - 1):
+        raise ValueError(
+          f"{name}:{star_line or lineno}: '*' inside the sequence of record "
+          f"{header[0]!r}; only a final stop '*' is allowed"
+        )
+      if line.endswith(b'*'):
         star_line, line = lineno, line[:-1]
       chunks.append(line)
     if header is not None and (record := finish()) is not None:
       yield record
   if stats.empty_skipped:
-    warnings.warn(f"{name}: skipped {stats.empty_skipped} FASTA record(s) with an empty sequence",
-                  stacklevel=2)
+    warnings.warn(
+      f'{name}: skipped {stats.empty_skipped} FASTA record(s) with an empty sequence', stacklevel=2
+    )
 
 
 def _char(bad: bytes) -> str:
-  return bad[:1].decode("latin-1")
+  return bad[:1].decode('latin-1')
 
 
 def _preview(line: bytes, n: int = 40) -> str:
-  text = line.decode("utf-8", errors="replace")
-  return text if len(text) <= n else text[:n] + "..."
+  text = line.decode('utf-8', errors='replace')
+  return text if len(text) <= n else text[:n] + '...'

@@ -32,16 +32,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from performer.data import catalog
-from performer.data import sequences
+from performer.data import catalog, sequences
 
-DATASET = "imagenet64"
-VARIANTS = {"downsampled_imagenet": "downsampled_imagenet/64x64",
-            "imagenet_resized": "imagenet_resized/64x64"}
-DEFAULT_VARIANT = "downsampled_imagenet"
+DATASET = 'imagenet64'
+VARIANTS = {
+  'downsampled_imagenet': 'downsampled_imagenet/64x64',
+  'imagenet_resized': 'imagenet_resized/64x64',
+}
+DEFAULT_VARIANT = 'downsampled_imagenet'
 IMAGE_SIZE = 64
 CHANNELS = 3
-SEQ_LEN = IMAGE_SIZE * IMAGE_SIZE * CHANNELS   # 12,288
+SEQ_LEN = IMAGE_SIZE * IMAGE_SIZE * CHANNELS  # 12,288
 
 
 class PixelVocab:
@@ -51,20 +52,21 @@ class PixelVocab:
   an int for code that does int(vocab.mask_id)). encode/decode exist for the
   contract: a string of space-separated values.
   """
+
   size = 256
   pad_id = bos_id = eos_id = mask_id = -1
 
   def encode(self, text: str) -> list[int]:
     ids = [int(t) for t in text.split()]
     if any(not 0 <= i < 256 for i in ids):
-      raise ValueError("sub-pixel values must be in [0, 256)")
+      raise ValueError('sub-pixel values must be in [0, 256)')
     return ids
 
   def decode(self, ids) -> str:
-    return " ".join(str(int(i)) for i in np.asarray(ids).ravel())
+    return ' '.join(str(int(i)) for i in np.asarray(ids).ravel())
 
   def __repr__(self):
-    return "PixelVocab(size=256)"
+    return 'PixelVocab(size=256)'
 
 
 PIXEL_VOCAB = PixelVocab()
@@ -81,20 +83,23 @@ def to_rgb(image, size: int = IMAGE_SIZE) -> np.ndarray:
   """Any HxW, HxWx1, HxWx3 or HxWx4 uint8 image -> [size, size, 3] uint8 (BOX resize)."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
-    raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    raise ValueError(f'expected a uint8 image, got dtype {image.dtype}')
   if image.ndim == 2:
     image = image[:, :, None]
   if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
-    raise ValueError(f"expected an image of shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], "
-                     f"got {image.shape}")
+    raise ValueError(
+      f'expected an image of shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {image.shape}'
+    )
   if image.shape[2] == 1:
     image = np.repeat(image, 3, axis=2)
   elif image.shape[2] == 4:
     image = image[:, :, :3]
   if image.shape[:2] != (size, size):
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
-        (size, size), Image.Resampling.BOX))
+
+    image = np.asarray(
+      Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.Resampling.BOX)
+    )
   return image
 
 
@@ -107,7 +112,7 @@ def tokens_to_image(tokens, size: int = IMAGE_SIZE) -> np.ndarray:
   """Inverse of image_to_tokens: [size, size, 3] uint8."""
   tokens = np.asarray(tokens)
   if tokens.size != size * size * CHANNELS:
-    raise ValueError(f"expected {size * size * CHANNELS} tokens, got {tokens.size}")
+    raise ValueError(f'expected {size * size * CHANNELS} tokens, got {tokens.size}')
   return tokens.reshape(size, size, CHANNELS).astype(np.uint8)
 
 
@@ -121,22 +126,23 @@ def bits_per_dim(nats_per_subpixel: float) -> float:
   return float(nats_per_subpixel) / math.log(2.0)
 
 
-def bits_per_dim_from_total(total_nats: float, num_images: int,
-                            dims: int = SEQ_LEN) -> float:
+def bits_per_dim_from_total(total_nats: float, num_images: int, dims: int = SEQ_LEN) -> float:
   """Bits per dim from a summed negative log-likelihood (nats) over whole images."""
   return float(total_nats) / (num_images * dims * math.log(2.0))
 
 
 def _options(cfg) -> tuple[str, int]:
-  variant = getattr(cfg, "variant", "") or DEFAULT_VARIANT
+  variant = getattr(cfg, 'variant', '') or DEFAULT_VARIANT
   if variant not in VARIANTS:
-    raise ValueError(f"config.data.variant must be one of {tuple(VARIANTS)}, got {variant!r}")
-  size = int(getattr(cfg, "image_size", 0) or IMAGE_SIZE)
+    raise ValueError(f'config.data.variant must be one of {tuple(VARIANTS)}, got {variant!r}')
+  size = int(getattr(cfg, 'image_size', 0) or IMAGE_SIZE)
   if int(cfg.seq_len) != size * size * CHANNELS:
-    raise ValueError(f"config.data.seq_len must be {size * size * CHANNELS} for {size}x{size}x3 "
-                     f"images (config.data.image_size={size}), got {cfg.seq_len}")
-  if getattr(cfg, "pack", False):
-    raise ValueError("config.data.pack must be False for images (every row is one image)")
+    raise ValueError(
+      f'config.data.seq_len must be {size * size * CHANNELS} for {size}x{size}x3 '
+      f'images (config.data.image_size={size}), got {cfg.seq_len}'
+    )
+  if getattr(cfg, 'pack', False):
+    raise ValueError('config.data.pack must be False for images (every row is one image)')
   return VARIANTS[variant], size
 
 
@@ -144,32 +150,49 @@ def _require(cfg) -> tuple[str, int, str]:
   """(tfds_name, image_size, data_dir) after checking the prepared files exist."""
   tfds_name, size = _options(cfg)
   data_dir = catalog.data_dir_for(cfg)
-  variant = tfds_name.split("/")[0]
-  catalog.require_prepared(DATASET, tfds_name, data_dir, catalog.SPECS[variant].splits,
-                           extra_args=f" --variant {variant}")
+  variant = tfds_name.split('/')[0]
+  catalog.require_prepared(
+    DATASET, tfds_name, data_dir, catalog.SPECS[variant].splits, extra_args=f' --variant {variant}'
+  )
   return tfds_name, size, data_dir
 
 
 def _record_tokens(record, size: int) -> np.ndarray:
-  return image_to_tokens(record["image"], size)
+  return image_to_tokens(record['image'], size)
 
 
-def build_dataset(cfg, *, split: str, batch_size: int, seed: int = 0, shard_index: int = 0,
-                  shard_count: int = 1, num_epochs: int | None = None) -> Iterator[dict[str, Any]]:
+def build_dataset(
+  cfg,
+  *,
+  split: str,
+  batch_size: int,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+) -> Iterator[dict[str, Any]]:
   """Batches of {'tokens': int32 [B, 12288], 'mask': all True, 'segment_ids': all 1}.
 
   Eval batches end with all-masked filler rows, as in every pipeline.
   """
   tfds_name, size, data_dir = _require(cfg)
   source = catalog.split_source(tfds_name, split, data_dir, has_validation=False)
-  return sequences.build(source, functools.partial(_record_tokens, size=size), cfg,
-                         split=split, batch_size=batch_size, seed=seed,
-                         shard_index=shard_index, shard_count=shard_count,
-                         num_epochs=num_epochs, name=f"{DATASET} ({tfds_name})")
+  return sequences.build(
+    source,
+    functools.partial(_record_tokens, size=size),
+    cfg,
+    split=split,
+    batch_size=batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+    name=f'{DATASET} ({tfds_name})',
+  )
 
 
-def prepare(data_dir: str, *, variant: str = DEFAULT_VARIANT, manual_dir: str = "") -> str:
+def prepare(data_dir: str, *, variant: str = DEFAULT_VARIANT, manual_dir: str = '') -> str:
   """Downloads and prepares the variant's TFDS dataset as ArrayRecord."""
   if variant not in VARIANTS:
-    raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    raise ValueError(f'variant must be one of {tuple(VARIANTS)}, got {variant!r}')
   return catalog.prepare_catalog(VARIANTS[variant], data_dir, manual_dir=manual_dir)

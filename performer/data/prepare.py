@@ -27,8 +27,8 @@ import sys
 
 from performer.data import catalog
 
-DATASETS = ("lm1b", "imagenet64", "uniref50", "trembl", "text")
-_GZ_RATIO = 2.5   # rough uncompressed/gzip size ratio of protein FASTA
+DATASETS = ('lm1b', 'imagenet64', 'uniref50', 'trembl', 'text')
+_GZ_RATIO = 2.5  # rough uncompressed/gzip size ratio of protein FASTA
 
 
 def _gb(n_bytes: float) -> float:
@@ -37,25 +37,29 @@ def _gb(n_bytes: float) -> float:
 
 def space_needed(args) -> dict[str, float]:
   """Estimated GB: download, prepared, scratch and total for the requested dataset."""
-  if args.dataset == "text":   # only a sentencepiece model (~1 MB) next to the file
-    return {"download": 0.0, "prepared": 0.001, "scratch": 0.0, "total": 0.001}
-  if args.dataset in ("uniref50", "trembl") and args.fasta:   # checked to exist
-    with open(args.fasta, "rb") as f:
-      gz = f.read(2) == b"\x1f\x8b"
+  if args.dataset == 'text':  # only a sentencepiece model (~1 MB) next to the file
+    return {'download': 0.0, 'prepared': 0.001, 'scratch': 0.0, 'total': 0.001}
+  if args.dataset in ('uniref50', 'trembl') and args.fasta:  # checked to exist
+    with open(args.fasta, 'rb') as f:
+      gz = f.read(2) == b'\x1f\x8b'
     prepared = _gb(os.path.getsize(args.fasta)) * (_GZ_RATIO if gz else 1.0) * 1.1
-    return {"download": 0.0, "prepared": prepared, "scratch": 0.0, "total": prepared}
+    return {'download': 0.0, 'prepared': prepared, 'scratch': 0.0, 'total': prepared}
   spec = catalog.SPECS[_tfds_key(args)]
-  return {"download": spec.download_gb, "prepared": spec.prepared_gb,
-          "scratch": spec.scratch_gb, "total": spec.total_gb}
+  return {
+    'download': spec.download_gb,
+    'prepared': spec.prepared_gb,
+    'scratch': spec.scratch_gb,
+    'total': spec.total_gb,
+  }
 
 
 def _tfds_key(args) -> str:
-  return args.variant if args.dataset == "imagenet64" else args.dataset
+  return args.variant if args.dataset == 'imagenet64' else args.dataset
 
 
 def free_gb(path: str) -> float | None:
   """Free space on the file system that holds `path` (or its nearest existing parent)."""
-  if "://" in path:
+  if '://' in path:
     return None
   path = os.path.abspath(path)
   while not os.path.exists(path) and os.path.dirname(path) != path:
@@ -65,46 +69,63 @@ def free_gb(path: str) -> float | None:
 
 def describe(args) -> str:
   need = space_needed(args)
-  where = os.path.dirname(os.path.abspath(args.path)) if args.dataset == "text" else args.data_dir
+  where = os.path.dirname(os.path.abspath(args.path)) if args.dataset == 'text' else args.data_dir
   free = free_gb(where)
-  lines = [f"{args.dataset}: needs about {need['total']:.1f} GB of disk under {where}"
-           + (f" (free now: {free:.1f} GB)" if free is not None else "")]
-  if need["download"] or need["scratch"]:
-    lines.append(f"  download ~{need['download']:.1f} GB, prepared ArrayRecord "
-                 f"~{need['prepared']:.1f} GB, temporary extraction ~{need['scratch']:.1f} GB")
-  if args.dataset != "text":
+  lines = [
+    f'{args.dataset}: needs about {need["total"]:.1f} GB of disk under {where}'
+    + (f' (free now: {free:.1f} GB)' if free is not None else '')
+  ]
+  if need['download'] or need['scratch']:
+    lines.append(
+      f'  download ~{need["download"]:.1f} GB, prepared ArrayRecord '
+      f'~{need["prepared"]:.1f} GB, temporary extraction ~{need["scratch"]:.1f} GB'
+    )
+  if args.dataset != 'text':
     spec = catalog.SPECS[_tfds_key(args)]
     if spec.needs_tensorflow:
-      lines.append(f"  TFDS's {spec.name} builder needs TensorFlow to prepare: "
-                   f"pip install 'performer-zoo[prepare]'")
+      lines.append(
+        f"  TFDS's {spec.name} builder needs TensorFlow to prepare: "
+        f"pip install 'performer-zoo[prepare]'"
+      )
     if spec.note:
-      lines.append(f"  note: {spec.note}")
-  if free is not None and free < need["total"]:
-    lines.append("  WARNING: less free space than the estimate")
-  return "\n".join(lines)
+      lines.append(f'  note: {spec.note}')
+  if free is not None and free < need['total']:
+    lines.append('  WARNING: less free space than the estimate')
+  return '\n'.join(lines)
 
 
 def run(args) -> str:
   """Prepares the dataset; returns a one-line summary of where it is."""
-  if args.dataset == "lm1b":
+  if args.dataset == 'lm1b':
     from performer.data import lm1b  # pylint: disable=g-import-not-at-top
-    out = lm1b.prepare(args.data_dir, vocab_size=args.vocab_size or lm1b.DEFAULT_VOCAB_SIZE,
-                       spm_path=args.spm_path, manual_dir=args.manual_dir)
-    return (f"lm1b ready in {out['path']}; sentencepiece model {out['spm_path']} "
-            f"({out['vocab_size']} pieces)")
-  if args.dataset == "imagenet64":
+
+    out = lm1b.prepare(
+      args.data_dir,
+      vocab_size=args.vocab_size or lm1b.DEFAULT_VOCAB_SIZE,
+      spm_path=args.spm_path,
+      manual_dir=args.manual_dir,
+    )
+    return (
+      f'lm1b ready in {out["path"]}; sentencepiece model {out["spm_path"]} '
+      f'({out["vocab_size"]} pieces)'
+    )
+  if args.dataset == 'imagenet64':
     from performer.data import imagenet64  # pylint: disable=g-import-not-at-top
+
     path = imagenet64.prepare(args.data_dir, variant=args.variant, manual_dir=args.manual_dir)
-    return f"imagenet64 ({args.variant}) ready in {path}"
-  if args.dataset in ("uniref50", "trembl"):
+    return f'imagenet64 ({args.variant}) ready in {path}'
+  if args.dataset in ('uniref50', 'trembl'):
     from performer.data import uniref  # pylint: disable=g-import-not-at-top
-    path = uniref.prepare(args.dataset, args.data_dir, fasta_path=args.fasta,
-                          manual_dir=args.manual_dir)
-    return f"{args.dataset} ready in {path}"
+
+    path = uniref.prepare(
+      args.dataset, args.data_dir, fasta_path=args.fasta, manual_dir=args.manual_dir
+    )
+    return f'{args.dataset} ready in {path}'
   from performer.data import text  # pylint: disable=g-import-not-at-top
-  cfg = _Cfg(name="text", path=args.path, vocab_size=args.vocab_size, spm_path=args.spm_path)
+
+  cfg = _Cfg(name='text', path=args.path, vocab_size=args.vocab_size, spm_path=args.spm_path)
   vocab = text.vocab_for(cfg)
-  return f"text tokenizer ready: {vocab.path} ({vocab.size} pieces)"
+  return f'text tokenizer ready: {vocab.path} ({vocab.size} pieces)'
 
 
 class _Cfg:
@@ -114,32 +135,47 @@ class _Cfg:
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog="python -m performer.data.prepare",
-      description="Download and prepare a dataset as ArrayRecord for training.")
-  parser.add_argument("dataset", choices=DATASETS)
-  parser.add_argument("--data_dir", default="",
-                      help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets); "
-                           "pass the same value as config.data.data_dir")
-  parser.add_argument("--variant", default="downsampled_imagenet",
-                      choices=("downsampled_imagenet", "imagenet_resized"),
-                      help="imagenet64 source (config.data.variant)")
-  parser.add_argument("--vocab_size", type=int, default=0,
-                      help="sentencepiece size (config.data.vocab_size); lm1b 30000, text 8000")
-  parser.add_argument("--spm_path", default="", help="where to write the sentencepiece model")
-  parser.add_argument("--fasta", default="", help="uniref50/trembl: a local FASTA (.gz ok) "
-                                                  "to use instead of downloading")
-  parser.add_argument("--path", default="", help="text: the text file (config.data.path)")
-  parser.add_argument("--manual_dir", default="",
-                      help="a folder of files downloaded by hand (TFDS manual_dir)")
-  parser.add_argument("--dry_run", action="store_true", help="only print the space needed")
+    prog='python -m performer.data.prepare',
+    description='Download and prepare a dataset as ArrayRecord for training.',
+  )
+  parser.add_argument('dataset', choices=DATASETS)
+  parser.add_argument(
+    '--data_dir',
+    default='',
+    help='TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets); '
+    'pass the same value as config.data.data_dir',
+  )
+  parser.add_argument(
+    '--variant',
+    default='downsampled_imagenet',
+    choices=('downsampled_imagenet', 'imagenet_resized'),
+    help='imagenet64 source (config.data.variant)',
+  )
+  parser.add_argument(
+    '--vocab_size',
+    type=int,
+    default=0,
+    help='sentencepiece size (config.data.vocab_size); lm1b 30000, text 8000',
+  )
+  parser.add_argument('--spm_path', default='', help='where to write the sentencepiece model')
+  parser.add_argument(
+    '--fasta',
+    default='',
+    help='uniref50/trembl: a local FASTA (.gz ok) to use instead of downloading',
+  )
+  parser.add_argument('--path', default='', help='text: the text file (config.data.path)')
+  parser.add_argument(
+    '--manual_dir', default='', help='a folder of files downloaded by hand (TFDS manual_dir)'
+  )
+  parser.add_argument('--dry_run', action='store_true', help='only print the space needed')
   args = parser.parse_args(argv)
   args.data_dir = catalog.data_dir_for(_Cfg(data_dir=args.data_dir))
-  if args.dataset == "text" and not args.path:
-    parser.error("text needs --path FILE")
-  if args.fasta and args.dataset not in ("uniref50", "trembl"):
-    parser.error("--fasta is for uniref50 / trembl")
+  if args.dataset == 'text' and not args.path:
+    parser.error('text needs --path FILE')
+  if args.fasta and args.dataset not in ('uniref50', 'trembl'):
+    parser.error('--fasta is for uniref50 / trembl')
   if args.fasta and not os.path.isfile(args.fasta):
-    parser.error(f"--fasta: no such file {args.fasta!r}")
+    parser.error(f'--fasta: no such file {args.fasta!r}')
   return args
 
 
@@ -151,10 +187,10 @@ def main(argv=None) -> int:
   try:
     print(run(args), flush=True)
   except (RuntimeError, ValueError, FileNotFoundError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 1
   return 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

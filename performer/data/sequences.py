@@ -38,10 +38,9 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
-from performer.data.protein import pack
-from performer.data.protein import pad_row
+from performer.data.protein import pack, pad_row
 
-CROPS = ("random", "start")
+CROPS = ('random', 'start')
 # No worker threads: on small machines the per-example work is cheaper than a hand-off.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
@@ -50,20 +49,20 @@ def check_options(cfg, *, min_len: int = 2) -> tuple[int, str, bool]:
   """(seq_len, crop, pack) from config.data, validated with messages naming the key."""
   seq_len = int(cfg.seq_len)
   if seq_len < min_len:
-    raise ValueError(f"config.data.seq_len must be >= {min_len}, got {seq_len}")
-  crop = getattr(cfg, "crop", "random")
+    raise ValueError(f'config.data.seq_len must be >= {min_len}, got {seq_len}')
+  crop = getattr(cfg, 'crop', 'random')
   if crop not in CROPS:
-    raise ValueError(f"config.data.crop must be one of {CROPS}, got {crop!r}")
-  return seq_len, crop, bool(getattr(cfg, "pack", False))
+    raise ValueError(f'config.data.crop must be one of {CROPS}, got {crop!r}')
+  return seq_len, crop, bool(getattr(cfg, 'pack', False))
 
 
 def check_call(batch_size: int, shard_index: int, shard_count: int, num_epochs) -> None:
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    raise ValueError(f'need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}')
   if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    raise ValueError(f'num_epochs must be None (forever) or >= 1, got {num_epochs}')
 
 
 def window_start(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -76,31 +75,55 @@ def window_random(tokens: np.ndarray, rng: np.random.Generator, seq_len: int) ->
   if extra <= 0:
     return tokens
   start = int(rng.integers(0, extra + 1))
-  return tokens[start:start + seq_len]
+  return tokens[start : start + seq_len]
 
 
 def unpack(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
   """The token arrays of every segment of a batch, row by row (inverse of packing)."""
   out = []
-  for tokens, seg in zip(batch["tokens"], batch["segment_ids"]):
+  for tokens, seg in zip(batch['tokens'], batch['segment_ids']):
     for s in np.unique(seg[seg > 0]):
       out.append(tokens[seg == s])
   return out
 
 
-def build(source, to_tokens: Callable[[Any], np.ndarray], cfg, *, split: str,
-          batch_size: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
-          num_epochs: int | None = None, name: str = "") -> Iterator[dict[str, np.ndarray]]:
+def build(
+  source,
+  to_tokens: Callable[[Any], np.ndarray],
+  cfg,
+  *,
+  split: str,
+  batch_size: int,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+  name: str = '',
+) -> Iterator[dict[str, np.ndarray]]:
   """Batches from a random-access `source` of records (see the module docstring)."""
   seq_len, crop, do_pack = check_options(cfg)
   check_call(batch_size, shard_index, shard_count, num_epochs)
   if len(source) == 0:
-    raise ValueError(f"{name or 'dataset'}: the {split!r} split is empty")
+    raise ValueError(f'{name or "dataset"}: the {split!r} split is empty')
   examples = grain.MapDataset.source(source)
-  if split == "train":
-    workers = int(getattr(cfg, "num_workers", 0) or 0)
-    return iter(_train(examples, to_tokens, seq_len, crop, do_pack, batch_size, seed,
-                       shard_index, shard_count, num_epochs, name, workers))
+  if split == 'train':
+    workers = int(getattr(cfg, 'num_workers', 0) or 0)
+    return iter(
+      _train(
+        examples,
+        to_tokens,
+        seq_len,
+        crop,
+        do_pack,
+        batch_size,
+        seed,
+        shard_index,
+        shard_count,
+        num_epochs,
+        name,
+        workers,
+      )
+    )
   windows = examples.map(lambda r: window_start(to_tokens(r), seq_len))
   epochs = num_epochs or 1
   if do_pack:
@@ -108,15 +131,28 @@ def build(source, to_tokens: Callable[[Any], np.ndarray], cfg, *, split: str,
   return iter(_eval_rows(windows, seq_len, batch_size, shard_index, shard_count, epochs))
 
 
-def _train(examples, to_tokens, seq_len, crop, do_pack, batch_size, seed, shard_index,
-           shard_count, num_epochs, name, num_workers=0) -> grain.IterDataset:
+def _train(
+  examples,
+  to_tokens,
+  seq_len,
+  crop,
+  do_pack,
+  batch_size,
+  seed,
+  shard_index,
+  shard_count,
+  num_epochs,
+  name,
+  num_workers=0,
+) -> grain.IterDataset:
   shard = examples[shard_index::shard_count]
   if len(shard) == 0:
-    raise ValueError(f"{name or 'dataset'}: train shard {shard_index}/{shard_count} is empty")
+    raise ValueError(f'{name or "dataset"}: train shard {shard_index}/{shard_count} is empty')
   shuffle_seed, crop_seed, pack_seed = (
-      int(s) for s in np.random.SeedSequence(seed).generate_state(3))
+    int(s) for s in np.random.SeedSequence(seed).generate_state(3)
+  )
   ds = shard.shuffle(seed=shuffle_seed).repeat(num_epochs).map(to_tokens)
-  if crop == "random":
+  if crop == 'random':
     ds = ds.random_map(functools.partial(window_random, seq_len=seq_len), seed=crop_seed)
   else:
     ds = ds.map(functools.partial(window_start, seq_len=seq_len))
@@ -133,14 +169,17 @@ def _with_workers(it: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if num_workers <= 0:
     return it
   from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (unparsed in notebooks)
+
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (unparsed in notebooks)
     flags.FLAGS.mark_as_parsed()
-  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=2))
+  return it.mp_prefetch(
+    grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)
+  )
 
 
-def _eval_rows(windows, seq_len, batch_size, shard_index, shard_count,
-               num_epochs) -> grain.IterDataset:
+def _eval_rows(
+  windows, seq_len, batch_size, shard_index, shard_count, num_epochs
+) -> grain.IterDataset:
   n = len(windows)
   per_shard = math.ceil(n / shard_count)
   padded = math.ceil(per_shard / batch_size) * batch_size
@@ -158,8 +197,9 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _eval_packed(windows, seq_len, batch_size, shard_index, shard_count,
-                 num_epochs) -> Iterator[dict[str, np.ndarray]]:
+def _eval_packed(
+  windows, seq_len, batch_size, shard_index, shard_count, num_epochs
+) -> Iterator[dict[str, np.ndarray]]:
   """Packs the whole split in order and keeps this shard's rows; the number of
   filler rows is known only at the end, when every host has seen the same total."""
   empty = pad_row(None, seq_len)
@@ -176,4 +216,4 @@ def _eval_packed(windows, seq_len, batch_size, shard_index, shard_count,
     padded = math.ceil(math.ceil(total / shard_count) / batch_size) * batch_size
     buf += [empty] * (padded - mine)
     for i in range(0, len(buf), batch_size):
-      yield _stack(buf[i:i + batch_size])
+      yield _stack(buf[i : i + batch_size])

@@ -31,30 +31,29 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from performer.data import sequences
-from performer.data import tokenizer
+from performer.data import sequences, tokenizer
 from performer.data.protein import split_of
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ('train', 'validation', 'test')
 DEFAULT_VOCAB_SIZE = 8000
 # Characters of training text the tokenizer sees (Flax's lm1b example uses 10M).
 SPM_MAX_CHARS = 10_000_000
 
 
 def path_for(cfg) -> str:
-  path = getattr(cfg, "path", "") or ""
+  path = getattr(cfg, 'path', '') or ''
   if not path:
     raise ValueError("config.data.path must name a UTF-8 text file when config.data.name == 'text'")
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
-    raise FileNotFoundError(f"text file not found: {path!r} (config.data.path)")
+    raise FileNotFoundError(f'text file not found: {path!r} (config.data.path)')
   return path
 
 
 def vocab_size_for(cfg, default: int = DEFAULT_VOCAB_SIZE) -> int:
-  size = int(getattr(cfg, "vocab_size", 0) or default)
+  size = int(getattr(cfg, 'vocab_size', 0) or default)
   if size < 8:
-    raise ValueError(f"config.data.vocab_size must be >= 8, got {size}")
+    raise ValueError(f'config.data.vocab_size must be >= 8, got {size}')
   return size
 
 
@@ -62,61 +61,84 @@ def vocab_size_for(cfg, default: int = DEFAULT_VOCAB_SIZE) -> int:
 def _lines(path: str, mtime_ns: int, size: int) -> dict[str, tuple[str, ...]]:
   del mtime_ns, size  # Only part of the cache key: an edited file is re-read.
   out = {s: [] for s in SPLITS}
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding='utf-8') as f:
     for line in f:
-      line = line.rstrip("\r\n")
+      line = line.rstrip('\r\n')
       if line.strip():
         out[split_of(line)].append(line)
-  if not out["train"]:
-    raise ValueError(f"{path}: no non-blank lines in the train split")
+  if not out['train']:
+    raise ValueError(f'{path}: no non-blank lines in the train split')
   return {s: tuple(v) for s, v in out.items()}
 
 
 def split_lines(cfg, split: str) -> tuple[str, ...]:
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   path = path_for(cfg)
   st = os.stat(path)
   splits = _lines(path, st.st_mtime_ns, st.st_size)
   if not splits[split]:
     total = sum(len(v) for v in splits.values())
-    raise ValueError(f"{path}: the {split!r} split is empty ({total} lines; the 90/5/5 hash "
-                     f"split needs a few dozen lines or more)")
+    raise ValueError(
+      f'{path}: the {split!r} split is empty ({total} lines; the 90/5/5 hash '
+      f'split needs a few dozen lines or more)'
+    )
   return splits[split]
 
 
 def spm_path_for(cfg) -> str:
   """Where the file's tokenizer is cached (see the module docstring)."""
-  explicit = getattr(cfg, "spm_path", "") or ""
+  explicit = getattr(cfg, 'spm_path', '') or ''
   if explicit:
     return os.path.abspath(os.path.expanduser(explicit))
   path, size = path_for(cfg), vocab_size_for(cfg)
-  beside = f"{path}.spm{size}.model"
+  beside = f'{path}.spm{size}.model'
   if os.access(os.path.dirname(path), os.W_OK) or os.path.exists(beside):
     return beside
-  digest = hashlib.md5(path.encode("utf-8")).hexdigest()[:12]
-  return os.path.join(os.path.expanduser("~/.cache/performer_zoo"),
-                      f"{os.path.basename(path)}-{digest}.spm{size}.model")
+  digest = hashlib.md5(path.encode('utf-8')).hexdigest()[:12]
+  return os.path.join(
+    os.path.expanduser('~/.cache/performer_zoo'),
+    f'{os.path.basename(path)}-{digest}.spm{size}.model',
+  )
 
 
 def vocab_for(cfg) -> tokenizer.SentencePieceVocab:
   """The file's sentencepiece vocabulary, trained on its train lines on first use."""
+
   def texts():
     total = 0
-    for line in split_lines(cfg, "train"):
+    for line in split_lines(cfg, 'train'):
       yield line
       total += len(line)
       if total >= SPM_MAX_CHARS:
         return
+
   return tokenizer.load_or_train(spm_path_for(cfg), texts, vocab_size_for(cfg))
 
 
-def build_dataset(cfg, *, split: str, batch_size: int, seed: int = 0, shard_index: int = 0,
-                  shard_count: int = 1, num_epochs: int | None = None) -> Iterator[dict[str, Any]]:
+def build_dataset(
+  cfg,
+  *,
+  split: str,
+  batch_size: int,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+) -> Iterator[dict[str, Any]]:
   vocab = vocab_for(cfg)
-  return sequences.build(split_lines(cfg, split), vocab.encode_example, cfg, split=split,
-                         batch_size=batch_size, seed=seed, shard_index=shard_index,
-                         shard_count=shard_count, num_epochs=num_epochs, name=path_for(cfg))
+  return sequences.build(
+    split_lines(cfg, split),
+    vocab.encode_example,
+    cfg,
+    split=split,
+    batch_size=batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+    name=path_for(cfg),
+  )
 
 
 def word_counts(texts, vocab, seq_len: int) -> dict[str, Any]:
@@ -130,7 +152,7 @@ def word_counts(texts, vocab, seq_len: int) -> dict[str, Any]:
   """
   num_tokens = num_words = n = 0
   for text in texts:
-    text = text.decode("utf-8") if isinstance(text, bytes) else text
+    text = text.decode('utf-8') if isinstance(text, bytes) else text
     tokens = vocab.encode_example(text)
     n += 1
     if len(tokens) <= seq_len:
@@ -139,60 +161,78 @@ def word_counts(texts, vocab, seq_len: int) -> dict[str, Any]:
     else:
       num_tokens += seq_len - 1
       num_words += tokenizer.count_words(vocab.decode(tokens[1:seq_len]))
-  return {"num_examples": n, "num_tokens": num_tokens, "num_words": num_words,
-          "words_per_token": num_words / max(num_tokens, 1), "seq_len": seq_len}
+  return {
+    'num_examples': n,
+    'num_tokens': num_tokens,
+    'num_words': num_words,
+    'words_per_token': num_words / max(num_tokens, 1),
+    'seq_len': seq_len,
+  }
 
 
-def cached_word_counts(cache_path: str, key: dict[str, Any],
-                       compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def cached_word_counts(
+  cache_path: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
   """`compute()` once, stored as JSON at `cache_path` together with `key`."""
   if os.path.exists(cache_path):
-    with open(cache_path, encoding="utf-8") as f:
+    with open(cache_path, encoding='utf-8') as f:
       stored = json.load(f)
-    if stored.get("key") == key:
-      return stored["counts"]
+    if stored.get('key') == key:
+      return stored['counts']
   counts = compute()
   try:
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    tmp = f"{cache_path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"key": key, "counts": counts}, f)
+    tmp = f'{cache_path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump({'key': key, 'counts': counts}, f)
     os.replace(tmp, cache_path)
   except OSError:
     pass  # A read-only folder only costs recomputing next time.
   return counts
 
 
-def eval_word_counts(cfg, split: str = "test") -> dict[str, Any]:
+def eval_word_counts(cfg, split: str = 'test') -> dict[str, Any]:
   """Word and token counts of `split` for per-word perplexity (see word_counts)."""
   seq_len, _, _ = sequences.check_options(cfg)
   path, vocab = path_for(cfg), vocab_for(cfg)
   st = os.stat(path)
-  key = {"file": path, "mtime_ns": st.st_mtime_ns, "spm": os.path.basename(vocab.path),
-         "split": split, "seq_len": seq_len}
-  return cached_word_counts(f"{vocab.path}.{split}.L{seq_len}.words.json", key,
-                            lambda: word_counts(split_lines(cfg, split), vocab, seq_len))
+  key = {
+    'file': path,
+    'mtime_ns': st.st_mtime_ns,
+    'spm': os.path.basename(vocab.path),
+    'split': split,
+    'seq_len': seq_len,
+  }
+  return cached_word_counts(
+    f'{vocab.path}.{split}.L{seq_len}.words.json',
+    key,
+    lambda: word_counts(split_lines(cfg, split), vocab, seq_len),
+  )
 
 
 def word_perplexity(token_loss: float, counts: dict[str, Any]) -> float:
   """Per-word perplexity from a per-token cross-entropy (nats) and eval_word_counts()."""
-  return math.exp(min(token_loss / counts["words_per_token"], 700.0))
+  return math.exp(min(token_loss / counts['words_per_token'], 700.0))
 
 
-def unigram_baseline(cfg, split: str = "validation") -> dict[str, Any]:
+def unigram_baseline(cfg, split: str = 'validation') -> dict[str, Any]:
   """Cross-entropy of a token-frequency model fitted on train (add-one smoothed), and
   the accuracy of always predicting its most frequent token."""
   seq_len, _, _ = sequences.check_options(cfg)
   vocab = vocab_for(cfg)
   counts = np.ones(vocab.size, np.float64)
-  counts[:vocab.num_special] = 0.0
-  for line in split_lines(cfg, "train"):
+  counts[: vocab.num_special] = 0.0
+  for line in split_lines(cfg, 'train'):
     counts += np.bincount(vocab.encode_example(line)[1:], minlength=vocab.size)
   log_p = np.log(np.maximum(counts, 1e-30) / counts.sum())
-  targets = np.concatenate([vocab.encode_example(t)[1:seq_len]
-                            for t in split_lines(cfg, split)])
+  targets = np.concatenate([vocab.encode_example(t)[1:seq_len] for t in split_lines(cfg, split)])
   ce = float(-log_p[targets].mean())
   # Majority-class accuracy: always predicting the most frequent train token.
   accuracy = float(np.mean(targets == int(np.argmax(counts))))
-  return {"cross_entropy": ce, "perplexity": math.exp(ce), "accuracy": accuracy,
-          "num_tokens": int(targets.size), "split": split}
+  return {
+    'cross_entropy': ce,
+    'perplexity': math.exp(ce),
+    'accuracy': accuracy,
+    'num_tokens': int(targets.size),
+    'split': split,
+  }

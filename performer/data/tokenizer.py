@@ -29,7 +29,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
-MASK_PIECE = "<mask>"
+MASK_PIECE = '<mask>'
 
 
 class SentencePieceVocab:
@@ -40,13 +40,21 @@ class SentencePieceVocab:
 
   def __init__(self, model_path: str):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
     self.path = model_path
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     self.size = int(self._sp.get_piece_size())
-    if (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id(),
-        self._sp.piece_to_id(MASK_PIECE)) != (PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID):
-      raise ValueError(f"{model_path}: not a performer sentencepiece model (special ids differ "
-                       f"from PAD 0, BOS 1, EOS 2, UNK 3, MASK 4); delete it to retrain")
+    if (
+      self._sp.pad_id(),
+      self._sp.bos_id(),
+      self._sp.eos_id(),
+      self._sp.unk_id(),
+      self._sp.piece_to_id(MASK_PIECE),
+    ) != (PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID):
+      raise ValueError(
+        f'{model_path}: not a performer sentencepiece model (special ids differ '
+        f'from PAD 0, BOS 1, EOS 2, UNK 3, MASK 4); delete it to retrain'
+      )
 
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     ids = self._sp.encode(text)
@@ -55,49 +63,66 @@ class SentencePieceVocab:
   def encode_example(self, text: str | bytes) -> np.ndarray:
     """``[BOS] + ids + [EOS]`` as int32: one training example."""
     if isinstance(text, bytes):
-      text = text.decode("utf-8")
+      text = text.decode('utf-8')
     return np.asarray([BOS_ID, *self._sp.encode(text), EOS_ID], np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text; special tokens are dropped. Out-of-range ids are a ValueError."""
-    ids = np.asarray(ids if hasattr(ids, "shape") else list(ids), np.int64).ravel().tolist()
+    ids = np.asarray(ids if hasattr(ids, 'shape') else list(ids), np.int64).ravel().tolist()
     bad = [i for i in ids if not 0 <= i < self.size]
     if bad:
-      raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.size})")
+      raise ValueError(f'token id {bad[0]} is outside the vocabulary [0, {self.size})')
     return self._sp.decode([i for i in ids if i >= self.num_special])
 
   def __repr__(self):
-    return f"SentencePieceVocab(size={self.size}, path={self.path!r})"
+    return f'SentencePieceVocab(size={self.size}, path={self.path!r})'
 
 
-def train(texts: Iterable[str], model_path: str, vocab_size: int, *,
-          model_type: str = "unigram") -> str:
+def train(
+  texts: Iterable[str], model_path: str, vocab_size: int, *, model_type: str = 'unigram'
+) -> str:
   """Trains a sentencepiece model on `texts` (one sentence or line each) into `model_path`."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
   if vocab_size < 8:
-    raise ValueError(f"sentencepiece vocab_size must be >= 8, got {vocab_size}")
-  texts = (t.decode("utf-8") if isinstance(t, bytes) else t for t in texts)
+    raise ValueError(f'sentencepiece vocab_size must be >= 8, got {vocab_size}')
+  texts = (t.decode('utf-8') if isinstance(t, bytes) else t for t in texts)
   texts = (t for t in texts if t.strip())
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=texts, model_writer=model, vocab_size=int(vocab_size),
-        model_type=model_type, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-        control_symbols=[MASK_PIECE], byte_fallback=True, hard_vocab_limit=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        character_coverage=0.9999, split_digits=True, input_sentence_size=0,
-        max_sentence_length=1 << 16, num_threads=min(16, os.cpu_count() or 1), minloglevel=2)
+      sentence_iterator=texts,
+      model_writer=model,
+      vocab_size=int(vocab_size),
+      model_type=model_type,
+      pad_id=PAD_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      control_symbols=[MASK_PIECE],
+      byte_fallback=True,
+      hard_vocab_limit=False,
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      character_coverage=0.9999,
+      split_digits=True,
+      input_sentence_size=0,
+      max_sentence_length=1 << 16,
+      num_threads=min(16, os.cpu_count() or 1),
+      minloglevel=2,
+    )
   except RuntimeError as e:
-    if "smaller than required" in str(e):
+    if 'smaller than required' in str(e):
       raise ValueError(
-          f"config.data.vocab_size={vocab_size} is too small for this text: it needs 256 byte "
-          f"pieces, 5 special tokens and one piece per distinct character "
-          f"(sentencepiece: {str(e).rsplit(']', 1)[-1].strip()})") from e
+        f'config.data.vocab_size={vocab_size} is too small for this text: it needs 256 byte '
+        f'pieces, 5 special tokens and one piece per distinct character '
+        f'(sentencepiece: {str(e).rsplit("]", 1)[-1].strip()})'
+      ) from e
     raise
   directory = os.path.dirname(os.path.abspath(model_path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".spm-", dir=directory)
-  with os.fdopen(fd, "wb") as f:
+  fd, tmp = tempfile.mkstemp(prefix='.spm-', dir=directory)
+  with os.fdopen(fd, 'wb') as f:
     f.write(model.getvalue())
   os.replace(tmp, model_path)
   return model_path
@@ -106,7 +131,7 @@ def train(texts: Iterable[str], model_path: str, vocab_size: int, *,
 def load_or_train(model_path: str, texts_fn, vocab_size: int) -> SentencePieceVocab:
   """The cached model at `model_path`, trained first from `texts_fn()` if missing."""
   if not os.path.exists(model_path):
-    log.info("training a %d-piece sentencepiece model -> %s", vocab_size, model_path)
+    log.info('training a %d-piece sentencepiece model -> %s', vocab_size, model_path)
     train(texts_fn(), model_path, vocab_size)
   st = os.stat(model_path)
   return _load(os.path.abspath(model_path), st.st_mtime_ns)
@@ -121,5 +146,5 @@ def _load(path: str, mtime_ns: int) -> SentencePieceVocab:
 def count_words(text: str | bytes) -> int:
   """Whitespace-separated words, the unit of published per-word perplexities."""
   if isinstance(text, bytes):
-    text = text.decode("utf-8")
+    text = text.decode('utf-8')
   return len(text.split())

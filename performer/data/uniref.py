@@ -33,50 +33,53 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from performer.data import catalog
-from performer.data import fasta
-from performer.data import sequences
+from performer.data import catalog, fasta, sequences
 from performer.data.protein import split_of, with_specials
 from performer.data.vocab import PROTEIN_VOCAB, ProteinVocab
 
-SPLITS = ("train", "validation", "test")
-FASTA_SUFFIXES = (".fasta", ".fasta.gz", ".fa", ".fa.gz", ".faa", ".faa.gz", ".fas", ".fas.gz")
+SPLITS = ('train', 'validation', 'test')
+FASTA_SUFFIXES = ('.fasta', '.fasta.gz', '.fa', '.fa.gz', '.faa', '.faa.gz', '.fas', '.fas.gz')
 
 
 class _FastaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared FASTA -> ArrayRecord builder; subclasses set URL and FILE_NAMES."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: id + normalised sequence, 90/5/5 hash split."}
-  URL = ""
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release: id + normalised sequence, 90/5/5 hash split.'}
+  URL = ''
   FILE_NAMES: tuple[str, ...] = ()
-  HOMEPAGE = "https://www.uniprot.org/help/downloads"
+  HOMEPAGE = 'https://www.uniprot.org/help/downloads'
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Optional: put the FASTA file (plain or .gz) in the manual dir, or run "
-      "`python -m performer.data.prepare <name> --fasta PATH`; without it the "
-      "official file is downloaded.")
+    'Optional: put the FASTA file (plain or .gz) in the manual dir, or run '
+    '`python -m performer.data.prepare <name> --fasta PATH`; without it the '
+    'official file is downloaded.'
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"Protein sequences from {self.URL}, split 90/5/5 by a hash of the id.",
-        features=tfds.features.FeaturesDict({"id": tfds.features.Text(),
-                                             "sequence": tfds.features.Text()}),
-        homepage=self.HOMEPAGE)
+      builder=self,
+      description=f'Protein sequences from {self.URL}, split 90/5/5 by a hash of the id.',
+      features=tfds.features.FeaturesDict(
+        {'id': tfds.features.Text(), 'sequence': tfds.features.Text()}
+      ),
+      homepage=self.HOMEPAGE,
+    )
 
   def _local_fasta(self, dl_manager):
     """The FASTA file in the manual dir, or None to download."""
     try:
       manual = dl_manager.manual_dir
-    except (AssertionError, ValueError):   # no manual dir, or it is empty
+    except (AssertionError, ValueError):  # no manual dir, or it is empty
       return None
     for name in self.FILE_NAMES:
       if (manual / name).exists():
         return manual / name
     found = sorted(p for p in manual.iterdir() if p.name.lower().endswith(FASTA_SUFFIXES))
     if len(found) > 1:
-      raise ValueError(f"{manual}: several FASTA files ({', '.join(p.name for p in found)}); "
-                       f"keep one, or name it {self.FILE_NAMES[0]}")
+      raise ValueError(
+        f'{manual}: several FASTA files ({", ".join(p.name for p in found)}); '
+        f'keep one, or name it {self.FILE_NAMES[0]}'
+      )
     return found[0] if found else None
 
   def _split_generators(self, dl_manager):
@@ -86,30 +89,38 @@ class _FastaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, path: str, split: str):
     for index, (record_id, _, sequence) in enumerate(fasta.parse_fasta(path)):
       if split_of(record_id) == split:
-        yield index, {"id": record_id, "sequence": sequence}
+        yield index, {'id': record_id, 'sequence': sequence}
 
 
 class Uniref50(_FastaBuilder):
   """UniRef50 clusters' representative sequences (the Performer paper's protein set)."""
-  URL = "https://ftp.uniprot.org/pub/databases/uniprot/uniref/uniref50/uniref50.fasta.gz"
-  FILE_NAMES = ("uniref50.fasta.gz", "uniref50.fasta")
+
+  URL = 'https://ftp.uniprot.org/pub/databases/uniprot/uniref/uniref50/uniref50.fasta.gz'
+  FILE_NAMES = ('uniref50.fasta.gz', 'uniref50.fasta')
 
 
 class Trembl(_FastaBuilder):
   """UniProtKB/TrEMBL, the unreviewed sequences (the paper's larger protein set)."""
-  URL = ("https://ftp.uniprot.org/pub/databases/uniprot/current_release/knowledgebase/"
-         "complete/uniprot_trembl.fasta.gz")
-  FILE_NAMES = ("uniprot_trembl.fasta.gz", "uniprot_trembl.fasta", "trembl.fasta.gz",
-                "trembl.fasta")
+
+  URL = (
+    'https://ftp.uniprot.org/pub/databases/uniprot/current_release/knowledgebase/'
+    'complete/uniprot_trembl.fasta.gz'
+  )
+  FILE_NAMES = (
+    'uniprot_trembl.fasta.gz',
+    'uniprot_trembl.fasta',
+    'trembl.fasta.gz',
+    'trembl.fasta',
+  )
 
 
-BUILDERS = {"uniref50": Uniref50, "trembl": Trembl}
+BUILDERS = {'uniref50': Uniref50, 'trembl': Trembl}
 
 
 def _name(cfg) -> str:
-  name = getattr(cfg, "name", "")
+  name = getattr(cfg, 'name', '')
   if name not in BUILDERS:
-    raise ValueError(f"the uniref pipeline serves {tuple(BUILDERS)}, not data.name {name!r}")
+    raise ValueError(f'the uniref pipeline serves {tuple(BUILDERS)}, not data.name {name!r}')
   return name
 
 
@@ -127,46 +138,64 @@ def vocab_for(cfg) -> ProteinVocab:
 
 
 def _record_tokens(record) -> np.ndarray:
-  return with_specials(PROTEIN_VOCAB.encode_array(record["sequence"]))
+  return with_specials(PROTEIN_VOCAB.encode_array(record['sequence']))
 
 
-def build_dataset(cfg, *, split: str, batch_size: int, seed: int = 0, shard_index: int = 0,
-                  shard_count: int = 1, num_epochs: int | None = None) -> Iterator[dict[str, Any]]:
+def build_dataset(
+  cfg,
+  *,
+  split: str,
+  batch_size: int,
+  seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+) -> Iterator[dict[str, Any]]:
   """Batches of {'tokens','mask','segment_ids'} (see sequences.py for crop/pack/eval)."""
   name, data_dir = _require(cfg)
   source = catalog.split_source(name, split, data_dir, has_validation=True)
-  return sequences.build(source, _record_tokens, cfg, split=split, batch_size=batch_size,
-                         seed=seed, shard_index=shard_index, shard_count=shard_count,
-                         num_epochs=num_epochs, name=name)
+  return sequences.build(
+    source,
+    _record_tokens,
+    cfg,
+    split=split,
+    batch_size=batch_size,
+    seed=seed,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    num_epochs=num_epochs,
+    name=name,
+  )
 
 
 def _stage_fasta(name: str, fasta_path: str, data_dir: str) -> str:
   """A manual dir holding only a link to the user's file (under the canonical name)."""
   src = os.path.abspath(os.path.expanduser(fasta_path))
   if not os.path.isfile(src):
-    raise FileNotFoundError(f"FASTA file not found: {src!r}")
-  with open(src, "rb") as f:
-    gz = f.read(2) == b"\x1f\x8b"
-  stage = os.path.join(data_dir, "downloads", "manual", name)
+    raise FileNotFoundError(f'FASTA file not found: {src!r}')
+  with open(src, 'rb') as f:
+    gz = f.read(2) == b'\x1f\x8b'
+  stage = os.path.join(data_dir, 'downloads', 'manual', name)
   os.makedirs(stage, exist_ok=True)
   for old in os.listdir(stage):
     os.remove(os.path.join(stage, old))
-  link = os.path.join(stage, f"{name}.fasta" + (".gz" if gz else ""))
+  link = os.path.join(stage, f'{name}.fasta' + ('.gz' if gz else ''))
   try:
     os.symlink(src, link)
-  except OSError:   # no symlinks (some file systems): hard link or copy
+  except OSError:  # no symlinks (some file systems): hard link or copy
     import shutil  # pylint: disable=g-import-not-at-top
+
     shutil.copyfile(src, link)
   return stage
 
 
-def prepare(name: str, data_dir: str, *, fasta_path: str = "", manual_dir: str = "") -> str:
+def prepare(name: str, data_dir: str, *, fasta_path: str = '', manual_dir: str = '') -> str:
   """Prepares `name` ('uniref50' | 'trembl') as ArrayRecord under data_dir; returns its dir.
 
   `fasta_path`: a local FASTA (plain or gzip) to use instead of downloading.
   """
   if name not in BUILDERS:
-    raise ValueError(f"unknown protein dataset {name!r}; choose from {tuple(BUILDERS)}")
+    raise ValueError(f'unknown protein dataset {name!r}; choose from {tuple(BUILDERS)}')
   found = catalog.find_prepared(name, data_dir, SPLITS)
   if found:
     return found
@@ -174,5 +203,5 @@ def prepare(name: str, data_dir: str, *, fasta_path: str = "", manual_dir: str =
     manual_dir = _stage_fasta(name, fasta_path, data_dir)
   builder = BUILDERS[name](data_dir=data_dir)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
-  builder.download_and_prepare(download_config=config, file_format="array_record")
+  builder.download_and_prepare(download_config=config, file_format='array_record')
   return catalog.require_prepared(name, name, data_dir, SPLITS)

@@ -25,13 +25,13 @@ from typing import Iterable
 
 import numpy as np
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<mask>")
-STANDARD = "ACDEFGHIKLMNPQRSTVWY"
-AMBIGUOUS = "BOUXZ"
+SPECIALS = ('<pad>', '<bos>', '<eos>', '<mask>')
+STANDARD = 'ACDEFGHIKLMNPQRSTVWY'
+AMBIGUOUS = 'BOUXZ'
 ALPHABET = STANDARD + AMBIGUOUS
-UNKNOWN = "X"
+UNKNOWN = 'X'
 
-_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_LETTERS = b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
 
 
 def _build_tables():
@@ -50,7 +50,7 @@ def _build_tables():
 # other bytes alone; BYTE_TO_ID maps alphabet bytes to ids and others to -1.
 NORMALIZE_TABLE, BYTE_TO_ID = _build_tables()
 # Bytes allowed in a sequence line: letters plus '*' (validated separately).
-SEQUENCE_BYTES = _LETTERS + b"*"
+SEQUENCE_BYTES = _LETTERS + b'*'
 
 
 def find_invalid(line: bytes) -> bytes:
@@ -66,7 +66,7 @@ class ProteinVocab:
   eos_id = 2
   mask_id = 3
   num_special = len(SPECIALS)
-  size = len(SPECIALS) + len(ALPHABET)   # 29
+  size = len(SPECIALS) + len(ALPHABET)  # 29
   tokens = SPECIALS + tuple(ALPHABET)
   unknown_id = len(SPECIALS) + ALPHABET.index(UNKNOWN)
 
@@ -75,24 +75,27 @@ class ProteinVocab:
     if isinstance(seq, str):
       if not seq.isascii():
         pos = next(i for i, c in enumerate(seq) if not c.isascii())
-        raise ValueError(f"invalid character {seq[pos]!r} at position {pos} of protein "
-                         f"sequence {seq[:30]!r}: only letters and one trailing '*' are allowed")
-      seq = seq.encode("ascii")
+        raise ValueError(
+          f'invalid character {seq[pos]!r} at position {pos} of protein '
+          f"sequence {seq[:30]!r}: only letters and one trailing '*' are allowed"
+        )
+      seq = seq.encode('ascii')
     raw = bytes(seq)
-    if raw.endswith(b"*"):
+    if raw.endswith(b'*'):
       raw = raw[:-1]
     bad = find_invalid(raw)
     if bad:
       pos = next(i for i, b in enumerate(raw) if b in bad)
       raise ValueError(
-          f"invalid character {chr(raw[pos])!r} at position {pos} of protein sequence "
-          f"{_preview(raw)!r}: only letters and one trailing '*' are allowed")
-    return raw.translate(NORMALIZE_TABLE).decode("ascii")
+        f'invalid character {chr(raw[pos])!r} at position {pos} of protein sequence '
+        f"{_preview(raw)!r}: only letters and one trailing '*' are allowed"
+      )
+    return raw.translate(NORMALIZE_TABLE).decode('ascii')
 
   def encode_array(self, seq: str | bytes) -> np.ndarray:
     """Residue ids (no BOS/EOS) as uint8: compact storage for large in-memory corpora."""
     norm = self.normalize(seq)
-    return BYTE_TO_ID[np.frombuffer(norm.encode("ascii"), dtype=np.uint8)].astype(np.uint8)
+    return BYTE_TO_ID[np.frombuffer(norm.encode('ascii'), dtype=np.uint8)].astype(np.uint8)
 
   def encode(self, seq: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     """Residue ids; BOS/EOS are optional because the data pipeline adds them itself."""
@@ -103,21 +106,22 @@ class ProteinVocab:
     """Residue string. Special tokens are dropped, or shown as '<pad>', '<bos>',
     '<eos>', '<mask>' with show_special=True. Out-of-range ids are a ValueError."""
     out = []
-    for i in np.asarray(ids if hasattr(ids, "shape") else list(ids), dtype=np.int64).ravel().tolist():
+    for i in (
+      np.asarray(ids if hasattr(ids, 'shape') else list(ids), dtype=np.int64).ravel().tolist()
+    ):
       if not 0 <= i < self.size:
-        raise ValueError(f"token id {i} is outside the protein vocabulary [0, {self.size})")
+        raise ValueError(f'token id {i} is outside the protein vocabulary [0, {self.size})')
       if i >= self.num_special or show_special:
         out.append(self.tokens[i])
-    return "".join(out)
+    return ''.join(out)
 
   def __repr__(self):
-    return f"ProteinVocab(size={self.size})"
+    return f'ProteinVocab(size={self.size})'
 
 
 def _preview(raw: bytes, n: int = 30) -> str:
-  text = raw.decode("ascii", errors="replace")
-  return text if len(text) <= n else text[:n] + "..."
+  text = raw.decode('ascii', errors='replace')
+  return text if len(text) <= n else text[:n] + '...'
 
 
 PROTEIN_VOCAB = ProteinVocab()
-

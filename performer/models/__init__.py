@@ -17,11 +17,20 @@ import jax
 from flax import nnx
 
 from performer import attention
-
 from performer.models.positions import (
-    POSITION_KINDS, apply_rope, positions_from_segments, sinusoidal)
+  POSITION_KINDS,
+  apply_rope,
+  positions_from_segments,
+  sinusoidal,
+)
 from performer.models.transformer import (
-    TASKS, ModelSpec, Transformer, check_tokens, shift_right, spec_from_config)
+  TASKS,
+  ModelSpec,
+  Transformer,
+  check_tokens,
+  shift_right,
+  spec_from_config,
+)
 
 
 def build_model(model_config, *, rngs: nnx.Rngs) -> Transformer:
@@ -45,8 +54,7 @@ def split(model: nnx.Module):
 
   `nnx.merge(graphdef, params, features, stats, rest)` rebuilds the model.
   """
-  return nnx.split(model, nnx.Param, attention.RandomFeatures,
-                   attention.FeatureStats, ...)
+  return nnx.split(model, nnx.Param, attention.RandomFeatures, attention.FeatureStats, ...)
 
 
 def param_count(model: nnx.Module) -> int:
@@ -55,7 +63,17 @@ def param_count(model: nnx.Module) -> int:
 
 
 __all__ = [
-    'POSITION_KINDS', 'TASKS', 'ModelSpec', 'Transformer', 'apply_rope',
-    'build_model', 'check_tokens', 'param_count', 'positions_from_segments',
-    'shift_right', 'sinusoidal', 'spec_from_config', 'split',
+  'POSITION_KINDS',
+  'TASKS',
+  'ModelSpec',
+  'Transformer',
+  'apply_rope',
+  'build_model',
+  'check_tokens',
+  'param_count',
+  'positions_from_segments',
+  'shift_right',
+  'sinusoidal',
+  'spec_from_config',
+  'split',
 ]

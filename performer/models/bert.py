@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.models import blocks
-from performer.models import transformer
+from performer.models import blocks, transformer
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -35,6 +34,7 @@ class BertConfig:
   num_layers, num_attention_heads -> num_heads, intermediate_size -> mlp_dim,
   max_position_embeddings -> max_len, type_vocab_size, layer_norm_eps.
   """
+
   vocab_size: int
   num_layers: int
   num_heads: int
@@ -43,11 +43,11 @@ class BertConfig:
   max_len: int = 512
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
-  pooler: bool = True                 # HF BertModel's tanh(dense([CLS]))
+  pooler: bool = True  # HF BertModel's tanh(dense([CLS]))
   dropout_rate: float = 0.0
   dtype: str = 'float32'
   attention_kind: str = 'softmax'
-  attention_options: tuple = ()       # (name, value) pairs for attention.build
+  attention_options: tuple = ()  # (name, value) pairs for attention.build
   per_head_features: bool = False
 
   @classmethod
@@ -59,12 +59,16 @@ class BertConfig:
     pos = hf.get('position_embedding_type', 'absolute')
     if pos != 'absolute':
       raise ValueError(f'position_embedding_type {pos!r} is not supported')
-    kw = dict(vocab_size=hf['vocab_size'], num_layers=hf['num_hidden_layers'],
-              num_heads=hf['num_attention_heads'], emb_dim=hf['hidden_size'],
-              mlp_dim=hf['intermediate_size'],
-              max_len=hf.get('max_position_embeddings', 512),
-              type_vocab_size=hf.get('type_vocab_size', 2),
-              layer_norm_eps=hf.get('layer_norm_eps', 1e-12))
+    kw = dict(
+      vocab_size=hf['vocab_size'],
+      num_layers=hf['num_hidden_layers'],
+      num_heads=hf['num_attention_heads'],
+      emb_dim=hf['hidden_size'],
+      mlp_dim=hf['intermediate_size'],
+      max_len=hf.get('max_position_embeddings', 512),
+      type_vocab_size=hf.get('type_vocab_size', 2),
+      layer_norm_eps=hf.get('layer_norm_eps', 1e-12),
+    )
     kw.update(overrides)
     return cls(**kw)
 
@@ -87,22 +91,24 @@ class PostLNBlock(nnx.Module):
   def __init__(self, cfg: BertConfig, *, make_attention, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     self.attn = blocks.MultiHeadAttention(
-        cfg.emb_dim, cfg.num_heads, make_attention=make_attention,
-        causal=False, use_bias=True, dtype=dtype, rngs=rngs)
-    self.attn_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps,
-                                   dtype=dtype, rngs=rngs)
+      cfg.emb_dim,
+      cfg.num_heads,
+      make_attention=make_attention,
+      causal=False,
+      use_bias=True,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.attn_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = BertMlp(cfg.emb_dim, cfg.mlp_dim, dtype=dtype, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps,
-                                  dtype=dtype, rngs=rngs)
+    self.mlp_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
-  def __call__(self, x, *, mask=None, segment_ids=None, deterministic=True,
-               rngs=None):
+  def __call__(self, x, *, mask=None, segment_ids=None, deterministic=True, rngs=None):
     h = self.attn(x, mask=mask, segment_ids=segment_ids)
     x = self.attn_norm(x + self.dropout(h, deterministic=deterministic, rngs=rngs))
     h = self.mlp(x)
-    return self.mlp_norm(x + self.dropout(h, deterministic=deterministic,
-                                          rngs=rngs))
+    return self.mlp_norm(x + self.dropout(h, deterministic=deterministic, rngs=rngs))
 
 
 class BertEncoder(nnx.Module):
@@ -122,27 +128,45 @@ class BertEncoder(nnx.Module):
     self.causal = False
     dtype = DTYPES[cfg.dtype]
     init = nnx.initializers.normal(0.02)
-    self.word_embed = nnx.Embed(cfg.vocab_size, cfg.emb_dim, dtype=dtype,
-                                embedding_init=init, rngs=rngs)
-    self.pos_embed = nnx.Embed(cfg.max_len, cfg.emb_dim, dtype=dtype,
-                               embedding_init=init, rngs=rngs)
-    self.type_embed = nnx.Embed(cfg.type_vocab_size, cfg.emb_dim, dtype=dtype,
-                                embedding_init=init, rngs=rngs)
-    self.embed_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps,
-                                    dtype=dtype, rngs=rngs)
+    self.word_embed = nnx.Embed(
+      cfg.vocab_size, cfg.emb_dim, dtype=dtype, embedding_init=init, rngs=rngs
+    )
+    self.pos_embed = nnx.Embed(
+      cfg.max_len, cfg.emb_dim, dtype=dtype, embedding_init=init, rngs=rngs
+    )
+    self.type_embed = nnx.Embed(
+      cfg.type_vocab_size, cfg.emb_dim, dtype=dtype, embedding_init=init, rngs=rngs
+    )
+    self.embed_norm = nnx.LayerNorm(cfg.emb_dim, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
     self.embed_dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
     make_attention = transformer.attention_factory(cfg)
-    self.layers = nnx.List([
-        PostLNBlock(cfg, make_attention=make_attention, rngs=rngs)
-        for _ in range(cfg.num_layers)])
-    self.pooler = (nnx.Linear(cfg.emb_dim, cfg.emb_dim, dtype=dtype, rngs=rngs)
-                   if cfg.pooler else None)
+    self.layers = nnx.List(
+      [PostLNBlock(cfg, make_attention=make_attention, rngs=rngs) for _ in range(cfg.num_layers)]
+    )
+    self.pooler = (
+      nnx.Linear(cfg.emb_dim, cfg.emb_dim, dtype=dtype, rngs=rngs) if cfg.pooler else None
+    )
 
-  def __call__(self, tokens, *, mask=None, token_type_ids=None, positions=None,
-               segment_ids=None, deterministic=True, rngs=None):
+  def __call__(
+    self,
+    tokens,
+    *,
+    mask=None,
+    token_type_ids=None,
+    positions=None,
+    segment_ids=None,
+    deterministic=True,
+    rngs=None,
+  ):
     tokens = jnp.asarray(tokens)
-    transformer.check_inputs(tokens, max_len=self.max_len, vocab_size=self.vocab_size,
-                             mask=mask, segment_ids=segment_ids, positions=positions)
+    transformer.check_inputs(
+      tokens,
+      max_len=self.max_len,
+      vocab_size=self.vocab_size,
+      mask=mask,
+      segment_ids=segment_ids,
+      positions=positions,
+    )
     batch, length = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -152,13 +176,10 @@ class BertEncoder(nnx.Module):
       mask = jnp.asarray(mask, bool)
     if isinstance(rngs, jax.Array):
       rngs = nnx.Rngs(dropout=rngs)
-    x = (self.word_embed(tokens) + self.pos_embed(positions)
-         + self.type_embed(token_type_ids))
-    x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic,
-                           rngs=rngs)
+    x = self.word_embed(tokens) + self.pos_embed(positions) + self.type_embed(token_type_ids)
+    x = self.embed_dropout(self.embed_norm(x), deterministic=deterministic, rngs=rngs)
     for layer in self.layers:
-      x = layer(x, mask=mask, segment_ids=segment_ids,
-                deterministic=deterministic, rngs=rngs)
+      x = layer(x, mask=mask, segment_ids=segment_ids, deterministic=deterministic, rngs=rngs)
     return x.astype(jnp.float32)
 
   def pooled(self, hidden):

@@ -37,28 +37,37 @@ class MultiHeadAttention(nnx.Module):
   keeps its own exp/normaliser in float32 (attention library's contract).
   """
 
-  def __init__(self, emb_dim: int, num_heads: int, *, make_attention,
-               causal: bool, rotary: bool = False, use_bias: bool = True,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    emb_dim: int,
+    num_heads: int,
+    *,
+    make_attention,
+    causal: bool,
+    rotary: bool = False,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if emb_dim % num_heads:
-      raise ValueError(
-          f'emb_dim {emb_dim} is not divisible by num_heads {num_heads}')
+      raise ValueError(f'emb_dim {emb_dim} is not divisible by num_heads {num_heads}')
     self.num_heads = num_heads
     self.head_dim = head_dim = emb_dim // num_heads
     self.causal = causal
     self.rotary = rotary
 
     def proj_in():
-      return nnx.LinearGeneral(emb_dim, (num_heads, head_dim), use_bias=use_bias,
-                               dtype=dtype, rngs=rngs)
+      return nnx.LinearGeneral(
+        emb_dim, (num_heads, head_dim), use_bias=use_bias, dtype=dtype, rngs=rngs
+      )
 
     self.query = proj_in()
     self.key = proj_in()
     self.value = proj_in()
-    self.out = nnx.LinearGeneral((num_heads, head_dim), emb_dim, axis=(-2, -1),
-                                 use_bias=use_bias, dtype=dtype, rngs=rngs)
-    self.attend = make_attention(head_dim=head_dim, num_heads=num_heads,
-                                 rngs=rngs)
+    self.out = nnx.LinearGeneral(
+      (num_heads, head_dim), emb_dim, axis=(-2, -1), use_bias=use_bias, dtype=dtype, rngs=rngs
+    )
+    self.attend = make_attention(head_dim=head_dim, num_heads=num_heads, rngs=rngs)
 
   def _qkv(self, x, positions):
     q, k, v = self.query(x), self.key(x), self.value(x)
@@ -69,11 +78,9 @@ class MultiHeadAttention(nnx.Module):
       k = positions_lib.apply_rope(k, positions)
     return q, k, v
 
-  def __call__(self, x: jax.Array, *, mask=None, segment_ids=None,
-               positions=None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, mask=None, segment_ids=None, positions=None) -> jax.Array:
     q, k, v = self._qkv(x, positions)
-    y = self.attend(q, k, v, causal=self.causal, mask=mask,
-                    segment_ids=segment_ids)
+    y = self.attend(q, k, v, causal=self.causal, mask=mask, segment_ids=segment_ids)
     return self.out(y)
 
   # Decoding. The cache is whatever the attend module keeps: (S, z, M) for
@@ -82,8 +89,7 @@ class MultiHeadAttention(nnx.Module):
   # knowledge of the kind.
   def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
     """Empty decoding state for `batch` rows; `max_length` sizes a KV cache."""
-    return self.attend.init_state(batch, self.head_dim, max_length=max_length,
-                                  dtype=dtype)
+    return self.attend.init_state(batch, self.head_dim, max_length=max_length, dtype=dtype)
 
   def prefill(self, x: jax.Array, cache, *, mask=None, positions=None):
     """Causal pass over a prompt x [B, L, D] -> (out [B, L, D], cache)."""
@@ -93,8 +99,7 @@ class MultiHeadAttention(nnx.Module):
 
   def decode_step(self, x: jax.Array, cache, *, positions=None):
     """One token per row, x [B, D] at absolute `positions` [B] -> (out, cache)."""
-    q, k, v = self._qkv(x[:, None],
-                        None if positions is None else positions[:, None])
+    q, k, v = self._qkv(x[:, None], None if positions is None else positions[:, None])
     y, cache = self.attend.step(cache, q[:, 0], k[:, 0], v[:, 0])
     return self.out(y), cache
 
@@ -102,8 +107,7 @@ class MultiHeadAttention(nnx.Module):
 class Mlp(nnx.Module):
   """Two-layer GELU feed-forward: Linear(d->mlp_dim), GELU, Linear(mlp_dim->d)."""
 
-  def __init__(self, emb_dim: int, mlp_dim: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, emb_dim: int, mlp_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.up = nnx.Linear(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
     self.down = nnx.Linear(mlp_dim, emb_dim, dtype=dtype, rngs=rngs)
 
@@ -125,37 +129,57 @@ class TransformerBlock(nnx.Module):
   never forms attention probabilities, so there is nothing to drop there.
   """
 
-  def __init__(self, emb_dim: int, num_heads: int, mlp_dim: int, *,
-               make_attention, causal: bool, rotary: bool = False,
-               dropout_rate: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    emb_dim: int,
+    num_heads: int,
+    mlp_dim: int,
+    *,
+    make_attention,
+    causal: bool,
+    rotary: bool = False,
+    dropout_rate: float = 0.0,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.attn_norm = layer_norm(emb_dim, dtype=dtype, rngs=rngs)
     self.attn = MultiHeadAttention(
-        emb_dim, num_heads, make_attention=make_attention, causal=causal,
-        rotary=rotary, dtype=dtype, rngs=rngs)
+      emb_dim,
+      num_heads,
+      make_attention=make_attention,
+      causal=causal,
+      rotary=rotary,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.attn_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
     self.mlp_norm = layer_norm(emb_dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(emb_dim, mlp_dim, dtype=dtype, rngs=rngs)
     self.mlp_dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, mask=None, segment_ids=None,
-               positions=None, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    h = self.attn(self.attn_norm(x), mask=mask, segment_ids=segment_ids,
-                  positions=positions)
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    mask=None,
+    segment_ids=None,
+    positions=None,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    h = self.attn(self.attn_norm(x), mask=mask, segment_ids=segment_ids, positions=positions)
     x = x + self.attn_dropout(h, deterministic=deterministic, rngs=rngs)
     h = self.mlp(self.mlp_norm(x))
     return x + self.mlp_dropout(h, deterministic=deterministic, rngs=rngs)
 
   def prefill(self, x, cache, *, mask=None, positions=None):
     """Inference-only (no dropout) causal pass that also returns the cache."""
-    h, cache = self.attn.prefill(self.attn_norm(x), cache, mask=mask,
-                                 positions=positions)
+    h, cache = self.attn.prefill(self.attn_norm(x), cache, mask=mask, positions=positions)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
   def decode_step(self, x, cache, *, positions=None):
     """One token per row, x [B, D]: the recurrent form of `prefill`."""
-    h, cache = self.attn.decode_step(self.attn_norm(x), cache,
-                                     positions=positions)
+    h, cache = self.attn.decode_step(self.attn_norm(x), cache, positions=positions)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache

@@ -37,11 +37,18 @@ class _Recorder:
     self._records = records
 
   def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None):
-    self._records.append({'q': q, 'k': k, 'causal': causal, 'mask': mask,
-                          'segment_ids': segment_ids, 'attend': self._attend,
-                          'kind': self._attend.name})
-    return self._attend(q, k, v, causal=causal, mask=mask,
-                        segment_ids=segment_ids)
+    self._records.append(
+      {
+        'q': q,
+        'k': k,
+        'causal': causal,
+        'mask': mask,
+        'segment_ids': segment_ids,
+        'attend': self._attend,
+        'kind': self._attend.name,
+      }
+    )
+    return self._attend(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
 
   def __getattr__(self, name):
     return getattr(self._attend, name)
@@ -50,8 +57,9 @@ class _Recorder:
 def _attention_layers(model):
   layers = getattr(model, 'layers', None)
   if layers is None:
-    raise ValueError(f'{type(model).__name__} has no .layers: expected a '
-                     'performer.models.Transformer')
+    raise ValueError(
+      f'{type(model).__name__} has no .layers: expected a performer.models.Transformer'
+    )
   out = [getattr(layer, 'attn', None) for layer in layers]
   if any(a is None or not hasattr(a, 'attend') for a in out):
     raise ValueError('every layer needs an .attn with an .attend function')
@@ -75,24 +83,19 @@ def capture_attention_inputs(model, tokens, **call_kwargs):
     for a, original in zip(layers, originals):
       a.attend = original
   if len(records) != len(layers):
-    raise RuntimeError(f'recorded {len(records)} attention calls for '
-                       f'{len(layers)} layers')
+    raise RuntimeError(f'recorded {len(records)} attention calls for {len(layers)} layers')
   return logits, records
 
 
-def attention_matrix(kind, q, k, *, causal, mask=None, segment_ids=None,
-                     features=None, **options):
+def attention_matrix(kind, q, k, *, causal, mask=None, segment_ids=None, features=None, **options):
   """The [B, H, L, L] attention matrix of `kind` for q, k [B, L, H, D], with
   the random matrix `features` and every other variable at its initial value
   (see `attention.get_attention`). Rows of padded queries are zero."""
-  module = attention.get_attention(kind, **options).bind(
-      q.shape[-1], q.shape[-2], features)
-  return module.weights(q, k, causal=causal, mask=mask,
-                        segment_ids=segment_ids)
+  module = attention.get_attention(kind, **options).bind(q.shape[-1], q.shape[-2], features)
+  return module.weights(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
 
 
-def attention_maps(model, tokens, *, mask=None, segment_ids=None,
-                   positions=None):
+def attention_maps(model, tokens, *, mask=None, segment_ids=None, positions=None):
   """(logits, maps [num_layers, B, H, L, L]) for `model` on `tokens`.
 
   Uses each layer's own attention module (random features, learned
@@ -100,9 +103,12 @@ def attention_maps(model, tokens, *, mask=None, segment_ids=None,
   (deterministic, no dropout).
   """
   logits, records = capture_attention_inputs(
-      model, tokens, mask=mask, segment_ids=segment_ids, positions=positions,
-      deterministic=True)
-  maps = [r['attend'].weights(r['q'], r['k'], causal=r['causal'],
-                              mask=r['mask'], segment_ids=r['segment_ids'])
-          for r in records]
+    model, tokens, mask=mask, segment_ids=segment_ids, positions=positions, deterministic=True
+  )
+  maps = [
+    r['attend'].weights(
+      r['q'], r['k'], causal=r['causal'], mask=r['mask'], segment_ids=r['segment_ids']
+    )
+    for r in records
+  ]
   return logits, jnp.stack(maps)

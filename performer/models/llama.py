@@ -38,29 +38,33 @@ class LlamaConfig:
   num_key_value_heads -> num_kv_heads, rope_theta, rms_norm_eps,
   max_position_embeddings -> max_len, tie_word_embeddings -> tie_embeddings.
   """
+
   vocab_size: int
   num_layers: int
   num_heads: int
   num_kv_heads: int
   emb_dim: int
   mlp_dim: int
-  head_dim: int | None = None          # None: emb_dim // num_heads
+  head_dim: int | None = None  # None: emb_dim // num_heads
   max_len: int = 2048
   rope_theta: float = 10000.0
   rms_eps: float = 1e-5
   tie_embeddings: bool = False
   dtype: str = 'float32'
   attention_kind: str = 'softmax'
-  attention_options: tuple = ()        # (name, value) pairs for attention.build
+  attention_options: tuple = ()  # (name, value) pairs for attention.build
   per_head_features: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'num_heads {self.num_heads} is not a multiple of '
-                       f'num_kv_heads {self.num_kv_heads}')
+      raise ValueError(
+        f'num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}'
+      )
     if self.head_dim is None and self.emb_dim % self.num_heads:
-      raise ValueError(f'emb_dim {self.emb_dim} is not divisible by num_heads '
-                       f'{self.num_heads}; give head_dim explicitly')
+      raise ValueError(
+        f'emb_dim {self.emb_dim} is not divisible by num_heads '
+        f'{self.num_heads}; give head_dim explicitly'
+      )
     if self.dims_per_head % 2:
       raise ValueError(f'RoPE needs an even head_dim, got {self.dims_per_head}')
     if self.dtype not in DTYPES:
@@ -91,7 +95,11 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, emb_dim, mlp_dim, *, dtype, rngs):
     lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
-    self.gate, self.up, self.down = lin(emb_dim, mlp_dim), lin(emb_dim, mlp_dim), lin(mlp_dim, emb_dim)
+    self.gate, self.up, self.down = (
+      lin(emb_dim, mlp_dim),
+      lin(emb_dim, mlp_dim),
+      lin(mlp_dim, emb_dim),
+    )
 
   def __call__(self, x):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -107,17 +115,17 @@ class GQAttention(nnx.Module):
     self.rope_theta = cfg.rope_theta
 
     def proj(heads):
-      return nnx.LinearGeneral(cfg.emb_dim, (heads, hd), use_bias=False,
-                               dtype=dtype, rngs=rngs)
+      return nnx.LinearGeneral(cfg.emb_dim, (heads, hd), use_bias=False, dtype=dtype, rngs=rngs)
 
-    self.query, self.key, self.value = (proj(cfg.num_heads),
-                                        proj(cfg.num_kv_heads),
-                                        proj(cfg.num_kv_heads))
-    self.out = nnx.LinearGeneral((cfg.num_heads, hd), cfg.emb_dim,
-                                 axis=(-2, -1), use_bias=False, dtype=dtype,
-                                 rngs=rngs)
-    self.attend = make_attention(head_dim=hd, num_heads=cfg.num_heads,
-                                 rngs=rngs)
+    self.query, self.key, self.value = (
+      proj(cfg.num_heads),
+      proj(cfg.num_kv_heads),
+      proj(cfg.num_kv_heads),
+    )
+    self.out = nnx.LinearGeneral(
+      (cfg.num_heads, hd), cfg.emb_dim, axis=(-2, -1), use_bias=False, dtype=dtype, rngs=rngs
+    )
+    self.attend = make_attention(head_dim=hd, num_heads=cfg.num_heads, rngs=rngs)
 
   def __call__(self, x, *, positions, mask=None, segment_ids=None):
     q, k, v = self.query(x), self.key(x), self.value(x)
@@ -141,8 +149,7 @@ class LlamaBlock(nnx.Module):
     self.mlp = SwiGLU(cfg.emb_dim, cfg.mlp_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, *, positions, mask=None, segment_ids=None):
-    x = x + self.attn(self.attn_norm(x), positions=positions, mask=mask,
-                      segment_ids=segment_ids)
+    x = x + self.attn(self.attn_norm(x), positions=positions, mask=mask, segment_ids=segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -165,29 +172,51 @@ class LlamaForCausalLM(nnx.Module):
     self.vocab_size = cfg.vocab_size
     self.max_len = cfg.max_len
     dtype = DTYPES[cfg.dtype]
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.emb_dim, dtype=dtype,
-                           embedding_init=nnx.initializers.normal(0.02),
-                           rngs=rngs)
+    self.embed = nnx.Embed(
+      cfg.vocab_size,
+      cfg.emb_dim,
+      dtype=dtype,
+      embedding_init=nnx.initializers.normal(0.02),
+      rngs=rngs,
+    )
     make_attention = transformer.attention_factory(cfg)
-    self.layers = nnx.List([
-        LlamaBlock(cfg, make_attention=make_attention, rngs=rngs)
-        for _ in range(cfg.num_layers)])
+    self.layers = nnx.List(
+      [LlamaBlock(cfg, make_attention=make_attention, rngs=rngs) for _ in range(cfg.num_layers)]
+    )
     self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_eps, dtype=dtype)
-    self.head = (None if cfg.tie_embeddings else
-                 nnx.Linear(cfg.emb_dim, cfg.vocab_size, use_bias=False,
-                            dtype=dtype, rngs=rngs))
+    self.head = (
+      None
+      if cfg.tie_embeddings
+      else nnx.Linear(cfg.emb_dim, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+    )
 
-  def __call__(self, tokens, *, mask=None, segment_ids=None, positions=None,
-               deterministic: bool = True, rngs=None):
+  def __call__(
+    self,
+    tokens,
+    *,
+    mask=None,
+    segment_ids=None,
+    positions=None,
+    deterministic: bool = True,
+    rngs=None,
+  ):
     del deterministic, rngs
     tokens = jnp.asarray(tokens)
-    transformer.check_inputs(tokens, max_len=self.max_len, vocab_size=self.vocab_size,
-                             mask=mask, segment_ids=segment_ids, positions=positions)
+    transformer.check_inputs(
+      tokens,
+      max_len=self.max_len,
+      vocab_size=self.vocab_size,
+      mask=mask,
+      segment_ids=segment_ids,
+      positions=positions,
+    )
     batch, length = tokens.shape
     if positions is None:
-      positions = (positions_lib.default_positions(batch, length)
-                   if segment_ids is None
-                   else positions_lib.positions_from_segments(segment_ids))
+      positions = (
+        positions_lib.default_positions(batch, length)
+        if segment_ids is None
+        else positions_lib.positions_from_segments(segment_ids)
+      )
     if mask is not None:
       mask = jnp.asarray(mask, bool)
     x = self.embed(tokens)
@@ -198,8 +227,14 @@ class LlamaForCausalLM(nnx.Module):
     return logits.astype(jnp.float32)
 
 
-def greedy_generate(model, prompt_ids, max_new_tokens: int, *,
-                    eos_id: int | None = None, max_length: int | None = None):
+def greedy_generate(
+  model,
+  prompt_ids,
+  max_new_tokens: int,
+  *,
+  eos_id: int | None = None,
+  max_length: int | None = None,
+):
   """Greedy decoding by re-running the full forward pass (no KV cache).
 
   Simple on purpose: the cached/recurrent decoder lives elsewhere. The
@@ -210,8 +245,10 @@ def greedy_generate(model, prompt_ids, max_new_tokens: int, *,
   ids = [int(t) for t in prompt_ids]
   total = max_length or len(ids) + max_new_tokens
   if total > model.max_len or len(ids) + max_new_tokens > total:
-    raise ValueError(f'prompt {len(ids)} + {max_new_tokens} new tokens do not '
-                     f'fit in length {total} (model max_len {model.max_len})')
+    raise ValueError(
+      f'prompt {len(ids)} + {max_new_tokens} new tokens do not '
+      f'fit in length {total} (model max_len {model.max_len})'
+    )
   graphdef, state = nnx.split(model)
 
   @jax.jit

@@ -47,14 +47,17 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   length = segment_ids.shape[-1]
   idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
   starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[..., :1], dtype=bool),
-       segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    [
+      jnp.ones_like(segment_ids[..., :1], dtype=bool),
+      segment_ids[..., 1:] != segment_ids[..., :-1],
+    ],
+    axis=-1,
+  )
   start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
   return idx - start_idx
 
 
-def sinusoidal(positions: jax.Array, dim: int,
-               max_timescale: float = 10000.0) -> jax.Array:
+def sinusoidal(positions: jax.Array, dim: int, max_timescale: float = 10000.0) -> jax.Array:
   """Fixed sin/cos embedding [*, dim] of integer positions (Vaswani et al.).
 
   Computed from the positions on the fly (no table), so it works for any
@@ -72,8 +75,9 @@ def sinusoidal(positions: jax.Array, dim: int,
   return emb
 
 
-def rope_angles(positions: jax.Array, head_dim: int,
-                base: float = ROPE_BASE) -> tuple[jax.Array, jax.Array]:
+def rope_angles(
+  positions: jax.Array, head_dim: int, base: float = ROPE_BASE
+) -> tuple[jax.Array, jax.Array]:
   """cos and sin tables [batch, length, 1, head_dim] for rotate-half RoPE.
 
   Frequency i (of head_dim/2) is base^(-2i/head_dim); the table repeats the
@@ -84,7 +88,7 @@ def rope_angles(positions: jax.Array, head_dim: int,
   if head_dim % 2:
     raise ValueError(f'rotary positions need an even head_dim, got {head_dim}')
   freqs = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = positions.astype(jnp.float32)[..., None] * freqs      # [B, L, d/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, L, d/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -95,8 +99,7 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array,
-               base: float = ROPE_BASE) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Array:
   """Rotate q or k [batch, length, heads, head_dim] by their positions.
 
   Rotation happens in float32 (angles for long sequences lose precision in
@@ -116,12 +119,11 @@ class LearnedPositions(nnx.Module):
   of the H*W*C sub-pixel positions in raster order.
   """
 
-  def __init__(self, max_len: int, dim: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, max_len: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.max_len = max_len
-    self.embed = nnx.Embed(max_len, dim, dtype=dtype,
-                           embedding_init=nnx.initializers.normal(0.02),
-                           rngs=rngs)
+    self.embed = nnx.Embed(
+      max_len, dim, dtype=dtype, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+    )
 
   def __call__(self, positions: jax.Array) -> jax.Array:
     return self.embed(positions)
@@ -147,33 +149,34 @@ class AxialPositions(nnx.Module):
   12,288, and the model knows which sub-pixels share a row, column or colour.
   """
 
-  def __init__(self, image_shape: tuple[int, int, int], dim: int, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self, image_shape: tuple[int, int, int], dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     if len(image_shape) != 3:
       raise ValueError(
-          f'axial positions need image_shape (height, width, channels), got {image_shape}')
+        f'axial positions need image_shape (height, width, channels), got {image_shape}'
+      )
     self.image_shape = tuple(int(s) for s in image_shape)
     height, width, channels = self.image_shape
     self.max_len = height * width * channels
     init = nnx.initializers.normal(0.02)
     self.row = nnx.Embed(height, dim, dtype=dtype, embedding_init=init, rngs=rngs)
     self.col = nnx.Embed(width, dim, dtype=dtype, embedding_init=init, rngs=rngs)
-    self.channel = nnx.Embed(channels, dim, dtype=dtype, embedding_init=init,
-                             rngs=rngs)
+    self.channel = nnx.Embed(channels, dim, dtype=dtype, embedding_init=init, rngs=rngs)
 
   def coordinates(self, positions: jax.Array):
     """(row, column, channel) of each flat raster position."""
     _, width, channels = self.image_shape
-    return (positions // (width * channels), (positions // channels) % width,
-            positions % channels)
+    return (positions // (width * channels), (positions // channels) % width, positions % channels)
 
   def __call__(self, positions: jax.Array) -> jax.Array:
     row, col, ch = self.coordinates(positions)
     return self.row(row) + self.col(col) + self.channel(ch)
 
 
-def build_positions(kind: str, *, dim: int, max_len: int, image_shape=None,
-                    dtype=jnp.float32, rngs: nnx.Rngs):
+def build_positions(
+  kind: str, *, dim: int, max_len: int, image_shape=None, dtype=jnp.float32, rngs: nnx.Rngs
+):
   """The additive position module for `kind`, or None (rotary, none).
 
   Rotary returns None here because it is applied inside attention; the model

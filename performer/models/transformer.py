@@ -48,6 +48,7 @@ class ModelSpec:
   Parsing once here means the modules get plain Python values and bad
   configs fail at build time with a message naming the key.
   """
+
   task: str
   vocab_size: int
   num_layers: int
@@ -60,7 +61,7 @@ class ModelSpec:
   dtype: str = 'float32'
   image_shape: tuple | None = None
   attention_kind: str = 'softmax'
-  attention_options: tuple = ()          # (name, value) pairs for attention.build
+  attention_options: tuple = ()  # (name, value) pairs for attention.build
   per_head_features: bool = False
   tie_embeddings: bool = False
 
@@ -104,22 +105,20 @@ def spec_from_config(cfg) -> ModelSpec:
     raise ValueError(f'unknown model dtype {dtype!r}; valid: {tuple(DTYPES)}')
   pos = _get(cfg, 'positions', 'learned')
   if pos not in positions_lib.POSITION_KINDS:
-    raise ValueError(
-        f'unknown positions {pos!r}; valid: {positions_lib.POSITION_KINDS}')
+    raise ValueError(f'unknown positions {pos!r}; valid: {positions_lib.POSITION_KINDS}')
   image_shape = _get(cfg, 'image_shape')
   max_len = _get(cfg, 'max_len')
   if task == 'image_ar':
     if image_shape is None or len(tuple(image_shape)) != 3:
-      raise ValueError(
-          f'image_ar needs image_shape (height, width, channels), got {image_shape}')
+      raise ValueError(f'image_ar needs image_shape (height, width, channels), got {image_shape}')
     image_shape = tuple(int(s) for s in image_shape)
     n = math.prod(image_shape)
     if max_len is None:
       max_len = n
     elif max_len != n:
       raise ValueError(
-          f'image_ar max_len ({max_len}) must equal the number of sub-pixels '
-          f'{image_shape} -> {n}')
+        f'image_ar max_len ({max_len}) must equal the number of sub-pixels {image_shape} -> {n}'
+      )
   else:
     image_shape = None
     if pos == 'axial':
@@ -138,21 +137,29 @@ def spec_from_config(cfg) -> ModelSpec:
   per_head = bool(att.pop('per_head_features', False))
   options = tuple(sorted((k, v) for k, v in att.items() if v is not None))
   return ModelSpec(
-      task=task, vocab_size=int(cfg['vocab_size']),
-      num_layers=int(cfg['num_layers']), num_heads=num_heads, emb_dim=emb_dim,
-      mlp_dim=int(cfg['mlp_dim']), max_len=int(max_len),
-      dropout_rate=float(_get(cfg, 'dropout_rate', 0.0)), positions=pos,
-      dtype=dtype, image_shape=image_shape, attention_kind=kind,
-      attention_options=options, per_head_features=per_head,
-      tie_embeddings=bool(_get(cfg, 'tie_embeddings', False)))
+    task=task,
+    vocab_size=int(cfg['vocab_size']),
+    num_layers=int(cfg['num_layers']),
+    num_heads=num_heads,
+    emb_dim=emb_dim,
+    mlp_dim=int(cfg['mlp_dim']),
+    max_len=int(max_len),
+    dropout_rate=float(_get(cfg, 'dropout_rate', 0.0)),
+    positions=pos,
+    dtype=dtype,
+    image_shape=image_shape,
+    attention_kind=kind,
+    attention_options=options,
+    per_head_features=per_head,
+    tie_embeddings=bool(_get(cfg, 'tie_embeddings', False)),
+  )
 
 
 def attention_factory(spec):
   """`make_attention(head_dim=, num_heads=, rngs=)` for a model config with
   `attention_kind`, `attention_options` and `per_head_features`; the options
   are checked here, at build time."""
-  options = dict(spec.attention_options,
-                 per_head_features=spec.per_head_features)
+  options = dict(spec.attention_options, per_head_features=spec.per_head_features)
   attention.make_options(spec.attention_kind, **options)
   return functools.partial(attention.build, spec.attention_kind, **options)
 
@@ -161,22 +168,20 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_inputs(tokens, *, max_len, vocab_size, mask=None, segment_ids=None,
-                 positions=None):
+def check_inputs(tokens, *, max_len, vocab_size, mask=None, segment_ids=None, positions=None):
   """Shape/dtype checks shared by every model (work under jit), plus id range when
   the tokens are concrete."""
   shape = getattr(tokens, 'shape', None)
   dtype = getattr(tokens, 'dtype', None)
   if shape is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
     raise ValueError(
-        f'tokens must be an int array [batch, length]; got shape {shape} dtype {dtype}')
+      f'tokens must be an int array [batch, length]; got shape {shape} dtype {dtype}'
+    )
   if shape[1] > max_len:
     raise ValueError(f'sequence length {shape[1]} exceeds the model max_len {max_len}')
-  for name, arr in (('mask', mask), ('segment_ids', segment_ids),
-                    ('positions', positions)):
+  for name, arr in (('mask', mask), ('segment_ids', segment_ids), ('positions', positions)):
     if arr is not None and tuple(arr.shape) != tuple(shape):
-      raise ValueError(
-          f'{name} shape {tuple(arr.shape)} must equal tokens shape {tuple(shape)}')
+      raise ValueError(f'{name} shape {tuple(arr.shape)} must equal tokens shape {tuple(shape)}')
   if _is_concrete(tokens):
     check_tokens(tokens, vocab_size)
 
@@ -195,18 +200,19 @@ def check_tokens(tokens, vocab_size: int) -> None:
   if bad.any():
     where = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(
-        f'token id {int(arr[where])} at position {where} is out of range '
-        f'[0, {vocab_size}) ({int(bad.sum())} bad ids in total)')
+      f'token id {int(arr[where])} at position {where} is out of range '
+      f'[0, {vocab_size}) ({int(bad.sum())} bad ids in total)'
+    )
 
 
 def shift_right(tokens: jax.Array, start_id: int, segment_ids=None) -> jax.Array:
   """Inputs for image AR: START, then tokens[:, :-1]; START at segment starts."""
-  shifted = jnp.concatenate(
-      [jnp.full_like(tokens[:, :1], start_id), tokens[:, :-1]], axis=1)
+  shifted = jnp.concatenate([jnp.full_like(tokens[:, :1], start_id), tokens[:, :-1]], axis=1)
   if segment_ids is not None:
     new_seg = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], dtype=bool),
-         segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+      [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1,
+    )
     shifted = jnp.where(new_seg, start_id, shifted)
   return shifted
 
@@ -234,22 +240,39 @@ class Transformer(nnx.Module):
     dtype = spec.compute_dtype
     self.dtype = dtype
     num_embeddings = spec.vocab_size + (1 if spec.task == 'image_ar' else 0)
-    self.embed = nnx.Embed(num_embeddings, spec.emb_dim, dtype=dtype,
-                           embedding_init=nnx.initializers.normal(1.0),
-                           rngs=rngs)
+    self.embed = nnx.Embed(
+      num_embeddings,
+      spec.emb_dim,
+      dtype=dtype,
+      embedding_init=nnx.initializers.normal(1.0),
+      rngs=rngs,
+    )
     self.pos_embed = positions_lib.build_positions(
-        spec.positions, dim=spec.emb_dim, max_len=spec.max_len,
-        image_shape=spec.image_shape, dtype=dtype, rngs=rngs)
+      spec.positions,
+      dim=spec.emb_dim,
+      max_len=spec.max_len,
+      image_shape=spec.image_shape,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.rotary = spec.positions == 'rotary'
     self.embed_dropout = nnx.Dropout(spec.dropout_rate, rngs=rngs)
     make_attention = attention_factory(spec)
     layers = []
     for _ in range(spec.num_layers):
-      layers.append(blocks.TransformerBlock(
-          spec.emb_dim, spec.num_heads, spec.mlp_dim,
-          make_attention=make_attention, causal=spec.causal,
-          rotary=self.rotary, dropout_rate=spec.dropout_rate, dtype=dtype,
-          rngs=rngs))
+      layers.append(
+        blocks.TransformerBlock(
+          spec.emb_dim,
+          spec.num_heads,
+          spec.mlp_dim,
+          make_attention=make_attention,
+          causal=spec.causal,
+          rotary=self.rotary,
+          dropout_rate=spec.dropout_rate,
+          dtype=dtype,
+          rngs=rngs,
+        )
+      )
     self.layers = nnx.List(layers)
     self.final_norm = blocks.layer_norm(spec.emb_dim, dtype=dtype, rngs=rngs)
     if spec.tie_embeddings:
@@ -258,18 +281,46 @@ class Transformer(nnx.Module):
       self.head = nnx.Linear(spec.emb_dim, spec.vocab_size, dtype=dtype, rngs=rngs)
 
   def check_inputs(self, tokens, mask=None, segment_ids=None, positions=None):
-    check_inputs(tokens, max_len=self.max_len, vocab_size=self.vocab_size, mask=mask,
-                 segment_ids=segment_ids, positions=positions)
+    check_inputs(
+      tokens,
+      max_len=self.max_len,
+      vocab_size=self.vocab_size,
+      mask=mask,
+      segment_ids=segment_ids,
+      positions=positions,
+    )
 
-  def __call__(self, tokens, *, mask=None, segment_ids=None, positions=None,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None):
-    return self.logits_from_hidden(self.hidden_states(
-        tokens, mask=mask, segment_ids=segment_ids, positions=positions,
-        deterministic=deterministic, rngs=rngs))
+  def __call__(
+    self,
+    tokens,
+    *,
+    mask=None,
+    segment_ids=None,
+    positions=None,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ):
+    return self.logits_from_hidden(
+      self.hidden_states(
+        tokens,
+        mask=mask,
+        segment_ids=segment_ids,
+        positions=positions,
+        deterministic=deterministic,
+        rngs=rngs,
+      )
+    )
 
-  def hidden_states(self, tokens, *, mask=None, segment_ids=None,
-                    positions=None, deterministic: bool = True,
-                    rngs: nnx.Rngs | None = None):
+  def hidden_states(
+    self,
+    tokens,
+    *,
+    mask=None,
+    segment_ids=None,
+    positions=None,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ):
     """The final (normalized) hidden states [B, L, emb_dim] that the output
     head reads; same arguments as the call. Public so that hidden-state
     distillation and probes need no second forward pass:
@@ -282,9 +333,11 @@ class Transformer(nnx.Module):
     if segment_ids is not None:
       segment_ids = jnp.asarray(segment_ids)
     if positions is None:
-      positions = (positions_lib.default_positions(batch, length)
-                   if segment_ids is None
-                   else positions_lib.positions_from_segments(segment_ids))
+      positions = (
+        positions_lib.default_positions(batch, length)
+        if segment_ids is None
+        else positions_lib.positions_from_segments(segment_ids)
+      )
     positions = jnp.asarray(positions)
     if isinstance(rngs, jax.Array):
       # One raw key shared by every Dropout would repeat the same mask in
@@ -298,8 +351,14 @@ class Transformer(nnx.Module):
     x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
     rope_positions = positions if self.rotary else None
     for layer in self.layers:
-      x = layer(x, mask=mask, segment_ids=segment_ids, positions=rope_positions,
-                deterministic=deterministic, rngs=rngs)
+      x = layer(
+        x,
+        mask=mask,
+        segment_ids=segment_ids,
+        positions=rope_positions,
+        deterministic=deterministic,
+        rngs=rngs,
+      )
     return self.final_norm(x)
 
   def _embed(self, inputs, positions):
@@ -315,7 +374,7 @@ class Transformer(nnx.Module):
   def logits_from_hidden(self, hidden):
     """float32 logits [..., vocab_size] from `hidden_states` (already normalized)."""
     if self.head is None:
-      logits = self.embed.attend(hidden)[..., :self.vocab_size]
+      logits = self.embed.attend(hidden)[..., : self.vocab_size]
     else:
       logits = self.head(hidden)
     return logits.astype(jnp.float32)
@@ -341,11 +400,11 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_length: int):
     """Empty decoding cache; `max_length` bounds prefill length + steps."""
     if not self.causal:
-      raise ValueError(f'decoding needs a causal model; task {self.task!r} is '
-                       'bidirectional')
-    return {'layers': [layer.attn.init_cache(batch, max_length, self.dtype)
-                       for layer in self.layers],
-            'positions': jnp.zeros((batch,), jnp.int32)}
+      raise ValueError(f'decoding needs a causal model; task {self.task!r} is bidirectional')
+    return {
+      'layers': [layer.attn.init_cache(batch, max_length, self.dtype) for layer in self.layers],
+      'positions': jnp.zeros((batch,), jnp.int32),
+    }
 
   def prefill(self, inputs, cache, *, mask=None):
     """Causal pass over inputs [B, L] (right-padded where mask is False).
@@ -357,8 +416,7 @@ class Transformer(nnx.Module):
     inputs = jnp.asarray(inputs)
     batch, length = inputs.shape
     if length > self.max_len:
-      raise ValueError(
-          f'prompt length {length} exceeds the model max_len {self.max_len}')
+      raise ValueError(f'prompt length {length} exceeds the model max_len {self.max_len}')
     if _is_concrete(inputs):
       check_tokens(inputs, self.embed.num_embeddings)
     positions = positions_lib.default_positions(batch, length)
@@ -368,8 +426,7 @@ class Transformer(nnx.Module):
     rope_positions = positions if self.rotary else None
     layer_caches = []
     for layer, layer_cache in zip(self.layers, cache['layers']):
-      x, layer_cache = layer.prefill(x, layer_cache, mask=mask,
-                                     positions=rope_positions)
+      x, layer_cache = layer.prefill(x, layer_cache, mask=mask, positions=rope_positions)
       layer_caches.append(layer_cache)
     if mask is None:
       next_positions = jnp.full((batch,), length, jnp.int32)
@@ -387,8 +444,6 @@ class Transformer(nnx.Module):
     rope_positions = positions if self.rotary else None
     layer_caches = []
     for layer, layer_cache in zip(self.layers, cache['layers']):
-      x, layer_cache = layer.decode_step(x, layer_cache,
-                                         positions=rope_positions)
+      x, layer_cache = layer.decode_step(x, layer_cache, positions=rope_positions)
       layer_caches.append(layer_cache)
-    return self._logits(x), {'layers': layer_caches,
-                             'positions': positions + 1}
+    return self._logits(x), {'layers': layer_caches, 'positions': positions + 1}

@@ -7,11 +7,8 @@
 `training.runs` caches finished runs by name for notebooks and scripts (see runs.py).
 """
 
-from performer.training.config_utils import ConfigError
-from performer.training.config_utils import load_config
-from performer.training.config_utils import validate
-from performer.training.train_lib import evaluate
-from performer.training.train_lib import train_and_evaluate
 from performer.training import runs
+from performer.training.config_utils import ConfigError, load_config, validate
+from performer.training.train_lib import evaluate, train_and_evaluate
 
 __all__ = ['ConfigError', 'evaluate', 'load_config', 'runs', 'train_and_evaluate', 'validate']

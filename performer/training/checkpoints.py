@@ -29,6 +29,7 @@ ITEMS = ('params', 'opt_state', 'features', 'stats', 'meta')
 
 # ---------------------------------------------------------------------------- flat trees
 
+
 def _key_name(key):
   if isinstance(key, jax.tree_util.DictKey):
     return str(key.key)
@@ -66,11 +67,14 @@ def unflatten(template, flat):
 
 
 def _abstract(flat_template, flat_shardings):
-  return {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=flat_shardings[k])
-          for k, v in flat_template.items()}
+  return {
+    k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=flat_shardings[k])
+    for k, v in flat_template.items()
+  }
 
 
 # ---------------------------------------------------------------------------- manager
+
 
 def _handlers():
   handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS if name != 'meta'}
@@ -89,8 +93,9 @@ def make_manager(workdir, keep, read_only=False):
       raise CheckpointError(f'--workdir: no checkpoints directory {directory!r}')
     options = ocp.CheckpointManagerOptions(read_only=True)
   else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=True
+    )
   return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
 
 
@@ -117,8 +122,12 @@ def _quarantine(manager, step, error, move=True):
   this step number again, which orbax refuses while the damaged directory is there.
   """
   if not move:
-    log.warning('checkpoint step %d is corrupt or incomplete (%s: %s); trying the previous one',
-                step, type(error).__name__, ' '.join(str(error).split())[:300])
+    log.warning(
+      'checkpoint step %d is corrupt or incomplete (%s: %s); trying the previous one',
+      step,
+      type(error).__name__,
+      ' '.join(str(error).split())[:300],
+    )
     return
   src = os.path.join(str(manager.directory), str(step))
   dst_root = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_corrupt')
@@ -128,21 +137,31 @@ def _quarantine(manager, step, error, move=True):
     shutil.move(src, dst)
   if jax.process_count() > 1:  # every host must see the move before listing steps again
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(f'quarantine_checkpoint_{step}')
-  log.warning('checkpoint step %d is corrupt or incomplete (%s: %s); moved to %s and '
-                  'falling back to the previous one', step, type(error).__name__,
-                  ' '.join(str(error).split())[:300], dst)
+  log.warning(
+    'checkpoint step %d is corrupt or incomplete (%s: %s); moved to %s and '
+    'falling back to the previous one',
+    step,
+    type(error).__name__,
+    ' '.join(str(error).split())[:300],
+    dst,
+  )
   manager.reload()
 
 
 def restore_step(manager, step, templates, shardings):
   """Restores the items named in `templates` (plus meta) of one step; raises on damage."""
-  targets = {name: ocp.args.StandardRestore(_abstract(flatten(tree), flatten(shardings[name])))
-             for name, tree in templates.items() if flatten(tree)}
-  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
-                                                           **targets))
-  trees = {name: unflatten(tree, restored[name]) if name in targets else tree
-           for name, tree in templates.items()}
+  targets = {
+    name: ocp.args.StandardRestore(_abstract(flatten(tree), flatten(shardings[name])))
+    for name, tree in templates.items()
+    if flatten(tree)
+  }
+  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **targets))
+  trees = {
+    name: unflatten(tree, restored[name]) if name in targets else tree
+    for name, tree in templates.items()
+  }
   return trees, dict(restored['meta'])
 
 
@@ -162,7 +181,7 @@ def restore_latest(manager, templates, shardings, move_corrupt=True):
     try:
       trees, meta = restore_step(manager, step, templates, shardings)
       if int(meta['step']) != step:
-        raise ValueError(f"meta says step {meta['step']}")
+        raise ValueError(f'meta says step {meta["step"]}')
     except Exception as e:  # pylint: disable=broad-except
       _quarantine(manager, step, e, move=move_corrupt)
       continue
@@ -171,6 +190,7 @@ def restore_latest(manager, templates, shardings, move_corrupt=True):
 
 
 # ---------------------------------------------------------------------------- init_from
+
 
 class InitFromError(CheckpointError):
   """The init_from checkpoint cannot be mapped onto this model (e.g. a shape differs)."""
@@ -207,11 +227,13 @@ def load_params_by_name(path, params, shardings, expected_missing=()):
     'expected_missing', 'loaded'}.
   """
   directory, steps = _find_checkpoint(path)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={'params': ocp.PyTreeCheckpointHandler()})
+  manager = ocp.CheckpointManager(
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True),
+    item_handlers={'params': ocp.PyTreeCheckpointHandler()},
+  )
   try:
-    return _load_params_by_name(manager, directory, steps, params, shardings,
-                                set(expected_missing))
+    return _load_params_by_name(manager, directory, steps, params, shardings, set(expected_missing))
   finally:
     manager.close()
 
@@ -226,35 +248,60 @@ def _load_params_by_name(manager, directory, steps, params, shardings, expected_
       shared = sorted(set(saved) & set(flat_model))
       bad = [k for k in shared if saved[k] != tuple(np.shape(flat_model[k]))]
       if bad:
-        raise InitFromError('config.train.init_from: shape mismatch for ' + ', '.join(
-            f'{k} {saved[k]} vs {tuple(np.shape(flat_model[k]))}' for k in bad))
-      target = {k: jax.ShapeDtypeStruct(saved[k], flat_model[k].dtype, sharding=flat_sh[k])
-                for k in shared}
-      restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))['params']
+        raise InitFromError(
+          'config.train.init_from: shape mismatch for '
+          + ', '.join(f'{k} {saved[k]} vs {tuple(np.shape(flat_model[k]))}' for k in bad)
+        )
+      target = {
+        k: jax.ShapeDtypeStruct(saved[k], flat_model[k].dtype, sharding=flat_sh[k]) for k in shared
+      }
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          params=ocp.args.PyTreeRestore(
+            target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+          )
+        ),
+      )['params']
     except InitFromError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       last_error = e
-      log.warning('init_from: step %d under %s unreadable (%s); trying an older one', step,
-                  directory, e)
+      log.warning(
+        'init_from: step %d under %s unreadable (%s); trying an older one', step, directory, e
+      )
       continue
     missing = set(flat_model) - set(saved)
-    report = {'step': step, 'loaded': shared,
-              'only_in_checkpoint': sorted(set(saved) - set(flat_model)),
-              'only_in_model': sorted(missing - expected_missing),
-              'expected_missing': sorted(missing & expected_missing)}
+    report = {
+      'step': step,
+      'loaded': shared,
+      'only_in_checkpoint': sorted(set(saved) - set(flat_model)),
+      'only_in_model': sorted(missing - expected_missing),
+      'expected_missing': sorted(missing & expected_missing),
+    }
     if report['expected_missing']:
-      log.info('init_from %s (step %d): %d feature-map parameters are not in the checkpoint, '
-               'as expected; they keep their initial values: %s', directory, step,
-               len(report['expected_missing']), report['expected_missing'])
+      log.info(
+        'init_from %s (step %d): %d feature-map parameters are not in the checkpoint, '
+        'as expected; they keep their initial values: %s',
+        directory,
+        step,
+        len(report['expected_missing']),
+        report['expected_missing'],
+      )
     if report['only_in_checkpoint'] or report['only_in_model']:
-      log.warning('init_from %s (step %d): parameters only in the checkpoint (not loaded): %s; '
-                  'only in this model (kept at their fresh init): %s', directory, step,
-                  report['only_in_checkpoint'] or 'none', report['only_in_model'] or 'none')
+      log.warning(
+        'init_from %s (step %d): parameters only in the checkpoint (not loaded): %s; '
+        'only in this model (kept at their fresh init): %s',
+        directory,
+        step,
+        report['only_in_checkpoint'] or 'none',
+        report['only_in_model'] or 'none',
+      )
     merged = dict(flat_model)
     merged.update({k: restored[k] for k in shared})
     return unflatten(params, merged), report
-  raise InitFromError(f'config.train.init_from: no readable checkpoint under {directory!r} '
-                      f'({last_error})')
+  raise InitFromError(
+    f'config.train.init_from: no readable checkpoint under {directory!r} ({last_error})'
+  )

@@ -62,8 +62,10 @@ def load_config(path, overrides=()):
     missing = re.search(r'Key "([^"]+)" does not exist', str(e))
     if missing:  # a variant file setting a key the (locked) base schema does not have
       hint = re.search(r'Did you mean "([^"]+)"', str(e))
-      raise ConfigError(f'--config={path}: sets unknown config key {missing.group(1)!r}'
-                        + (f' (did you mean {hint.group(1)!r}?)' if hint else '')) from e
+      raise ConfigError(
+        f'--config={path}: sets unknown config key {missing.group(1)!r}'
+        + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+      ) from e
     raise ConfigError(f'--config={path}: {type(e).__name__}: {_one_line(e)}') from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f'--config={path}: get_config() must return a ConfigDict')
@@ -113,19 +115,20 @@ def apply_override(config, item):
   key, text = item.split('=', 1)
   key = key.strip().lstrip('-')
   if key.startswith('config.'):
-    key = key[len('config.'):]
+    key = key[len('config.') :]
   *parents, leaf = key.split('.')
   node = config
   for i, part in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise ConfigError(f"unknown config key 'config.{'.'.join(parents[:i + 1])}'"
-                        + _did_you_mean(part, node))
+      raise ConfigError(
+        f"unknown config key 'config.{'.'.join(parents[: i + 1])}'" + _did_you_mean(part, node)
+      )
     node = node[part]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ConfigError(f"unknown config key 'config.{key}'" + _did_you_mean(leaf, node))
   old = node[leaf]
   if isinstance(old, ml_collections.ConfigDict):
-    raise ConfigError(f"config.{key} is a group of settings; set one of its fields")
+    raise ConfigError(f'config.{key} is a group of settings; set one of its fields')
   try:
     node[leaf] = _parse_value(text, old)
   except (ValueError, TypeError) as e:
@@ -204,36 +207,69 @@ def _validate_model(model_config):
 def validate(config):
   """Checks values that types alone cannot: names, ranges, divisibility. Raises ConfigError."""
   from performer import attention  # pylint: disable=g-import-not-at-top
+
   _check_choice('model.task', config.model.task, TASKS)
   _check_choice('model.attention.kind', config.model.attention.kind, tuple(attention.KINDS))
   _check_choice('model.positions', config.model.positions, POSITIONS)
   _check_choice('model.dtype', config.model.dtype, DTYPES)
-  _check_choice('model.attention.feature_norms', config.model.attention.feature_norms,
-                FEATURE_NORMS)
+  _check_choice(
+    'model.attention.feature_norms', config.model.attention.feature_norms, FEATURE_NORMS
+  )
   _check_choice('data.name', config.data.name, data_names())
   _check_choice('data.crop', config.data.crop, CROPS)
   _check_choice('train.schedule', config.train.schedule, SCHEDULES)
-  _check_positive(config, ['model.num_layers', 'model.num_heads', 'model.emb_dim',
-                           'model.mlp_dim', 'model.max_len', 'data.seq_len',
-                           'train.batch_size', 'train.num_steps', 'train.grad_accum_steps',
-                           'train.log_every', 'train.keep_checkpoints', 'mesh.fsdp'])
-  _check_positive(config, ['model.vocab_size', 'train.warmup_steps', 'train.weight_decay',
-                           'train.grad_clip', 'train.redraw_every', 'train.eval_every',
-                           'train.checkpoint_every', 'model.dropout_rate',
-                           'model.attention.num_features', 'model.attention.chunk_size'],
-                  allow_zero=True)
+  _check_positive(
+    config,
+    [
+      'model.num_layers',
+      'model.num_heads',
+      'model.emb_dim',
+      'model.mlp_dim',
+      'model.max_len',
+      'data.seq_len',
+      'train.batch_size',
+      'train.num_steps',
+      'train.grad_accum_steps',
+      'train.log_every',
+      'train.keep_checkpoints',
+      'mesh.fsdp',
+    ],
+  )
+  _check_positive(
+    config,
+    [
+      'model.vocab_size',
+      'train.warmup_steps',
+      'train.weight_decay',
+      'train.grad_clip',
+      'train.redraw_every',
+      'train.eval_every',
+      'train.checkpoint_every',
+      'model.dropout_rate',
+      'model.attention.num_features',
+      'model.attention.chunk_size',
+    ],
+    allow_zero=True,
+  )
   if config.model.emb_dim % config.model.num_heads:
-    raise ConfigError(f'config.model.emb_dim: {config.model.emb_dim} is not divisible by '
-                      f'config.model.num_heads={config.model.num_heads}')
+    raise ConfigError(
+      f'config.model.emb_dim: {config.model.emb_dim} is not divisible by '
+      f'config.model.num_heads={config.model.num_heads}'
+    )
   if config.train.batch_size % config.train.grad_accum_steps:
-    raise ConfigError(f'config.train.grad_accum_steps: {config.train.grad_accum_steps} does not '
-                      f'divide config.train.batch_size={config.train.batch_size}')
+    raise ConfigError(
+      f'config.train.grad_accum_steps: {config.train.grad_accum_steps} does not '
+      f'divide config.train.batch_size={config.train.batch_size}'
+    )
   if not 0.0 < config.train.mlm_mask_rate < 1.0:
-    raise ConfigError(f'config.train.mlm_mask_rate: must be in (0, 1), got '
-                      f'{config.train.mlm_mask_rate}')
+    raise ConfigError(
+      f'config.train.mlm_mask_rate: must be in (0, 1), got {config.train.mlm_mask_rate}'
+    )
   if config.model.positions in ('learned', 'axial') and config.model.max_len < config.data.seq_len:
-    raise ConfigError(f'config.model.max_len: {config.model.max_len} < config.data.seq_len='
-                      f'{config.data.seq_len} with learned positions')
+    raise ConfigError(
+      f'config.model.max_len: {config.model.max_len} < config.data.seq_len='
+      f'{config.data.seq_len} with learned positions'
+    )
   if config.model.task == 'image_ar' and len(config.model.image_shape) != 3:
     raise ConfigError('config.model.image_shape: image_ar needs (height, width, channels)')
   _validate_model(config.model)

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import jax
 
@@ -19,8 +18,12 @@ def summarize(sums, task):
   """Turns eval token sums into metrics: loss, accuracy, perplexity (+ bits per dim)."""
   weight = max(float(sums['weight_sum']), 1.0)
   loss = float(sums['loss_sum']) / weight
-  out = {'loss': loss, 'accuracy': float(sums['correct_sum']) / weight,
-         'perplexity': math.exp(min(loss, 50.0)), 'tokens': float(sums['weight_sum'])}
+  out = {
+    'loss': loss,
+    'accuracy': float(sums['correct_sum']) / weight,
+    'perplexity': math.exp(min(loss, 50.0)),
+    'tokens': float(sums['weight_sum']),
+  }
   if task == 'image_ar':
     out['bits_per_dim'] = loss / math.log(2.0)
   return out
@@ -50,8 +53,10 @@ class MetricWriter:
     self._jsonl = open(path, 'a', encoding='utf-8')
     if enable_tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                               purge_step=start_step + 1 if start_step else None)
+
+      self._tb = SummaryWriter(
+        os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1 if start_step else None
+      )
 
   def write(self, step, split, values):
     if not self.active:
@@ -100,8 +105,10 @@ class Progress:
     self._bar = None
     if enabled and jax.process_index() == 0:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-                       file=sys.stderr)
+
+      self._bar = tqdm(
+        total=total, initial=initial, unit='step', dynamic_ncols=True, file=sys.stderr
+      )
 
   def advance(self, steps=1):
     if self._bar is not None:

@@ -17,30 +17,46 @@ import dataclasses
 import os
 import tempfile
 
-from performer.training import config_utils
-from performer.training import metrics
-from performer.training import train_lib
+from performer.training import config_utils, metrics, train_lib
 
-QUICK_ENV = 'PERFORMER_NOTEBOOK_QUICK'       # '1': tiny models, 30 steps (a smoke test)
-WORKDIR_ENV = 'PERFORMER_NOTEBOOK_WORKDIR'   # where runs are cached (default: a temp folder)
+QUICK_ENV = 'PERFORMER_NOTEBOOK_QUICK'  # '1': tiny models, 30 steps (a smoke test)
+WORKDIR_ENV = 'PERFORMER_NOTEBOOK_WORKDIR'  # where runs are cached (default: a temp folder)
 # The repository's configs/, beside the package (config files are not installed with it).
 CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs')
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs'
+)
 
 QUICK_OVERRIDES = (
-    'model.num_layers=1', 'model.emb_dim=64', 'model.mlp_dim=128', 'model.max_len=64',
-    'model.attention.num_features=32', 'model.attention.chunk_size=32', 'data.seq_len=64',
-    'train.batch_size=8', 'train.num_steps=30', 'train.warmup_steps=5', 'train.log_every=10',
-    'train.eval_every=10', 'train.eval_batches=0', 'train.checkpoint_every=0')
+  'model.num_layers=1',
+  'model.emb_dim=64',
+  'model.mlp_dim=128',
+  'model.max_len=64',
+  'model.attention.num_features=32',
+  'model.attention.chunk_size=32',
+  'data.seq_len=64',
+  'train.batch_size=8',
+  'train.num_steps=30',
+  'train.warmup_steps=5',
+  'train.log_every=10',
+  'train.eval_every=10',
+  'train.eval_batches=0',
+  'train.checkpoint_every=0',
+)
 FULL_OVERRIDES = (
-    'train.num_steps=150', 'train.warmup_steps=15', 'train.log_every=50',
-    'train.eval_every=50', 'train.eval_batches=0', 'train.checkpoint_every=0')
+  'train.num_steps=150',
+  'train.warmup_steps=15',
+  'train.log_every=50',
+  'train.eval_every=50',
+  'train.eval_batches=0',
+  'train.checkpoint_every=0',
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class NotebookRuns:
   """Settings every run shares: `overrides` apply to every config, `tag` names the folders
   (so quick and full runs never mix), and runs are cached under `work`."""
+
   quick: bool
   work: str
   overrides: tuple = ()
@@ -53,14 +69,18 @@ class NotebookRuns:
     environ = os.environ if environ is None else environ
     quick = environ.get(QUICK_ENV, '0') == '1'
     work = environ.get(WORKDIR_ENV) or tempfile.mkdtemp(prefix='performer_nb_')
-    return cls(quick=quick, work=work,
-               overrides=QUICK_OVERRIDES if quick else FULL_OVERRIDES,
-               tag='quick' if quick else 'full')
+    return cls(
+      quick=quick,
+      work=work,
+      overrides=QUICK_OVERRIDES if quick else FULL_OVERRIDES,
+      tag='quick' if quick else 'full',
+    )
 
   def config(self, config_file, overrides=()):
     """configs/<config_file> (or a path) with the shared overrides, then `overrides`."""
-    return config_utils.load_config(os.path.join(self.config_dir, config_file),
-                                    list(self.overrides) + list(overrides))
+    return config_utils.load_config(
+      os.path.join(self.config_dir, config_file), list(self.overrides) + list(overrides)
+    )
 
   def workdir(self, name):
     return os.path.join(self.work, f'{name}_{self.tag}')
@@ -76,8 +96,7 @@ class NotebookRuns:
 
 def is_finished(workdir, num_steps):
   """Whether workdir holds a run that finished (final validation) at `num_steps`."""
-  return any(r['step'] == num_steps
-             for r in metrics.read_metrics(workdir, 'final_validation'))
+  return any(r['step'] == num_steps for r in metrics.read_metrics(workdir, 'final_validation'))
 
 
 def final_metrics(workdir, split='validation'):

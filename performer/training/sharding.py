@@ -19,8 +19,9 @@ import logging
 import os
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,11 @@ def _distributed_env():
   """Returns initialize() kwargs when the environment asks for multi-process JAX, else None."""
   env = os.environ
   if env.get('JAX_COORDINATOR_ADDRESS') and env.get('JAX_NUM_PROCESSES'):
-    return {'coordinator_address': env['JAX_COORDINATOR_ADDRESS'],
-            'num_processes': int(env['JAX_NUM_PROCESSES']),
-            'process_id': int(env.get('JAX_PROCESS_ID', env.get('JAX_PROCESS_INDEX', '0')))}
+    return {
+      'coordinator_address': env['JAX_COORDINATOR_ADDRESS'],
+      'num_processes': int(env['JAX_NUM_PROCESSES']),
+      'process_id': int(env.get('JAX_PROCESS_ID', env.get('JAX_PROCESS_INDEX', '0'))),
+    }
   if env.get('SLURM_JOB_ID') and int(env.get('SLURM_NTASKS', '1')) > 1:
     return {}
   if env.get('OMPI_MCA_orte_hnp_uri'):
@@ -54,9 +57,13 @@ def maybe_initialize_distributed():
     return False
   jax.distributed.initialize(**kwargs)
   _initialized = True
-  log.info('jax.distributed: process %d of %d, %d local / %d global devices',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  log.info(
+    'jax.distributed: process %d of %d, %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -82,8 +89,9 @@ def make_mesh(mesh_config, devices=None):
     if jax.process_count() > 1:
       raise ValueError(f'config.mesh: data*fsdp = {n} must use all {len(devices)} devices')
     devices = devices[:n]
-  return jax.make_mesh((data, fsdp), ('data', 'fsdp'), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh(
+    (data, fsdp), ('data', 'fsdp'), devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
 
 
 def replicated(mesh):
@@ -110,8 +118,9 @@ def param_spec(shape, fsdp_size):
 def param_shardings(mesh, abstract_tree):
   """NamedShardings for a tree of arrays / ShapeDtypeStructs (params or optimizer state)."""
   fsdp_size = mesh.shape['fsdp']
-  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp_size)),
-                      abstract_tree)
+  return jax.tree.map(
+    lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp_size)), abstract_tree
+  )
 
 
 def replicated_shardings(mesh, abstract_tree):
@@ -120,5 +129,6 @@ def replicated_shardings(mesh, abstract_tree):
 
 def global_batch(batch, sharding):
   """Turns this process's numpy batch into one global jax.Array laid out by `sharding`."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

@@ -15,26 +15,30 @@ accumulation equal to one big batch.
 
 import functools
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from performer.attention import FeatureStats
 
-
 # ---------------------------------------------------------------------------- optimizer
+
 
 def make_schedule(train_config):
   """Linear warmup from 0, then cosine decay to 0 at num_steps (or constant)."""
   lr, warmup = train_config.learning_rate, train_config.warmup_steps
   if train_config.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=warmup, decay_steps=max(train_config.num_steps, warmup + 1),
-        end_value=0.0)
+      0.0,
+      lr,
+      warmup_steps=warmup,
+      decay_steps=max(train_config.num_steps, warmup + 1),
+      end_value=0.0,
+    )
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
-      [warmup])
+    [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
+  )
 
 
 def _decay_mask(params):
@@ -48,12 +52,16 @@ def make_optimizer(train_config):
   parts = []
   if train_config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_config.grad_clip))
-  parts.append(optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-8,
-                           weight_decay=train_config.weight_decay, mask=_decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=train_config.weight_decay, mask=_decay_mask
+    )
+  )
   return optax.chain(*parts), schedule
 
 
 # ---------------------------------------------------------------------------- targets
+
 
 def causal_targets(batch):
   """Position t predicts token t+1 of the same segment; the last position predicts nothing."""
@@ -98,9 +106,15 @@ def make_targets(batch, key, task_info, evaluating=False):
   here) or tokens[t] (image AR, where the model shifts its own input right; and MLM).
   """
   if task_info['task'] == 'mlm':
-    return mlm_targets(batch, key, rate=task_info['mlm_rate'], mask_id=task_info['mask_id'],
-                       special_ids=task_info['special_ids'],
-                       vocab_size=task_info['vocab_size'], mask_all=evaluating)
+    return mlm_targets(
+      batch,
+      key,
+      rate=task_info['mlm_rate'],
+      mask_id=task_info['mask_id'],
+      special_ids=task_info['special_ids'],
+      vocab_size=task_info['vocab_size'],
+      mask_all=evaluating,
+    )
   if task_info['target_offset'] == 1:
     return causal_targets(batch)
   return batch['tokens'], batch['tokens'], batch['mask']
@@ -112,12 +126,27 @@ def token_sums(logits, targets, weights):
   w = weights.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return {'loss_sum': jnp.sum(loss * w), 'correct_sum': jnp.sum(correct * w),
-          'weight_sum': jnp.sum(w)}
+  return {
+    'loss_sum': jnp.sum(loss * w),
+    'correct_sum': jnp.sum(correct * w),
+    'weight_sum': jnp.sum(w),
+  }
 
 
-def _forward(graphdef, params, features, stats, rest, inputs, batch, *, deterministic,
-             dropout_key, return_hidden=False, training=False):
+def _forward(
+  graphdef,
+  params,
+  features,
+  stats,
+  rest,
+  inputs,
+  batch,
+  *,
+  deterministic,
+  dropout_key,
+  return_hidden=False,
+  training=False,
+):
   """The model's outputs and its running statistics after the call.
 
   `training` lets feature maps update their statistics (`use_running_average=False`);
@@ -132,8 +161,9 @@ def _forward(graphdef, params, features, stats, rest, inputs, batch, *, determin
     # Dropout noise is a function of (seed, step, micro-batch) only, so resuming from a
     # checkpoint replays exactly the same noise.
     nnx.reseed(model, dropout=dropout_key)
-  kwargs = dict(mask=batch['mask'], segment_ids=batch.get('segment_ids'),
-                deterministic=deterministic)
+  kwargs = dict(
+    mask=batch['mask'], segment_ids=batch.get('segment_ids'), deterministic=deterministic
+  )
   if not return_hidden:
     out = model(inputs, **kwargs)
   else:
@@ -159,15 +189,32 @@ def distill_sum(student, teacher, weights, *, target, temperature):
   else:
     t_logp = jax.nn.log_softmax(teacher / temperature, axis=-1)
     s_logp = jax.nn.log_softmax(student / temperature, axis=-1)
-    per_token = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * temperature ** 2
+    per_token = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * temperature**2
   return jnp.sum(per_token * w)
 
 
 # ---------------------------------------------------------------------------- steps
 
-def train_step(params, opt_state, stats, features, rest, batch, step, base_key, teacher=None,
-               *, graphdef, tx, schedule, task_info, grad_accum_steps, use_dropout,
-               distill=None):
+
+def train_step(
+  params,
+  opt_state,
+  stats,
+  features,
+  rest,
+  batch,
+  step,
+  base_key,
+  teacher=None,
+  *,
+  graphdef,
+  tx,
+  schedule,
+  task_info,
+  grad_accum_steps,
+  use_dropout,
+  distill=None,
+):
   """One optimizer update on a global batch; returns (params, opt_state, stats, metrics).
 
   The batch is split into `grad_accum_steps` micro-batches scanned in sequence. Gradients
@@ -190,19 +237,40 @@ def train_step(params, opt_state, stats, features, rest, batch, step, base_key, 
   hidden = distilling and distill['target'] == 'hidden'
 
   def loss_fn(p, s, micro, key):
-    out, new_stats = _forward(graphdef, p, features, s, rest, micro['inputs'], micro,
-                              deterministic=not use_dropout, dropout_key=key,
-                              return_hidden=hidden, training=True)
+    out, new_stats = _forward(
+      graphdef,
+      p,
+      features,
+      s,
+      rest,
+      micro['inputs'],
+      micro,
+      deterministic=not use_dropout,
+      dropout_key=key,
+      return_hidden=hidden,
+      training=True,
+    )
     logits = out[0] if hidden else out
     sums = token_sums(logits, micro['targets'], micro['weights'])
     if not distilling:
       return sums['loss_sum'], (sums, new_stats)
-    t_out, _ = _forward(distill['graphdef'], *teacher, micro['inputs'], micro,
-                        deterministic=True, dropout_key=None, return_hidden=hidden)
+    t_out, _ = _forward(
+      distill['graphdef'],
+      *teacher,
+      micro['inputs'],
+      micro,
+      deterministic=True,
+      dropout_key=None,
+      return_hidden=hidden,
+    )
     student, target = (out[1], t_out[1]) if hidden else (logits, t_out)
-    sums['distill_sum'] = distill_sum(student, target, micro['weights'],
-                                      target=distill['target'],
-                                      temperature=distill['temperature'])
+    sums['distill_sum'] = distill_sum(
+      student,
+      target,
+      micro['weights'],
+      target=distill['target'],
+      temperature=distill['temperature'],
+    )
     return sums['loss_sum'] + distill['weight'] * sums['distill_sum'], (sums, new_stats)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -213,7 +281,8 @@ def train_step(params, opt_state, stats, features, rest, batch, step, base_key, 
     # Strided split (micro-batch i = rows i, i+k, ...): each device's contiguous block of
     # the data-sharded batch contributes equally to every micro-batch, so no rows move.
     micro = jax.tree.map(
-        lambda x: x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), full)
+      lambda x: x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), full
+    )
 
     def body(carry, xs):
       i, mb = xs
@@ -221,20 +290,24 @@ def train_step(params, opt_state, stats, features, rest, batch, step, base_key, 
       g, (sums, s) = grad_fn(params, s, mb, jax.random.fold_in(dropout_key, i))
       return (jax.tree.map(jnp.add, totals, (g, sums)), s), None
 
-    sum_keys = ('loss_sum', 'correct_sum', 'weight_sum') + (('distill_sum',) if distilling
-                                                            else ())
-    zeros = (jax.tree.map(jnp.zeros_like, params),
-             {k: jnp.zeros((), jnp.float32) for k in sum_keys})
+    sum_keys = ('loss_sum', 'correct_sum', 'weight_sum') + (('distill_sum',) if distilling else ())
+    zeros = (
+      jax.tree.map(jnp.zeros_like, params),
+      {k: jnp.zeros((), jnp.float32) for k in sum_keys},
+    )
     ((grads, sums), stats), _ = jax.lax.scan(
-        body, (zeros, stats), (jnp.arange(grad_accum_steps), micro))
+      body, (zeros, stats), (jnp.arange(grad_accum_steps), micro)
+    )
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  metrics = {'loss': sums['loss_sum'] / total_weight,
-             'accuracy': sums['correct_sum'] / total_weight,
-             'tokens': sums['weight_sum'],
-             'grad_norm': optax.global_norm(grads),
-             'learning_rate': schedule(step)}
+  metrics = {
+    'loss': sums['loss_sum'] / total_weight,
+    'accuracy': sums['correct_sum'] / total_weight,
+    'tokens': sums['weight_sum'],
+    'grad_norm': optax.global_norm(grads),
+    'learning_rate': schedule(step),
+  }
   if distilling:
     metrics['distill_loss'] = sums['distill_sum'] / total_weight
   return params, opt_state, stats, metrics
@@ -247,24 +320,45 @@ def eval_step(params, stats, features, rest, batch, mask_key, *, graphdef, task_
   MLM eval masks a fixed (per batch index) 15% of tokens, all with MASK.
   """
   inputs, targets, weights = make_targets(batch, mask_key, task_info, evaluating=True)
-  logits, _ = _forward(graphdef, params, features, stats, rest, inputs, batch,
-                       deterministic=True, dropout_key=None)
+  logits, _ = _forward(
+    graphdef, params, features, stats, rest, inputs, batch, deterministic=True, dropout_key=None
+  )
   return token_sums(logits, targets, weights)
 
 
 def build_task_info(model_config, train_config, vocab, target_offset):
   """Static facts the steps need about the task, model and vocabulary."""
-  special = tuple(sorted({int(i) for i in (getattr(vocab, name, None)
-                                           for name in ('pad_id', 'bos_id', 'eos_id', 'mask_id'))
-                          if i is not None and 0 <= int(i) < model_config.vocab_size}))
-  return {'task': model_config.task, 'target_offset': int(target_offset),
-          'mlm_rate': float(train_config.mlm_mask_rate),
-          'mask_id': int(getattr(vocab, 'mask_id', -1) if vocab is not None else -1),
-          'special_ids': special, 'vocab_size': int(model_config.vocab_size)}
+  special = tuple(
+    sorted(
+      {
+        int(i)
+        for i in (getattr(vocab, name, None) for name in ('pad_id', 'bos_id', 'eos_id', 'mask_id'))
+        if i is not None and 0 <= int(i) < model_config.vocab_size
+      }
+    )
+  )
+  return {
+    'task': model_config.task,
+    'target_offset': int(target_offset),
+    'mlm_rate': float(train_config.mlm_mask_rate),
+    'mask_id': int(getattr(vocab, 'mask_id', -1) if vocab is not None else -1),
+    'special_ids': special,
+    'vocab_size': int(model_config.vocab_size),
+  }
 
 
-def make_step_fns(graphdef, tx, schedule, task_info, train_config, use_dropout,
-                  state_shardings=None, batch_sharding=None, replicated=None, teacher=None):
+def make_step_fns(
+  graphdef,
+  tx,
+  schedule,
+  task_info,
+  train_config,
+  use_dropout,
+  state_shardings=None,
+  batch_sharding=None,
+  replicated=None,
+  teacher=None,
+):
   """Jits the train and eval steps; params, optimizer state and statistics are donated.
 
   train(params, opt_state, stats, features, rest, batch, step, key)
@@ -279,13 +373,22 @@ def make_step_fns(graphdef, tx, schedule, task_info, train_config, use_dropout,
   """
   distill = None
   if teacher is not None:
-    distill = {'graphdef': teacher['graphdef'], 'weight': float(train_config.distill_weight),
-               'target': train_config.distill_target,
-               'temperature': float(train_config.distill_temperature)}
-  train = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                            task_info=task_info,
-                            grad_accum_steps=train_config.grad_accum_steps,
-                            use_dropout=use_dropout, distill=distill)
+    distill = {
+      'graphdef': teacher['graphdef'],
+      'weight': float(train_config.distill_weight),
+      'target': train_config.distill_target,
+      'temperature': float(train_config.distill_temperature),
+    }
+  train = functools.partial(
+    train_step,
+    graphdef=graphdef,
+    tx=tx,
+    schedule=schedule,
+    task_info=task_info,
+    grad_accum_steps=train_config.grad_accum_steps,
+    use_dropout=use_dropout,
+    distill=distill,
+  )
   evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info)
   if state_shardings is None:
     train, evaluate = jax.jit(train, donate_argnums=(0, 1, 2)), jax.jit(evaluate)
@@ -294,14 +397,22 @@ def make_step_fns(graphdef, tx, schedule, task_info, train_config, use_dropout,
     in_sh = (p_sh, o_sh, s_sh, f_sh, r_sh, batch_sharding, replicated, replicated)
     if teacher is not None:
       in_sh += (teacher.get('shardings'),)
-    train = jax.jit(train, donate_argnums=(0, 1, 2), in_shardings=in_sh,
-                    out_shardings=(p_sh, o_sh, s_sh, replicated))
-    evaluate = jax.jit(evaluate, in_shardings=(p_sh, s_sh, f_sh, r_sh, batch_sharding,
-                                               replicated), out_shardings=replicated)
+    train = jax.jit(
+      train,
+      donate_argnums=(0, 1, 2),
+      in_shardings=in_sh,
+      out_shardings=(p_sh, o_sh, s_sh, replicated),
+    )
+    evaluate = jax.jit(
+      evaluate,
+      in_shardings=(p_sh, s_sh, f_sh, r_sh, batch_sharding, replicated),
+      out_shardings=replicated,
+    )
   if teacher is None:
     return train, evaluate
   jitted, trees = train, tuple(teacher['trees'])
 
   def train_with_teacher(params, opt_state, stats, features, rest, batch, step, base_key):
     return jitted(params, opt_state, stats, features, rest, batch, step, base_key, trees)
+
   return train_with_teacher, evaluate

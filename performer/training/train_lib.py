@@ -23,18 +23,14 @@ import logging
 import os
 import time
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from performer import attention
-from performer import data
-from performer import models
-from performer.training import checkpoints
-from performer.training import config_utils
+from performer import attention, data, models
+from performer.training import checkpoints, config_utils, sharding
 from performer.training import metrics as metrics_lib
-from performer.training import sharding
 from performer.training import steps as steps_lib
 
 log = logging.getLogger(__name__)
@@ -48,8 +44,9 @@ def resolve_config(config):
     config.model.vocab_size = int(vocab.size)
   elif config.model.vocab_size < vocab.size:
     raise config_utils.ConfigError(
-        f'config.model.vocab_size: {config.model.vocab_size} is smaller than the data '
-        f'vocabulary ({vocab.size}); use 0 to take the data\'s size')
+      f'config.model.vocab_size: {config.model.vocab_size} is smaller than the data '
+      f"vocabulary ({vocab.size}); use 0 to take the data's size"
+    )
   config.lock()
   return config, vocab
 
@@ -57,8 +54,11 @@ def resolve_config(config):
 def _keys(seed):
   """Independent PRNG streams for training noise, feature redraws and eval masks."""
   base = jax.random.key(seed)
-  return {'train': jax.random.fold_in(base, 1), 'redraw': jax.random.fold_in(base, 2),
-          'eval': jax.random.fold_in(base, 3)}
+  return {
+    'train': jax.random.fold_in(base, 1),
+    'redraw': jax.random.fold_in(base, 2),
+    'eval': jax.random.fold_in(base, 3),
+  }
 
 
 def redraw_key(seed, step):
@@ -84,29 +84,37 @@ def create_state(config, mesh):
 
   abstract_model = nnx.eval_shape(build)
   graphdef, a_params, a_features, a_stats, a_rest = models.split(abstract_model)
-  shard = {'params': sharding.param_shardings(mesh, a_params),
-           'features': sharding.replicated_shardings(mesh, a_features),
-           'stats': sharding.replicated_shardings(mesh, a_stats),
-           'rest': sharding.replicated_shardings(mesh, a_rest)}
+  shard = {
+    'params': sharding.param_shardings(mesh, a_params),
+    'features': sharding.replicated_shardings(mesh, a_features),
+    'stats': sharding.replicated_shardings(mesh, a_stats),
+    'rest': sharding.replicated_shardings(mesh, a_rest),
+  }
   pieces = ('params', 'features', 'stats', 'rest')
 
   def init():
     return models.split(build())[1:]
 
   trees = jax.jit(init, out_shardings=tuple(shard[k] for k in pieces))()
-  return {'graphdef': graphdef, **dict(zip(pieces, trees)), 'shardings': shard,
-          'abstract': {'params': a_params, 'features': a_features, 'stats': a_stats},
-          'feature_params': feature_param_names(a_params),
-          'target_offset': int(getattr(abstract_model, 'target_offset', 1))}
+  return {
+    'graphdef': graphdef,
+    **dict(zip(pieces, trees)),
+    'shardings': shard,
+    'abstract': {'params': a_params, 'features': a_features, 'stats': a_stats},
+    'feature_params': feature_param_names(a_params),
+    'target_offset': int(getattr(abstract_model, 'target_offset', 1)),
+  }
 
 
 def feature_param_names(params):
   """Dotted names of the feature-map parameters (attention.FeatureParam): a softmax or
   pretrained checkpoint never has them, so init_from expects them to be missing."""
   leaves = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-  return sorted(checkpoints.path_name(path) for path, leaf in leaves
-                if isinstance(leaf, attention.FeatureParam))
+    params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
+  return sorted(
+    checkpoints.path_name(path) for path, leaf in leaves if isinstance(leaf, attention.FeatureParam)
+  )
 
 
 def model_batch(batch, data_config):
@@ -122,8 +130,10 @@ def _pad_batch(batch, batch_size):
   n = batch['tokens'].shape[0]
   if n == batch_size:
     return batch
-  return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
-          for k, v in batch.items()}
+  return {
+    k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+    for k, v in batch.items()
+  }
 
 
 def _local_batch_size(global_size):
@@ -132,13 +142,20 @@ def _local_batch_size(global_size):
   return global_size // jax.process_count()
 
 
-def evaluate(eval_fn, params, stats, features, rest, config, split, *, batch_sharding,
-             eval_key, num_batches=0):
+def evaluate(
+  eval_fn, params, stats, features, rest, config, split, *, batch_sharding, eval_key, num_batches=0
+):
   """Deterministic eval over `num_batches` batches of `split` (<= 0: the whole split)."""
   local_bs = _local_batch_size(config.train.batch_size)
-  it = data.build_dataset(config.data, split=split, batch_size=local_bs, seed=config.seed,
-                          shard_index=jax.process_index(), shard_count=jax.process_count(),
-                          num_epochs=1)
+  it = data.build_dataset(
+    config.data,
+    split=split,
+    batch_size=local_bs,
+    seed=config.seed,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+    num_epochs=1,
+  )
   totals = None
   for i, batch in enumerate(it):
     if 0 < num_batches <= i:
@@ -146,9 +163,14 @@ def evaluate(eval_fn, params, stats, features, rest, config, split, *, batch_sha
     batch = _pad_batch(batch, local_bs)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = model_batch(batch, config.data)
-    sums = eval_fn(params, stats, features, rest,
-                   sharding.global_batch(batch, batch_sharding),
-                   jax.random.fold_in(eval_key, i))
+    sums = eval_fn(
+      params,
+      stats,
+      features,
+      rest,
+      sharding.global_batch(batch, batch_sharding),
+      jax.random.fold_in(eval_key, i),
+    )
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError(f'the {split!r} split produced no batches')
@@ -183,12 +205,12 @@ def setup(config, mesh=None):
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   if config.train.batch_size % mesh.size:
     raise config_utils.ConfigError(
-        f'config.train.batch_size: {config.train.batch_size} is not divisible by the '
-        f'{mesh.size} devices of the mesh')
+      f'config.train.batch_size: {config.train.batch_size} is not divisible by the '
+      f'{mesh.size} devices of the mesh'
+    )
   state = create_state(config, mesh)
   tx, schedule = steps_lib.make_optimizer(config.train)
-  task_info = steps_lib.build_task_info(config.model, config.train, vocab,
-                                        state['target_offset'])
+  task_info = steps_lib.build_task_info(config.model, config.train, vocab, state['target_offset'])
   a_opt = jax.eval_shape(tx.init, state['abstract']['params'])
   state['shardings']['opt_state'] = sharding.param_shardings(mesh, a_opt)
   state['abstract']['opt_state'] = a_opt
@@ -196,15 +218,31 @@ def setup(config, mesh=None):
   replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   teacher = build_teacher(config, mesh) if config.train.distill_from else None
   train_fn, eval_fn = steps_lib.make_step_fns(
-      state['graphdef'], tx, schedule, task_info, config.train,
-      use_dropout=config.model.dropout_rate > 0,
-      state_shardings=(sh['params'], sh['opt_state'], sh['stats'], sh['features'],
-                       sh['rest']),
-      batch_sharding=batch_sh, replicated=replicated, teacher=teacher)
+    state['graphdef'],
+    tx,
+    schedule,
+    task_info,
+    config.train,
+    use_dropout=config.model.dropout_rate > 0,
+    state_shardings=(sh['params'], sh['opt_state'], sh['stats'], sh['features'], sh['rest']),
+    batch_sharding=batch_sh,
+    replicated=replicated,
+    teacher=teacher,
+  )
   redraw_fn = jax.jit(attention.redraw_features, out_shardings=sh['features'])
-  return {'config': config, 'vocab': vocab, 'mesh': mesh, 'state': state, 'tx': tx,
-          'train_fn': train_fn, 'eval_fn': eval_fn, 'redraw_fn': redraw_fn,
-          'batch_sharding': batch_sh, 'keys': _keys(config.seed), 'teacher': teacher}
+  return {
+    'config': config,
+    'vocab': vocab,
+    'mesh': mesh,
+    'state': state,
+    'tx': tx,
+    'train_fn': train_fn,
+    'eval_fn': eval_fn,
+    'redraw_fn': redraw_fn,
+    'batch_sharding': batch_sh,
+    'keys': _keys(config.seed),
+    'teacher': teacher,
+  }
 
 
 DISTILL_TARGETS = ('logits', 'hidden')
@@ -219,27 +257,40 @@ def build_teacher(config, mesh):
   """
   tc = config.train
   if tc.distill_target not in DISTILL_TARGETS:
-    raise config_utils.ConfigError(f'config.train.distill_target: unknown value '
-                                   f'{tc.distill_target!r}; choose from logits, hidden')
+    raise config_utils.ConfigError(
+      f'config.train.distill_target: unknown value '
+      f'{tc.distill_target!r}; choose from logits, hidden'
+    )
   if not tc.distill_temperature > 0 or tc.distill_weight < 0:
-    raise config_utils.ConfigError('config.train.distill_temperature must be > 0 and '
-                                   'config.train.distill_weight >= 0')
+    raise config_utils.ConfigError(
+      'config.train.distill_temperature must be > 0 and config.train.distill_weight >= 0'
+    )
   teacher_config = config.copy_and_resolve_references()
   teacher_config.model.attention.kind = 'softmax'
   tstate = create_state(teacher_config, mesh)
   params, report = checkpoints.load_params_by_name(
-      tc.distill_from, tstate['params'], tstate['shardings']['params'])
+    tc.distill_from, tstate['params'], tstate['shardings']['params']
+  )
   if report['only_in_checkpoint'] or report['only_in_model']:
     raise checkpoints.InitFromError(
-        'config.train.distill_from: the teacher must have this model\'s architecture; '
-        f"only in the checkpoint: {report['only_in_checkpoint'] or 'none'}; only in the "
-        f"model: {report['only_in_model'] or 'none'}")
-  log.info('distilling from %s (step %d, softmax teacher, %s, weight %g)', tc.distill_from,
-           report['step'], tc.distill_target, tc.distill_weight)
+      "config.train.distill_from: the teacher must have this model's architecture; "
+      f'only in the checkpoint: {report["only_in_checkpoint"] or "none"}; only in the '
+      f'model: {report["only_in_model"] or "none"}'
+    )
+  log.info(
+    'distilling from %s (step %d, softmax teacher, %s, weight %g)',
+    tc.distill_from,
+    report['step'],
+    tc.distill_target,
+    tc.distill_weight,
+  )
   sh = tstate['shardings']
-  return {'graphdef': tstate['graphdef'], 'report': report,
-          'trees': (params, tstate['features'], tstate['stats'], tstate['rest']),
-          'shardings': (sh['params'], sh['features'], sh['stats'], sh['rest'])}
+  return {
+    'graphdef': tstate['graphdef'],
+    'report': report,
+    'trees': (params, tstate['features'], tstate['stats'], tstate['rest']),
+    'shardings': (sh['params'], sh['features'], sh['stats'], sh['rest']),
+  }
 
 
 def _initial_state(run, manager, workdir):
@@ -251,8 +302,9 @@ def _initial_state(run, manager, workdir):
   config, state = run['config'], run['state']
   sh, abstract = state['shardings'], state['abstract']
   items = ('params', 'opt_state', 'features', 'stats')
-  restored = checkpoints.restore_latest(manager, {k: abstract[k] for k in items},
-                                        {k: sh[k] for k in items})
+  restored = checkpoints.restore_latest(
+    manager, {k: abstract[k] for k in items}, {k: sh[k] for k in items}
+  )
   if restored is not None:
     step, trees, meta = restored
     state.update(trees)
@@ -260,14 +312,21 @@ def _initial_state(run, manager, workdir):
     return step, meta
   if config.train.init_from:
     state['params'], report = checkpoints.load_params_by_name(
-        config.train.init_from, state['params'], sh['params'],
-        expected_missing=state['feature_params'])
+      config.train.init_from,
+      state['params'],
+      sh['params'],
+      expected_missing=state['feature_params'],
+    )
     state['init_report'] = report
     if jax.process_index() == 0:  # a record of exactly what was (not) transferred
       with open(os.path.join(workdir, 'init_from.json'), 'w', encoding='utf-8') as f:
         json.dump({'init_from': config.train.init_from, **report}, f, indent=1)
-    log.info('initialized %d parameters from %s (step %d)', len(report['loaded']),
-             config.train.init_from, report['step'])
+    log.info(
+      'initialized %d parameters from %s (step %d)',
+      len(report['loaded']),
+      config.train.init_from,
+      report['step'],
+    )
   state['opt_state'] = jax.jit(run['tx'].init, out_shardings=sh['opt_state'])(state['params'])
   return 0, {}
 
@@ -285,12 +344,21 @@ def train_and_evaluate(config, workdir, *, progress=None):
   manager = checkpoints.make_manager(workdir, tc.keep_checkpoints)
   step, meta = _initial_state(run, manager, workdir)
   writer = metrics_lib.MetricWriter(workdir, start_step=step)
-  log.info('model: %d parameters, attention %s',
-           sum(x.size for x in jax.tree.leaves(state['params'])), config.model.attention.kind)
+  log.info(
+    'model: %d parameters, attention %s',
+    sum(x.size for x in jax.tree.leaves(state['params'])),
+    config.model.attention.kind,
+  )
 
   train_it = data.build_dataset(
-      config.data, split='train', batch_size=_local_batch_size(tc.batch_size), seed=config.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count(), num_epochs=None)
+    config.data,
+    split='train',
+    batch_size=_local_batch_size(tc.batch_size),
+    seed=config.seed,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+    num_epochs=None,
+  )
   if step:
     _restore_data_position(train_it, meta, step)
   tokens_per_step = tc.batch_size * config.data.seq_len
@@ -307,8 +375,8 @@ def train_and_evaluate(config, workdir, *, progress=None):
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = sharding.global_batch(model_batch(batch, config.data), run['batch_sharding'])
     params, opt_state, stats, step_metrics = run['train_fn'](
-        params, opt_state, stats, features, rest, batch, jnp.asarray(step, jnp.int32),
-        keys['train'])
+      params, opt_state, stats, features, rest, batch, jnp.asarray(step, jnp.int32), keys['train']
+    )
     pending.append(step_metrics)
     step += 1
     bar.advance()
@@ -320,36 +388,62 @@ def train_and_evaluate(config, workdir, *, progress=None):
       summary.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step)
       writer.write(step, 'train', summary)
       bar.set_rates(rate, rate * tokens_per_step)
-      log.info('step %d: loss %.4f accuracy %.4f%s | %.2f steps/s %.0f tokens/s', step,
-               summary['loss'], summary['accuracy'],
-               f" distill {summary['distill_loss']:.4f}" if 'distill_loss' in summary else '',
-               rate, rate * tokens_per_step)
+      log.info(
+        'step %d: loss %.4f accuracy %.4f%s | %.2f steps/s %.0f tokens/s',
+        step,
+        summary['loss'],
+        summary['accuracy'],
+        f' distill {summary["distill_loss"]:.4f}' if 'distill_loss' in summary else '',
+        rate,
+        rate * tokens_per_step,
+      )
       pending, last_time, last_step = [], now, step
     if tc.eval_every and (step % tc.eval_every == 0 and step < tc.num_steps):
-      result = evaluate(run['eval_fn'], params, stats, features, rest, config,
-                        'validation', num_batches=tc.eval_batches, **eval_kwargs)
+      result = evaluate(
+        run['eval_fn'],
+        params,
+        stats,
+        features,
+        rest,
+        config,
+        'validation',
+        num_batches=tc.eval_batches,
+        **eval_kwargs,
+      )
       writer.write(step, 'validation', result)
       log.info('step %d validation: %s', step, _fmt(result))
       last_time = time.perf_counter()
     if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.num_steps:
-      checkpoints.save(manager, step, {'params': params, 'opt_state': opt_state,
-                                       'features': features, 'stats': stats},
-                       {'step': step, 'data_state': _data_state(train_it)})
+      checkpoints.save(
+        manager,
+        step,
+        {'params': params, 'opt_state': opt_state, 'features': features, 'stats': stats},
+        {'step': step, 'data_state': _data_state(train_it)},
+      )
   bar.close()
   manager.wait_until_finished()
   manager.close()
 
   final = {}
   for split in ('validation', 'test'):
-    final[split] = evaluate(run['eval_fn'], params, stats, features, rest, config, split,
-                            num_batches=0, **eval_kwargs)
+    final[split] = evaluate(
+      run['eval_fn'], params, stats, features, rest, config, split, num_batches=0, **eval_kwargs
+    )
   unigram = held_out_extras(config, final)
   for split in final:
     writer.write(step, f'final_{split}', final[split])
   writer.close()
   print_summary(config, step, final, unigram, progress_write=bar.write)
-  return {'step': step, 'params': params, 'features': features, 'stats': stats, 'rest': rest,
-          'final': final, 'unigram': unigram, 'init_report': state.get('init_report')}
+  return {
+    'step': step,
+    'params': params,
+    'features': features,
+    'stats': stats,
+    'rest': rest,
+    'final': final,
+    'unigram': unigram,
+    'init_report': state.get('init_report'),
+  }
 
 
 def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
@@ -360,17 +454,27 @@ def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batc
   manager = checkpoints.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
   items = ('params', 'features', 'stats')
   restored = checkpoints.restore_latest(
-      manager, {k: state['abstract'][k] for k in items}, {k: sh[k] for k in items},
-      move_corrupt=False)
+    manager, {k: state['abstract'][k] for k in items}, {k: sh[k] for k in items}, move_corrupt=False
+  )
   manager.close()
   if restored is None:
     raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
   step, trees, _ = restored
-  results = {split: evaluate(run['eval_fn'], trees['params'], trees['stats'],
-                             trees['features'], state['rest'], config, split,
-                             batch_sharding=run['batch_sharding'],
-                             eval_key=run['keys']['eval'], num_batches=num_batches)
-             for split in splits}
+  results = {
+    split: evaluate(
+      run['eval_fn'],
+      trees['params'],
+      trees['stats'],
+      trees['features'],
+      state['rest'],
+      config,
+      split,
+      batch_sharding=run['batch_sharding'],
+      eval_key=run['keys']['eval'],
+      num_batches=num_batches,
+    )
+    for split in splits
+  }
   unigram = held_out_extras(config, results)
   print_summary(config, step, results, unigram)
   return {'step': step, 'final': results, 'unigram': unigram}
@@ -400,21 +504,29 @@ def _fmt(result):
 
 def print_summary(config, step, final, unigram, progress_write=print):
   """Held-out metrics beside the unigram baseline, as a small table on stdout."""
-  lines = [f'== {config.model.task} / {config.model.attention.kind} / {config.data.name} '
-           f'after {step} steps ==',
-           f'{"":18s}{"split":>12s}{"loss":>10s}{"accuracy":>10s}{"perplexity":>12s}']
+  lines = [
+    f'== {config.model.task} / {config.model.attention.kind} / {config.data.name} '
+    f'after {step} steps ==',
+    f'{"":18s}{"split":>12s}{"loss":>10s}{"accuracy":>10s}{"perplexity":>12s}',
+  ]
   for split, result in final.items():
-    lines.append(f'{"model":18s}{split:>12s}{result["loss"]:10.4f}{result["accuracy"]:10.4f}'
-                 f'{result["perplexity"]:12.3f}'
-                 + (f'   bits/dim {result["bits_per_dim"]:.4f}' if 'bits_per_dim' in result
-                    else '')
-                 + (f'   per-word perplexity {result["word_perplexity"]:.2f}'
-                    if 'word_perplexity' in result else ''))
+    lines.append(
+      f'{"model":18s}{split:>12s}{result["loss"]:10.4f}{result["accuracy"]:10.4f}'
+      f'{result["perplexity"]:12.3f}'
+      + (f'   bits/dim {result["bits_per_dim"]:.4f}' if 'bits_per_dim' in result else '')
+      + (
+        f'   per-word perplexity {result["word_perplexity"]:.2f}'
+        if 'word_perplexity' in result
+        else ''
+      )
+    )
     if split in unigram:
       base = unigram[split]
       acc = base.get('accuracy')
       acc = f'{acc:10.4f}' if acc is not None else f'{"-":>10s}'
-      lines.append(f'{"unigram baseline":18s}{split:>12s}{base["cross_entropy"]:10.4f}{acc}'
-                   f'{base["perplexity"]:12.3f}')
+      lines.append(
+        f'{"unigram baseline":18s}{split:>12s}{base["cross_entropy"]:10.4f}{acc}'
+        f'{base["perplexity"]:12.3f}'
+      )
   for line in lines:
     progress_write(line)
