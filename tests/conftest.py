@@ -28,6 +28,19 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
 
 
+# The adaptive and learned feature maps: their model-level runs of the generic
+# every-kind tests (models, decoding, training, transfer) are marked slow, to keep the
+# default run under 15 minutes on 2 cores. What is particular to them runs by default in
+# test_feature_maps.py, and the attention-level every-kind tests (no future leak, masks,
+# segments, decoding, gradients) keep them too.
+SLOW_KINDS = ('favor_plus_plus', 'favor_sharp', 'hedgehog')
+
+
+def kind_params(kinds):
+  """`kinds` for parametrize, with the SLOW_KINDS marked slow."""
+  return [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_KINDS else k for k in kinds]
+
+
 def tiny_config(**overrides):
   """configs/tiny.py with 'a.b=value'-style overrides given as keyword a__b=value."""
   from performer.training import config_utils  # pylint: disable=g-import-not-at-top

@@ -103,6 +103,7 @@ def test_variant_file_cannot_add_keys(tmp_path):
     ('--config.train.batch_size=eight', 'config.train.batch_size'),
     ('--config.model.attention.kind=fancy', 'config.model.attention.kind'),
     ('--config.model.task=translation', 'config.model.task'),
+    ('--config.model.attention.stats_decay=1.5', 'stats_decay'),
   ],
 )
 def test_train_py_bad_config_is_one_line_exit_2(override, key, tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import kind_params
 from performer import attention, models, sampling
 
 VOCAB = 13
@@ -99,7 +100,7 @@ def check_decode_matches_forward(model, length=14, prompt_lengths=(3, 8)):
         np.testing.assert_allclose(np.asarray(logits_t)[b], full[b, pos[b]], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('kind', attention.KINDS)
+@pytest.mark.parametrize('kind', kind_params(attention.KINDS))
 @pytest.mark.parametrize('task', ['causal_lm', 'image_ar'])
 def test_decode_matches_full_forward_every_kind(task, kind):
   check_decode_matches_forward(cached_model(task, kind))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import kind_params
 from performer import attention, models
 from performer.models import positions as positions_lib
 
@@ -66,7 +67,7 @@ def random_tokens(seed, shape, vocab):
   return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
 
 
-@pytest.mark.parametrize('kind', attention.KINDS)
+@pytest.mark.parametrize('kind', kind_params(attention.KINDS))
 @pytest.mark.parametrize('task', models.TASKS)
 def test_logits_shape_every_task_and_kind(task, kind):
   model = cached_model(task, kind)
@@ -90,7 +91,7 @@ def test_hidden_states_feed_the_logits(task):
   )
 
 
-@pytest.mark.parametrize('kind', attention.KINDS)
+@pytest.mark.parametrize('kind', kind_params(attention.KINDS))
 @pytest.mark.parametrize('task', CAUSAL_TASKS)
 def test_causal_at_model_level(task, kind):
   """Changing token t+1 (causal_lm) or t (image_ar, whose input at t is
@@ -118,7 +119,7 @@ def test_image_ar_first_logits_ignore_all_pixels():
   )
 
 
-@pytest.mark.parametrize('kind', attention.KINDS)
+@pytest.mark.parametrize('kind', kind_params(attention.KINDS))
 def test_mlm_padding_does_not_change_real_positions(kind):
   model = cached_model('mlm', kind)
   real = 11
@@ -137,7 +138,7 @@ def test_mlm_is_bidirectional():
   assert not np.allclose(logits[0, 0], logits[1, 0])
 
 
-@pytest.mark.parametrize('kind', attention.KINDS)
+@pytest.mark.parametrize('kind', kind_params(attention.KINDS))
 def test_random_features_are_variables_not_params(kind):
   model = cached_model('causal_lm', kind)
   feats = jax.tree.leaves(nnx.state(model, attention.RandomFeatures))

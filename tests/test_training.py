@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import kind_params, tiny_config
 from performer import attention, data
 from performer.training import checkpoints, sharding, train_lib
 from performer.training import steps as steps_lib
@@ -37,7 +37,7 @@ def _train_fixed(config, num_steps):
   return losses, params, run
 
 
-@pytest.mark.parametrize('kind', attention.KINDS)
+@pytest.mark.parametrize('kind', kind_params(attention.KINDS))
 def test_every_kind_learns(kind):
   config = tiny_config(
     model__attention__kind=kind,

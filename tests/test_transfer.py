@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import kind_params, tiny_config
 from performer import attention, data
 from performer.training import checkpoints, sharding, train_lib
 from performer.training import metrics as metrics_lib
@@ -92,7 +92,7 @@ def _load_via_init_from(run, source, workdir):
   return step, trial['state']
 
 
-@pytest.mark.parametrize('target', attention.KINDS)
+@pytest.mark.parametrize('target', kind_params(attention.KINDS))
 def test_transfer_every_pair(target, sources, tmp_path):
   run = train_lib.setup(tiny_config(model__attention__kind=target, **SMALL))
   fresh_params = _flat(run['state']['params'])

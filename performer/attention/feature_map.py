@@ -77,6 +77,18 @@ class Options:
   hedgehog_dim: int | None = None  # Hedgehog d' (None or 0: head_dim)
 
 
+def draw_random_features(options: Options, key, head_dim, num_heads=None):
+  """A random matrix [m, d] (or [num_heads, m, d]) drawn as ``options`` say."""
+  return features_lib.draw_features(
+    key,
+    options.num_features,
+    head_dim,
+    orthogonal=options.orthogonal,
+    feature_norms=options.feature_norms,
+    num_heads=num_heads,
+  )
+
+
 def heads_major(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)
 
@@ -186,14 +198,7 @@ class RandomFeatureMap(FeatureMap):
           f'{type(self).__name__} needs a random feature '
           'matrix: pass features=attention.draw_features(...)'
         )
-      features = features_lib.draw_features(
-        rngs.params(),
-        options.num_features,
-        head_dim,
-        orthogonal=options.orthogonal,
-        feature_norms=options.feature_norms,
-        num_heads=heads,
-      )
+      features = draw_random_features(options, rngs.params(), head_dim, heads)
     features = jnp.asarray(features)
     if (
       features.ndim not in (2, 3)

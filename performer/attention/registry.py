@@ -32,7 +32,7 @@ from performer.attention.favor_relu import FavorRelu
 from performer.attention.favor_sharp import FavorSharp
 from performer.attention.favor_softmax import FavorSoftmax
 from performer.attention.favor_trig import FavorTrig
-from performer.attention.feature_map import Options
+from performer.attention.feature_map import Options, draw_random_features
 from performer.attention.hedgehog import Hedgehog
 from performer.attention.linear_elu import LinearElu
 
@@ -138,14 +138,7 @@ class FunctionalAttention:
     """A random matrix [m, d] (or [num_heads, m, d]) for this kind, or None."""
     if not self.uses_features:
       return None
-    return features_lib.draw_features(
-      key,
-      self.options.num_features,
-      head_dim,
-      orthogonal=self.options.orthogonal,
-      feature_norms=self.options.feature_norms,
-      num_heads=num_heads,
-    )
+    return draw_random_features(self.options, key, head_dim, num_heads)
 
   def _module(self, q, features):
     return self.bind(q.shape[-1], q.shape[-2], features)

@@ -12,7 +12,7 @@ parameter: a softmax checkpoint loads unchanged into any Performer kind.
 """
 
 from performer.convert.bert import bert_keymap, import_bert
-from performer.convert.keymap import Entry, apply_keymap, check_keymap, feature_params, param_table
+from performer.convert.keymap import Entry, apply_keymap, check_keymap, param_table
 from performer.convert.llama import (
   config_from_gguf,
   config_from_hf,
@@ -22,6 +22,7 @@ from performer.convert.llama import (
   llama_keymap,
   unpermute_rope,
 )
+from performer.models import feature_params
 
 __all__ = [
   'Entry',

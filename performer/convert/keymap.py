@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from performer import attention
+from performer import attention, models
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ class Entry:
   transpose: bool = False
 
 
-def _params(model: nnx.Module, feature_map: bool) -> dict[str, nnx.Param]:
-  return {
-    '.'.join(str(p) for p in path): node
-    for path, node in nnx.iter_graph(model)
-    if isinstance(node, nnx.Param) and isinstance(node, attention.FeatureParam) == feature_map
-  }
-
-
 def param_table(model: nnx.Module) -> dict[str, nnx.Param]:
   """Every parameter a checkpoint must provide, by dotted path
   ('layers.0.mlp.up.kernel').
@@ -74,12 +66,11 @@ def param_table(model: nnx.Module) -> dict[str, nnx.Param]:
   feature-map parameters are expected to be missing, so none of them needs a
   checkpoint entry: a softmax checkpoint loads into any kind as is.
   """
-  return _params(model, feature_map=False)
-
-
-def feature_params(model: nnx.Module) -> list[str]:
-  """Dotted paths of the feature-map parameters, which no checkpoint holds."""
-  return sorted(_params(model, feature_map=True))
+  return {
+    '.'.join(str(p) for p in path): node
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Param) and not isinstance(node, attention.FeatureParam)
+  }
 
 
 def _fmt_shape(shape) -> str:
@@ -164,7 +155,7 @@ def apply_keymap(
     if e.transpose:
       arr = arr.T
     param.value = jnp.asarray(arr.reshape(param.shape), dtype=param.dtype)
-  missing = feature_params(model)
+  missing = models.feature_params(model)
   if missing:
     log.info(
       '%s: %d feature-map parameters are not in the checkpoint, as expected; '

@@ -57,6 +57,17 @@ def split(model: nnx.Module):
   return nnx.split(model, nnx.Param, attention.RandomFeatures, attention.FeatureStats, ...)
 
 
+def feature_params(model: nnx.Module) -> list[str]:
+  """Dotted paths of the feature-map parameters (`attention.FeatureParam`, e.g.
+  'layers.0.attn.attend.feature_map.query_weight'): no pretrained or softmax
+  checkpoint holds them, so importers and init_from expect them missing."""
+  return sorted(
+    '.'.join(str(p) for p in path)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, attention.FeatureParam)
+  )
+
+
 def param_count(model: nnx.Module) -> int:
   """Number of trainable scalars (nnx.Param only; random features excluded)."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -69,6 +80,7 @@ __all__ = [
   'Transformer',
   'apply_rope',
   'build_model',
+  'feature_params',
   'check_tokens',
   'param_count',
   'positions_from_segments',

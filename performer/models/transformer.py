@@ -136,6 +136,7 @@ def spec_from_config(cfg) -> ModelSpec:
   kind = att.pop('kind', 'softmax') or 'softmax'
   per_head = bool(att.pop('per_head_features', False))
   options = tuple(sorted((k, v) for k, v in att.items() if v is not None))
+  attention.make_options(kind, per_head_features=per_head, **dict(options))  # fail early
   return ModelSpec(
     task=task,
     vocab_size=int(cfg['vocab_size']),

@@ -42,8 +42,7 @@ def _key_name(key):
   return str(key)
 
 
-def path_name(path):
-  """The dotted checkpoint name of a pytree path ('layers.0.attn.query.kernel')."""
+def _path_name(path):
   parts = [_key_name(k) for k in path]
   # Variables flatten to their `.value`; drop it so names read like module paths.
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
@@ -54,7 +53,7 @@ def path_name(path):
 def flatten(tree):
   """{dotted path: leaf} for any pytree (nnx.State, optax state, dicts)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  flat = {path_name(path): leaf for path, leaf in leaves}
+  flat = {_path_name(path): leaf for path, leaf in leaves}
   if len(flat) != len(leaves):
     raise ValueError('two leaves map to the same checkpoint name')
   return flat
@@ -63,7 +62,7 @@ def flatten(tree):
 def unflatten(template, flat):
   """Puts the leaves of `flat` back into the structure of `template` (matched by name)."""
   paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-  return jax.tree_util.tree_unflatten(treedef, [flat[path_name(p)] for p, _ in paths])
+  return jax.tree_util.tree_unflatten(treedef, [flat[_path_name(p)] for p, _ in paths])
 
 
 def _abstract(flat_template, flat_shardings):

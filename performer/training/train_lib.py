@@ -101,20 +101,9 @@ def create_state(config, mesh):
     **dict(zip(pieces, trees)),
     'shardings': shard,
     'abstract': {'params': a_params, 'features': a_features, 'stats': a_stats},
-    'feature_params': feature_param_names(a_params),
+    'feature_params': models.feature_params(abstract_model),
     'target_offset': int(getattr(abstract_model, 'target_offset', 1)),
   }
-
-
-def feature_param_names(params):
-  """Dotted names of the feature-map parameters (attention.FeatureParam): a softmax or
-  pretrained checkpoint never has them, so init_from expects them to be missing."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-    params, is_leaf=lambda x: isinstance(x, nnx.Variable)
-  )[0]
-  return sorted(
-    checkpoints.path_name(path) for path, leaf in leaves if isinstance(leaf, attention.FeatureParam)
-  )
 
 
 def model_batch(batch, data_config):
