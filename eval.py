@@ -6,11 +6,13 @@ Uses the stored random features and no dropout, so repeated runs print the same 
 Bad configs and a workdir without a usable checkpoint: one line on stderr, exit status 2.
 """
 
+import logging
 import sys
 
 from absl import app, flags
 
 import train  # the shared flag definitions and one-line error handling
+from performer.training import logs
 
 _SPLIT = flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Split to evaluate.')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'Batches per split; 0 = all.')
@@ -23,7 +25,7 @@ def main(argv):
   workdir = train._WORKDIR.value  # pylint: disable=protected-access
   if not workdir:
     train.fail("--workdir: missing; pass the training run's --workdir")
-  train.setup_logging()
+  logs.setup(logging.ERROR)  # orbax's read-only notes are expected here
   from performer.training import train_lib  # pylint: disable=g-import-not-at-top
 
   splits = ('validation', 'test') if _SPLIT.value == 'both' else (_SPLIT.value,)

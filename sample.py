@@ -25,6 +25,8 @@ import sys
 
 from absl import app, flags
 
+from performer.training import logs
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (newest good checkpoint).')
 _CHECKPOINT = flags.DEFINE_string(
   'checkpoint', None, 'A checkpoint step dir (workdir/checkpoints/<step>).'
@@ -226,8 +228,7 @@ def run(workdir_or_checkpoint, config_path=None):
 
 
 def main(argv):
-  # Orbax logs through absl: every file at INFO, read-only notes at WARNING.
-  logging.getLogger('absl').setLevel(logging.ERROR)
+  logs.setup(logging.ERROR)  # jax's TPU probe and orbax's read-only notes are noise here
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):

@@ -8,13 +8,12 @@ errors (unknown key, wrong type, unknown attention kind / task / dataset) are pr
 line on stderr and exit with status 2, before anything is built.
 """
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from performer.training import config_utils
+from performer.training import config_utils, logs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -50,21 +49,13 @@ def get_config(argv):
     fail(e)
 
 
-def setup_logging():
-  """Our INFO lines on stderr; orbax's per-file INFO chatter only at WARNING and above."""
-  logging.getLogger('absl').setLevel(logging.WARNING)
-  logging.getLogger('jax').setLevel(logging.WARNING)
-  logging.getLogger('performer').setLevel(logging.INFO)
-  logging.getLogger().setLevel(logging.INFO)
-
-
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config = get_config(sys.argv)
   if not _WORKDIR.value:
     fail('--workdir: missing; pass --workdir=DIR (checkpoints and metrics go there)')
-  setup_logging()
+  logs.setup()
   from performer.training import train_lib  # pylint: disable=g-import-not-at-top
 
   progress = {'auto': None, 'on': True, 'off': False}[_PROGRESS.value]

@@ -342,6 +342,10 @@ def test_sample_cli_protein_fasta_and_errors(tmp_path):
   ]
   proc = run_script(args, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  # Progress and results only: no library chatter (jax's TPU probe, orbax's notes).
+  assert proc.stderr.strip().splitlines() == [f'wrote 3 sample(s) from step 7 to {out}'], (
+    proc.stderr
+  )
   text = out.read_text()
   headers = [l for l in text.splitlines() if l.startswith('>')]
   assert len(headers) == 3 and all('seed=5' in h for h in headers)

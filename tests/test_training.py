@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import kind_params, tiny_config
+from conftest import kind_params, run_script, tiny_config
 from performer import attention, data
 from performer.training import checkpoints, sharding, train_lib
 from performer.training import steps as steps_lib
@@ -135,6 +135,12 @@ def test_train_and_evaluate_writes_outputs(tmp_path):
   # eval.py's path: the stored params and features give exactly the final numbers again.
   again = train_lib.evaluate_checkpoint(config, str(tmp_path))
   assert again['step'] == 6 and again['final'] == result['final']
+  # eval.py itself: the table once on stdout, and no library chatter on stderr.
+  proc = run_script(['eval.py', '--config=configs/tiny.py', f'--workdir={tmp_path}'], timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.count('after 6 steps ==') == 1, proc.stdout
+  assert f'{result["final"]["test"]["loss"]:10.4f}' in proc.stdout
+  assert proc.stderr.strip() == '', proc.stderr
 
 
 @pytest.mark.parametrize('task', ['causal_lm', 'mlm'])
