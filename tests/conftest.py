@@ -36,9 +36,17 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 SLOW_KINDS = ('favor_plus_plus', 'favor_sharp', 'hedgehog')
 
 
-def kind_params(kinds):
-  """`kinds` for parametrize, with the SLOW_KINDS marked slow."""
-  return [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_KINDS else k for k in kinds]
+def kind_params(kinds, keep=()):
+  """`kinds` for parametrize, with the SLOW_KINDS (except those in `keep`) marked slow."""
+  return [
+    pytest.param(k, marks=pytest.mark.slow) if k in SLOW_KINDS and k not in keep else k
+    for k in kinds
+  ]
+
+
+# The attention-level every-kind tests keep this one of them in the default run: its code
+# path (moments, alignment, FAVOR++ logits) covers FAVOR++'s too.
+DEFAULT_NEW_KIND = ('favor_sharp',)
 
 
 def tiny_config(**overrides):

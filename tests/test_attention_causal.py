@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SLOW_KINDS
+from conftest import DEFAULT_NEW_KIND, SLOW_KINDS, kind_params
 from performer import attention
 
 LINEAR_KINDS = tuple(k for k in attention.KINDS if k not in ('softmax', 'identity'))
@@ -115,8 +115,16 @@ def _perturb_future(x, t, key, scale=None):
   return jnp.where(future, changed, x)
 
 
-@pytest.mark.parametrize('kind', [k for k in ALL_KINDS])
-@pytest.mark.parametrize('impl', ['chunked', 'scan'])
+@pytest.mark.parametrize(
+  'kind,impl',
+  [
+    pytest.param(kind, impl, marks=pytest.mark.slow)
+    if kind in SLOW_KINDS and impl == 'scan'
+    else (kind, impl)
+    for kind in ALL_KINDS
+    for impl in ('chunked', 'scan')
+  ],
+)
 def test_no_future_leak_bit_exact(kind, impl):
   q, k, v = _qkv(jax.random.PRNGKey(2), length=40)
   w = _features()
@@ -137,7 +145,7 @@ def test_no_future_leak_bit_exact(kind, impl):
       np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
 
 
-@pytest.mark.parametrize('kind', LINEAR_KINDS)
+@pytest.mark.parametrize('kind', kind_params(LINEAR_KINDS, keep=DEFAULT_NEW_KIND))
 def test_no_future_leak_with_mask_and_segments(kind):
   q, k, v = _qkv(jax.random.PRNGKey(4), length=24)
   w = _features()
@@ -151,7 +159,7 @@ def test_no_future_leak_with_mask_and_segments(kind):
     np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
 
 
-@pytest.mark.parametrize('kind', ALL_KINDS)
+@pytest.mark.parametrize('kind', kind_params(ALL_KINDS, keep=DEFAULT_NEW_KIND))
 @pytest.mark.parametrize('causal', [False, True])
 def test_padding(kind, causal):
   q, k, v = _qkv(jax.random.PRNGKey(6), length=20)
@@ -179,7 +187,7 @@ def test_padding(kind, causal):
   assert np.all(np.asarray(empty) == 0)
 
 
-@pytest.mark.parametrize('kind', ALL_KINDS)
+@pytest.mark.parametrize('kind', kind_params(ALL_KINDS, keep=DEFAULT_NEW_KIND))
 @pytest.mark.parametrize('causal', [False, True])
 def test_packed_segments_equal_separate(kind, causal):
   q, k, v = _qkv(jax.random.PRNGKey(7), b=1, length=30)
@@ -197,7 +205,9 @@ def test_packed_segments_equal_separate(kind, causal):
   assert np.all(np.asarray(packed[:, 26:]) == 0)
 
 
-@pytest.mark.parametrize('kind', [k for k in ALL_KINDS if k != 'identity'])
+@pytest.mark.parametrize(
+  'kind', kind_params([k for k in ALL_KINDS if k != 'identity'], keep=DEFAULT_NEW_KIND)
+)
 def test_recurrent_step_matches_chunked(kind):
   q, k, v = _qkv(jax.random.PRNGKey(8), b=2, length=19)
   w = _features()

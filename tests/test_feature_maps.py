@@ -49,7 +49,15 @@ def _kernel_draws(kind, q, k, a, num_draws=4000, m=8, seed=5):
 
 
 @pytest.mark.parametrize('kind', ADAPTIVE)
-@pytest.mark.parametrize('a', [0.0, -0.3, -1.0, None])
+@pytest.mark.parametrize(
+  'a',
+  [
+    pytest.param(0.0, marks=pytest.mark.slow),
+    pytest.param(-0.3, marks=pytest.mark.slow),
+    -1.0,
+    None,
+  ],
+)
 def test_estimate_is_unbiased_for_any_a(kind, a):
   q, k, _ = _qkv(jax.random.PRNGKey(4), b=1, length=6, h=1, d=4, scale=0.7)
   exact = np.exp(np.einsum('blhd,bshd->bhls', q, k) / 2.0)

@@ -5,6 +5,8 @@ import json
 import os
 import textwrap
 
+import pytest
+
 from conftest import run_script
 
 # Runs in a fresh process: the device count is fixed when JAX starts.
@@ -55,6 +57,7 @@ def _eight_devices(kinds, meshes):
   return json.loads(line[len('RESULT') :])
 
 
+@pytest.mark.slow  # ~2 min of compiles on 2 cores; -m slow runs it
 def test_adaptive_and_learned_maps_on_eight_devices():
   """FAVOR++, FAVOR# (running statistics) and Hedgehog (trained maps): same losses and
   statistics on a data=4 x fsdp=2 mesh as on one device."""
