@@ -158,10 +158,9 @@ def spec_from_config(cfg) -> ModelSpec:
 
 def attention_factory(spec):
   """`make_attention(head_dim=, num_heads=, rngs=)` for a model config with
-  `attention_kind`, `attention_options` and `per_head_features`; the options
-  are checked here, at build time."""
+  `attention_kind`, `attention_options` and `per_head_features`; `attention.build`
+  checks the options when the first layer is built."""
   options = dict(spec.attention_options, per_head_features=spec.per_head_features)
-  attention.make_options(spec.attention_kind, **options)
   return functools.partial(attention.build, spec.attention_kind, **options)
 
 
