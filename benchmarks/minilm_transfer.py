@@ -59,7 +59,7 @@ def encode(tokenizer, sentences, length):
 
 
 def embed(model, ids, mask):
-  return bert_lib.sentence_embedding(model(ids, mask=mask), mask)
+  return bert_lib.sentence_embedding(model(ids, mask=mask)[0], mask)
 
 
 def cosine(a, b):
@@ -78,7 +78,7 @@ def distill(student, teacher_hidden_fn, ids, mask, *, steps, batch_size, lr, see
     w = mask.astype(jnp.float32)[..., None]
 
     def loss_fn(p):
-      hidden = nnx.merge(graphdef, p, rest)(ids, mask=mask)
+      hidden, _ = nnx.merge(graphdef, p, rest)(ids, mask=mask)
       return jnp.sum(jnp.square(hidden - target) * w) / (jnp.sum(w) * hidden.shape[-1])
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -118,7 +118,7 @@ def main(argv=None):
   e_ids, e_mask = encode(tokenizer, eval_s, args.length)
   t_ids, t_mask = encode(tokenizer, train_s, args.length)
   t_graph, t_state = nnx.split(teacher)
-  teacher_hidden = lambda ids, mask: nnx.merge(t_graph, t_state)(ids, mask=mask)
+  teacher_hidden = lambda ids, mask: nnx.merge(t_graph, t_state)(ids, mask=mask)[0]
   ref = jax.jit(lambda i, m: bert_lib.sentence_embedding(teacher_hidden(i, m), m))(e_ids, e_mask)
   student_embed = jax.jit(lambda g, s, i, m: embed(nnx.merge(g, s), i, m), static_argnums=0)
   rows = []

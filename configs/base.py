@@ -1,8 +1,8 @@
 r"""Base config: the full schema with defaults. Every other config derives from it.
 
-The schema is the contract between training, models and data (see /work/contracts.md): the
-config is locked, so a misspelt key in a variant file or on the command line is an error
-instead of a silently ignored setting. Add a key here first, then set it in a variant.
+The schema is the contract between training, models and data: the config is locked, so a
+misspelt key in a variant file or on the command line is an error instead of a silently
+ignored setting. Add a key here first, then set it in a variant.
 
 Not meant to be trained directly (it is a mid-sized causal protein LM with no tuning); use
 `configs/default.py` or one of the named configs, e.g.
@@ -19,16 +19,27 @@ def get_config():
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
-  config.model.task = 'causal_lm'  # 'causal_lm' | 'mlm' | 'image_ar'
+  # 'transformer' (ours) | 'llama' | 'bert'. Llama and BERT fix their norm, MLP, biases,
+  # positions and task; with train.init_from=gguf:PATH | hf:DIR the architecture fields
+  # below that are 0 are read from the checkpoint (performer/models/families.py).
+  config.model.family = 'transformer'
+  config.model.task = 'causal_lm'  # 'causal_lm' | 'mlm' | 'image_ar' | 'encoder' (bert)
   # 0 means "the data's vocabulary size" (data.vocab_for(config.data).size), filled in at start.
   config.model.vocab_size = 0
   config.model.num_layers = 2
   config.model.num_heads = 4
   config.model.emb_dim = 128
   config.model.mlp_dim = 512
+  config.model.num_kv_heads = 0  # grouped-query attention; 0 = num_heads
+  config.model.head_dim = 0  # 0 = emb_dim // num_heads
   config.model.dropout_rate = 0.0
   config.model.max_len = 1024
   config.model.positions = 'learned'  # 'learned' | 'sinusoidal' | 'rotary' | 'axial' | 'none'
+  config.model.rope_theta = 10000.0  # rotary base (positions='rotary')
+  config.model.norm_eps = 0.0  # 0 = the family's default
+  config.model.tie_embeddings = False  # output head = embedding matrix transposed
+  config.model.type_vocab_size = 2  # bert
+  config.model.pooler = False  # bert: tanh(dense([CLS])), unused by the loss
   config.model.dtype = 'float32'  # compute dtype; parameters always stay float32
   config.model.image_shape = (0, 0, 0)  # (H, W, C), image_ar only
   config.model.attention = ml_collections.ConfigDict()
@@ -50,6 +61,7 @@ def get_config():
   config.data.data_dir = ''  # TFDS / cache directory; '' = library default
   # Optional knobs of particular pipelines (performer/data); 0 / '' = the pipeline's default.
   config.data.spm_path = ''  # lm1b / text: an existing sentencepiece model
+  config.data.tokenizer = ''  # text: a pretrained model's own, 'gguf:PATH' | 'hf:DIR'
   config.data.vocab_size = 0  # text: size of the sentencepiece vocabulary to train
   config.data.variant = ''  # imagenet64: which TFDS dataset variant
   config.data.image_size = 0  # imagenet64: side length (64)
@@ -70,11 +82,13 @@ def get_config():
   config.train.eval_batches = 20  # <= 0: the whole split
   config.train.checkpoint_every = 500
   config.train.keep_checkpoints = 3
-  config.train.init_from = ''  # '' or a workdir / checkpoint dir to take PARAMS from
+  # '' | a zoo workdir / checkpoint dir | gguf:PATH | hf:DIR (Llama, BERT): PARAMS to start from
+  config.train.init_from = ''
   config.train.mlm_mask_rate = 0.15
   # Distillation (README: "Fine-tuning: zoo transfer and distillation"): '' = off, else a workdir /
-  # checkpoint of a softmax TEACHER with this model's architecture (built with attention kind
-  # 'softmax', frozen). Loss += distill_weight * distance to the teacher per token.
+  # checkpoint (or gguf:PATH | hf:DIR) of a softmax TEACHER with this model's architecture
+  # (built with attention kind 'softmax', frozen). Loss += distill_weight * distance to the
+  # teacher per token; an encoder (bert) trains on the hidden-state distance alone.
   config.train.distill_from = ''
   config.train.distill_weight = 1.0
   config.train.distill_target = 'logits'  # 'logits': T^2 KL(teacher || student) | 'hidden': MSE

@@ -30,7 +30,7 @@
 # 4. estimates an amino-acid similarity matrix from attention, as the Performer
 #    paper does (Sec. 4.2), and compares it with BLOSUM62.
 #
-# FAVOR+ never forms the attention matrix. `performer.models.inspect` records
+# FAVOR+ never forms the attention matrix. `performer.models.attention_maps` captures
 # the q and k each layer's attention is called with and rebuilds the matrix
 # phi(q) phi(k)^T (row-normalised) with the layer's own random features.
 #
@@ -57,7 +57,7 @@ from scipy import stats
 
 from performer import data, sampling
 from performer.data import vocab as vocab_lib
-from performer.models import inspect
+from performer.models import attention_maps
 from performer.training import runs
 
 # The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
@@ -123,7 +123,7 @@ batch = next(
 )
 row = int(np.argmax(batch['mask'].sum(axis=1)))
 tokens, mask = batch['tokens'][row : row + 1], batch['mask'][row : row + 1]
-_, maps = inspect.attention_maps(model, jnp.asarray(tokens), mask=jnp.asarray(mask))
+_, maps = attention_maps.attention_maps(model, jnp.asarray(tokens), mask=jnp.asarray(mask))
 maps = np.asarray(maps[:, 0])  # [layers, heads, L, L]
 num_layers, num_heads = maps.shape[:2]
 SHOW = min(maps.shape[-1], 96)
@@ -185,7 +185,7 @@ FIRST = vocab.num_special  # id of 'A'; the 20 standard residues follow
 def pair_mass(model, tokens, mask):
   """(S, E) [20, 20] for one batch: attention mass from type a onto type b,
   and the mass uniform attention over the same allowed keys would give."""
-  _, maps = inspect.attention_maps(model, tokens, mask=mask)
+  _, maps = attention_maps.attention_maps(model, tokens, mask=mask)
   attn = jnp.mean(maps, axis=(0, 2))  # [B, L, L] over layers, heads
   length = tokens.shape[1]
   allowed = (

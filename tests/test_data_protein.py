@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from performer import data
+from performer import data, errors
 from performer.data import fasta, protein
 from performer.data.vocab import PROTEIN_VOCAB as V
 
@@ -249,7 +249,7 @@ def test_config_errors(tmp_path):
     data.build_dataset(config(name='nope'), split='train', batch_size=2)
   with pytest.raises(ValueError, match='config.data.path must name a FASTA file'):
     data.build_dataset(config(name='fasta'), split='train', batch_size=2)
-  with pytest.raises(FileNotFoundError, match='missing.fa'):
+  with pytest.raises(errors.DataFileError, match='missing.fa'):
     data.build_dataset(
       config(name='fasta', path=str(tmp_path / 'missing.fa')), split='train', batch_size=2
     )

@@ -52,14 +52,15 @@ def jitted(model):
   graphdef, state = nnx.split(model)
 
   def forward(state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
+    return nnx.merge(graphdef, state)(tokens)[0]
 
   def prefill(state, inputs, mask, max_length):
     m = nnx.merge(graphdef, state)
-    return m.prefill(inputs, m.init_cache(inputs.shape[0], max_length), mask=mask)
+    return m(inputs, mask=mask, cache=m.init_cache(inputs.shape[0], max_length))
 
   def step(state, inputs_t, cache):
-    return nnx.merge(graphdef, state).decode_step(inputs_t, cache)
+    logits, cache = nnx.merge(graphdef, state)(inputs_t[:, None], cache=cache)
+    return logits[:, 0], cache
 
   return (
     functools.partial(jax.jit(forward), state),
@@ -320,7 +321,7 @@ def test_load_model_restores_params_and_features(tmp_path):
   model, config, step = sampling.load_model(str(tmp_path / 'checkpoints' / '7'))
   assert step == 7 and config.model.attention.kind == 'favor_softmax'
   tokens = jnp.asarray(random_tokens(0, (1, 10), 29))
-  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(saved(tokens)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(model(tokens)[0]), np.asarray(saved(tokens)[0]), atol=1e-6)
   with pytest.raises(ValueError, match='no config.json'):
     sampling.load_model(str(tmp_path / 'checkpoints' / '7' / 'params'))
 
@@ -403,3 +404,31 @@ def test_decode_benchmark_quick(tmp_path):
   kinds = {r['kind'] for r in result['rows']}
   assert kinds == {'favor_softmax', 'softmax'}
   assert all(r['ms_per_token'] > 0 and r['cache_mib'] > 0 for r in result['rows'])
+
+
+@pytest.mark.parametrize('kind', ['softmax', 'favor_softmax', 'favor_sharp'])
+def test_llama_family_decode_equals_forward(kind):
+  """A Llama-family model (RMSNorm, SwiGLU, RoPE, 4 query / 2 kv heads) decodes through
+  the same forward with a cache: prefill and every step match the full pass; a softmax
+  cache holds the kv heads, a linear kind's state is one (S, z) per query head."""
+  cfg = dict(
+    family='llama',
+    vocab_size=VOCAB,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    emb_dim=32,
+    mlp_dim=48,
+    max_len=32,
+    rope_theta=500.0,
+    attention=dict(kind=kind, num_features=16, chunk_size=4),
+  )
+  model = models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  assert model.layers[0].attn.key.kernel.shape == (32, 2, 8)
+  check_decode_matches_forward(model)
+  cache = model.init_cache(1, 20)
+  layer = cache['layers'][0]
+  if kind == 'softmax':
+    assert layer['k'].shape == (1, 20, 2, 8)
+  else:
+    assert layer['S'].shape == (1, 4, 16, 8)

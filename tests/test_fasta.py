@@ -4,6 +4,7 @@ import gzip
 
 import pytest
 
+from performer import errors
 from performer.data import fasta
 
 
@@ -94,7 +95,7 @@ def test_gzip_is_transparent(tmp_path, name):
 
 def test_missing_file(tmp_path):
   missing = tmp_path / 'nope.fa'
-  with pytest.raises(FileNotFoundError, match='FASTA file not found: .*nope.fa'):
+  with pytest.raises(errors.DataFileError, match='FASTA file not found: .*nope.fa'):
     parse(missing)
 
 

@@ -20,6 +20,7 @@ from performer.models import positions as positions_lib
 VOCAB = 13
 L = 16
 CAUSAL_TASKS = ('causal_lm', 'image_ar')
+TASKS = models.FAMILIES['transformer'].tasks
 FEATURE_KINDS = tuple(k for k in attention.KINDS if attention.get_attention(k).uses_features)
 
 
@@ -60,7 +61,9 @@ def cached_model(task='causal_lm', kind='softmax', positions='learned', dtype='f
 
 @nnx.jit
 def forward(model, tokens, mask=None, segment_ids=None, positions=None):
-  return model(tokens, mask=mask, segment_ids=segment_ids, positions=positions)
+  logits, cache = model(tokens, mask=mask, segment_ids=segment_ids, positions=positions)
+  assert cache is None
+  return logits
 
 
 def random_tokens(seed, shape, vocab):
@@ -68,7 +71,7 @@ def random_tokens(seed, shape, vocab):
 
 
 @pytest.mark.parametrize('kind', kind_params(attention.KINDS))
-@pytest.mark.parametrize('task', models.TASKS)
+@pytest.mark.parametrize('task', TASKS)
 def test_logits_shape_every_task_and_kind(task, kind):
   model = cached_model(task, kind)
   tokens = random_tokens(0, (2, L), model.vocab_size)
@@ -78,16 +81,20 @@ def test_logits_shape_every_task_and_kind(task, kind):
   assert np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.parametrize('task', models.TASKS)
-def test_hidden_states_feed_the_logits(task):
-  """hidden_states is the final normalized residual; the head maps it to the logits."""
+@pytest.mark.parametrize('task', TASKS)
+def test_captured_hidden_states_feed_the_logits(task):
+  """The sown 'hidden' is the final normalized residual; the head maps it to the logits.
+  Capturing works under jit and leaves nothing on the model."""
   model = cached_model(task, 'favor_softmax')
   tokens = random_tokens(4, (2, L), model.vocab_size)
-  hidden = nnx.jit(lambda m, t: m.hidden_states(t))(model, tokens)
+  (logits, _), sown = nnx.jit(models.capture_intermediates)(model, tokens)
+  hidden = sown['hidden']
   assert hidden.shape == (2, L, 32)
+  assert not nnx.state(model, nnx.Intermediate)
   np.testing.assert_allclose(np.asarray(hidden).mean(-1), 0.0, atol=1e-5)  # LayerNorm
+  np.testing.assert_allclose(logits, forward(model, tokens), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(
-    model.logits_from_hidden(hidden), forward(model, tokens), atol=1e-5, rtol=1e-5
+    model.head(hidden)[..., : model.vocab_size], logits, atol=1e-5, rtol=1e-5
   )
 
 
@@ -278,7 +285,7 @@ def test_bad_inputs_raise_clear_errors():
     model(jnp.zeros((1, 4), jnp.float32))
   with pytest.raises(ValueError, match=r'int array \[batch, length\]'):
     model(jnp.zeros((4,), jnp.int32))
-  with pytest.raises(ValueError, match='valid tasks: .*causal_lm.*mlm.*image_ar'):
+  with pytest.raises(ValueError, match='valid: .*causal_lm.*mlm.*image_ar'):
     models.build_model(make_config(task='seq2seq'), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='axial'):
     models.build_model(make_config(positions='axial'), rngs=nnx.Rngs(0))
@@ -302,7 +309,7 @@ def test_dropout_only_when_not_deterministic():
   cfg = make_config(dropout_rate=0.5)
   model = models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
   tokens = random_tokens(16, (1, L), VOCAB)
-  np.testing.assert_array_equal(model(tokens), model(tokens))
-  train = model(tokens, deterministic=False)
-  assert not np.allclose(train, model(tokens))
-  assert not np.allclose(train, model(tokens, deterministic=False))
+  np.testing.assert_array_equal(model(tokens)[0], model(tokens)[0])
+  train, _ = model(tokens, deterministic=False)
+  assert not np.allclose(train, model(tokens)[0])
+  assert not np.allclose(train, model(tokens, deterministic=False)[0])

@@ -19,7 +19,12 @@ and ``FeatureStats`` (running statistics, updated in train steps).
 """
 
 from performer.attention.feature_map import FeatureMap, FeatureParam, FeatureStats, Options
-from performer.attention.features import RandomFeatures, draw_features, redraw_features
+from performer.attention.features import (
+  FEATURE_NORMS,
+  RandomFeatures,
+  draw_features,
+  redraw_features,
+)
 from performer.attention.kinds import Attention
 from performer.attention.registry import (
   KINDS,
@@ -32,6 +37,7 @@ from performer.attention.registry import (
 from performer.attention.softmax import softmax_reference
 
 __all__ = [
+  'FEATURE_NORMS',
   'KINDS',
   'OPTIONS',
   'REGISTRY',

@@ -26,13 +26,13 @@ def check_inputs(q, k, v, mask, segment_ids):
   for name, x in (('q', q), ('k', k), ('v', v)):
     if x.ndim != 4:
       raise ValueError(f'{name} must be [batch, length, heads, dim], got shape {x.shape}')
-  if q.shape != k.shape:
+  if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
     raise ValueError(
-      f'q and k shapes differ: q {q.shape}, k {k.shape} '
-      '(batch, length, heads and head_dim must match)'
+      f'q {q.shape} and k {k.shape} must match in batch, length and head_dim, and '
+      "k's heads must divide q's (grouped-query attention)"
     )
-  if v.shape[:3] != q.shape[:3]:
-    raise ValueError(f'v {v.shape} does not match q {q.shape} in batch, length or heads')
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f'v {v.shape} does not match k {k.shape} in batch, length or heads')
   expected = q.shape[:2]
   if mask is not None:
     if mask.shape != expected:
@@ -46,6 +46,13 @@ def check_inputs(q, k, v, mask, segment_ids):
       )
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise ValueError(f'segment_ids must be integers, got {segment_ids.dtype}')
+
+
+def repeat_kv(x, num_heads):
+  """[..., K, D] key/value heads -> [..., num_heads, D]: query head h reads kv head
+  h // (num_heads // K), HF's `repeat_kv` order."""
+  groups = num_heads // x.shape[-2]
+  return x if groups == 1 else jnp.repeat(x, groups, axis=-2)
 
 
 def _zero_padded_queries(out, mask):
@@ -89,14 +96,17 @@ class Attention(nnx.Module):
     """The [B, H, L, L] attention matrix this kind implies (analysis only):
     out = weights @ v. Rows of padded queries are zero."""
     allowed = _allowed(q.shape[1], causal, mask, segment_ids)
+    k = repeat_kv(k, q.shape[2])
     scores = jnp.where(
       allowed, self._scores(q, k, causal=causal, mask=mask, segment_ids=segment_ids), 0.0
     )
     total = jnp.sum(scores, axis=-1, keepdims=True)
     return scores / jnp.where(total == 0, 1.0, total)
 
-  # Recurrent decoding: init_state, then prefill and/or one step per token.
-  def init_state(self, batch, value_dim, *, max_length=None, dtype=jnp.float32):
+  # Recurrent decoding: init_state, then prefill and/or one step per token. k and v
+  # may have fewer heads than q (grouped-query attention), here as in __call__.
+  def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
+    """The empty decoding state; a KV cache holds `num_kv_heads` (default: all) heads."""
     raise NotImplementedError
 
   def prefill(self, state, q, k, v, *, mask=None):
@@ -115,6 +125,7 @@ class SoftmaxAttention(Attention):
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids):
     if self.options.implementation == 'reference':
+      k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
       out = softmax_lib.softmax_reference(
         q, k, v, causal=causal, mask=mask, segment_ids=segment_ids
       )
@@ -138,12 +149,11 @@ class SoftmaxAttention(Attention):
     logits = jnp.where(allowed, logits, -1e30)
     return jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
 
-  def init_state(self, batch, value_dim, *, max_length=None, dtype=jnp.float32):
+  def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     if max_length is None:
       raise ValueError('softmax decoding keeps a KV cache: pass max_length')
-    return softmax_lib.init_cache(
-      batch, self.num_heads, self.head_dim, value_dim, max_length, dtype
-    )
+    heads = num_kv_heads or self.num_heads
+    return softmax_lib.init_cache(batch, heads, self.head_dim, value_dim, max_length, dtype)
 
   def prefill(self, state, q, k, v, *, mask=None):
     mask = jnp.ones(q.shape[:2], bool) if mask is None else mask
@@ -162,7 +172,7 @@ class IdentityAttention(Attention):
   name = 'identity'
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids):
-    return v
+    return repeat_kv(v, q.shape[2])
 
   def _scores(self, q, k, **unused):
     b, length, h, _ = q.shape
@@ -172,10 +182,10 @@ class IdentityAttention(Attention):
     return {}
 
   def prefill(self, state, q, k, v, *, mask=None):
-    return _zero_padded_queries(v, mask), state
+    return _zero_padded_queries(repeat_kv(v, q.shape[2]), mask), state
 
   def step(self, state, q, k, v, *, mask=None):
-    return v, state
+    return repeat_kv(v, q.shape[1]), state
 
 
 class LinearAttention(Attention):
@@ -201,6 +211,7 @@ class LinearAttention(Attention):
     return linear.normalise(num, den, eps).swapaxes(1, 2).astype(v.dtype)
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids):
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     fmap, chunk = self.feature_map, self.options.chunk_size
     if not causal and segment_ids is None:
@@ -220,7 +231,7 @@ class LinearAttention(Attention):
   def features(self, q, k, *, causal, mask=None, segment_ids=None):
     """(phi(q), phi(k)) [B, L, H, M] with their true scale, calibrated as the
     attention call would be: phi(q).phi(k) estimates the kind's kernel."""
-    fmap = self.feature_map
+    fmap, k = self.feature_map, repeat_kv(k, q.shape[2])
     ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     return (fmap.exact_query(q, ctx).swapaxes(1, 2), fmap.exact_key(k, ctx).swapaxes(1, 2))
 
@@ -228,7 +239,8 @@ class LinearAttention(Attention):
     phi_q, phi_k = self.features(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     return jnp.einsum('bqhm,bkhm->bhqk', phi_q, phi_k)
 
-  def init_state(self, batch, value_dim, *, max_length=None, dtype=jnp.float32):
+  def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
+    del num_kv_heads, max_length, dtype  # one (S, z) per query head, whatever the context
     return linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
 
   def prefill(self, state, q, k, v, *, mask=None):
@@ -238,6 +250,7 @@ class LinearAttention(Attention):
     """
     del state
     check_inputs(q, k, v, mask, None)
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
     num, den, state = linear.causal_chunked(
@@ -246,6 +259,7 @@ class LinearAttention(Attention):
     return _zero_padded_queries(self._output(num, den, v), mask), state
 
   def step(self, state, q, k, v, *, mask=None):
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     qf, kf, kr = self._split(
       q[:, None],
       k[:, None],

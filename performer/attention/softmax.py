@@ -34,8 +34,11 @@ def softmax_reference(q, k, v, *, causal, mask=None, segment_ids=None):
 
 
 def softmax_fast(q, k, v, *, causal, mask=None, segment_ids=None, implementation=None):
-  """Exact attention through ``jax.nn.dot_product_attention``."""
+  """Exact attention through ``jax.nn.dot_product_attention`` (which takes fewer kv heads
+  than query heads as they are: grouped-query attention without copies)."""
   if v.shape[-1] != q.shape[-1]:
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     return softmax_reference(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids).astype(
       v.dtype
     )
@@ -49,6 +52,8 @@ def softmax_fast(q, k, v, *, causal, mask=None, segment_ids=None, implementation
 
 
 def init_cache(batch, heads, head_dim, value_dim, max_length, dtype):
+  """An empty cache of `max_length` slots for `heads` key/value heads (a grouped-query
+  model's kv heads, not its query heads: that is the memory GQA saves)."""
   return {
     'k': jnp.zeros((batch, max_length, heads, head_dim), dtype),
     'v': jnp.zeros((batch, max_length, heads, value_dim), dtype),
@@ -58,7 +63,8 @@ def init_cache(batch, heads, head_dim, value_dim, max_length, dtype):
 
 
 def cache_step(cache, q, k, v, mask):
-  """Writes one token at ``index`` and attends over the cache. q [B, H, D]."""
+  """Writes one token at ``index`` and attends over the cache. q [B, H, D]; k, v
+  [B, K, D] with K kv heads dividing H (query head h reads kv head h // (H // K))."""
   index = cache['index']
   new = {
     'k': jax.lax.dynamic_update_slice_in_dim(
@@ -70,13 +76,14 @@ def cache_step(cache, q, k, v, mask):
     'valid': jax.lax.dynamic_update_slice_in_dim(cache['valid'], mask[:, None], index, 1),
     'index': index + 1,
   }
-  logits = (
-    jnp.einsum('bhd,bkhd->bhk', q.astype(jnp.float32), new['k'].astype(jnp.float32))
-    * q.shape[-1] ** -0.5
-  )
-  logits = jnp.where(new['valid'][:, None, :], logits, -1e30)
-  out = jnp.einsum('bhk,bkhd->bhd', jax.nn.softmax(logits, axis=-1), new['v'].astype(jnp.float32))
-  return out, new
+  batch, heads, dim = q.shape
+  kv_heads = new['k'].shape[2]
+  qg = q.astype(jnp.float32).reshape(batch, kv_heads, heads // kv_heads, dim)
+  logits = jnp.einsum('bkgd,btkd->bkgt', qg, new['k'].astype(jnp.float32)) * dim**-0.5
+  logits = jnp.where(new['valid'][:, None, None, :], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bkgt,btkd->bkgd', probs, new['v'].astype(jnp.float32))
+  return out.reshape(batch, heads, -1), new
 
 
 def prefill_cache(cache, k, v, mask):

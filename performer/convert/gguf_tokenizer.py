@@ -8,11 +8,16 @@ original model's tokenizer without shipping a tokenizer.json. Only
 byte-level BPE ('gpt2' model) is rebuilt; the pre-tokenizers below are the
 HF equivalents of llama.cpp's regex sets. Anything else fails loudly and
 asks for an explicit tokenizer.json instead of tokenising differently.
+Problems with the file (a tokenizer we cannot rebuild, inconsistent metadata,
+a missing or garbage tokenizer.json) are ``errors.WeightsFileError``s.
 """
 
 from __future__ import annotations
 
 import os
+
+from performer.convert import files
+from performer.errors import WeightsFileError
 
 # llama.cpp token types (gguf.TokenType): 3 = CONTROL, 4 = USER_DEFINED.
 CONTROL, USER_DEFINED = 3, 4
@@ -41,7 +46,7 @@ def _pre_tokenizer(pre: str):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
       ]
     )
-  raise ValueError(
+  raise WeightsFileError(
     f'GGUF pre-tokenizer {pre!r} is not rebuilt here; pass tokenizer_file= '
     "with the model's tokenizer.json"
   )
@@ -57,28 +62,28 @@ def from_gguf(reader):
 
   kind = field('tokenizer.ggml.model')
   if kind != 'gpt2':
-    raise ValueError(
+    raise WeightsFileError(
       f'GGUF tokenizer model {kind!r} is not rebuilt here (only byte-level '
       "BPE, 'gpt2'); pass tokenizer_file= with the model's tokenizer.json"
     )
   tokens = field('tokenizer.ggml.tokens')
   merges = field('tokenizer.ggml.merges')
   if not tokens or merges is None:
-    raise ValueError('GGUF file lacks tokenizer.ggml.tokens or .merges')
+    raise WeightsFileError('GGUF file lacks tokenizer.ggml.tokens or .merges')
   types = field('tokenizer.ggml.token_type', [1] * len(tokens))
   vocab = {tok: i for i, tok in enumerate(tokens)}
   if len(vocab) != len(tokens):
-    raise ValueError('GGUF vocabulary has duplicate tokens')
+    raise WeightsFileError('GGUF vocabulary has duplicate tokens')
   pairs = []
   for m in merges:
     parts = m.split(' ')
     if len(parts) != 2:
-      raise ValueError(f'malformed GGUF merge {m!r}')
+      raise WeightsFileError(f'malformed GGUF merge {m!r}')
     pairs.append(tuple(parts))
   try:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
   except Exception as e:  # tokenizers raises a bare Exception
-    raise ValueError(f'GGUF tokenizer is inconsistent: {e}') from e
+    raise WeightsFileError(f'GGUF tokenizer is inconsistent: {e}') from e
   tok.pre_tokenizer = _pre_tokenizer(field('tokenizer.ggml.pre', 'default'))
   tok.decoder = decoders.ByteLevel()
   special = [
@@ -102,13 +107,7 @@ def from_gguf(reader):
   return tok
 
 
-def load_tokenizer_file(path: str):
-  """A tokenizers JSON file, with a ValueError naming the file if it is not one."""
-  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
-
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'tokenizer not found: {path}')
-  try:
-    return Tokenizer.from_file(os.fspath(path))
-  except Exception as e:  # tokenizers raises a bare Exception
-    raise ValueError(f'{path} is not a tokenizers JSON file: {e}') from e
+def load_tokenizer_file(path: str | os.PathLike):
+  """A tokenizers JSON file, with a WeightsFileError naming the file if it is missing
+  or not one (files.load_tokenizer_json)."""
+  return files.load_tokenizer_json(path)

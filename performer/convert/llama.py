@@ -4,6 +4,10 @@
     model, tokenizer, config = import_llama_safetensors('path/to/hf_llama_dir')
     model = llama_from_tensors(tensors, config)              # in-memory HF-named dict
 
+`config` is the family's `models.ModelConfig` (family 'llama'). The family
+contract for `train.py --config.train.init_from=gguf:PATH|hf:DIR` is
+`read_config`, `load` and `load_tokenizer` (see convert/pretrained.py).
+
 Both formats go through one table, `LAYER_ROLES`, that names each weight
 in both conventions (HF and GGUF) together with our parameter path and
 whether it is transposed, so the two importers cannot drift apart and every
@@ -27,9 +31,9 @@ import os
 import numpy as np
 from flax import nnx
 
+from performer import models
 from performer.convert import files, gguf_tokenizer
 from performer.convert.keymap import Entry, apply_keymap
-from performer.models import llama as llama_lib
 
 # Global tensors: role -> (HF key, GGUF key, our path, transpose).
 GLOBAL_ROLES = {
@@ -53,9 +57,9 @@ LAYER_ROLES = (
 FORMATS = ('hf', 'gguf')
 
 
-def _layer_shapes(cfg: llama_lib.LlamaConfig) -> dict[str, tuple]:
+def _layer_shapes(cfg: models.ModelConfig) -> dict[str, tuple]:
   """Checkpoint (torch [out, in]) shape of each per-layer weight, by our suffix."""
-  d, f, hd = cfg.emb_dim, cfg.mlp_dim, cfg.dims_per_head
+  d, f, hd = cfg.emb_dim, cfg.mlp_dim, cfg.head_dim
   q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
   return {
     'attn_norm.scale': (d,),
@@ -70,7 +74,7 @@ def _layer_shapes(cfg: llama_lib.LlamaConfig) -> dict[str, tuple]:
   }
 
 
-def llama_keymap(cfg: llama_lib.LlamaConfig, fmt: str = 'hf') -> list[Entry]:
+def llama_keymap(cfg: models.ModelConfig, fmt: str = 'hf') -> list[Entry]:
   """The full explicit map for `cfg` in naming convention `fmt` ('hf'|'gguf')."""
   if fmt not in FORMATS:
     raise ValueError(f'unknown format {fmt!r}; valid: {FORMATS}')
@@ -94,13 +98,22 @@ def llama_keymap(cfg: llama_lib.LlamaConfig, fmt: str = 'hf') -> list[Entry]:
   return entries
 
 
-def build_model(cfg: llama_lib.LlamaConfig, seed: int = 0):
-  return llama_lib.LlamaForCausalLM(cfg, rngs=nnx.Rngs(params=seed))
+def llama_config(
+  fields: dict,
+  attention_kind='softmax',
+  *,
+  dtype='float32',
+  per_head_features=False,
+  **attention_opts,
+) -> models.ModelConfig:
+  """The family's ModelConfig from checkpoint `fields` and the attention to run."""
+  attention = dict(attention_opts, kind=attention_kind, per_head_features=per_head_features)
+  return models.model_config(dict(fields, family='llama', dtype=dtype, attention=attention))
 
 
 def llama_from_tensors(
   tensors,
-  cfg: llama_lib.LlamaConfig,
+  cfg: models.ModelConfig,
   *,
   fmt: str = 'hf',
   ignore=(),
@@ -109,24 +122,15 @@ def llama_from_tensors(
 ):
   """Build a model of `cfg` and load a name -> numpy dict (HF or GGUF names,
   GGUF already dequantised and un-permuted) into it."""
-  model = build_model(cfg, seed)
+  model = models.build_model(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   return apply_keymap(model, tensors, llama_keymap(cfg, fmt), ignore, what=what)
-
-
-def _model_options(attention_kind, dtype, per_head_features, attention_opts):
-  return dict(
-    attention_kind=attention_kind,
-    dtype=dtype,
-    per_head_features=per_head_features,
-    attention_options=tuple(sorted(attention_opts.items())),
-  )
 
 
 # --- HF safetensors ----------------------------------------------------------
 
 
-def config_from_hf(hf: dict, **overrides) -> llama_lib.LlamaConfig:
-  """LlamaConfig from an HF config.json dict; refuses features we lack."""
+def config_from_hf(hf: dict) -> dict:
+  """Model config fields from an HF config.json dict; refuses features we lack."""
   if hf.get('model_type', 'llama') != 'llama':
     raise ValueError(f'config model_type is {hf.get("model_type")!r}, not "llama"')
   for key, ok in (
@@ -144,14 +148,13 @@ def config_from_hf(hf: dict, **overrides) -> llama_lib.LlamaConfig:
     num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
     emb_dim=hf['hidden_size'],
     mlp_dim=hf['intermediate_size'],
-    head_dim=hf.get('head_dim'),
+    head_dim=hf.get('head_dim') or 0,
     max_len=hf.get('max_position_embeddings', 2048),
     rope_theta=float(hf.get('rope_theta', 10000.0)),
-    rms_eps=float(hf.get('rms_norm_eps', 1e-6)),
+    norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
     tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
   )
-  kw.update(overrides)
-  return llama_lib.LlamaConfig(**kw)
+  return kw
 
 
 def _hf_ignore(tensors, cfg):
@@ -182,8 +185,12 @@ def import_llama_safetensors(
   tensors = files.read_safetensors(path_or_dir)
   folder = files.checkpoint_dir(path_or_dir)
   hf = files.read_json(os.path.join(folder, 'config.json'), 'Llama config')
-  cfg = config_from_hf(
-    hf, **_model_options(attention_kind, dtype, per_head_features, attention_opts)
+  cfg = llama_config(
+    config_from_hf(hf),
+    attention_kind,
+    dtype=dtype,
+    per_head_features=per_head_features,
+    **attention_opts,
   )
   model = llama_from_tensors(
     tensors, cfg, ignore=_hf_ignore(tensors, cfg), seed=seed, what=f'Llama checkpoint {path_or_dir}'
@@ -209,19 +216,8 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _reader(path):
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no such GGUF file: {path}')
-  if os.path.isdir(path):
-    raise ValueError(f'{path} is a directory; expected a GGUF file')
-  if not files.is_gguf(path):
-    hint = (
-      ' (it is safetensors: use import_llama_safetensors)' if files.is_safetensors(path) else ''
-    )
-    raise ValueError(f'{path} is not a GGUF file{hint}')
-  import gguf  # pylint: disable=g-import-not-at-top
-
-  return gguf.GGUFReader(path)
+  """A GGUFReader for `path`; WeightsFileError for a missing, wrong or damaged file."""
+  return files.open_gguf(path)
 
 
 def _field(reader, key, default=None):
@@ -229,8 +225,8 @@ def _field(reader, key, default=None):
   return default if field is None else field.contents()
 
 
-def config_from_gguf(reader, tensor_names, **overrides) -> llama_lib.LlamaConfig:
-  """LlamaConfig from GGUF metadata (`llama.*` keys)."""
+def config_from_gguf(reader, tensor_names) -> dict:
+  """Model config fields from GGUF metadata (`llama.*` keys)."""
   arch = _field(reader, 'general.architecture')
   if arch != 'llama':
     raise ValueError(f'GGUF architecture is {arch!r}, not "llama"')
@@ -259,17 +255,16 @@ def config_from_gguf(reader, tensor_names, **overrides) -> llama_lib.LlamaConfig
     num_kv_heads=int(get('attention.head_count_kv', heads)),
     emb_dim=emb,
     mlp_dim=int(get('feed_forward_length')),
-    head_dim=head_dim,
+    head_dim=head_dim or 0,
     max_len=int(get('context_length', 2048)),
     rope_theta=float(get('rope.freq_base', 10000.0)),
-    rms_eps=float(get('attention.layer_norm_rms_epsilon', 1e-5)),
+    norm_eps=float(get('attention.layer_norm_rms_epsilon', 1e-5)),
     tie_embeddings='output.weight' not in tensor_names,
   )
-  kw.update(overrides)
-  return llama_lib.LlamaConfig(**kw)
+  return kw
 
 
-def read_gguf_tensors(reader, cfg: llama_lib.LlamaConfig) -> dict[str, np.ndarray]:
+def read_gguf_tensors(reader, cfg: models.ModelConfig) -> dict[str, np.ndarray]:
   """Every tensor dequantised to float32 [out, in], q/k rows un-permuted.
 
   Tensors with an unexpected shape are left alone (not un-permuted) so the
@@ -277,7 +272,7 @@ def read_gguf_tensors(reader, cfg: llama_lib.LlamaConfig) -> dict[str, np.ndarra
   """
   import gguf  # pylint: disable=g-import-not-at-top
 
-  hd = cfg.dims_per_head
+  hd = cfg.head_dim
   out = {}
   for t in reader.tensors:
     arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
@@ -308,8 +303,12 @@ def import_llama_gguf(
   """
   reader = _reader(path)
   names = [t.name for t in reader.tensors]
-  cfg = config_from_gguf(
-    reader, names, **_model_options(attention_kind, dtype, per_head_features, attention_opts)
+  cfg = llama_config(
+    config_from_gguf(reader, names),
+    attention_kind,
+    dtype=dtype,
+    per_head_features=per_head_features,
+    **attention_opts,
   )
   tensors = read_gguf_tensors(reader, cfg)
   model = llama_from_tensors(tensors, cfg, fmt='gguf', seed=seed, what=f'GGUF file {path}')
@@ -319,3 +318,51 @@ def import_llama_gguf(
     else gguf_tokenizer.from_gguf(reader)
   )
   return model, tokenizer, cfg
+
+
+# --- The family contract (convert/pretrained.py) ------------------------------------
+
+
+def read_config(fmt: str, path: str) -> dict:
+  """Architecture fields of the checkpoint, from its metadata only."""
+  if fmt == 'gguf':
+    reader = _reader(path)
+    return config_from_gguf(reader, [t.name for t in reader.tensors])
+  return config_from_hf(files.read_json(os.path.join(path, 'config.json'), 'Llama config'))
+
+
+def load(model, fmt: str, path: str) -> None:
+  """Writes the checkpoint's weights into `model` (built from read_config's fields)."""
+  cfg = model.config
+  if fmt == 'gguf':
+    tensors = read_gguf_tensors(_reader(path), cfg)
+    apply_keymap(model, tensors, llama_keymap(cfg, 'gguf'), what=f'GGUF file {path}')
+  else:
+    tensors = files.read_safetensors(path)
+    apply_keymap(
+      model, tensors, llama_keymap(cfg), _hf_ignore(tensors, cfg), what=f'Llama checkpoint {path}'
+    )
+
+
+def load_tokenizer(fmt: str, path: str):
+  """The checkpoint's own tokenizer (`tokenizers.Tokenizer`) and its special ids."""
+  if fmt == 'gguf':
+    reader = _reader(path)
+    special = {
+      name: _field(reader, f'tokenizer.ggml.{name}_token_id') for name in ('bos', 'eos', 'padding')
+    }
+    special['add_bos'] = bool(_field(reader, 'tokenizer.ggml.add_bos_token', False))
+    return gguf_tokenizer.from_gguf(reader), special
+  tok_path = os.path.join(path, 'tokenizer.json')
+  hf = files.read_json(os.path.join(path, 'config.json'), 'Llama config')
+  tok_config = os.path.join(path, 'tokenizer_config.json')
+  add_bos = os.path.exists(tok_config) and files.read_json(tok_config, 'tokenizer config').get(
+    'add_bos_token', False
+  )
+  special = {
+    'bos': hf.get('bos_token_id'),
+    'eos': hf.get('eos_token_id'),
+    'padding': hf.get('pad_token_id'),
+    'add_bos': bool(add_bos),
+  }
+  return gguf_tokenizer.load_tokenizer_file(tok_path), special

@@ -12,7 +12,8 @@ TFDS-backed names (lm1b, imagenet64, uniref50, trembl) check for their prepared
 ArrayRecord files first, in both vocab_for and build_dataset, and raise
 DatasetNotPreparedError (naming the prepare command) without touching the
 network. Also here: eval_word_counts / word_perplexity (text datasets) and
-bits_per_dim (images).
+bits_per_dim (images). A missing or malformed user file (config.data.path) is
+an ``errors.DataFileError``; :func:`check_files` finds it before a model is built.
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def build_dataset(
     shard_count=shard_count,
     num_epochs=num_epochs,
   )
+
+
+def check_files(cfg, splits=('train', 'validation', 'test')) -> None:
+  """Reads the file a config names (config.data.path: FASTA or text) now and checks
+  that `splits` are non-empty, so a missing, malformed or too small file fails in about
+  a second with an ``errors.DataFileError``, before a model is built. The parsed file
+  is cached, so the pipeline does not read it again. Other datasets: a no-op (the
+  TFDS-backed ones check for their prepared files in vocab_for and build_dataset).
+  """
+  module = _module_for(cfg)
+  if hasattr(module, 'check_files'):  # protein.py: the bundled sample or a FASTA file
+    module.check_files(cfg, splits)
+  elif hasattr(module, 'split_lines'):  # text.py: a text file, one example per line
+    for split in splits:
+      module.split_lines(cfg, split)
 
 
 def vocab_for(cfg):

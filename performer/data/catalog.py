@@ -22,6 +22,8 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
+from performer import errors
+
 SPLITS = ('train', 'validation', 'test')
 # Held-out validation examples taken from the end of a catalog training split.
 HOLDOUT = 10_000
@@ -82,8 +84,12 @@ SPECS = {
 }
 
 
-class DatasetNotPreparedError(FileNotFoundError):
-  """The dataset is not on disk; the message names the command that prepares it."""
+class DatasetNotPreparedError(errors.DataFileError, FileNotFoundError):
+  """The dataset is not on disk; the message names the command that prepares it.
+
+  A DataFileError (the CLIs print it as one line, exit 2), and still a
+  FileNotFoundError for callers that catch that.
+  """
 
 
 def data_dir_for(cfg) -> str:

@@ -16,6 +16,9 @@ model). Behaviour, each covered by tests/test_fasta.py:
 * Over-long sequences are returned whole: cropping is the pipeline's job.
 * gzip input is detected from its magic bytes, whatever the file name.
   Windows (CRLF) line endings are accepted.
+* Every problem with the file (missing, a directory, unreadable, binary,
+  corrupt gzip, malformed records) is an ``errors.DataFileError`` (a
+  ValueError) whose one-line message names the file, and the line where known.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ import gzip
 import io
 import os
 import warnings
+import zlib
 from typing import BinaryIO, Iterator
 
+from performer import errors
 from performer.data import vocab as vocab_lib
 
 _GZIP_MAGIC = b'\x1f\x8b'
 _ALPHABET_BYTES = vocab_lib.ALPHABET.encode('ascii')
 _UPPER = bytes.maketrans(b'abcdefghijklmnopqrstuvwxyz', b'ABCDEFGHIJKLMNOPQRSTUVWXYZ')
+# Control bytes (all but tab) never appear in a text file; their presence means binary data.
+_TEXT_CONTROLS = bytes(b for b in range(32) if b != 9) + b'\x7f'
+_EXPECTED = "expected FASTA text: '>' header lines, each followed by residue lines"
 
 
 @dataclasses.dataclass
@@ -46,16 +54,51 @@ class FastaStats:
 
 
 def open_fasta(path: str | os.PathLike) -> BinaryIO:
-  """Opens a plain or gzip-compressed file for binary line reading."""
+  """Opens a plain or gzip-compressed file for binary line reading.
+
+  A missing path, a directory or an unreadable file is a DataFileError.
+  """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'FASTA file not found: {path!r}')
-  with open(path, 'rb') as f:
-    magic = f.read(2)
-  if magic == _GZIP_MAGIC:
-    # BufferedReader makes line iteration over gzip several times faster.
-    return io.BufferedReader(gzip.open(path, 'rb'))
-  return open(path, 'rb')
+  errors.require_file(path, 'FASTA file', errors.DataFileError)
+  try:
+    with open(path, 'rb') as f:
+      magic = f.read(2)
+    if magic == _GZIP_MAGIC:
+      # BufferedReader makes line iteration over gzip several times faster.
+      return io.BufferedReader(gzip.open(path, 'rb'))
+    return open(path, 'rb')
+  except OSError as e:
+    raise errors.DataFileError(f'cannot read FASTA file {path!r}: {errors.os_error_text(e)}') from e
+
+
+def _read_lines(f: BinaryIO, name: str) -> Iterator[bytes]:
+  """The lines of an open FASTA file; read errors (a corrupt or truncated gzip
+  stream, an I/O error) become a DataFileError naming the file."""
+  lineno = 0
+  try:
+    for lineno, raw in enumerate(f, 1):
+      yield raw
+  except (OSError, EOFError, zlib.error) as e:
+    gzipped = isinstance(getattr(f, 'raw', None), gzip.GzipFile)
+    what = 'corrupt or truncated gzip data' if gzipped else 'read error'
+    where = f' after line {lineno}' if lineno else ''
+    raise errors.DataFileError(
+      f'{name}: {what}{where} ({type(e).__name__}: {" ".join(str(e).split())}); '
+      'expected a FASTA file, plain or gzip-compressed'
+    ) from e
+
+
+def _is_binary(line: bytes) -> bool:
+  """True for bytes no text file has: NUL or other control bytes (tab excepted)."""
+  return len(line.translate(None, _TEXT_CONTROLS)) != len(line)
+
+
+def _is_utf8(line: bytes) -> bool:
+  try:
+    line.decode('utf-8')
+  except UnicodeDecodeError:
+    return False
+  return True
 
 
 def parse_fasta(
@@ -83,7 +126,9 @@ def parse_fasta(
       stats.stops_stripped += 1
     if not seq:
       if on_empty == 'error':
-        raise ValueError(f'{name}:{header_line}: record {record_id!r} has an empty sequence')
+        raise errors.DataFileError(
+          f'{name}:{header_line}: record {record_id!r} has an empty sequence'
+        )
       stats.empty_skipped += 1
       return None
     stats.records += 1
@@ -92,7 +137,7 @@ def parse_fasta(
     return record_id, description, seq.translate(vocab_lib.NORMALIZE_TABLE).decode('ascii')
 
   with open_fasta(path) as f:
-    for lineno, raw in enumerate(f, 1):
+    for lineno, raw in enumerate(_read_lines(f, name), 1):
       line = raw.strip()  # also drops '\r' of Windows line endings
       if not line or line.startswith(b';'):
         continue
@@ -101,24 +146,31 @@ def parse_fasta(
           yield record
         text = line[1:].decode('utf-8', errors='replace').strip()
         if not text:
-          raise ValueError(f'{name}:{lineno}: FASTA header has an empty record id')
+          raise errors.DataFileError(f'{name}:{lineno}: FASTA header has an empty record id')
         parts = text.split(None, 1)
         header = (parts[0], parts[1] if len(parts) > 1 else '', lineno)
         chunks, star_line = [], 0
         continue
       if header is None:
-        raise ValueError(
+        if _is_binary(line) or not _is_utf8(line):
+          raise errors.DataFileError(f'{name}:{lineno}: binary data, not a FASTA file; {_EXPECTED}')
+        raise errors.DataFileError(
           f"{name}:{lineno}: sequence data before the first '>' header "
-          f'(is this a FASTA file?): {_preview(line)!r}'
+          f'(is this a FASTA file?): {_preview(line)!r}; {_EXPECTED}'
         )
       bad = vocab_lib.find_invalid(line)
       if bad:
-        raise ValueError(
+        if _is_binary(line):
+          raise errors.DataFileError(
+            f'{name}:{lineno}: binary data in the sequence of record {header[0]!r}, '
+            f'not a FASTA file; {_EXPECTED}'
+          )
+        raise errors.DataFileError(
           f'{name}:{lineno}: invalid character {_char(bad)!r} in the sequence of '
           f"record {header[0]!r}; only letters and a final '*' are allowed"
         )
       if star_line or (b'*' in line and line.index(b'*') != len(line) - 1):
-        raise ValueError(
+        raise errors.DataFileError(
           f"{name}:{star_line or lineno}: '*' inside the sequence of record "
           f"{header[0]!r}; only a final stop '*' is allowed"
         )

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from performer import errors
 from performer.data import fasta
 from performer.data.vocab import PROTEIN_VOCAB, ProteinVocab
 
@@ -76,7 +77,7 @@ def path_for(cfg) -> str:
   if name == 'fasta':
     path = getattr(cfg, 'path', '') or ''
     if not path:
-      raise ValueError(
+      raise errors.UserInputError(
         "config.data.path must name a FASTA file (optionally .gz) when config.data.name == 'fasta'"
       )
     return os.path.abspath(os.path.expanduser(path))
@@ -84,12 +85,23 @@ def path_for(cfg) -> str:
 
 
 def load_corpus(cfg) -> Corpus:
-  """Parses and encodes the config's file once per process (cached on path and mtime)."""
+  """Parses and encodes the config's file once per process (cached on path and mtime).
+
+  A missing, unreadable or malformed file is a DataFileError naming it.
+  """
   path = path_for(cfg)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'FASTA file not found: {path!r} (config.data.path)')
+  what = 'FASTA file (config.data.path)' if path != SAMPLE_PATH else 'bundled protein sample'
+  errors.require_file(path, what, errors.DataFileError)
   st = os.stat(path)
   return _load(path, st.st_mtime_ns, st.st_size)
+
+
+def check_files(cfg, splits=SPLITS) -> None:
+  """Reads the config's FASTA file now (cached for the pipeline) and checks that
+  `splits` are non-empty, so a bad file fails before a model is built."""
+  corpus = load_corpus(cfg)
+  for split in splits:
+    _split_examples(corpus, split)
 
 
 @functools.lru_cache(maxsize=4)
@@ -102,7 +114,13 @@ def _load(path: str, mtime_ns: int, size: int) -> Corpus:
     residues.append(PROTEIN_VOCAB.encode_array(seq))
     split_names.append(split_of(record_id))
   if not ids:
-    raise ValueError(f'{path}: no protein sequences found')
+    skipped = (
+      f' ({stats.empty_skipped} record(s) with an empty sequence)' if stats.empty_skipped else ''
+    )
+    raise errors.DataFileError(
+      f"{path}: no protein sequences found{skipped}; expected FASTA records: a '>' header "
+      'line, then residue lines'
+    )
   names = np.array(split_names)
   splits = {s: np.flatnonzero(names == s) for s in SPLITS}
   return Corpus(path, tuple(ids), tuple(residues), splits, stats)
@@ -187,7 +205,7 @@ def _split_examples(corpus: Corpus, split: str) -> list[np.ndarray]:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   examples = [corpus.residues[i] for i in corpus.splits[split]]
   if not examples:
-    raise ValueError(
+    raise errors.DataFileError(
       f'{corpus.path}: the {split!r} split is empty ({len(corpus.ids)} records; '
       f'the 90/5/5 hash split needs a few dozen records or more)'
     )

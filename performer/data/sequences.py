@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
+from performer import errors
 from performer.data.protein import pack, pad_row
 
 CROPS = ('random', 'start')
@@ -104,7 +105,9 @@ def build(
   seq_len, crop, do_pack = check_options(cfg)
   check_call(batch_size, shard_index, shard_count, num_epochs)
   if len(source) == 0:
-    raise ValueError(f'{name or "dataset"}: the {split!r} split is empty')
+    raise errors.DataFileError(
+      f'{name or "dataset"}: the {split!r} split is empty; expected at least one example'
+    )
   examples = grain.MapDataset.source(source)
   if split == 'train':
     workers = int(getattr(cfg, 'num_workers', 0) or 0)
@@ -147,7 +150,10 @@ def _train(
 ) -> grain.IterDataset:
   shard = examples[shard_index::shard_count]
   if len(shard) == 0:
-    raise ValueError(f'{name or "dataset"}: train shard {shard_index}/{shard_count} is empty')
+    raise errors.DataFileError(
+      f'{name or "dataset"}: train shard {shard_index}/{shard_count} is empty '
+      f'({len(examples)} train examples for {shard_count} shards)'
+    )
   shuffle_seed, crop_seed, pack_seed = (
     int(s) for s in np.random.SeedSequence(seed).generate_state(3)
   )

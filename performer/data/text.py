@@ -8,7 +8,9 @@
 * Splits: a line goes to train / validation / test (90/5/5) by an MD5 hash of
   its text (protein.split_of), so duplicate lines never straddle splits and
   the split does not change when the file is reordered or grows.
-* Tokenizer: a sentencepiece model (tokenizer.py: unigram, byte fallback,
+* Tokenizer: ``config.data.tokenizer`` = 'gguf:PATH' | 'hf:DIR' encodes with a
+  pretrained model's own tokenizer (pretrained_vocab.py). Otherwise a
+  sentencepiece model (tokenizer.py: unigram, byte fallback,
   lossless) trained on the file's train lines, cached NEXT TO THE FILE as
   ``<file>.spm<vocab_size>.model`` (``config.data.spm_path`` overrides; if the
   file's folder is read-only it goes under ~/.cache/performer_zoo). Delete it
@@ -31,6 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from performer import errors
 from performer.data import sequences, tokenizer
 from performer.data.protein import split_of
 
@@ -41,13 +44,13 @@ SPM_MAX_CHARS = 10_000_000
 
 
 def path_for(cfg) -> str:
+  """config.data.path, absolute; a DataFileError if it is missing, a directory or unreadable."""
   path = getattr(cfg, 'path', '') or ''
   if not path:
-    raise ValueError("config.data.path must name a UTF-8 text file when config.data.name == 'text'")
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'text file not found: {path!r} (config.data.path)')
-  return path
+    raise errors.UserInputError(
+      "config.data.path must name a UTF-8 text file when config.data.name == 'text'"
+    )
+  return errors.require_file(path, 'text file (config.data.path)', errors.DataFileError)
 
 
 def vocab_size_for(cfg, default: int = DEFAULT_VOCAB_SIZE) -> int:
@@ -57,18 +60,51 @@ def vocab_size_for(cfg, default: int = DEFAULT_VOCAB_SIZE) -> int:
   return size
 
 
+_EXPECTED_TEXT = 'expected a UTF-8 text file with one example per line'
+
+
 @functools.lru_cache(maxsize=4)
 def _lines(path: str, mtime_ns: int, size: int) -> dict[str, tuple[str, ...]]:
+  """The file's non-blank lines by split; a DataFileError naming the file (and the
+  line) if it is unreadable, binary, not UTF-8 or has no train lines."""
   del mtime_ns, size  # Only part of the cache key: an edited file is re-read.
   out = {s: [] for s in SPLITS}
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      line = line.rstrip('\r\n')
-      if line.strip():
-        out[split_of(line)].append(line)
+  lineno = 0
+  try:
+    with open(path, encoding='utf-8') as f:
+      for lineno, line in enumerate(f, 1):
+        line = line.rstrip('\r\n')
+        if '\x00' in line:
+          raise errors.DataFileError(f'{path}:{lineno}: binary data (NUL bytes); {_EXPECTED_TEXT}')
+        if line.strip():
+          out[split_of(line)].append(line)
+  except UnicodeDecodeError as e:
+    raise errors.DataFileError(
+      f'{path}:{_first_non_utf8_line(path) or lineno + 1}: not UTF-8 text '
+      f'({e.reason}); {_EXPECTED_TEXT}'
+    ) from e
+  except OSError as e:
+    raise errors.DataFileError(f'cannot read text file {path!r}: {errors.os_error_text(e)}') from e
   if not out['train']:
-    raise ValueError(f'{path}: no non-blank lines in the train split')
+    total = sum(len(v) for v in out.values())
+    if not total:
+      raise errors.DataFileError(f'{path}: the file has no non-blank lines; {_EXPECTED_TEXT}')
+    raise errors.DataFileError(
+      f'{path}: no lines in the train split ({total} non-blank lines; the 90/5/5 hash split '
+      'needs a few dozen lines or more)'
+    )
   return {s: tuple(v) for s, v in out.items()}
+
+
+def _first_non_utf8_line(path: str) -> int:
+  """The 1-based number of the first line that is not valid UTF-8 (0 if none is found)."""
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        raw.decode('utf-8')
+      except UnicodeDecodeError:
+        return lineno
+  return 0
 
 
 def split_lines(cfg, split: str) -> tuple[str, ...]:
@@ -79,7 +115,7 @@ def split_lines(cfg, split: str) -> tuple[str, ...]:
   splits = _lines(path, st.st_mtime_ns, st.st_size)
   if not splits[split]:
     total = sum(len(v) for v in splits.values())
-    raise ValueError(
+    raise errors.DataFileError(
       f'{path}: the {split!r} split is empty ({total} lines; the 90/5/5 hash '
       f'split needs a few dozen lines or more)'
     )
@@ -102,8 +138,12 @@ def spm_path_for(cfg) -> str:
   )
 
 
-def vocab_for(cfg) -> tokenizer.SentencePieceVocab:
-  """The file's sentencepiece vocabulary, trained on its train lines on first use."""
+def vocab_for(cfg):
+  """The file's sentencepiece vocabulary, trained on its train lines on first use; or
+  a pretrained model's own tokenizer when `config.data.tokenizer` names one."""
+  source = getattr(cfg, 'tokenizer', '') or ''
+  if source:
+    return _pretrained_vocab(source, path_for(cfg))
 
   def texts():
     total = 0
@@ -114,6 +154,13 @@ def vocab_for(cfg) -> tokenizer.SentencePieceVocab:
         return
 
   return tokenizer.load_or_train(spm_path_for(cfg), texts, vocab_size_for(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained_vocab(source: str, data_path: str):
+  from performer.data.pretrained_vocab import PretrainedVocab  # pylint: disable=g-import-not-at-top
+
+  return PretrainedVocab(source, data_path)
 
 
 def build_dataset(

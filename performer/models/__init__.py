@@ -1,12 +1,14 @@
-"""Performer Transformer models: causal LM, masked LM, autoregressive images.
+"""Model families (our Transformer, Llama, BERT) behind one contract.
 
     from performer import models
     model = models.build_model(config.model, rngs=nnx.Rngs(params=0, dropout=1))
-    logits = model(tokens, mask=None, segment_ids=None, positions=None,
-                   deterministic=True)          # float32 [B, L, vocab_size]
+    logits, _ = model(tokens, mask=None, segment_ids=None, positions=None,
+                      deterministic=True)       # float32 [B, L, vocab_size]
+    cache = model.init_cache(batch, max_length)  # causal models: decode
+    logits, cache = model(prompt, mask=mask, cache=cache)
 
-The attention kind is a config string; the model never branches on it (see
-`blocks.py`). `split(model)` separates what training treats differently:
+`config.model.family` picks the family (families.py), the attention kind is a
+config string, and no model branches on it (see `layers.py`). `split(model)` separates what training treats differently:
 parameters (feature-map parameters included), random features (redrawn),
 running statistics (updated by train steps) and the rest.
 """
@@ -17,31 +19,16 @@ import jax
 from flax import nnx
 
 from performer import attention
+from performer.models.config import DTYPES, POSITIONS, TASKS, AttentionSpec, ModelConfig
+from performer.models.families import FAMILIES, build_model, model_config
+from performer.models.layers import capture_intermediates
 from performer.models.positions import (
   POSITION_KINDS,
   apply_rope,
   positions_from_segments,
   sinusoidal,
 )
-from performer.models.transformer import (
-  TASKS,
-  ModelSpec,
-  Transformer,
-  check_tokens,
-  shift_right,
-  spec_from_config,
-)
-
-
-def build_model(model_config, *, rngs: nnx.Rngs) -> Transformer:
-  """Build the model for `model_config.task` ('causal_lm', 'mlm', 'image_ar').
-
-  All tasks share one class (`Transformer`); the task sets causality, the
-  image input shift and `model.target_offset` (1: logits[t] predict
-  tokens[t+1]; 0: they predict tokens[t]). Raises ValueError for an unknown
-  task (listing the valid ones) or an inconsistent config.
-  """
-  return Transformer(spec_from_config(model_config), rngs=rngs)
+from performer.models.transformer import Transformer, check_tokens, shift_right
 
 
 def split(model: nnx.Module):
@@ -74,18 +61,23 @@ def param_count(model: nnx.Module) -> int:
 
 
 __all__ = [
+  'DTYPES',
+  'FAMILIES',
+  'POSITIONS',
   'POSITION_KINDS',
   'TASKS',
-  'ModelSpec',
+  'AttentionSpec',
+  'ModelConfig',
   'Transformer',
   'apply_rope',
   'build_model',
-  'feature_params',
+  'capture_intermediates',
   'check_tokens',
+  'feature_params',
+  'model_config',
   'param_count',
   'positions_from_segments',
   'shift_right',
   'sinusoidal',
-  'spec_from_config',
   'split',
 ]

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from performer import errors
+
 log = logging.getLogger(__name__)
 
 ITEMS = ('params', 'opt_state', 'features', 'stats', 'meta')
@@ -80,7 +82,7 @@ def _handlers():
   return {**handlers, 'meta': ocp.JsonCheckpointHandler()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.WeightsFileError):
   """No usable checkpoint where one is required (eval.py, init_from)."""
 
 
@@ -95,7 +97,14 @@ def make_manager(workdir, keep, read_only=False):
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True
     )
-  return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+  manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+  # The tmp-directory cleanup runs in a background thread; wait for it (a few ms) so that a
+  # user error raised right after this (a bad init_from, say) exits with its one line
+  # instead of the thread's traceback at interpreter shutdown.
+  wait = getattr(manager, '_maybe_await_cleanup_tmp_directory', None)
+  if wait is not None:
+    wait()
+  return manager
 
 
 def save(manager, step, trees, meta):
@@ -197,11 +206,21 @@ class InitFromError(CheckpointError):
 
 def _find_checkpoint(path):
   """Resolves a workdir, a checkpoints dir or a single step dir to (directory, step)."""
-  path = os.path.abspath(path)
+  path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(os.path.join(path, 'params')):
+    if not os.path.basename(path).isdigit():
+      raise InitFromError(
+        f'config.train.init_from: {path!r} has a params/ folder but is not a step '
+        'directory; expected a workdir, its checkpoints/ or checkpoints/<step>'
+      )
     return os.path.dirname(path), [int(os.path.basename(path))]
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     path = os.path.join(path, 'checkpoints')
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InitFromError(
+      f'config.train.init_from: {path!r} is a file; expected a workdir, its checkpoints/ '
+      'or checkpoints/<step>'
+    )
   if not os.path.isdir(path):
     raise InitFromError(f'config.train.init_from: no such directory {path!r}')
   steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True)

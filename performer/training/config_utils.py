@@ -16,17 +16,13 @@ import sys
 
 import ml_collections
 
-TASKS = ('causal_lm', 'mlm', 'image_ar')
-POSITIONS = ('learned', 'sinusoidal', 'rotary', 'axial', 'none')
-DTYPES = ('float32', 'bfloat16')
+from performer import errors
+
 SCHEDULES = ('cosine', 'constant')
 CROPS = ('random', 'start')
-FEATURE_NORMS = ('chi', 'sqrt')
-# Used only when performer.data does not publish its own list of dataset names.
-FALLBACK_DATA_NAMES = ('protein_sample', 'fasta', 'text', 'uniref50', 'lm1b', 'imagenet64')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserInputError):
   """A bad config; `str(error)` is a single line that names the key."""
 
 
@@ -176,56 +172,46 @@ def _check_positive(config, keys, allow_zero=False):
       raise ConfigError(f'config.{key}: must be {">= 0" if allow_zero else "> 0"}, got {value}')
 
 
-def data_names():
-  """Dataset names known to performer.data (its own list when it publishes one)."""
-  try:
-    from performer import data  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return FALLBACK_DATA_NAMES
-  for attr in ('NAMES', 'DATASETS', 'DATA_NAMES'):
-    names = getattr(data, attr, None)
-    if names:
-      return tuple(names)
-  return FALLBACK_DATA_NAMES
-
-
 def _validate_model(model_config):
-  """The models part's own checks (e.g. image_ar max_len vs image_shape), as a ConfigError."""
+  """The models' own checks (e.g. image_ar max_len vs image_shape), as a ConfigError.
+  A data-derived vocab_size of 0 is checked as 1."""
+  from performer import models  # pylint: disable=g-import-not-at-top
+
+  fields = model_config.to_dict()
+  fields['vocab_size'] = fields['vocab_size'] or 1
   try:
-    from performer import models  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  spec_from_config = getattr(models, 'spec_from_config', None)
-  if spec_from_config is None:
-    return
-  try:
-    spec_from_config(model_config)
+    models.model_config(fields)
   except ValueError as e:
     raise ConfigError(f'config.model: {_one_line(e)}') from e
 
 
+def _pretrained(source):
+  return source.split(':', 1)[0] in ('gguf', 'hf') and ':' in source
+
+
 def validate(config):
   """Checks values that types alone cannot: names, ranges, divisibility. Raises ConfigError."""
-  from performer import attention  # pylint: disable=g-import-not-at-top
+  from performer import attention, data, models  # pylint: disable=g-import-not-at-top
 
-  _check_choice('model.task', config.model.task, TASKS)
-  _check_choice('model.attention.kind', config.model.attention.kind, tuple(attention.KINDS))
-  _check_choice('model.positions', config.model.positions, POSITIONS)
-  _check_choice('model.dtype', config.model.dtype, DTYPES)
+  _check_choice('model.family', config.model.family, tuple(models.FAMILIES))
+  _check_choice('model.task', config.model.task, models.TASKS)
+  _check_choice('model.attention.kind', config.model.attention.kind, attention.KINDS)
+  _check_choice('model.positions', config.model.positions, models.POSITIONS)
+  _check_choice('model.dtype', config.model.dtype, tuple(models.DTYPES))
   _check_choice(
-    'model.attention.feature_norms', config.model.attention.feature_norms, FEATURE_NORMS
+    'model.attention.feature_norms', config.model.attention.feature_norms, attention.FEATURE_NORMS
   )
-  _check_choice('data.name', config.data.name, data_names())
+  _check_choice('data.name', config.data.name, data.NAMES)
   _check_choice('data.crop', config.data.crop, CROPS)
   _check_choice('train.schedule', config.train.schedule, SCHEDULES)
+  # With a pretrained init_from the architecture comes from the checkpoint, filled in and
+  # checked by train_lib.resolve_config.
+  pretrained = _pretrained(config.train.init_from)
+  sizes = ['model.num_layers', 'model.num_heads', 'model.emb_dim', 'model.mlp_dim', 'model.max_len']
+  _check_positive(config, sizes, allow_zero=pretrained)
   _check_positive(
     config,
     [
-      'model.num_layers',
-      'model.num_heads',
-      'model.emb_dim',
-      'model.mlp_dim',
-      'model.max_len',
       'data.seq_len',
       'train.batch_size',
       'train.num_steps',
@@ -248,14 +234,12 @@ def validate(config):
       'model.dropout_rate',
       'model.attention.num_features',
       'model.attention.chunk_size',
+      'model.num_kv_heads',
+      'model.head_dim',
+      'model.norm_eps',
     ],
     allow_zero=True,
   )
-  if config.model.emb_dim % config.model.num_heads:
-    raise ConfigError(
-      f'config.model.emb_dim: {config.model.emb_dim} is not divisible by '
-      f'config.model.num_heads={config.model.num_heads}'
-    )
   if config.train.batch_size % config.train.grad_accum_steps:
     raise ConfigError(
       f'config.train.grad_accum_steps: {config.train.grad_accum_steps} does not '
@@ -265,14 +249,19 @@ def validate(config):
     raise ConfigError(
       f'config.train.mlm_mask_rate: must be in (0, 1), got {config.train.mlm_mask_rate}'
     )
-  if config.model.positions in ('learned', 'axial') and config.model.max_len < config.data.seq_len:
+  if (
+    not pretrained
+    and config.model.positions in ('learned', 'axial')
+    and config.model.max_len < config.data.seq_len
+  ):
     raise ConfigError(
       f'config.model.max_len: {config.model.max_len} < config.data.seq_len='
       f'{config.data.seq_len} with learned positions'
     )
   if config.model.task == 'image_ar' and len(config.model.image_shape) != 3:
     raise ConfigError('config.model.image_shape: image_ar needs (height, width, channels)')
-  _validate_model(config.model)
+  if not pretrained:
+    _validate_model(config.model)
   if config.mesh.data == 0 or config.mesh.data < -1:
     raise ConfigError(f'config.mesh.data: must be -1 (all devices) or > 0, got {config.mesh.data}')
   return config

@@ -15,9 +15,16 @@ import jax
 
 
 def summarize(sums, task):
-  """Turns eval token sums into metrics: loss, accuracy, perplexity (+ bits per dim)."""
+  """Turns eval token sums into metrics: loss, accuracy, perplexity (+ bits per dim);
+  an encoder's squared error and cosine similarity to its teacher."""
   weight = max(float(sums['weight_sum']), 1.0)
   loss = float(sums['loss_sum']) / weight
+  if task == 'encoder':  # distance to the teacher's hidden states (steps.encoder_sums)
+    return {
+      'loss': loss,
+      'cosine': float(sums['correct_sum']) / weight,
+      'tokens': float(sums['weight_sum']),
+    }
   out = {
     'loss': loss,
     'accuracy': float(sums['correct_sum']) / weight,

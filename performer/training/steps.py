@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from performer import models
 from performer.attention import FeatureStats
 
 # ---------------------------------------------------------------------------- optimizer
@@ -115,6 +116,8 @@ def make_targets(batch, key, task_info, evaluating=False):
       vocab_size=task_info['vocab_size'],
       mask_all=evaluating,
     )
+  if task_info['task'] == 'encoder':  # hidden states, compared with the teacher's
+    return batch['tokens'], batch['tokens'], batch['mask']
   if task_info['target_offset'] == 1:
     return causal_targets(batch)
   return batch['tokens'], batch['tokens'], batch['mask']
@@ -165,13 +168,29 @@ def _forward(
     mask=batch['mask'], segment_ids=batch.get('segment_ids'), deterministic=deterministic
   )
   if not return_hidden:
-    out = model(inputs, **kwargs)
+    out, _ = model(inputs, **kwargs)
   else:
-    # One forward pass for both: the final (normalized) hidden states and the logits the
-    # output head makes of them.
-    hidden = model.hidden_states(inputs, **kwargs)
-    out = model.logits_from_hidden(hidden), hidden.astype(jnp.float32)
+    # One forward pass for both: the logits and the final (normalized) hidden states
+    # the model sows for the output head.
+    (logits, _), sown = models.capture_intermediates(model, inputs, **kwargs)
+    out = logits, sown['hidden'].astype(jnp.float32)
   return out, nnx.state(model, FeatureStats)
+
+
+def encoder_sums(student, teacher, weights):
+  """An encoder's task: the per-token squared error to the frozen teacher's hidden
+  states (as 'loss_sum') and their cosine similarity (as 'correct_sum')."""
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  student = student.astype(jnp.float32)
+  w = weights.astype(jnp.float32)
+  cosine = jnp.sum(student * teacher, -1) / jnp.maximum(
+    jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1), 1e-9
+  )
+  return {
+    'loss_sum': distill_sum(student, teacher, weights, target='hidden', temperature=1.0),
+    'correct_sum': jnp.sum(cosine * w),
+    'weight_sum': jnp.sum(w),
+  }
 
 
 def distill_sum(student, teacher, weights, *, target, temperature):
@@ -233,7 +252,7 @@ def train_step(
   inputs, targets, weights = make_targets(batch, mask_key, task_info)
   total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
-  distilling = teacher is not None and distill is not None
+  distilling = teacher is not None and distill is not None and task_info['task'] != 'encoder'
   hidden = distilling and distill['target'] == 'hidden'
 
   def loss_fn(p, s, micro, key):
@@ -250,6 +269,12 @@ def train_step(
       return_hidden=hidden,
       training=True,
     )
+    if task_info['task'] == 'encoder':
+      t_out, _ = _forward(
+        distill['graphdef'], *teacher, micro['inputs'], micro, deterministic=True, dropout_key=None
+      )
+      sums = encoder_sums(out, t_out, micro['weights'])
+      return sums['loss_sum'], (sums, new_stats)
     logits = out[0] if hidden else out
     sums = token_sums(logits, micro['targets'], micro['weights'])
     if not distilling:
@@ -313,17 +338,25 @@ def train_step(
   return params, opt_state, stats, metrics
 
 
-def eval_step(params, stats, features, rest, batch, mask_key, *, graphdef, task_info):
+def eval_step(
+  params, stats, features, rest, batch, mask_key, teacher=None, *, graphdef, task_info, distill=None
+):
   """Deterministic forward pass (stored features and statistics, no dropout); returns
   token sums.
 
-  MLM eval masks a fixed (per batch index) 15% of tokens, all with MASK.
+  MLM eval masks a fixed (per batch index) 15% of tokens, all with MASK. An encoder is
+  scored against its teacher (`teacher`, as in train_step).
   """
   inputs, targets, weights = make_targets(batch, mask_key, task_info, evaluating=True)
-  logits, _ = _forward(
+  out, _ = _forward(
     graphdef, params, features, stats, rest, inputs, batch, deterministic=True, dropout_key=None
   )
-  return token_sums(logits, targets, weights)
+  if task_info['task'] == 'encoder':
+    t_out, _ = _forward(
+      distill['graphdef'], *teacher, inputs, batch, deterministic=True, dropout_key=None
+    )
+    return encoder_sums(out, t_out, weights)
+  return token_sums(out, targets, weights)
 
 
 def build_task_info(model_config, train_config, vocab, target_offset):
@@ -389,7 +422,7 @@ def make_step_fns(
     use_dropout=use_dropout,
     distill=distill,
   )
-  evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info)
+  evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info, distill=distill)
   if state_shardings is None:
     train, evaluate = jax.jit(train, donate_argnums=(0, 1, 2)), jax.jit(evaluate)
   else:
@@ -403,16 +436,18 @@ def make_step_fns(
       in_shardings=in_sh,
       out_shardings=(p_sh, o_sh, s_sh, replicated),
     )
-    evaluate = jax.jit(
-      evaluate,
-      in_shardings=(p_sh, s_sh, f_sh, r_sh, batch_sharding, replicated),
-      out_shardings=replicated,
-    )
+    eval_sh = (p_sh, s_sh, f_sh, r_sh, batch_sharding, replicated)
+    if teacher is not None:
+      eval_sh += (teacher.get('shardings'),)
+    evaluate = jax.jit(evaluate, in_shardings=eval_sh, out_shardings=replicated)
   if teacher is None:
     return train, evaluate
-  jitted, trees = train, tuple(teacher['trees'])
+  jitted, jitted_eval, trees = train, evaluate, tuple(teacher['trees'])
 
   def train_with_teacher(params, opt_state, stats, features, rest, batch, step, base_key):
     return jitted(params, opt_state, stats, features, rest, batch, step, base_key, trees)
 
-  return train_with_teacher, evaluate
+  def evaluate_with_teacher(params, stats, features, rest, batch, mask_key):
+    return jitted_eval(params, stats, features, rest, batch, mask_key, trees)
+
+  return train_with_teacher, evaluate_with_teacher

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from performer import attention, data, models
+from performer.convert import pretrained
 from performer.training import checkpoints, config_utils, sharding
 from performer.training import metrics as metrics_lib
 from performer.training import steps as steps_lib
@@ -36,10 +37,53 @@ from performer.training import steps as steps_lib
 log = logging.getLogger(__name__)
 
 
+# Architecture fields a pretrained checkpoint decides (convert/pretrained.py).
+PRETRAINED_FIELDS = (
+  'vocab_size', 'num_layers', 'num_heads', 'num_kv_heads', 'emb_dim', 'mlp_dim', 'head_dim',
+  'max_len', 'rope_theta', 'norm_eps', 'tie_embeddings', 'type_vocab_size', 'pooler',
+)  # fmt: skip
+
+
+def _fill_from_pretrained(config):
+  """Writes a gguf:/hf: init_from checkpoint's family and architecture into config.model.
+
+  A size the config leaves at 0 is taken from the checkpoint; one it sets must agree.
+  rope_theta, norm_eps, max_len and the boolean fields always follow the checkpoint.
+  """
+  pre = pretrained.open_pretrained(config.train.init_from)
+  model = config.model
+  if model.family != pre.family:
+    raise config_utils.ConfigError(
+      f'config.model.family: {model.family!r}, but config.train.init_from '
+      f'{config.train.init_from} is a {pre.family!r} checkpoint'
+    )
+  for key in PRETRAINED_FIELDS:
+    if key not in pre.fields:
+      continue
+    value, ours = pre.fields[key], model[key]
+    always = key in ('rope_theta', 'norm_eps', 'max_len') or isinstance(ours, bool)
+    if not always and ours and ours != value:
+      raise config_utils.ConfigError(
+        f'config.model.{key}: {ours}, but config.train.init_from has {value}; use 0 to '
+        'take it from the checkpoint'
+      )
+    model[key] = type(ours)(value)
+  return pre
+
+
 def resolve_config(config):
-  """Fills data-dependent defaults (vocab_size=0 -> the data vocabulary) on a copy."""
-  vocab = data.vocab_for(config.data)
+  """Fills checkpoint- and data-dependent settings on a copy: a gguf:/hf: init_from's
+  architecture, the family's fixed task and positions, vocab_size=0 -> the data
+  vocabulary. Raises ConfigError (or a UserInputError naming a file)."""
   config = config.copy_and_resolve_references()
+  if pretrained.is_pretrained(config.train.init_from):
+    _fill_from_pretrained(config)
+  fixed = models.FAMILIES[config.model.family].fixed
+  for key in ('task', 'positions'):
+    if key in fixed:
+      config.model[key] = fixed[key]
+  config_utils._validate_model(config.model)  # pylint: disable=protected-access
+  vocab = data.vocab_for(config.data)
   if config.model.vocab_size == 0:
     config.model.vocab_size = int(vocab.size)
   elif config.model.vocab_size < vocab.size:
@@ -205,6 +249,11 @@ def setup(config, mesh=None):
   state['abstract']['opt_state'] = a_opt
   sh = state['shardings']
   replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  if config.model.task == 'encoder' and not config.train.distill_from:
+    raise config_utils.ConfigError(
+      'config.train.distill_from: an encoder trains by distillation from its softmax '
+      'original; name it (e.g. the same hf:DIR as init_from)'
+    )
   teacher = build_teacher(config, mesh) if config.train.distill_from else None
   train_fn, eval_fn = steps_lib.make_step_fns(
     state['graphdef'],
@@ -257,9 +306,12 @@ def build_teacher(config, mesh):
   teacher_config = config.copy_and_resolve_references()
   teacher_config.model.attention.kind = 'softmax'
   tstate = create_state(teacher_config, mesh)
-  params, report = checkpoints.load_params_by_name(
-    tc.distill_from, tstate['params'], tstate['shardings']['params']
-  )
+  if pretrained.is_pretrained(tc.distill_from):
+    params, report = load_pretrained_params(tc.distill_from, tstate)
+  else:
+    params, report = checkpoints.load_params_by_name(
+      tc.distill_from, tstate['params'], tstate['shardings']['params']
+    )
   if report['only_in_checkpoint'] or report['only_in_model']:
     raise checkpoints.InitFromError(
       "config.train.distill_from: the teacher must have this model's architecture; "
@@ -282,6 +334,29 @@ def build_teacher(config, mesh):
   }
 
 
+def load_pretrained_params(source, state):
+  """Params of `state` (create_state's) overwritten by a gguf:/hf: checkpoint through its
+  family's key map; returns (params, report) like checkpoints.load_params_by_name."""
+  pre = pretrained.open_pretrained(source)
+  graphdef = state['graphdef']
+  host = jax.device_get((state['params'], state['features'], state['stats'], state['rest']))
+  model = nnx.merge(graphdef, *host)
+  if models.model_config(model.config).family != pre.family:
+    raise config_utils.ConfigError(f'{source} is a {pre.family!r} checkpoint, not this family')
+  missing = pretrained.load_pretrained(pre, model)
+  params = jax.device_put(models.split(model)[1], state['shardings']['params'])
+  names = sorted(checkpoints.flatten(params))
+  report = {
+    'step': 0,
+    'source': source,
+    'loaded': [n for n in names if n not in set(missing)],
+    'expected_missing': missing,
+    'only_in_checkpoint': [],
+    'only_in_model': [],
+  }
+  return params, report
+
+
 def _initial_state(run, manager, workdir):
   """Resume from workdir, else init_from (params only), else fresh. Returns (step, meta).
 
@@ -299,13 +374,16 @@ def _initial_state(run, manager, workdir):
     state.update(trees)
     log.info('resumed from %s at step %d', manager.directory, step)
     return step, meta
-  if config.train.init_from:
+  if pretrained.is_pretrained(config.train.init_from):
+    state['params'], report = load_pretrained_params(config.train.init_from, state)
+  elif config.train.init_from:
     state['params'], report = checkpoints.load_params_by_name(
       config.train.init_from,
       state['params'],
       sh['params'],
       expected_missing=state['feature_params'],
     )
+  if config.train.init_from:
     state['init_report'] = report
     if jax.process_index() == 0:  # a record of exactly what was (not) transferred
       with open(os.path.join(workdir, 'init_from.json'), 'w', encoding='utf-8') as f:
@@ -496,8 +574,15 @@ def print_summary(config, step, final, unigram, progress_write=print):
   lines = [
     f'== {config.model.task} / {config.model.attention.kind} / {config.data.name} '
     f'after {step} steps ==',
-    f'{"":18s}{"split":>12s}{"loss":>10s}{"accuracy":>10s}{"perplexity":>12s}',
   ]
+  if config.model.task == 'encoder':
+    lines.append(f'{"":18s}{"split":>12s}{"hidden mse":>12s}{"cosine":>10s}')
+    for split, result in final.items():
+      lines.append(f'{"vs teacher":18s}{split:>12s}{result["loss"]:12.5f}{result["cosine"]:10.4f}')
+    for line in lines:
+      progress_write(line)
+    return
+  lines.append(f'{"":18s}{"split":>12s}{"loss":>10s}{"accuracy":>10s}{"perplexity":>12s}')
   for split, result in final.items():
     lines.append(
       f'{"model":18s}{split:>12s}{result["loss"]:10.4f}{result["accuracy"]:10.4f}'

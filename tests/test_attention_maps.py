@@ -1,4 +1,4 @@
-"""performer.models.inspect: attention matrices rebuilt from recorded q and k."""
+"""performer.models.attention_maps: attention matrices rebuilt from captured q and k."""
 
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from performer import models
-from performer.models import inspect
+from performer.models import attention_maps
 
 L = 24
 
@@ -34,17 +34,19 @@ def test_matrix_times_v_is_the_attention_output(kind, task):
   model = build(kind, task)
   tokens = jnp.asarray(np.random.RandomState(0).randint(4, 24, (2, L)), jnp.int32)
   mask = jnp.arange(L)[None] < jnp.array([[L], [15]])
-  expected = model(tokens, mask=mask)
-  logits, maps = inspect.attention_maps(model, tokens, mask=mask)
+  expected, _ = model(tokens, mask=mask)
+  logits, maps = attention_maps.attention_maps(model, tokens, mask=mask)
   np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
   assert maps.shape == (2, 2, 2, L, L)
-  # The model is unchanged afterwards: its attend functions are the originals again.
-  assert all(type(layer.attn.attend).__name__ != '_Recorder' for layer in model.layers)
-  _, records = inspect.capture_attention_inputs(model, tokens, mask=mask)
+  # Capturing stores nothing on the model.
+  assert not nnx.state(model, nnx.Intermediate)
+  _, records = attention_maps.capture_attention_inputs(model, tokens, mask=mask)
   layer = model.layers[0]
-  x = layer.attn_norm(model._embed(tokens, jnp.broadcast_to(jnp.arange(L), (2, L))))  # pylint: disable=protected-access
+  positions = jnp.broadcast_to(jnp.arange(L), (2, L))
+  x = layer.attn_norm(model.embed(tokens) + model.pos_embed(positions))
   v = layer.attn.value(x)
   r = records[0]
+  np.testing.assert_allclose(r['v'], v, rtol=1e-6, atol=1e-6)
   out = layer.attn.attend(r['q'], r['k'], v, causal=r['causal'], mask=mask)
   rebuilt = jnp.einsum('bhqk,bkhd->bqhd', maps[0], v)
   np.testing.assert_allclose(rebuilt, out, rtol=1e-3, atol=2e-4)
@@ -58,9 +60,9 @@ def test_matrix_times_v_is_the_attention_output(kind, task):
 def test_unknown_kind_is_rejected():
   q = jnp.ones((1, 4, 1, 8))
   with pytest.raises(ValueError, match='unknown attention kind'):
-    inspect.attention_matrix('favor_nope', q, q, causal=False)
+    attention_maps.attention_matrix('favor_nope', q, q, causal=False)
 
 
 def test_needs_a_transformer():
   with pytest.raises(ValueError, match='layers'):
-    inspect.capture_attention_inputs(object(), jnp.zeros((1, 4), jnp.int32))
+    attention_maps.capture_attention_inputs(object(), jnp.zeros((1, 4), jnp.int32))

@@ -1,0 +1,149 @@
+"""The typed model config every family shares, and the one list of choices.
+
+`config.model` (an ml_collections ConfigDict, or a plain dict) becomes a frozen
+`ModelConfig` once, here, so modules get plain Python values and a bad config
+fails at build time with a message naming the key. The choice lists below are
+the only copies: `training/config_utils.py` imports them.
+
+A family fixes the parts of the architecture that define it (Llama: RMSNorm,
+SwiGLU, rotary positions, no biases; BERT: post-LN with token types) through
+its `FIXED` fields in `families.py`; the config supplies the sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+
+from performer import attention
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+TASKS = ('causal_lm', 'mlm', 'image_ar', 'encoder')
+POSITIONS = ('learned', 'sinusoidal', 'rotary', 'axial', 'none')
+NORMS = ('layer', 'rms')
+MLPS = ('gelu', 'gelu_exact', 'swiglu')
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """The attention kind and its options: the only attention setting a model has."""
+
+  kind: str = 'softmax'
+  options: tuple = ()  # (name, value) pairs for attention.build
+  per_head_features: bool = False
+
+  @classmethod
+  def from_config(cls, att) -> AttentionSpec:
+    """From `config.model.attention` (ConfigDict or dict); None values are dropped so
+    the library's defaults apply. Validates the options (ValueError)."""
+    att = dict(att.items()) if hasattr(att, 'items') else dict(att or {})
+    kind = att.pop('kind', 'softmax') or 'softmax'
+    per_head = bool(att.pop('per_head_features', False))
+    options = tuple(sorted((k, v) for k, v in att.items() if v is not None))
+    attention.make_options(kind, per_head_features=per_head, **dict(options))
+    return cls(kind, options, per_head)
+
+  def build(self, *, head_dim: int, num_heads: int, rngs):
+    """The attention module (see `attention.build`)."""
+    return attention.build(
+      self.kind,
+      head_dim=head_dim,
+      num_heads=num_heads,
+      rngs=rngs,
+      per_head_features=self.per_head_features,
+      **dict(self.options),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Validated view of `config.model`; fields follow the config keys.
+
+  num_kv_heads: key/value heads (grouped-query attention); num_heads = ordinary MHA.
+  head_dim: per-head width; emb_dim // num_heads unless a checkpoint says otherwise.
+  rope_theta: the rotary base when positions == 'rotary'.
+  norm / mlp / use_bias: fixed by the family (see families.py).
+  """
+
+  family: str = 'transformer'
+  task: str = 'causal_lm'
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  emb_dim: int
+  mlp_dim: int
+  max_len: int
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  dropout_rate: float = 0.0
+  positions: str = 'learned'
+  rope_theta: float = 10000.0
+  norm: str = 'layer'
+  norm_eps: float = 1e-6
+  mlp: str = 'gelu'
+  use_bias: bool = True
+  embed_init_std: float = 1.0
+  tie_embeddings: bool = False
+  image_shape: tuple | None = None
+  type_vocab_size: int = 2
+  pooler: bool = False
+  dtype: str = 'float32'
+  attention: AttentionSpec = AttentionSpec()
+
+  def __post_init__(self):
+    set_ = functools.partial(object.__setattr__, self)
+    for key, choices in (
+      ('task', TASKS),
+      ('positions', POSITIONS),
+      ('norm', NORMS),
+      ('mlp', MLPS),
+      ('dtype', tuple(DTYPES)),
+    ):
+      if getattr(self, key) not in choices:
+        raise ValueError(f'unknown {key} {getattr(self, key)!r}; valid: {choices}')
+    for key in ('vocab_size', 'num_layers', 'num_heads', 'emb_dim', 'mlp_dim', 'max_len'):
+      if not getattr(self, key) or getattr(self, key) < 1:
+        raise ValueError(f'{key} must be a positive integer, got {getattr(self, key)}')
+    if not self.head_dim:
+      if self.emb_dim % self.num_heads:
+        raise ValueError(f'emb_dim {self.emb_dim} is not divisible by num_heads {self.num_heads}')
+      set_('head_dim', self.emb_dim // self.num_heads)
+    set_('num_kv_heads', self.num_kv_heads or self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f'num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}'
+      )
+    if self.positions == 'rotary' and self.head_dim % 2:
+      raise ValueError(f'rotary positions need an even head_dim, got {self.head_dim}')
+    if self.task == 'image_ar':
+      shape = tuple(int(s) for s in (self.image_shape or ()))
+      if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f'image_ar needs image_shape (height, width, channels), got {shape}')
+      if self.max_len != math.prod(shape):
+        raise ValueError(
+          f'image_ar max_len ({self.max_len}) must equal the number of sub-pixels '
+          f'{shape} -> {math.prod(shape)}'
+        )
+      set_('image_shape', shape)
+    else:
+      set_('image_shape', None)
+      if self.positions == 'axial':
+        raise ValueError("positions='axial' is only valid for task 'image_ar'")
+
+  @property
+  def causal(self) -> bool:
+    return self.task in ('causal_lm', 'image_ar')
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def rotary(self) -> bool:
+    return self.positions == 'rotary'
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
