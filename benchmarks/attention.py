@@ -74,7 +74,7 @@ def forward_backward(attend, causal, features):
   which flattered every linear kind's ratio.)"""
 
   def grads(q, k, v, ct):
-    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, causal=causal, features=features), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, causal=causal, projection=features), q, k, v)
     return vjp(ct.astype(out.dtype))
 
   return jax.jit(grads)
@@ -91,7 +91,7 @@ def run_case(kind, causal, length, args, predicted):
   q, k, v = (jax.random.normal(kk, shape, dtype) for kk in keys[:3])
   ct = jax.random.normal(jax.random.fold_in(keys[3], 1), shape, jnp.float32)
   attend = make_attend(kind, args)
-  features = attend.make_features(keys[3], args.head_dim)
+  features = attend.make_projection(keys[3], args.head_dim)
   fn = forward_backward(attend, causal, features)
   compiled, peak, flops = common.compile_stats(fn, q, k, v, ct)
   row['peak_mb'] = None if peak is None else peak / 2**20

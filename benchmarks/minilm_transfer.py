@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -33,22 +32,8 @@ from flax import nnx  # pylint: disable=g-import-not-at-top
 
 from benchmarks import common
 from performer.convert import bert as convert_bert
+from performer.data.english import english_sentences
 from performer.models import bert as bert_lib
-
-
-def english_sentences(min_words=8, max_words=40):
-  """Real English prose sentences from the stdlib's pydoc topics (no downloads)."""
-  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
-
-  out = []
-  for name in sorted(topics.topics):
-    for para in topics.topics[name].split('\n\n'):
-      if '::=' in para or para.startswith(' ') or '*' in para:
-        continue  # grammar rules, code samples, headings
-      for sent in re.split(r'(?<=[.!?])\s+', ' '.join(para.split())):
-        if min_words <= len(sent.split()) <= max_words and sent[0].isupper() and sent.endswith('.'):
-          out.append(sent)
-  return out
 
 
 def encode(tokenizer, sentences, length):

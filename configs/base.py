@@ -10,6 +10,9 @@ Not meant to be trained directly (it is a mid-sized causal protein LM with no tu
   python train.py --config=configs/default.py --workdir=/tmp/protein_uni
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -100,4 +103,32 @@ def get_config():
   # Locked here, so a variant file that sets a misspelt key fails at load instead of
   # silently adding a setting nothing reads.
   config.lock()
+  return config
+
+
+def package_file(package, *parts, missing):
+  """A file inside an installed (wheel-shipped) package, without importing it; `missing`
+  if the package is absent (the run then stops with a one-line error naming it)."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    return missing
+  return os.path.join(spec.submodule_search_locations[0], *parts)
+
+
+def pretrained_config(family, source):
+  """The base for configs that start from a pretrained checkpoint ('gguf:PATH' |
+  'hf:DIR'): the model family, architecture sizes 0 (the checkpoint fills them in,
+  train_lib.resolve_config), and init_from, distill_from and the data tokenizer on ONE
+  FieldReference, so `--config.train.init_from=gguf:/other.gguf` moves all three."""
+  config = get_config()
+  config.model.family = family
+  for key in ('vocab_size', 'num_layers', 'num_heads', 'emb_dim', 'mlp_dim', 'max_len'):
+    config.model[key] = 0
+  source = ml_collections.FieldReference(source)
+  config.train.init_from = source
+  config.train.distill_from = source
+  config.data.tokenizer = source
+  config.data.name = 'english_sample'
+  config.data.crop = 'start'
+  config.train.redraw_every = 0  # one feature draw for a short fine-tune
   return config

@@ -26,8 +26,8 @@
 # own statistics) and **FAVOR#** (`favor_sharp`, FAVOR++ after a per-dimension
 # rescaling that balances query and key norms).
 #
-# Everything comes from the package: `attention.draw_features` draws the
-# feature matrix, `attend.features(q, k, features=w)` gives phi(q), phi(k)
+# Everything comes from the package: `attention.draw_projection` draws the
+# feature matrix, `attend.features(q, k, projection=w)` gives phi(q), phi(k)
 # with their true scale, calibrated as the attention call is (so
 # phi(Q) phi(K)^T estimates exp(Q K^T / sqrt(d))), `attend(...)` computes the
 # linear-attention output with that matrix and `attention.softmax_reference`
@@ -102,10 +102,10 @@ def errors(kind, num_features):
 
   @jax.jit
   def fn(q, k, v, w, rows, a_exact, out_exact):
-    phi_q, phi_k = attend.features(q, k, features=w)
+    phi_q, phi_k = attend.features(q, k, projection=w)
     scores = phi_q[0, rows, 0] @ phi_k[0, :, 0].T  # [R, L]
     a_hat = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    out = attend(q, k, v, causal=False, features=w)
+    out = attend(q, k, v, causal=False, projection=w)
     return jnp.mean((a_hat - a_exact) ** 2), jnp.mean((out - out_exact) ** 2)
 
   return fn
@@ -132,7 +132,7 @@ for sq_norm in SQ_NORMS:
     for name, kind in KINDS.items():
       for orthogonal in (True, False):
         for m in MS:
-          w = attention.draw_features(jax.random.fold_in(kw, m), m, D, orthogonal=orthogonal)
+          w = attention.draw_projection(jax.random.fold_in(kw, m), m, D, orthogonal=orthogonal)
           err = fns[kind, m](q, k, v, w, rows, a_exact, out_exact)
           results.setdefault((sq_norm, name, 'orthogonal' if orthogonal else 'iid', m), []).append(
             tuple(float(e) for e in err)

@@ -48,22 +48,22 @@ def test_softmax_mask_and_segments_match_reference():
 
 
 def test_orthogonal_blocks_and_norms():
-  w = attention.draw_features(jax.random.PRNGKey(0), 40, 16)
+  w = attention.draw_projection(jax.random.PRNGKey(0), 40, 16)
   assert w.shape == (40, 16)
   block = np.asarray(w[:16])
   unit = block / np.linalg.norm(block, axis=1, keepdims=True)
   np.testing.assert_allclose(unit @ unit.T, np.eye(16), atol=1e-5)
-  sqrt = attention.draw_features(jax.random.PRNGKey(0), 40, 16, feature_norms='sqrt')
+  sqrt = attention.draw_projection(jax.random.PRNGKey(0), 40, 16, feature_norms='sqrt')
   np.testing.assert_allclose(np.linalg.norm(sqrt, axis=1), 4.0, rtol=1e-5)
   # chi(d) norms vary and have mean close to sqrt(d).
-  norms = np.linalg.norm(attention.draw_features(jax.random.PRNGKey(1), 4096, 16), axis=1)
+  norms = np.linalg.norm(attention.draw_projection(jax.random.PRNGKey(1), 4096, 16), axis=1)
   assert norms.std() > 0.3 and abs(norms.mean() - 4.0) < 0.1
   # Same directions for both norm options: the norms use an independent key.
   np.testing.assert_allclose(unit, np.asarray(sqrt[:16]) / 4.0, atol=1e-5)
 
 
 def test_sign_fix_makes_rows_unbiased():
-  draws = jax.vmap(lambda k: attention.draw_features(k, 4, 4))(
+  draws = jax.vmap(lambda k: attention.draw_projection(k, 4, 4))(
     jax.random.split(jax.random.PRNGKey(2), 4000)
   )
   # Haar rows have mean zero; QR without the sign fix does not.
@@ -71,9 +71,9 @@ def test_sign_fix_makes_rows_unbiased():
 
 
 def test_iid_and_per_head_features():
-  iid = attention.draw_features(jax.random.PRNGKey(3), 8, 4, orthogonal=False)
+  iid = attention.draw_projection(jax.random.PRNGKey(3), 8, 4, orthogonal=False)
   assert iid.shape == (8, 4)
-  heads = attention.draw_features(jax.random.PRNGKey(3), 8, 4, num_heads=3)
+  heads = attention.draw_projection(jax.random.PRNGKey(3), 8, 4, num_heads=3)
   assert heads.shape == (3, 8, 4)
   assert not np.allclose(heads[0], heads[1])
 
@@ -81,18 +81,18 @@ def test_iid_and_per_head_features():
 def test_redraw_features_keeps_structure_and_metadata():
   class Layer(nnx.Module):
     def __init__(self):
-      self.w = attention.RandomFeatures(
-        attention.draw_features(jax.random.PRNGKey(0), 8, 4, num_heads=2),
+      self.w = attention.RandomProjection(
+        attention.draw_projection(jax.random.PRNGKey(0), 8, 4, num_heads=2),
         orthogonal=False,
         feature_norms='chi',
       )
       self.dense = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
 
   layer = Layer()
-  _, rf, params = nnx.split(layer, attention.RandomFeatures, nnx.Param)
+  _, rf, params = nnx.split(layer, attention.RandomProjection, nnx.Param)
   assert 'w' in rf and 'w' not in params
-  new = jax.jit(attention.redraw_features)(rf, jax.random.PRNGKey(5))
-  again = attention.redraw_features(rf, jax.random.PRNGKey(5))
+  new = jax.jit(attention.redraw_projections)(rf, jax.random.PRNGKey(5))
+  again = attention.redraw_projections(rf, jax.random.PRNGKey(5))
   assert new['w'][...].shape == (2, 8, 4)
   assert not np.allclose(new['w'][...], rf['w'][...])
   np.testing.assert_array_equal(new['w'][...], again['w'][...])
@@ -103,8 +103,8 @@ def test_redraw_features_keeps_structure_and_metadata():
 
 
 def _kernel_estimate(q, k, key, m, orthogonal, kind='favor_softmax'):
-  w = attention.draw_features(key, m, q.shape[-1], orthogonal=orthogonal)
-  phi_q, phi_k = attention.get_attention(kind).features(q, k, features=w)
+  w = attention.draw_projection(key, m, q.shape[-1], orthogonal=orthogonal)
+  phi_q, phi_k = attention.get_attention(kind).features(q, k, projection=w)
   return jnp.einsum('blhm,bshm->bhls', phi_q, phi_k)
 
 
@@ -131,8 +131,8 @@ def test_attention_error_shrinks_with_m_and_orthogonal_beats_iid():
   def mean_error(m, orthogonal):
     errors = []
     for seed in range(20):
-      w = attention.draw_features(jax.random.PRNGKey(100 + seed), m, 16, orthogonal=orthogonal)
-      out = attend(q, k, v, causal=False, features=w)
+      w = attention.draw_projection(jax.random.PRNGKey(100 + seed), m, 16, orthogonal=orthogonal)
+      out = attend(q, k, v, causal=False, projection=w)
       errors.append(float(jnp.mean((out - exact) ** 2)))
     return np.mean(errors)
 
@@ -150,11 +150,11 @@ def test_attention_error_shrinks_with_m_and_orthogonal_beats_iid():
 @pytest.mark.parametrize('causal', [False, True])
 def test_gradients_are_finite(kind, causal):
   q, k, v = _qkv(jax.random.PRNGKey(7), length=20, scale=2.0)
-  w = attention.draw_features(jax.random.PRNGKey(8), 16, 8)
+  w = attention.draw_projection(jax.random.PRNGKey(8), 16, 8)
   attend = attention.get_attention(kind, chunk_size=8)
   mask = jnp.arange(20)[None] < jnp.array([[20], [13]])
   grads = jax.grad(
-    lambda q, k, v: jnp.sum(attend(q, k, v, causal=causal, mask=mask, features=w) ** 2), (0, 1, 2)
+    lambda q, k, v: jnp.sum(attend(q, k, v, causal=causal, mask=mask, projection=w) ** 2), (0, 1, 2)
   )(q, k, v)
   for g in grads:
     assert np.all(np.isfinite(np.asarray(g)))
@@ -169,9 +169,9 @@ def test_bf16_long_large_norm_inputs_stay_finite(kind, causal):
   q, k, v = _qkv(
     jax.random.PRNGKey(9), b=1, length=length, h=1, d=d, scale=8.0
   )  # |q|, |k| ~ 32: exp(q.k/sqrt(d)) overflows f32
-  w = attention.draw_features(jax.random.PRNGKey(10), 32, d)
+  w = attention.draw_projection(jax.random.PRNGKey(10), 32, d)
   attend = attention.get_attention(kind, num_features=32, chunk_size=256)
-  out = jax.jit(lambda q, k, v: attend(q, k, v, causal=causal, features=w))(
+  out = jax.jit(lambda q, k, v: attend(q, k, v, causal=causal, projection=w))(
     q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
   )
   assert out.dtype == jnp.bfloat16
@@ -206,11 +206,11 @@ def test_normalise_gradient_matches_autodiff_of_division():
 def test_large_norm_keys_do_not_underflow_causal():
   """The running maximum keeps large-norm keys (|k|^2/2 >> 88) usable."""
   q, k, v = _qkv(jax.random.PRNGKey(11), b=1, length=64, h=1, d=16, scale=6.0)
-  w = attention.draw_features(jax.random.PRNGKey(12), 64, 16)
+  w = attention.draw_projection(jax.random.PRNGKey(12), 64, 16)
   attend = attention.get_attention('favor_softmax', chunk_size=16)
-  out = attend(q, k, v, causal=True, features=w)
+  out = attend(q, k, v, causal=True, projection=w)
   scan = attention.get_attention('favor_softmax', causal_impl='scan')(
-    q, k, v, causal=True, features=w
+    q, k, v, causal=True, projection=w
   )
   assert np.all(np.isfinite(np.asarray(out)))
   assert np.abs(np.asarray(out)).max() > 1e-3
@@ -222,28 +222,28 @@ def test_large_norm_keys_do_not_underflow_causal():
 
 def test_bad_inputs_raise_clear_errors():
   q, k, v = _qkv(jax.random.PRNGKey(0))
-  w = attention.draw_features(jax.random.PRNGKey(1), 16, 8)
+  w = attention.draw_projection(jax.random.PRNGKey(1), 16, 8)
   attend = attention.get_attention('favor_softmax')
   with pytest.raises(ValueError, match="unknown attention kind 'favx'.*softmax"):
     attention.get_attention('favx')
   with pytest.raises(ValueError, match='unknown attention option'):
     attention.get_attention('softmax', num_featurez=3)
   with pytest.raises(ValueError, match='q and k shapes differ'):
-    attend(q, k[:, :, :1], v, causal=True, features=w)
+    attend(q, k[:, :, :1], v, causal=True, projection=w)
   with pytest.raises(ValueError, match='v .* does not match'):
-    attend(q, k, v[:, :5], causal=True, features=w)
+    attend(q, k, v[:, :5], causal=True, projection=w)
   with pytest.raises(ValueError, match=r'q must be \[batch, length, heads'):
-    attend(q[0], k, v, causal=True, features=w)
+    attend(q[0], k, v, causal=True, projection=w)
   with pytest.raises(ValueError, match='mask must have shape'):
-    attend(q, k, v, causal=True, mask=jnp.ones((2, 5), bool), features=w)
+    attend(q, k, v, causal=True, mask=jnp.ones((2, 5), bool), projection=w)
   with pytest.raises(ValueError, match='mask must be bool'):
-    attend(q, k, v, causal=True, mask=jnp.ones((2, 16)), features=w)
+    attend(q, k, v, causal=True, mask=jnp.ones((2, 16)), projection=w)
   with pytest.raises(ValueError, match='segment_ids must have shape'):
-    attend(q, k, v, causal=True, segment_ids=jnp.ones((1, 16), jnp.int32), features=w)
+    attend(q, k, v, causal=True, segment_ids=jnp.ones((1, 16), jnp.int32), projection=w)
   with pytest.raises(ValueError, match='needs a random feature matrix'):
     attend(q, k, v, causal=True)
   with pytest.raises(ValueError, match='features must be'):
-    attend(q, k, v, causal=True, features=w[:, :4])
+    attend(q, k, v, causal=True, projection=w[:, :4])
   with pytest.raises(ValueError, match='feature_norms'):
     attention.get_attention('favor_softmax', feature_norms='unit')
   with pytest.raises(ValueError, match='pass max_length'):

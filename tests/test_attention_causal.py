@@ -23,7 +23,7 @@ def _qkv(key, b=2, length=37, h=2, d=8, dv=8, scale=0.5):
 
 
 def _features(d=8, m=16, seed=1):
-  return attention.draw_features(jax.random.PRNGKey(seed), m, d)
+  return attention.draw_projection(jax.random.PRNGKey(seed), m, d)
 
 
 def quadratic_reference(kind, q, k, v, w, *, causal, mask=None, segment_ids=None):
@@ -31,7 +31,7 @@ def quadratic_reference(kind, q, k, v, w, *, causal, mask=None, segment_ids=None
   pq, pk = (
     np.asarray(x, np.float64)
     for x in attention.get_attention(kind).features(
-      q, k, causal=causal, mask=mask, segment_ids=segment_ids, features=w
+      q, k, causal=causal, mask=mask, segment_ids=segment_ids, projection=w
     )
   )
   scores = np.einsum('blhm,bshm->bhls', pq, pk)
@@ -64,10 +64,10 @@ def test_chunked_equals_scan_and_quadratic(kind, chunk_size):
   # eps=0: the reference has no normaliser eps (it matters for ReLU's small
   # early denominators), and there are no empty rows here.
   chunked = attention.get_attention(kind, chunk_size=chunk_size, eps=0.0)(
-    q, k, v, causal=True, features=w
+    q, k, v, causal=True, projection=w
   )
   scan = attention.get_attention(kind, causal_impl='scan', eps=0.0)(
-    q, k, v, causal=True, features=w
+    q, k, v, causal=True, projection=w
   )
   quad = quadratic_reference(kind, q, k, v, w, causal=True)
   np.testing.assert_allclose(chunked, scan, atol=1e-5, rtol=1e-5)
@@ -78,7 +78,7 @@ def test_chunked_equals_scan_and_quadratic(kind, chunk_size):
 def test_bidirectional_equals_quadratic(kind):
   q, k, v = _qkv(jax.random.PRNGKey(1))
   w = _features()
-  out = attention.get_attention(kind, eps=0.0)(q, k, v, causal=False, features=w)
+  out = attention.get_attention(kind, eps=0.0)(q, k, v, causal=False, projection=w)
   quad = quadratic_reference(kind, q, k, v, w, causal=False)
   np.testing.assert_allclose(out, quad, atol=1e-5, rtol=1e-5)
 
@@ -129,7 +129,7 @@ def test_no_future_leak_bit_exact(kind, impl):
   q, k, v = _qkv(jax.random.PRNGKey(2), length=40)
   w = _features()
   attend = attention.get_attention(kind, chunk_size=8, causal_impl=impl)
-  fn = jax.jit(lambda q, k, v: attend(q, k, v, causal=True, features=w))
+  fn = jax.jit(lambda q, k, v: attend(q, k, v, causal=True, projection=w))
   base = np.asarray(fn(q, k, v))
   keys = jax.random.split(jax.random.PRNGKey(3), 3)
   for t in (0, 7, 8, 21, 38):
@@ -152,7 +152,7 @@ def test_no_future_leak_with_mask_and_segments(kind):
   seg = jnp.array([[1] * 10 + [2] * 9 + [0] * 5, [1] * 24])
   mask = seg > 0
   attend = attention.get_attention(kind, chunk_size=4)
-  fn = jax.jit(lambda k: attend(q, k, v, causal=True, mask=mask, segment_ids=seg, features=w))
+  fn = jax.jit(lambda k: attend(q, k, v, causal=True, mask=mask, segment_ids=seg, projection=w))
   base = np.asarray(fn(k))
   for t in (3, 9, 12):
     out = np.asarray(fn(_perturb_future(k, t, jax.random.PRNGKey(5), 6.0)))
@@ -166,9 +166,9 @@ def test_padding(kind, causal):
   w = _features()
   attend = attention.get_attention(kind, chunk_size=8)
   mask = jnp.arange(20)[None, :] < jnp.array([[14], [20]])
-  out = attend(q, k, v, causal=causal, mask=mask, features=w)
+  out = attend(q, k, v, causal=causal, mask=mask, projection=w)
   # A padded key changes nothing: compare with the sequence cut at 14...
-  cut = attend(q[:1, :14], k[:1, :14], v[:1, :14], causal=causal, features=w)
+  cut = attend(q[:1, :14], k[:1, :14], v[:1, :14], causal=causal, projection=w)
   np.testing.assert_allclose(out[:1, :14], cut, atol=1e-5, rtol=1e-5)
   # ...and with wild values at the padded positions.
   pad = ~mask[..., None, None]
@@ -178,12 +178,12 @@ def test_padding(kind, causal):
     jnp.where(pad, 1e3, v),
     causal=causal,
     mask=mask,
-    features=w,
+    projection=w,
   )
   np.testing.assert_allclose(wild, out, atol=1e-5, rtol=1e-5)
   # A padded query gives zeros, never NaN; an all-padded row too.
   assert np.all(np.asarray(out[0, 14:]) == 0)
-  empty = attend(q, k, v, causal=causal, mask=jnp.zeros((2, 20), bool), features=w)
+  empty = attend(q, k, v, causal=causal, mask=jnp.zeros((2, 20), bool), projection=w)
   assert np.all(np.asarray(empty) == 0)
 
 
@@ -198,9 +198,9 @@ def test_packed_segments_equal_separate(kind, causal):
   for i, (a, b) in enumerate(bounds):
     seg[0, a:b] = i + 1
   seg = jnp.asarray(seg)
-  packed = attend(q, k, v, causal=causal, mask=seg > 0, segment_ids=seg, features=w)
+  packed = attend(q, k, v, causal=causal, mask=seg > 0, segment_ids=seg, projection=w)
   for a, b in bounds:
-    alone = attend(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, features=w)
+    alone = attend(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal, projection=w)
     np.testing.assert_allclose(packed[:, a:b], alone, atol=1e-5, rtol=1e-5)
   assert np.all(np.asarray(packed[:, 26:]) == 0)
 
@@ -212,17 +212,17 @@ def test_recurrent_step_matches_chunked(kind):
   q, k, v = _qkv(jax.random.PRNGKey(8), b=2, length=19)
   w = _features()
   attend = attention.get_attention(kind, chunk_size=4)
-  full = attend(q, k, v, causal=True, features=w)
+  full = attend(q, k, v, causal=True, projection=w)
   prompt = 7
-  state = attend.init_state(2, 2, 8, 8, features=w, max_length=19)
-  out, state = attend.prefill(state, q[:, :prompt], k[:, :prompt], v[:, :prompt], features=w)
+  state = attend.init_state(2, 2, 8, 8, projection=w, max_length=19)
+  out, state = attend.prefill(state, q[:, :prompt], k[:, :prompt], v[:, :prompt], projection=w)
   np.testing.assert_allclose(out, full[:, :prompt], atol=1e-5, rtol=1e-5)
-  step = jax.jit(lambda s, q, k, v: attend.step(s, q, k, v, features=w))
+  step = jax.jit(lambda s, q, k, v: attend.step(s, q, k, v, projection=w))
   for t in range(prompt, 19):
     out_t, state = step(state, q[:, t], k[:, t], v[:, t])
     np.testing.assert_allclose(out_t, full[:, t], atol=1e-5, rtol=1e-5)
   # Token by token from an empty state gives the same outputs too.
-  state = attend.init_state(2, 2, 8, 8, features=w, max_length=19)
+  state = attend.init_state(2, 2, 8, 8, projection=w, max_length=19)
   for t in range(19):
     out_t, state = step(state, q[:, t], k[:, t], v[:, t])
     np.testing.assert_allclose(out_t, full[:, t], atol=1e-5, rtol=1e-5)
@@ -230,7 +230,7 @@ def test_recurrent_step_matches_chunked(kind):
 
 def test_favor_state_size_is_constant():
   attend = attention.get_attention('favor_softmax', num_features=16)
-  state = attend.init_state(1, 2, 8, 8, features=_features())
+  state = attend.init_state(1, 2, 8, 8, projection=_features())
   assert state['S'].shape == (1, 2, 16, 8) and state['z'].shape == (1, 2, 16)
   hyper = attention.get_attention('favor_hyperbolic', num_features=16)
-  assert hyper.init_state(1, 2, 8, 8, features=_features())['S'].shape == (1, 2, 32, 8)
+  assert hyper.init_state(1, 2, 8, 8, projection=_features())['S'].shape == (1, 2, 32, 8)

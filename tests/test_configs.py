@@ -138,3 +138,33 @@ def test_eval_py_without_checkpoint_is_one_line_exit_2(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith('W')]
   assert len(lines) == 1 and 'checkpoint' in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+  'name,family,sizes',
+  [
+    ('smollm2_favor', 'llama', (30, 9, 3, 576, 49152)),
+    ('minilm_favor', 'bert', (6, 12, 12, 384, 30522)),
+  ],
+)
+def test_pretrained_configs_take_their_architecture_from_the_checkpoint(name, family, sizes):
+  """The imported-model configs leave the sizes at 0; resolving reads them from the real
+  GGUF / HF checkpoint (metadata only) and the data tokenizer is the model's own."""
+  from performer.training import train_lib
+
+  config = config_utils.validate(
+    config_utils.load_config(os.path.join(ROOT, 'configs', f'{name}.py'))
+  )
+  assert config.model.num_layers == 0 and config.data.tokenizer == config.train.init_from
+  resolved, vocab = train_lib.resolve_config(config)
+  m = resolved.model
+  assert m.family == family
+  assert (
+    m.num_layers,
+    m.num_heads,
+    m.num_kv_heads or m.num_heads,
+    m.emb_dim,
+    m.vocab_size,
+  ) == sizes
+  assert vocab.size == m.vocab_size
+  assert len(vocab.encode('The capital of France is')) >= 5

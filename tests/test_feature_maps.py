@@ -37,7 +37,7 @@ def _kernel_draws(kind, q, k, a, num_draws=4000, m=8, seed=5):
   d, h = q.shape[-1], q.shape[-2]
 
   def one(key):
-    w = attention.draw_features(key, m, d, orthogonal=False)
+    w = attention.draw_projection(key, m, d, orthogonal=False)
     fmap = attention.get_attention(kind).bind(d, h, w).feature_map
     ctx = fmap.calibrate(q, k, causal=False)
     if a is not None:
@@ -104,7 +104,7 @@ def test_favor_sharp_alignment_keeps_dot_products_and_balances_norms():
   q = q * jnp.array([4.0, 1, 1, 1, 1, 1, 1, 0.25])  # anisotropic queries
   fmap = (
     attention.get_attention('favor_sharp')
-    .bind(8, 1, attention.draw_features(jax.random.PRNGKey(0), 8, 8))
+    .bind(8, 1, attention.draw_projection(jax.random.PRNGKey(0), 8, 8))
     .feature_map
   )
   ctx = fmap.calibrate(q, k, causal=False)
@@ -137,10 +137,10 @@ def test_causal_uses_only_earlier_batches_statistics(kind):
   q, k, v = _qkv(jax.random.PRNGKey(0), scale=1.0)
   module = _module(kind)
   plus = attention.get_attention('favor_softmax', chunk_size=4)
-  w = module.feature_map.features[...]
+  w = module.feature_map.projection[...]
   # Without statistics the map is exactly FAVOR+.
   np.testing.assert_allclose(
-    module(q, k, v, causal=True), plus(q, k, v, causal=True, features=w), atol=1e-6
+    module(q, k, v, causal=True), plus(q, k, v, causal=True, projection=w), atol=1e-6
   )
   assert float(module.feature_map.weight[...]) == 0.0
   # A training call updates the statistics (eval calls never do)...
@@ -222,8 +222,8 @@ def test_hedgehog_owns_trainable_parameters_not_random_features():
   params = nnx.state(module, attention.FeatureParam)
   leaves = jax.tree.leaves(params)
   assert len(leaves) == 4 and leaves  # query/key weight and bias
-  assert jax.tree.leaves(nnx.state(module, attention.RandomFeatures)) == []
-  assert not attention.get_attention('hedgehog').uses_features
+  assert jax.tree.leaves(nnx.state(module, attention.RandomProjection)) == []
+  assert not attention.get_attention('hedgehog').uses_projection
   np.testing.assert_array_equal(module.feature_map.query_weight[0], np.eye(8))
   assert module.feature_map.num_features == 16
   wide = attention.build('hedgehog', head_dim=8, num_heads=2, hedgehog_dim=12)

@@ -21,7 +21,7 @@ VOCAB = 13
 L = 16
 CAUSAL_TASKS = ('causal_lm', 'image_ar')
 TASKS = models.FAMILIES['transformer'].tasks
-FEATURE_KINDS = tuple(k for k in attention.KINDS if attention.get_attention(k).uses_features)
+FEATURE_KINDS = tuple(k for k in attention.KINDS if attention.get_attention(k).uses_projection)
 
 
 def make_config(task='causal_lm', kind='softmax', **overrides):
@@ -148,10 +148,10 @@ def test_mlm_is_bidirectional():
 @pytest.mark.parametrize('kind', kind_params(attention.KINDS))
 def test_random_features_are_variables_not_params(kind):
   model = cached_model('causal_lm', kind)
-  feats = jax.tree.leaves(nnx.state(model, attention.RandomFeatures))
+  feats = jax.tree.leaves(nnx.state(model, attention.RandomProjection))
   params = nnx.state(model, nnx.Param)
   param_leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  assert not any(isinstance(p, attention.RandomFeatures) for p in param_leaves)
+  assert not any(isinstance(p, attention.RandomProjection) for p in param_leaves)
   assert 'features' not in str(jax.tree_util.tree_structure(params))
   if kind in FEATURE_KINDS:
     assert len(feats) == 2 and feats[0].shape == (16, 16)  # one per layer
@@ -164,9 +164,9 @@ def test_per_head_features_and_redraw():
     'causal_lm', 'favor_softmax', attention=dict(per_head_features=True, orthogonal=False)
   )
   model = models.build_model(cfg, rngs=nnx.Rngs(0))
-  graphdef, feats, rest = nnx.split(model, attention.RandomFeatures, ...)
+  graphdef, feats, rest = nnx.split(model, attention.RandomProjection, ...)
   assert all(x.shape == (2, 16, 16) for x in jax.tree.leaves(feats))
-  fresh = attention.redraw_features(feats, jax.random.key(7))
+  fresh = attention.redraw_projections(feats, jax.random.key(7))
   model2 = nnx.merge(graphdef, fresh, rest)
   tokens = random_tokens(6, (1, L), VOCAB)
   assert not np.allclose(forward(model, tokens), forward(model2, tokens))

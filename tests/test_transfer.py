@@ -97,7 +97,7 @@ def test_transfer_every_pair(target, sources, tmp_path):
   run = train_lib.setup(tiny_config(model__attention__kind=target, **SMALL))
   fresh_params = _flat(run['state']['params'])
   fresh_features = _flat(run['state']['features'])
-  assert bool(fresh_features) == attention.get_attention(target).uses_features
+  assert bool(fresh_features) == attention.get_attention(target).uses_projection
   for source, (src_dir, src_params, src_features) in sources.items():
     workdir = str(tmp_path / f'{source}_to_{target}')
     os.makedirs(workdir)

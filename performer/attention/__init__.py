@@ -9,23 +9,23 @@ recurrent step).
 
     # or as a plain function with an explicit random matrix:
     attend = attention.get_attention("favor_softmax", num_features=256)
-    w = attention.draw_features(key, num_features=256, head_dim=64)
-    out = attend(q, k, v, causal=True, mask=None, segment_ids=None, features=w)
-    phi_q, phi_k = attend.features(q, k, features=w)   # true-scale features
+    w = attention.draw_projection(key, num_features=256, head_dim=64)
+    out = attend(q, k, v, causal=True, mask=None, segment_ids=None, projection=w)
+    phi_q, phi_k = attend.features(q, k, projection=w)   # true-scale features
 
-Variables a kind may own, each its own type: ``RandomFeatures`` (redrawn,
+Variables a kind may own, each its own type: ``RandomProjection`` (redrawn,
 not trained), ``FeatureParam`` (trained, absent from pretrained checkpoints)
 and ``FeatureStats`` (running statistics, updated in train steps).
 """
 
 from performer.attention.feature_map import FeatureMap, FeatureParam, FeatureStats, Options
-from performer.attention.features import (
+from performer.attention.layers import Attention
+from performer.attention.projection import (
   FEATURE_NORMS,
-  RandomFeatures,
-  draw_features,
-  redraw_features,
+  RandomProjection,
+  draw_projection,
+  redraw_projections,
 )
-from performer.attention.kinds import Attention
 from performer.attention.registry import (
   KINDS,
   OPTIONS,
@@ -46,11 +46,11 @@ __all__ = [
   'FeatureParam',
   'FeatureStats',
   'Options',
-  'RandomFeatures',
+  'RandomProjection',
   'build',
-  'draw_features',
+  'draw_projection',
   'get_attention',
   'make_options',
-  'redraw_features',
+  'redraw_projections',
   'softmax_reference',
 ]

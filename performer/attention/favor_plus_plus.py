@@ -88,8 +88,8 @@ def batch_moments(x, y, mask=None):
 class FavorPlusPlus(fm.ExpFeatureMap):
   aligned = False  # FAVOR# rescales dimensions before FAVOR++
 
-  def __init__(self, head_dim, num_heads, options, *, rngs=None, features=None):
-    super().__init__(head_dim, num_heads, options, rngs=rngs, features=features)
+  def __init__(self, head_dim, num_heads, options, *, rngs=None, projection=None):
+    super().__init__(head_dim, num_heads, options, rngs=rngs, projection=projection)
     self.decay = float(options.stats_decay)
     self.use_running_average = True
     # Running E[x], E[x^2], E[y], E[y^2] per head and dimension (x = q/d^1/4),

@@ -11,7 +11,6 @@ from performer.attention import feature_map as fm
 
 
 class FavorTrig(fm.RandomFeatureMap):
-  positive = False
   features_per_row = 2
 
   def _parts(self, x):

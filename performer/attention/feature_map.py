@@ -4,7 +4,7 @@ A feature map is an ``nnx.Module`` built once per attention layer. It may own
 three kinds of variable, each a type of its own so that training treats them
 differently without knowing the map:
 
-* ``RandomFeatures`` (features.py): random projections, redrawn on schedule
+* ``RandomProjection`` (features.py): random projections, redrawn on schedule
   by the training loop, checkpointed, never trained;
 * ``FeatureParam``: trainable parameters (Hedgehog's W). An ``nnx.Param``, so
   the optimizer trains it; a pretrained softmax checkpoint never holds one, so
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import features as features_lib
+from performer.attention import projection as projection_lib
 from performer.attention.linear import NEG
 
 sg = jax.lax.stop_gradient
@@ -77,9 +77,9 @@ class Options:
   hedgehog_dim: int | None = None  # Hedgehog d' (None or 0: head_dim)
 
 
-def draw_random_features(options: Options, key, head_dim, num_heads=None):
+def draw_projection_for(options: Options, key, head_dim, num_heads=None):
   """A random matrix [m, d] (or [num_heads, m, d]) drawn as ``options`` say."""
-  return features_lib.draw_features(
+  return projection_lib.draw_projection(
     key,
     options.num_features,
     head_dim,
@@ -141,8 +141,7 @@ class FeatureMap(nnx.Module):
   """Base class. Subclasses define ``query``, ``key``, ``exact_query``,
   ``exact_key`` and ``num_features``; the rest has generic defaults."""
 
-  uses_random_features = False  # owns a RandomFeatures matrix
-  positive = True  # phi >= 0 (normaliser never changes sign)
+  uses_projection = False  # owns a RandomProjection matrix
 
   def __init__(
     self,
@@ -151,9 +150,9 @@ class FeatureMap(nnx.Module):
     options: Options,
     *,
     rngs: nnx.Rngs | None = None,
-    features=None,
+    projection=None,
   ):
-    del rngs, features
+    del rngs, projection
     self.head_dim, self.num_heads = head_dim, num_heads
 
   @property
@@ -186,41 +185,42 @@ class FeatureMap(nnx.Module):
 class RandomFeatureMap(FeatureMap):
   """A map that owns one random matrix w [m, d] (or [H, m, d] per head)."""
 
-  uses_random_features = True
+  uses_projection = True
   features_per_row = 1  # entries of phi per random direction
 
-  def __init__(self, head_dim, num_heads, options, *, rngs=None, features=None):
+  def __init__(self, head_dim, num_heads, options, *, rngs=None, projection=None):
     super().__init__(head_dim, num_heads, options)
     heads = num_heads if options.per_head_features else None
-    if features is None:
+    if projection is None:
       if rngs is None:
         raise ValueError(
           f'{type(self).__name__} needs a random feature '
-          'matrix: pass features=attention.draw_features(...)'
+          'matrix: pass projection=attention.draw_projection(...)'
         )
-      features = draw_random_features(options, rngs.params(), head_dim, heads)
-    features = jnp.asarray(features)
+      projection = draw_projection_for(options, rngs.params(), head_dim, heads)
+    projection = jnp.asarray(projection)
     if (
-      features.ndim not in (2, 3)
-      or features.shape[-1] != head_dim
-      or (features.ndim == 3 and features.shape[0] != num_heads)
+      projection.ndim not in (2, 3)
+      or projection.shape[-1] != head_dim
+      or (projection.ndim == 3 and projection.shape[0] != num_heads)
     ):
       raise ValueError(
-        f'features must be [m, {head_dim}] or [{num_heads}, m, {head_dim}], got {features.shape}'
+        f'projection must be [m, {head_dim}] or [{num_heads}, m, {head_dim}], '
+        f'got {projection.shape}'
       )
-    # Draw options travel as metadata so that redraw_features can redraw from
+    # Draw options travel as metadata so that redraw_projections can redraw from
     # the same distribution.
-    self.features = features_lib.RandomFeatures(
-      features, orthogonal=options.orthogonal, feature_norms=options.feature_norms
+    self.projection = projection_lib.RandomProjection(
+      projection, orthogonal=options.orthogonal, feature_norms=options.feature_norms
     )
 
   @property
   def num_features(self) -> int:
-    return self.features_per_row * self.features.shape[-2]
+    return self.features_per_row * self.projection.shape[-2]
 
   @property
   def w(self) -> jax.Array:
-    return self.features[...]
+    return self.projection[...]
 
 
 class ExpFeatureMap(RandomFeatureMap):

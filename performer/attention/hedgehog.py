@@ -24,7 +24,7 @@ def _identity_init(num_heads, head_dim, width):
 
 
 class Hedgehog(fm.FeatureMap):
-  def __init__(self, head_dim, num_heads, options, *, rngs=None, features=None):
+  def __init__(self, head_dim, num_heads, options, *, rngs=None, projection=None):
     super().__init__(head_dim, num_heads, options)
     width = options.hedgehog_dim or head_dim
     self.width = width

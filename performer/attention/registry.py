@@ -2,7 +2,7 @@
 
 Adding a kind is its feature-map file plus one line in ``REGISTRY``; models,
 training, checkpoints and importers learn about its variables from their
-types (``RandomFeatures``, ``FeatureParam``, ``FeatureStats``), never from
+types (``RandomProjection``, ``FeatureParam``, ``FeatureStats``), never from
 its name.
 
 Two ways in:
@@ -10,7 +10,7 @@ Two ways in:
 * ``build(kind, head_dim=, num_heads=, rngs=, **options)`` -> an
   ``nnx.Module`` owning its variables: what models hold.
 * ``get_attention(kind, **options)`` -> a plain function of arrays,
-  ``attend(q, k, v, *, causal, mask, segment_ids, features=w)``: the same
+  ``attend(q, k, v, *, causal, mask, segment_ids, projection=w)``: the same
   module built around the random matrix ``w`` you pass, every other variable
   at its initial value (Hedgehog at the identity, FAVOR++ without
   statistics, i.e. calibrated on the sequence itself when bidirectional and
@@ -24,15 +24,15 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import features as features_lib
-from performer.attention import kinds
+from performer.attention import layers
+from performer.attention import projection as projection_lib
 from performer.attention.favor_hyperbolic import FavorHyperbolic
 from performer.attention.favor_plus_plus import FavorPlusPlus
 from performer.attention.favor_relu import FavorRelu
 from performer.attention.favor_sharp import FavorSharp
 from performer.attention.favor_softmax import FavorSoftmax
 from performer.attention.favor_trig import FavorTrig
-from performer.attention.feature_map import Options, draw_random_features
+from performer.attention.feature_map import Options, draw_projection_for
 from performer.attention.hedgehog import Hedgehog
 from performer.attention.linear_elu import LinearElu
 
@@ -46,30 +46,30 @@ class Kind:
   feature_map: type | None = None
 
   @property
-  def uses_random_features(self) -> bool:
-    return bool(self.feature_map and self.feature_map.uses_random_features)
+  def uses_projection(self) -> bool:
+    return bool(self.feature_map and self.feature_map.uses_projection)
 
   def build(
-    self, name, head_dim, num_heads, options, *, rngs=None, features=None
-  ) -> kinds.Attention:
+    self, name, head_dim, num_heads, options, *, rngs=None, projection=None
+  ) -> layers.Attention:
     if self.feature_map is None:
       return self.attention(head_dim, num_heads, options)
     return self.attention(
-      self.feature_map, name, head_dim, num_heads, options, rngs=rngs, features=features
+      self.feature_map, name, head_dim, num_heads, options, rngs=rngs, projection=projection
     )
 
 
 REGISTRY = {
-  'softmax': Kind(kinds.SoftmaxAttention),
-  'favor_softmax': Kind(kinds.LinearAttention, FavorSoftmax),
-  'favor_hyperbolic': Kind(kinds.LinearAttention, FavorHyperbolic),
-  'favor_trig': Kind(kinds.LinearAttention, FavorTrig),
-  'favor_relu': Kind(kinds.LinearAttention, FavorRelu),
-  'linear_elu': Kind(kinds.LinearAttention, LinearElu),
-  'favor_plus_plus': Kind(kinds.LinearAttention, FavorPlusPlus),
-  'favor_sharp': Kind(kinds.LinearAttention, FavorSharp),
-  'hedgehog': Kind(kinds.LinearAttention, Hedgehog),
-  'identity': Kind(kinds.IdentityAttention),
+  'softmax': Kind(layers.SoftmaxAttention),
+  'favor_softmax': Kind(layers.LinearAttention, FavorSoftmax),
+  'favor_hyperbolic': Kind(layers.LinearAttention, FavorHyperbolic),
+  'favor_trig': Kind(layers.LinearAttention, FavorTrig),
+  'favor_relu': Kind(layers.LinearAttention, FavorRelu),
+  'linear_elu': Kind(layers.LinearAttention, LinearElu),
+  'favor_plus_plus': Kind(layers.LinearAttention, FavorPlusPlus),
+  'favor_sharp': Kind(layers.LinearAttention, FavorSharp),
+  'hedgehog': Kind(layers.LinearAttention, Hedgehog),
+  'identity': Kind(layers.IdentityAttention),
 }
 KINDS = tuple(REGISTRY)
 OPTIONS = {f.name: f.default for f in dataclasses.fields(Options)}
@@ -85,8 +85,8 @@ def make_options(kind: str, **options) -> Options:
       f'unknown attention option(s) {unknown} for {kind!r}; valid options: {", ".join(OPTIONS)}'
     )
   norms = options.get('feature_norms', 'chi')
-  if norms not in features_lib.FEATURE_NORMS:
-    raise ValueError(f'feature_norms must be one of {features_lib.FEATURE_NORMS}, got {norms!r}')
+  if norms not in projection_lib.FEATURE_NORMS:
+    raise ValueError(f'feature_norms must be one of {projection_lib.FEATURE_NORMS}, got {norms!r}')
   decay = options.get('stats_decay', 0.99)
   if not 0.0 <= decay < 1.0:
     raise ValueError(f'stats_decay must be in [0, 1), got {decay}')
@@ -99,57 +99,57 @@ def build(
   head_dim: int,
   num_heads: int,
   rngs: nnx.Rngs | None = None,
-  features=None,
+  projection=None,
   **options,
-) -> kinds.Attention:
+) -> layers.Attention:
   """The attention module of ``kind`` for ``num_heads`` heads of ``head_dim``.
 
   ``rngs.params()`` draws the random matrix of kinds that have one, unless
-  ``features`` gives it.
+  ``projection`` gives it.
   """
   return REGISTRY[kind].build(
-    kind, head_dim, num_heads, make_options(kind, **options), rngs=rngs, features=features
+    kind, head_dim, num_heads, make_options(kind, **options), rngs=rngs, projection=projection
   )
 
 
 class FunctionalAttention:
-  """``attend(q, k, v, *, causal, mask, segment_ids, features)`` for one kind;
+  """``attend(q, k, v, *, causal, mask, segment_ids, projection)`` for one kind;
   see the module docstring."""
 
   def __init__(self, kind: str, **options):
     self.options = make_options(kind, **options)
     self.name = kind
-    self.uses_features = REGISTRY[kind].uses_random_features
+    self.uses_projection = REGISTRY[kind].uses_projection
 
   def __repr__(self):
     return f'get_attention({self.name!r}, {self.options})'
 
-  def bind(self, head_dim, num_heads, features=None, rngs=None):
-    """The module for these sizes around ``features`` (a matrix or variable)."""
-    if isinstance(features, nnx.Variable):
-      features = features[...]
-    if not self.uses_features:  # kinds without random features ignore it
-      features = None
+  def bind(self, head_dim, num_heads, projection=None, rngs=None):
+    """The module for these sizes around ``projection`` (a matrix or variable)."""
+    if isinstance(projection, nnx.Variable):
+      projection = projection[...]
+    if not self.uses_projection:  # kinds without random features ignore it
+      projection = None
     return REGISTRY[self.name].build(
-      self.name, head_dim, num_heads, self.options, rngs=rngs, features=features
+      self.name, head_dim, num_heads, self.options, rngs=rngs, projection=projection
     )
 
-  def make_features(self, key, head_dim, num_heads=None):
+  def make_projection(self, key, head_dim, num_heads=None):
     """A random matrix [m, d] (or [num_heads, m, d]) for this kind, or None."""
-    if not self.uses_features:
+    if not self.uses_projection:
       return None
-    return draw_random_features(self.options, key, head_dim, num_heads)
+    return draw_projection_for(self.options, key, head_dim, num_heads)
 
-  def _module(self, q, features):
-    return self.bind(q.shape[-1], q.shape[-2], features)
+  def _module(self, q, projection):
+    return self.bind(q.shape[-1], q.shape[-2], projection)
 
-  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None, features=None):
-    kinds.check_inputs(q, k, v, mask, segment_ids)
-    return self._module(q, features)(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
+  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None, projection=None):
+    layers.check_inputs(q, k, v, mask, segment_ids)
+    return self._module(q, projection)(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
 
-  def features(self, q, k, *, causal=False, mask=None, segment_ids=None, features=None):
+  def features(self, q, k, *, causal=False, mask=None, segment_ids=None, projection=None):
     """(phi(q), phi(k)) with their true scale; see LinearAttention.features."""
-    return self._module(q, features).features(
+    return self._module(q, projection).features(
       q, k, causal=causal, mask=mask, segment_ids=segment_ids
     )
 
@@ -160,19 +160,19 @@ class FunctionalAttention:
     head_dim,
     value_dim,
     *,
-    features=None,
+    projection=None,
     max_length=None,
     dtype=jnp.float32,
   ):
-    return self.bind(head_dim, num_heads, features).init_state(
+    return self.bind(head_dim, num_heads, projection).init_state(
       batch, value_dim, max_length=max_length, dtype=dtype
     )
 
-  def prefill(self, state, q, k, v, *, features=None, mask=None):
-    return self._module(q, features).prefill(state, q, k, v, mask=mask)
+  def prefill(self, state, q, k, v, *, projection=None, mask=None):
+    return self._module(q, projection).prefill(state, q, k, v, mask=mask)
 
-  def step(self, state, q, k, v, *, features=None, mask=None):
-    return self._module(q, features).step(state, q, k, v, mask=mask)
+  def step(self, state, q, k, v, *, projection=None, mask=None):
+    return self._module(q, projection).step(state, q, k, v, mask=mask)
 
 
 def get_attention(kind: str, **options) -> FunctionalAttention:

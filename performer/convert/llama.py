@@ -181,7 +181,7 @@ def import_llama_safetensors(
   **attention_opts,
 ):
   """HF Llama directory (config.json, model.safetensors or shards, optional
-  tokenizer.json) -> (model, tokenizer or None, LlamaConfig)."""
+  tokenizer.json) -> (model, tokenizer or None, ModelConfig)."""
   tensors = files.read_safetensors(path_or_dir)
   folder = files.checkpoint_dir(path_or_dir)
   hf = files.read_json(os.path.join(folder, 'config.json'), 'Llama config')
@@ -295,7 +295,7 @@ def import_llama_gguf(
   tokenizer_file: str | None = None,
   **attention_opts,
 ):
-  """llama.cpp GGUF file -> (model, tokenizer, LlamaConfig).
+  """llama.cpp GGUF file -> (model, tokenizer, ModelConfig).
 
   tokenizer: a `tokenizers.Tokenizer` rebuilt from the GGUF metadata (or
   loaded from `tokenizer_file` when given, e.g. for SentencePiece GGUFs,

@@ -4,7 +4,7 @@ Why in memory: the bundled sample (2,100 proteins, 0.7M residues) and typical
 user files fit easily (residues are kept as uint8), and a list is a random-access
 source, so grain can shuffle, shard and checkpoint it without ArrayRecord.
 
-Contract (see /work/contracts.md): batches are
+The data contract: batches are
 ``{'tokens': int32 [B, L], 'mask': bool [B, L], 'segment_ids': int32 [B, L]}``.
 
 * Splits: a record goes to train / validation / test (90/5/5) by an MD5 hash of

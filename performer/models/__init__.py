@@ -35,13 +35,13 @@ def split(model: nnx.Module):
   """(graphdef, params, features, stats, rest) of `model`:
 
   params    nnx.Param (attention.FeatureParam included)  -> trained
-  features  attention.RandomFeatures                     -> redrawn, never trained
+  features  attention.RandomProjection                     -> redrawn, never trained
   stats     attention.FeatureStats                       -> updated by train steps
   rest      everything else (RNG streams)
 
   `nnx.merge(graphdef, params, features, stats, rest)` rebuilds the model.
   """
-  return nnx.split(model, nnx.Param, attention.RandomFeatures, attention.FeatureStats, ...)
+  return nnx.split(model, nnx.Param, attention.RandomProjection, attention.FeatureStats, ...)
 
 
 def feature_params(model: nnx.Module) -> list[str]:

@@ -65,11 +65,13 @@ def capture_attention_inputs(model, tokens, *, mask=None, segment_ids=None, **ca
   return outputs, records
 
 
-def attention_matrix(kind, q, k, *, causal, mask=None, segment_ids=None, features=None, **options):
+def attention_matrix(
+  kind, q, k, *, causal, mask=None, segment_ids=None, projection=None, **options
+):
   """The [B, H, L, L] attention matrix of `kind` for q, k [B, L, H, D], with
-  the random matrix `features` and every other variable at its initial value
+  the random matrix `projection` and every other variable at its initial value
   (see `attention.get_attention`). Rows of padded queries are zero."""
-  module = attention.get_attention(kind, **options).bind(q.shape[-1], q.shape[-2], features)
+  module = attention.get_attention(kind, **options).bind(q.shape[-1], q.shape[-2], projection)
   return module.weights(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
 
 

@@ -3,7 +3,7 @@
 One parameter set works with every attention kind (a softmax checkpoint loads into
 a Performer unchanged), so nothing here branches on the kind: `SelfAttention`
 holds the module `attention.build` returns, and every kind-dependent variable
-lives inside it, typed by what training does with it (`attention.RandomFeatures`,
+lives inside it, typed by what training does with it (`attention.RandomProjection`,
 `attention.FeatureParam`, `attention.FeatureStats`).
 
 Grouped-query attention is the general case (num_kv_heads == num_heads is

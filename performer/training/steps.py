@@ -374,7 +374,9 @@ def build_task_info(model_config, train_config, vocab, target_offset):
     'task': model_config.task,
     'target_offset': int(target_offset),
     'mlm_rate': float(train_config.mlm_mask_rate),
-    'mask_id': int(getattr(vocab, 'mask_id', -1) if vocab is not None else -1),
+    'mask_id': int(
+      getattr(vocab, 'mask_id', None) if getattr(vocab, 'mask_id', None) is not None else -1
+    ),
     'special_ids': special,
     'vocab_size': int(model_config.vocab_size),
   }

@@ -7,7 +7,7 @@ as `nnx.split` pieces for the whole run:
   graphdef  static structure, closed over by the jitted steps
   params    nnx.Param           -> optimized, FSDP-sharded, donated to the step
                                    (feature-map parameters, attention.FeatureParam, too)
-  features  RandomFeatures      -> redrawn every `train.redraw_every` steps, checkpointed
+  features  RandomProjection      -> redrawn every `train.redraw_every` steps, checkpointed
   stats     FeatureStats        -> running statistics, updated and returned by the step,
                                    frozen in eval, checkpointed
   rest      everything else     -> (dropout RNG streams) reseeded inside the step
@@ -267,7 +267,7 @@ def setup(config, mesh=None):
     replicated=replicated,
     teacher=teacher,
   )
-  redraw_fn = jax.jit(attention.redraw_features, out_shardings=sh['features'])
+  redraw_fn = jax.jit(attention.redraw_projections, out_shardings=sh['features'])
   return {
     'config': config,
     'vocab': vocab,

@@ -80,9 +80,9 @@ class Attention(nnx.Module):
     options: Options,
     *,
     rngs: nnx.Rngs | None = None,
-    features=None,
+    projection=None,
   ):
-    del rngs, features
+    del rngs, projection
     self.head_dim, self.num_heads = head_dim, num_heads
     self.options = options
 
@@ -192,12 +192,12 @@ class LinearAttention(Attention):
   """Feature-map attention: ``feature_map`` (a module of its own, see
   ``feature_map.py``) through the pure functions of ``linear.py``."""
 
-  def __init__(self, map_class, name, head_dim, num_heads, options, *, rngs=None, features=None):
+  def __init__(self, map_class, name, head_dim, num_heads, options, *, rngs=None, projection=None):
     super().__init__(head_dim, num_heads, options)
     self.name = name
     if options.causal_impl not in ('chunked', 'scan'):
       raise ValueError(f"causal_impl must be 'chunked' or 'scan', got {options.causal_impl!r}")
-    self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs, features=features)
+    self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs, projection=projection)
 
   def _split(self, q, k, *, causal, mask, segment_ids):
     """Heads-major q~ [B, H, L, M], masked k~ and its log-scale [B, H, L]."""

@@ -17,24 +17,41 @@ from flax import nnx
 FEATURE_NORMS = ('chi', 'sqrt')
 
 
-class RandomFeatures(nnx.Variable):
+class RandomProjection(nnx.Variable):
   """A random projection matrix [m, d] (or [heads, m, d]).
 
   Not an ``nnx.Param``: the optimizer never sees it, it gets no gradient and no
   weight decay. The training loop redraws it on a schedule; it is checkpointed
   so evaluation and sampling are deterministic. Draw options are kept as
-  variable metadata so :func:`redraw_features` can reproduce the distribution.
+  variable metadata so :func:`redraw_projections` can reproduce the distribution.
   """
 
 
 def _orthogonal_block(key: jax.Array, dim: int) -> jax.Array:
+  """A Haar-random orthogonal [dim, dim] matrix: Gram-Schmidt of a Gaussian matrix.
+
+  Gram-Schmidt gives the Q of the QR factorisation whose R has a positive diagonal,
+  which is exactly Haar-distributed (no sign fix needed). It is written with plain
+  XLA ops rather than `jnp.linalg.qr`: XLA:CPU runs independent LAPACK custom calls
+  concurrently on its small thread pool, and a model with many layers' worth of them
+  in one jitted init (8+ layers on a 2-core machine) deadlocked there. Projections
+  are applied twice ("twice is enough"), which keeps float32 columns orthogonal to
+  ~1e-6 for the dims used here.
+  """
   gaussian = jax.random.normal(key, (dim, dim), jnp.float32)
-  q, r = jnp.linalg.qr(gaussian)
-  # Sign fix: without it QR's convention biases the distribution of Q.
-  return q * jnp.sign(jnp.diagonal(r))[None, :]
+  earlier = jnp.arange(dim)
+
+  def column(j, q):
+    v = q[:, j]
+    for _ in range(2):
+      coeffs = jnp.where(earlier < j, q.T @ v, 0.0)
+      v = v - q @ coeffs
+    return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+  return jax.lax.fori_loop(0, dim, column, gaussian)
 
 
-def draw_features(
+def draw_projection(
   key: jax.Array,
   num_features: int,
   head_dim: int,
@@ -64,7 +81,7 @@ def draw_features(
   if num_heads is not None:
     keys = jax.random.split(key, num_heads)
     return jax.vmap(
-      lambda k: draw_features(
+      lambda k: draw_projection(
         k, num_features, head_dim, orthogonal=orthogonal, feature_norms=feature_norms
       )
     )(keys)
@@ -87,14 +104,14 @@ def draw_features(
 
 
 def _is_random_features(x) -> bool:
-  return isinstance(x, RandomFeatures)
+  return isinstance(x, RandomProjection)
 
 
-def redraw_features(state, key: jax.Array):
-  """Returns ``state`` with every RandomFeatures matrix freshly drawn.
+def redraw_projections(state, key: jax.Array):
+  """Returns ``state`` with every RandomProjection matrix freshly drawn.
 
-  ``state`` is any pytree whose leaves include RandomFeatures variables (e.g.
-  the RandomFeatures part of ``nnx.split``). Each variable gets its own key
+  ``state`` is any pytree whose leaves include RandomProjection variables (e.g.
+  the RandomProjection part of ``nnx.split``). Each variable gets its own key
   folded from its position in the tree, so the result depends only on ``key``
   and the tree structure: restarts reproduce it. Shape and draw options
   (stored as metadata) are preserved. Works under ``jax.jit``.
@@ -108,7 +125,7 @@ def redraw_features(state, key: jax.Array):
     meta = leaf.get_metadata()
     value = leaf[...]
     num_heads = value.shape[0] if value.ndim == 3 else None
-    fresh = draw_features(
+    fresh = draw_projection(
       jax.random.fold_in(key, index),
       value.shape[-2],
       value.shape[-1],
