@@ -118,16 +118,17 @@ def package_file(package, *parts, missing):
 def pretrained_config(family, source):
   """The base for configs that start from a pretrained checkpoint ('gguf:PATH' |
   'hf:DIR'): the model family, architecture sizes 0 (the checkpoint fills them in,
-  train_lib.resolve_config), and init_from, distill_from and the data tokenizer on ONE
-  FieldReference, so `--config.train.init_from=gguf:/other.gguf` moves all three."""
+  train_lib.resolve_config), and distill_from and the data tokenizer FOLLOWING init_from,
+  so `--config.train.init_from=gguf:/other.gguf` moves all three, while
+  `--config.train.distill_from=` turns distillation off and changes nothing else."""
   config = get_config()
   config.model.family = family
   for key in ('vocab_size', 'num_layers', 'num_heads', 'emb_dim', 'mlp_dim', 'max_len'):
     config.model[key] = 0
-  source = ml_collections.FieldReference(source)
   config.train.init_from = source
-  config.train.distill_from = source
-  config.data.tokenizer = source
+  follow = config.train.get_ref('init_from')
+  config.train.distill_from = follow + ''  # derived references: overriding one of these
+  config.data.tokenizer = follow + ''  # replaces it instead of moving init_from
   config.data.name = 'english_sample'
   config.data.crop = 'start'
   config.train.redraw_every = 0  # one feature draw for a short fine-tune

@@ -10,9 +10,10 @@ tokenizer, [CLS] ... [SEP]): the encoder task, hidden-state distillation only.
   python train.py --config=configs/minilm_favor.py --workdir=/tmp/minilm_favor
   python eval.py --config=configs/minilm_favor.py --workdir=/tmp/minilm_favor
 
-Runtime: ~6 min for 200 steps of 32 x 64 tokens on 2 CPU cores. Expected (README
-"Imported models"): the per-token cosine to the teacher's hidden states rises from ~0.6
-(as imported) to ~0.9; the hidden-state MSE falls accordingly.
+Runtime: 8 min for 150 steps of 32 x 64 tokens on 2 CPU cores. Measured (README
+"Fine-tuning imported checkpoints"): the per-token cosine to the teacher's final hidden
+states is 0.898 on validation (0.916 test; hidden MSE 0.018) after 150 steps, from 0.68
+after 4 steps.
 """
 
 from configs import base
@@ -31,14 +32,14 @@ def get_config():
   config.model.attention.num_features = 128
   config.data.seq_len = 64
   config.train.batch_size = 32
-  config.train.num_steps = 200
+  config.train.num_steps = 150
   config.train.learning_rate = 2e-4
   config.train.warmup_steps = 20
   config.train.weight_decay = 0.0
   config.train.distill_target = 'hidden'
-  config.train.log_every = 20
-  config.train.eval_every = 100
+  config.train.log_every = 25
+  config.train.eval_every = 50
   config.train.eval_batches = 4
-  config.train.checkpoint_every = 100
+  config.train.checkpoint_every = 50
   config.train.keep_checkpoints = 1
   return config

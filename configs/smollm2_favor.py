@@ -14,9 +14,12 @@ directory works the same way:
   python sample.py --workdir=/tmp/smollm2_favor --prompt="The capital of France is" \
       --temperature=0 --max_new_tokens=8
 
-Runtime: ~25 min for 60 steps of 8 x 128 tokens on 2 CPU cores (one student and one
-teacher pass per step). Expected (README "Imported models"): validation next-token loss
-falls from ~6.2 (FAVOR+ as imported, no training) towards the softmax original's ~3.3.
+Runtime: 16 min for 30 steps of 8 x 128 tokens on 2 CPU cores (one student and one
+teacher pass per step; ~3 min of it compiling the 30-layer model). Measured (README
+"Fine-tuning imported checkpoints"): validation next-token loss 5.99 (test 5.86) after
+30 steps, from 7.85 after 4; the softmax original scores 4.23 on the same split and the
+unigram baseline 7.19. Random features cannot follow SmolLM2's peaked heads (DESIGN.md);
+closing the rest of the gap is attention transfer into learned maps, not more steps here.
 """
 
 from configs import base

@@ -168,3 +168,9 @@ def test_pretrained_configs_take_their_architecture_from_the_checkpoint(name, fa
   ) == sizes
   assert vocab.size == m.vocab_size
   assert len(vocab.encode('The capital of France is')) >= 5
+  # distill_from and the tokenizer follow init_from; overriding them touches nothing else.
+  path = os.path.join(ROOT, 'configs', f'{name}.py')
+  moved = config_utils.load_config(path, ['train.init_from=hf:/elsewhere'])
+  assert moved.train.distill_from == moved.data.tokenizer == 'hf:/elsewhere'
+  off = config_utils.load_config(path, ['train.distill_from='])
+  assert off.train.distill_from == '' and off.train.init_from == config.train.init_from
