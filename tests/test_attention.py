@@ -123,6 +123,7 @@ def test_softmax_kernel_estimate_is_unbiased(kind):
   assert np.mean(np.abs(draws.mean(0) / exact - 1)) < 0.03
 
 
+@pytest.mark.slow
 def test_attention_error_shrinks_with_m_and_orthogonal_beats_iid():
   q, k, v = _qkv(jax.random.PRNGKey(6), b=1, length=32, h=1, d=16, scale=0.4)
   exact = attention.softmax_reference(q, k, v, causal=False)
@@ -228,7 +229,9 @@ def test_bad_inputs_raise_clear_errors():
     attention.get_attention('favx')
   with pytest.raises(ValueError, match='unknown attention option'):
     attention.get_attention('softmax', num_featurez=3)
-  with pytest.raises(ValueError, match='q and k shapes differ'):
+  with pytest.raises(ValueError, match='must match in batch, length and head_dim'):
+    attend(q, k[..., :4], v, causal=True, projection=w)
+  with pytest.raises(ValueError, match='v .* does not match k'):  # 1 kv head, v with all
     attend(q, k[:, :, :1], v, causal=True, projection=w)
   with pytest.raises(ValueError, match='v .* does not match'):
     attend(q, k, v[:, :5], causal=True, projection=w)
@@ -242,7 +245,7 @@ def test_bad_inputs_raise_clear_errors():
     attend(q, k, v, causal=True, segment_ids=jnp.ones((1, 16), jnp.int32), projection=w)
   with pytest.raises(ValueError, match='needs a random feature matrix'):
     attend(q, k, v, causal=True)
-  with pytest.raises(ValueError, match='features must be'):
+  with pytest.raises(ValueError, match='projection must be'):
     attend(q, k, v, causal=True, projection=w[:, :4])
   with pytest.raises(ValueError, match='feature_norms'):
     attention.get_attention('favor_softmax', feature_norms='unit')

@@ -11,12 +11,15 @@ import json
 import os
 import sys
 
+import pytest
+
 from conftest import ROOT, run_script
 
 sys.path.insert(0, ROOT)
 from benchmarks import model as model_bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+@pytest.mark.slow
 def test_model_benchmark_quick(tmp_path):
   path = tmp_path / 'model.json'
   proc = run_script(

@@ -43,6 +43,7 @@ def _finalized_steps(workdir):
   return sorted(int(d) for d in os.listdir(path) if d.isdigit())
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   killed_dir, ref_dir = str(tmp_path / 'killed'), str(tmp_path / 'reference')
   overrides = [f'--config.{k.replace("__", ".")}={v}' for k, v in KILL_ARGS.items()]
@@ -92,6 +93,7 @@ def _corrupt(step_dir):
     f.truncate(os.path.getsize(big) // 2)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
   workdir = str(tmp_path)
   config = tiny_config(
@@ -118,6 +120,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_init_from_across_attention_kinds(tmp_path, caplog):
   source = str(tmp_path / 'softmax')
   base = dict(

@@ -143,7 +143,7 @@ def test_eval_py_without_checkpoint_is_one_line_exit_2(tmp_path):
 @pytest.mark.parametrize(
   'name,family,sizes',
   [
-    ('smollm2_favor', 'llama', (30, 9, 3, 576, 49152)),
+    pytest.param('smollm2_favor', 'llama', (30, 9, 3, 576, 49152), marks=pytest.mark.slow),
     ('minilm_favor', 'bert', (6, 12, 12, 384, 30522)),
   ],
 )

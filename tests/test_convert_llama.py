@@ -134,6 +134,7 @@ def test_generate_decodes_smollm2_with_a_kv_cache(smollm):
   assert cache['layers'][0]['k'].shape == (1, 64, cfg.num_kv_heads, cfg.head_dim)  # 3, not 9
 
 
+@pytest.mark.slow
 def test_gguf_loads_into_favor_softmax(real_ids):
   model, _, cfg = convert_llama.import_llama_gguf(GGUF_PATH, 'favor_softmax', num_features=256)
   assert cfg.attention.kind == 'favor_softmax'
@@ -327,6 +328,7 @@ def test_gguf_path_matches_hf_path(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_tiny_loads_into_performer_kinds(tmp_path, caplog):
   folder = write_hf(tmp_path, tiny_hf_tensors())
   for kind in ('favor_softmax', 'favor_relu', 'favor_plus_plus', 'favor_sharp', 'hedgehog'):

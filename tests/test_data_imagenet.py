@@ -122,6 +122,7 @@ def test_bad_options():
     data.build_dataset(data_cfg(variant='imagenet'), split='train', batch_size=1)
 
 
+@pytest.mark.slow
 def test_tiny_imagenet64_training_run(mock_images, tmp_path, tiny):
   """A tiny image model on full 64x64x3 images (12,288 tokens) through the real pipeline."""
   from performer.training import train_lib  # pylint: disable=g-import-not-at-top

@@ -159,6 +159,7 @@ def test_text_file_pipeline(tmp_path):
   assert 0 < base['cross_entropy'] < np.log(vocab.size)
 
 
+@pytest.mark.slow
 def test_tiny_lm1b_training_run(mock_lm1b, tmp_path, tiny):
   from performer.training import train_lib  # pylint: disable=g-import-not-at-top
 

@@ -160,6 +160,7 @@ def test_manual_dir_with_two_fasta_files_is_an_error(tmp_path):
     uniref.prepare('trembl', str(tmp_path / 'data'), manual_dir=str(manual))
 
 
+@pytest.mark.slow
 def test_tiny_uniref50_training_run(prepared, tmp_path, tiny):
   from performer.training import train_lib  # pylint: disable=g-import-not-at-top
 

@@ -359,6 +359,7 @@ def test_sample_cli_protein_fasta_and_errors(tmp_path):
   assert proc.returncode == 2 and 'longer than the model max_len 64' in proc.stderr
 
 
+@pytest.mark.slow
 def test_sample_cli_image_png(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
@@ -393,6 +394,7 @@ def test_sample_cli_image_png(tmp_path):
     np.testing.assert_array_equal(grid[:2, i * 6 : i * 6 + 4], cond[:2])
 
 
+@pytest.mark.slow
 def test_decode_benchmark_quick(tmp_path):
   from conftest import run_script  # pylint: disable=g-import-not-at-top
 

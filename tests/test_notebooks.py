@@ -100,6 +100,7 @@ def run_all(tmp_path, monkeypatch, quick):
   return workdir, texts
 
 
+@pytest.mark.slow
 def test_notebooks_run_quick(tmp_path, monkeypatch):
   workdir, texts = run_all(tmp_path, monkeypatch, quick=True)
   assert 'Pearson' in texts['03_protein_performer'] and 'D-E' in texts['03_protein_performer']

@@ -71,6 +71,7 @@ def test_adaptive_and_learned_maps_on_eight_devices():
       assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (kind, out)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
   out = _eight_devices(['favor_softmax'], ['1', '4x2', '8'])['favor_softmax']
   assert out['1']['devices'] == 1 and out['4x2']['devices'] == 8 and out['8']['devices'] == 8

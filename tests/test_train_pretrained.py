@@ -99,6 +99,7 @@ def test_gguf_fine_tunes_with_distillation_and_resumes(tiny_files, tmp_path):
   assert sampled.stdout.startswith('ab a')
 
 
+@pytest.mark.slow
 def test_hf_directory_fine_tunes_into_a_learned_feature_map(tiny_files, tmp_path):
   """hf:DIR (safetensors + config.json) into Hedgehog: its maps are reported as
   expected-missing and trained."""

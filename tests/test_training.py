@@ -53,6 +53,7 @@ def test_every_kind_learns(kind):
   assert losses[-1] < 0.8 * losses[0], (kind, losses)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_learns():
   config = tiny_config(
     model__dtype='bfloat16',
@@ -68,6 +69,7 @@ def test_bfloat16_compute_learns():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # master weights
 
 
+@pytest.mark.slow
 def test_mlm_learns():
   config = tiny_config(
     model__task='mlm',
@@ -82,6 +84,7 @@ def test_mlm_learns():
   assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_image_ar_learns_and_reports_bits_per_dim():
   """The image head on stand-in tokens (protein ids < 256) shaped as a 4x8x1 'image'."""
   config = tiny_config(
@@ -157,6 +160,7 @@ def test_eval_is_deterministic(task):
   assert first['perplexity'] == pytest.approx(np.exp(first['loss']))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_big_batch():
   """MLM is the strict case: masks are drawn once for the whole batch, then split."""
   task = 'mlm'
@@ -178,6 +182,7 @@ def test_grad_accumulation_equals_big_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_redraw_schedule(tmp_path):
   """Features change before steps 3 and 6 only, to redraw(seed, step) exactly."""
   config = tiny_config(
@@ -301,6 +306,7 @@ def test_segment_ids_reach_the_model_only_for_packed_rows():
   assert 'segment_ids' in train_lib.model_batch(batch, ConfigDict({'pack': True}))
 
 
+@pytest.mark.slow
 def test_running_statistics_update_and_survive_resume(tmp_path):
   """FAVOR++ moments are updated by every train step (not reset: the step returns them),
   frozen by eval, checkpointed, and a run resumed from step 2 ends with the same

@@ -186,6 +186,7 @@ def _distill_losses(config, num_steps):
 
 
 @pytest.mark.parametrize('target', ['logits', 'hidden'])
+@pytest.mark.slow
 def test_distillation_reduces_distance_to_teacher(target, sources):
   # A fresh favor_softmax student (no init_from) far from the softmax teacher; the task
   # loss is switched off (weight 0 is not possible, so a large distill weight dominates).

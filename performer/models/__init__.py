@@ -35,7 +35,7 @@ def split(model: nnx.Module):
   """(graphdef, params, features, stats, rest) of `model`:
 
   params    nnx.Param (attention.FeatureParam included)  -> trained
-  features  attention.RandomProjection                     -> redrawn, never trained
+  features  attention.RandomProjection  -> redrawn, never trained
   stats     attention.FeatureStats                       -> updated by train steps
   rest      everything else (RNG streams)
 
