@@ -185,10 +185,6 @@ def _validate_model(model_config):
     raise ConfigError(f'config.model: {_one_line(e)}') from e
 
 
-def _pretrained(source):
-  return source.split(':', 1)[0] in ('gguf', 'hf') and ':' in source
-
-
 def validate(config):
   """Checks values that types alone cannot: names, ranges, divisibility. Raises ConfigError."""
   from performer import attention, data, models  # pylint: disable=g-import-not-at-top
@@ -206,7 +202,9 @@ def validate(config):
   _check_choice('train.schedule', config.train.schedule, SCHEDULES)
   # With a pretrained init_from the architecture comes from the checkpoint, filled in and
   # checked by train_lib.resolve_config.
-  pretrained = _pretrained(config.train.init_from)
+  from performer.convert.pretrained import is_pretrained  # pylint: disable=g-import-not-at-top
+
+  pretrained = is_pretrained(config.train.init_from)
   sizes = ['model.num_layers', 'model.num_heads', 'model.emb_dim', 'model.mlp_dim', 'model.max_len']
   _check_positive(config, sizes, allow_zero=pretrained)
   _check_positive(
