@@ -23,6 +23,10 @@ class FavorTrig(fm.RandomFeatureMap):
   def key(self, x, ctx):
     return self._parts(x), fm.sg(fm.half_sq_norm(fm.scaled(x)))
 
+  def query_parts(self, x, ctx):
+    m = self.w.shape[-2]
+    return self._parts(x), fm.half_sq_norm(fm.scaled(x)) - jnp.log(float(m))
+
   def exact_query(self, x, ctx):
     m = self.w.shape[-2]
     return self._parts(x) * jnp.exp(fm.half_sq_norm(fm.scaled(x)))[..., None] / jnp.sqrt(float(m))

@@ -39,6 +39,7 @@ that phi(q).phi(k) estimates exp(q.k / sqrt(d)).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,7 @@ class Options:
   per_head_features: bool = False  # one random matrix per head
   stats_decay: float = 0.99  # FAVOR++/FAVOR#: running-moment decay
   hedgehog_dim: int | None = None  # Hedgehog d' (None or 0: head_dim)
+  window: int = 0  # exact softmax over the last W keys, linear beyond (0: off; window.py)
 
 
 def draw_projection_for(options: Options, key, head_dim, num_heads=None):
@@ -165,6 +167,13 @@ class FeatureMap(nnx.Module):
     del q, k, causal, mask, segment_ids
     return None
 
+  def query_parts(self, x, ctx):
+    """(q~, r_q) with phi(q) = q~ exp(r_q) at its true scale, constants included, so
+    that phi(q).phi(k) = q~.k~ exp(r_q + r) with ``key``'s (k~, r). The windowed
+    hybrid needs it to put linear and exact scores under one normaliser. Default: a
+    map whose ``query`` already has its true scale and whose keys have no constant."""
+    return self.query(x, ctx), zero_log_scale(x)
+
   def masked_key(self, x, mask, ctx):
     """key(x, ctx) with masked keys dropped: k~ = 0 and log-scale NEG."""
     kf, kr = self.key(x, ctx)
@@ -242,6 +251,11 @@ class ExpFeatureMap(RandomFeatureMap):
 
   def shared_key(self, x, mask, ctx):
     return exp_shared(self.logits(x, ctx, key=True), mask)
+
+  def query_parts(self, x, ctx):
+    # phi = exp(logits) / sqrt(M) for queries and keys; both 1/sqrt(M) go on the query.
+    qf, row_max = exp_parts(self.logits(x, ctx, key=False))
+    return qf, row_max - math.log(qf.shape[-1])
 
   def _exact(self, x, ctx, key):
     logits = self.logits(x, ctx, key=key)

@@ -18,7 +18,8 @@ from flax import nnx
 
 from performer.attention import linear
 from performer.attention import softmax as softmax_lib
-from performer.attention.feature_map import Options
+from performer.attention import window as window_lib
+from performer.attention.feature_map import FeatureParam, Options
 
 
 def check_inputs(q, k, v, mask, segment_ids):
@@ -198,6 +199,32 @@ class LinearAttention(Attention):
     if options.causal_impl not in ('chunked', 'scan'):
       raise ValueError(f"causal_impl must be 'chunked' or 'scan', got {options.causal_impl!r}")
     self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs, projection=projection)
+    if options.window:  # exact softmax over the last W keys (window.py): its gain per head
+      self.window_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
+
+  def _windowed(self, q, k, v, *, causal, mask, segment_ids, return_state=False):
+    """window.hybrid with this module's feature map; k, v already repeated, v heads-major."""
+    fmap = self.feature_map
+    ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+    qf, q_r = fmap.query_parts(q, ctx)
+    kf, kr = fmap.masked_key(k, mask, ctx)
+    seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    return window_lib.hybrid(
+      q,
+      k,
+      v,
+      qf,
+      q_r,
+      kf,
+      kr,
+      seg,
+      mask,
+      window=self.options.window,
+      causal=causal,
+      chunk_size=self.options.chunk_size,
+      log_gain=self.window_log_gain[...],
+      return_state=return_state,
+    )
 
   def _split(self, q, k, *, causal, mask, segment_ids):
     """Heads-major q~ [B, H, L, M], masked k~ and its log-scale [B, H, L]."""
@@ -214,6 +241,9 @@ class LinearAttention(Attention):
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     fmap, chunk = self.feature_map, self.options.chunk_size
+    if self.options.window:
+      num, den = self._windowed(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
+      return self._output(num, den, v)
     if not causal and segment_ids is None:
       ctx = fmap.calibrate(q, k, causal=False, mask=mask)
       kw = fmap.shared_key(k, mask, ctx)
@@ -236,12 +266,34 @@ class LinearAttention(Attention):
     return (fmap.exact_query(q, ctx).swapaxes(1, 2), fmap.exact_key(k, ctx).swapaxes(1, 2))
 
   def _scores(self, q, k, *, causal, mask, segment_ids):
+    if self.options.window:
+      fmap = self.feature_map
+      ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+      qf, q_r = fmap.query_parts(q, ctx)
+      kf, kr = fmap.key(k, ctx)
+      return window_lib.scores(
+        q,
+        k,
+        qf,
+        q_r,
+        kf,
+        kr,
+        window=self.options.window,
+        causal=causal,
+        log_gain=self.window_log_gain[...],
+      )
     phi_q, phi_k = self.features(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     return jnp.einsum('bqhm,bkhm->bhqk', phi_q, phi_k)
 
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
-    del num_kv_heads, max_length, dtype  # one (S, z) per query head, whatever the context
-    return linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
+    del num_kv_heads, max_length  # one (S, z) per query head, whatever the context
+    state = linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
+    if not self.options.window:
+      return state
+    ring = window_lib.init_ring(
+      batch, self.options.window, self.num_heads, self.head_dim, value_dim, dtype
+    )
+    return {'linear': state, 'ring': ring}
 
   def prefill(self, state, q, k, v, *, mask=None):
     """Chunked causal pass that also returns the carried (S, z, M).
@@ -251,6 +303,13 @@ class LinearAttention(Attention):
     del state
     check_inputs(q, k, v, mask, None)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    if self.options.window:
+      num, den, state = self._windowed(
+        q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, return_state=True
+      )
+      ring = window_lib.ring_from_prompt(k, v, mask, self.options.window)
+      out = _zero_padded_queries(self._output(num, den, v), mask)
+      return out, {'linear': state, 'ring': ring}
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
     num, den, state = linear.causal_chunked(
@@ -260,6 +319,8 @@ class LinearAttention(Attention):
 
   def step(self, state, q, k, v, *, mask=None):
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    if self.options.window:
+      return self._window_step(state, q, k, v, mask)
     qf, kf, kr = self._split(
       q[:, None],
       k[:, None],
@@ -269,3 +330,20 @@ class LinearAttention(Attention):
     )
     num, den, state = linear.recurrent_step(state, qf[:, :, 0], kf[:, :, 0], kr[:, :, 0], v)
     return linear.normalise(num, den, self.options.eps).astype(v.dtype), state
+
+  def _window_step(self, state, q, k, v, mask):
+    """The new token enters the ring; the key it evicts (position - W) enters (S, z)."""
+    valid = jnp.ones(q.shape[:1], bool) if mask is None else mask
+    ring, (old_k, old_v, old_valid) = window_lib.ring_push(state['ring'], k, v, valid)
+    fmap = self.feature_map
+    ctx = fmap.calibrate(q[:, None], k[:, None], causal=True, mask=valid[:, None])
+    kf, kr = fmap.masked_key(old_k[:, None], old_valid[:, None], ctx)
+    lin = linear.add_key(state['linear'], kf[:, :, 0], kr[:, :, 0], old_v.astype(jnp.float32))
+    qf, q_r = fmap.query_parts(q[:, None], ctx)
+    l_num, l_den = linear.read_state(lin, qf[:, :, 0])
+    w_num, w_den, w_shift = window_lib.ring_read(ring, q)
+    num, den = window_lib.merge(
+      [(w_num, w_den, w_shift + self.window_log_gain[...]), (l_num, l_den, q_r[:, :, 0] + lin['M'])]
+    )
+    out = linear.normalise(num, den, self.options.eps).astype(v.dtype)
+    return out, {'linear': lin, 'ring': ring}

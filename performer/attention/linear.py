@@ -124,15 +124,30 @@ def _chunk(x, c, axis):
   return x.reshape(x.shape[:axis] + (x.shape[axis] // c, c) + x.shape[axis + 1 :])
 
 
-def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True, return_state=False):
+def causal_chunked(
+  qf,
+  kf,
+  kr,
+  v,
+  segment_ids,
+  chunk_size,
+  inclusive=True,
+  return_state=False,
+  key_segment_ids=None,
+  return_shift=False,
+):
   """Causal linear attention in chunks of C positions.
 
   Within a chunk: the masked quadratic form tril(q~ k~^T) V. Across chunks: an
   exclusive prefix of the per-chunk states (S, z, M) by ``lax.scan``. Memory is
   O(L (M + D) + (L / C) M D); no [L, M, D] tensor is formed.
 
-  Returns unnormalised (num [B, H, L, D], den [B, H, L]) and, with
-  ``return_state``, the state after the last position.
+  ``key_segment_ids`` (default: ``segment_ids``) lets the keys carry segments of
+  their own, still contiguous and never ahead of the queries' (``window.py``
+  passes keys shifted right by the window). Returns unnormalised (num [B, H, L, D],
+  den [B, H, L]), relative to exp(-shift) with shift [B, H, L] the largest key
+  log-scale the query sees (NEG when it sees none), plus that shift with
+  ``return_shift`` and the state after the last position with ``return_state``.
   """
   b, h, length, m = qf.shape
   d = v.shape[-1]
@@ -140,13 +155,16 @@ def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True, retur
   pad = -length % c
   qf, kf, v = (_chunk(_pad_length(x, pad, 2, 0.0), c, 2) for x in (qf, kf, v.astype(jnp.float32)))
   kr = _chunk(_pad_length(kr, pad, 2, NEG), c, 2)  # [B, H, N, C]
-  seg = _chunk(_pad_length(segment_ids, pad, 1, None), c, 1)  # [B, N, C]
+  seg = _chunk(_pad_length(segment_ids, pad, 1, None), c, 1)  # [B, N, C] (queries)
+  kseg = (
+    seg if key_segment_ids is None else _chunk(_pad_length(key_segment_ids, pad, 1, None), c, 1)
+  )
   n = qf.shape[2]
 
-  # Each chunk's own state, seen from its last position (that position's
-  # segment only); segments are contiguous, so these keys form a suffix.
-  seg_last = seg[:, :, -1]  # [B, N]
-  in_last = (seg == seg_last[..., None])[:, None]  # [B, 1, N, C]
+  # Each chunk's own state, seen from its last key (that key's segment only);
+  # segments are contiguous, so these keys form a suffix.
+  seg_last = kseg[:, :, -1]  # [B, N]
+  in_last = (kseg == seg_last[..., None])[:, None]  # [B, 1, N, C]
   own_max = jnp.max(jnp.where(in_last, kr, NEG), axis=3)  # [B, H, N]
   own_w = jnp.where(in_last, _safe_exp(kr - own_max[..., None]), 0.0)
   kw = kf * own_w[..., None]
@@ -172,7 +190,7 @@ def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True, retur
     jnp.zeros((b, h, m, d), jnp.float32),
     jnp.zeros((b, h, m), jnp.float32),
     jnp.full((b, h), NEG, jnp.float32),
-    seg[:, 0, 0],
+    kseg[:, 0, 0],
   )
   final, (prev_s, prev_z, prev_max, prev_seg) = jax.lax.scan(
     carry_step, init, (own_s, own_z, jnp.moveaxis(own_max, 2, 0), jnp.moveaxis(seg_last, 1, 0))
@@ -182,7 +200,7 @@ def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True, retur
 
   # Per-query stabiliser: max over the keys this query may see.
   tri = jnp.tril(jnp.ones((c, c), bool), 0 if inclusive else -1)
-  visible = (tri & (seg[..., :, None] == seg[..., None, :]))[:, None]
+  visible = (tri & (seg[..., :, None] == kseg[..., None, :]))[:, None]
   carry_ok = (seg == prev_seg[..., None])[:, None]  # [B, 1, N, C]
   key_r = kr[..., None, :]  # [B, H, N, 1, Cs]
   intra_max = jnp.max(jnp.where(visible, key_r, NEG), axis=-1)
@@ -197,10 +215,13 @@ def causal_chunked(qf, kf, kr, v, segment_ids, chunk_size, inclusive=True, retur
   den = jnp.sum(scores, axis=-1) + jnp.einsum('bhntm,bhnm->bhnt', qf, prev_z) * carry_w
   num = num.reshape(b, h, n * c, d)[:, :, :length]
   den = den.reshape(b, h, n * c)[:, :, :length]
+  out = (num, den)
+  if return_shift:
+    out += (q_max.reshape(b, h, n * c)[:, :, :length],)
   if return_state:
     s, z, mx, _ = final
-    return num, den, {'S': s, 'z': z, 'M': mx}
-  return num, den
+    out += ({'S': s, 'z': z, 'M': mx},)
+  return out
 
 
 # --- per-step recurrence: the test reference and the decoding update ---------
@@ -214,18 +235,25 @@ def init_state(batch, heads, state_size, value_dim):
   }
 
 
-def recurrent_step(state, qf, kf, kr, v):
-  """One token: a rank-1 update of (S, z) with online rescaling.
-
-  qf, kf [B, H, M]; kr [B, H]; v [B, H, D]. Returns (num, den, new_state).
-  """
+def add_key(state, kf, kr, v):
+  """The state with one more key: a rank-1 update of (S, z) with online
+  rescaling. kf [B, H, M]; kr [B, H] (NEG: the key does not count); v [B, H, D]."""
   new_max = jnp.maximum(state['M'], kr)
   old, own = _safe_exp(state['M'] - new_max), _safe_exp(kr - new_max)
   s = old[..., None, None] * state['S'] + own[..., None, None] * kf[..., :, None] * v[..., None, :]
   z = old[..., None] * state['z'] + own[..., None] * kf
-  num = jnp.einsum('bhm,bhmd->bhd', qf, s)
-  den = jnp.einsum('bhm,bhm->bh', qf, z)
-  return num, den, {'S': s, 'z': z, 'M': new_max}
+  return {'S': s, 'z': z, 'M': new_max}
+
+
+def read_state(state, qf):
+  """(num [B, H, D], den [B, H]) of query features qf [B, H, M], relative to exp(-M)."""
+  return jnp.einsum('bhm,bhmd->bhd', qf, state['S']), jnp.einsum('bhm,bhm->bh', qf, state['z'])
+
+
+def recurrent_step(state, qf, kf, kr, v):
+  """One token: add its key, then read with its query. Returns (num, den, new_state)."""
+  state = add_key(state, kf, kr, v)
+  return read_state(state, qf) + (state,)
 
 
 def causal_scan(qf, kf, kr, v, segment_ids):

@@ -90,6 +90,9 @@ def make_options(kind: str, **options) -> Options:
   decay = options.get('stats_decay', 0.99)
   if not 0.0 <= decay < 1.0:
     raise ValueError(f'stats_decay must be in [0, 1), got {decay}')
+  window = options.get('window', 0)
+  if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+    raise ValueError(f'window must be an integer >= 0 (0: no exact window), got {window!r}')
   return Options(**options)
 
 

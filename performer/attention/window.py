@@ -1,0 +1,237 @@
+"""Hybrid attention: exact softmax over a sliding window, linear attention beyond.
+
+LoLCATs (Zhang et al. 2024) found that keeping the last W keys exact is the
+largest single gain when linearizing a pretrained model: the sharp, local part of
+softmax is what random or learned features approximate worst. For query n,
+
+    y_n = [g sum_{i in win(n)} exp(s_ni) v_i + sum_{j outside} phi(q_n).phi(k_j) v_j]
+          / [the same two sums without v],
+
+s_ni = q_n.k_i / sqrt(d), g > 0 a learned gain per head. Causal: win(n) = (n-W, n]
+and "outside" = j <= n-W. Bidirectional: win(n) = |i-n| < W and "outside" is both
+sides beyond it. One normaliser covers both parts, so the weights sum to one; with
+W >= L it is exact softmax. (LoLCATs' gain is a sigmoid; ours is exp(log_gain),
+initialised to 1, so a FAVOR kind starts as an unbiased estimate of softmax.)
+
+Each part is computed relative to its own shift and the parts are merged under
+their common maximum, so nothing overflows and nothing looks ahead: the linear
+part is ``linear.causal_chunked`` on keys shifted right by W (their segments
+shifted with them), the window part a blocked band of width W. Decoding keeps a
+W-entry ring buffer of raw (k, v) plus the linear state; the key leaving the ring
+enters the state, so memory stays constant in context length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from performer.attention import linear
+from performer.attention.linear import NEG
+
+sg = jax.lax.stop_gradient
+
+
+def _shift_right(x, w, axis, fill):
+  """x moved w places later along `axis`; the first w entries are `fill` (None:
+  repeat the first entry, for segment ids)."""
+  length = x.shape[axis]
+  w = min(w, length)
+  kept = jax.lax.slice_in_dim(x, 0, length - w, axis=axis)
+  if fill is None:
+    front = jnp.repeat(jax.lax.slice_in_dim(x, 0, 1, axis=axis), w, axis=axis)
+  else:
+    shape = list(x.shape)
+    shape[axis] = w
+    front = jnp.full(shape, fill, x.dtype)
+  return jnp.concatenate([front, kept], axis=axis)
+
+
+def merge(parts):
+  """Sum of unnormalised (num, den, shift) parts, each relative to exp(-shift),
+  as one (num, den) relative to their common maximum."""
+  top = sg(jnp.max(jnp.stack([p[2] for p in parts]), axis=0))
+  num = den = 0.0
+  for p_num, p_den, shift in parts:
+    scale = linear._safe_exp(shift - top)  # pylint: disable=protected-access
+    num = num + p_num * scale[..., None]
+    den = den + p_den * scale
+  return num, den
+
+
+def band(q, k, v, segment_ids, mask, window, causal):
+  """The exact part: (num [B, H, L, D], den [B, H, L], shift [B, H, L]) over keys
+  within the window, in blocks of W queries that see their own block and the
+  neighbouring one(s). q, k [B, L, H, d], v [B, H, L, D] (k, v with q's heads)."""
+  b, length, h, d = q.shape
+  w = max(1, min(window, length))
+  pad = -length % w
+  n = (length + pad) // w
+  before, after = w, (w if not causal else 0)
+
+  def blocks(x, front, back, fill):
+    widths = [(0, 0)] * 2 + [(front, back + pad)] + [(0, 0)] * (x.ndim - 3)
+    return jnp.pad(x, widths, constant_values=fill)
+
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2).astype(jnp.float32)
+  qb = linear._chunk(blocks(heads_major(q), 0, 0, 0.0), w, 2)  # pylint: disable=protected-access
+  kp = blocks(heads_major(k), before, after, 0.0)
+  vp = blocks(v.astype(jnp.float32), before, after, 0.0)
+  span = before + w + after
+  starts = jnp.arange(n) * w
+  take = lambda x: jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(x, s, span, axis=2), out_axes=2)(
+    starts
+  )
+  kb, vb = take(kp), take(vp)  # [B, H, N, span, .]
+  logits = jnp.einsum('bhntd,bhnsd->bhnts', qb, kb) * d**-0.5
+
+  q_pos = starts[:, None] + jnp.arange(w)[None, :]  # [N, w]
+  k_pos = starts[:, None] - before + jnp.arange(span)[None, :]  # [N, span]
+  gap = q_pos[:, :, None] - k_pos[:, None, :]  # [N, w, span]
+  near = (gap >= 0) & (gap < w) if causal else (jnp.abs(gap) < w)
+  near &= (k_pos >= 0)[:, None, :] & (k_pos < length)[:, None, :]
+  seg_q = linear._chunk(jnp.pad(segment_ids, ((0, 0), (0, pad))), w, 1)  # pylint: disable=protected-access
+  padded_seg = jnp.pad(segment_ids, ((0, 0), (before, after + pad)), constant_values=-1)
+  valid = jnp.ones((b, length), bool) if mask is None else mask
+  padded_valid = jnp.pad(valid, ((0, 0), (before, after + pad)))
+  take_1d = lambda x: jax.vmap(
+    lambda s: jax.lax.dynamic_slice_in_dim(x, s, span, axis=1), out_axes=1
+  )(starts)
+  seg_k, valid_k = take_1d(padded_seg), take_1d(padded_valid)  # [B, N, span]
+  allowed = near[None] & (seg_q[..., :, None] == seg_k[..., None, :]) & valid_k[:, :, None, :]
+  allowed = allowed[:, None]  # [B, 1, N, w, span]
+  logits = jnp.where(allowed, logits, NEG)
+  shift = sg(jnp.max(logits, axis=-1))
+  weights = jnp.where(allowed, linear._safe_exp(logits - shift[..., None]), 0.0)  # pylint: disable=protected-access
+  num = jnp.einsum('bhnts,bhnsd->bhntd', weights, vb).reshape(b, h, n * w, -1)[:, :, :length]
+  den = jnp.sum(weights, axis=-1).reshape(b, h, n * w)[:, :, :length]
+  return num, den, shift.reshape(b, h, n * w)[:, :, :length]
+
+
+def _beyond_causal(qf, kf, kr, v, segment_ids, window, chunk_size, return_state=False):
+  """The linear part over keys j <= n - W: the causal core on keys shifted right by W."""
+  shift = lambda x, fill: _shift_right(x, window, 2, fill)
+  return linear.causal_chunked(
+    qf,
+    shift(kf, 0.0),
+    shift(kr, NEG),
+    shift(v.astype(jnp.float32), 0.0),
+    segment_ids,
+    chunk_size,
+    key_segment_ids=_shift_right(segment_ids, window, 1, None),
+    return_shift=True,
+    return_state=return_state,
+  )
+
+
+def hybrid(
+  q,
+  k,
+  v,
+  qf,
+  q_r,
+  kf,
+  kr,
+  segment_ids,
+  mask,
+  *,
+  window,
+  causal,
+  chunk_size,
+  log_gain,
+  return_state=False,
+):
+  """Unnormalised (num [B, H, L, D], den [B, H, L]) of windowed attention, plus
+  (causal, ``return_state``) the linear state holding every key but the last W.
+
+  q, k [B, L, H, d] raw (k with q's heads); v [B, H, L, D]; qf, q_r the query parts
+  and kf, kr the masked key parts of the feature map (``FeatureMap.query_parts``,
+  ``masked_key``); log_gain [H].
+  """
+  b_num, b_den, b_shift = band(q, k, v, segment_ids, mask, window, causal)
+  parts = [(b_num, b_den, b_shift + log_gain[None, :, None])]
+  beyond = _beyond_causal(qf, kf, kr, v, segment_ids, window, chunk_size, return_state)
+  parts.append((beyond[0], beyond[1], q_r + beyond[2]))
+  if return_state:
+    return merge(parts) + (beyond[3],)
+  if not causal:  # keys j >= n + W: the same on the reversed sequence
+    flip = lambda x, axis=2: jnp.flip(x, axis=axis)
+    r_num, r_den, r_shift = _beyond_causal(
+      flip(qf), flip(kf), flip(kr), flip(v), flip(segment_ids, 1), window, chunk_size
+    )
+    parts.append((flip(r_num), flip(r_den), q_r + flip(r_shift)))
+  return merge(parts)
+
+
+def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain):
+  """[B, H, L, L] unnormalised weights the hybrid implies (analysis only): g exp(s)
+  inside the window, phi(q).phi(k) outside, under one shift per row."""
+  length = q.shape[1]
+  s = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
+  win_log = s * q.shape[-1] ** -0.5 + log_gain[None, :, None, None]
+  lin = jnp.einsum('bhqm,bhkm->bhqk', qf, kf)
+  lin_log = q_r[..., :, None] + kr[..., None, :]
+  gap = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+  in_band = ((gap >= 0) & (gap < window)) if causal else (jnp.abs(gap) < window)
+  visible = gap >= 0 if causal else jnp.ones_like(in_band)
+  log_like = jnp.where(in_band, win_log, lin_log)
+  top = sg(jnp.max(jnp.where(visible, log_like, NEG), axis=-1, keepdims=True))
+  return jnp.where(
+    in_band,
+    linear._safe_exp(win_log - top),  # pylint: disable=protected-access
+    lin * linear._safe_exp(lin_log - top),  # pylint: disable=protected-access
+  )
+
+
+# --- decoding: a ring buffer of the last W raw keys and values --------------
+
+
+def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32):
+  return {
+    'k': jnp.zeros((batch, window, heads, head_dim), dtype),
+    'v': jnp.zeros((batch, window, heads, value_dim), dtype),
+    'valid': jnp.zeros((batch, window), bool),
+    'pos': jnp.zeros((), jnp.int32),
+  }
+
+
+def ring_from_prompt(k, v, mask, window):
+  """The ring after a prompt of L tokens: position p (the last W of them) in slot
+  p mod W."""
+  b, length = k.shape[:2]
+  slots = jnp.arange(window)
+  pos = length - window + jnp.mod(slots - (length - window), window)  # [W]
+  ok = pos >= 0
+  at = jnp.clip(pos, 0, length - 1)
+  valid = jnp.ones((b, length), bool) if mask is None else mask
+  return {
+    'k': jnp.where(ok[None, :, None, None], k[:, at], 0).astype(k.dtype),
+    'v': jnp.where(ok[None, :, None, None], v[:, at], 0).astype(v.dtype),
+    'valid': ok[None, :] & valid[:, at],
+    'pos': jnp.asarray(length, jnp.int32),
+  }
+
+
+def ring_push(ring, k, v, valid):
+  """(new ring, (k, v, valid) of the entry it evicts): the token at position pos
+  takes slot pos mod W, which held position pos - W."""
+  slot = jnp.mod(ring['pos'], ring['k'].shape[1])
+  old = (ring['k'][:, slot], ring['v'][:, slot], ring['valid'][:, slot])
+  new = {
+    'k': ring['k'].at[:, slot].set(k.astype(ring['k'].dtype)),
+    'v': ring['v'].at[:, slot].set(v.astype(ring['v'].dtype)),
+    'valid': ring['valid'].at[:, slot].set(valid),
+    'pos': ring['pos'] + 1,
+  }
+  return new, old
+
+
+def ring_read(ring, q):
+  """Exact part for one query q [B, H, d] over the ring: (num [B, H, D], den [B, H],
+  shift [B, H])."""
+  s = jnp.einsum('bhd,bwhd->bhw', q.astype(jnp.float32), ring['k'].astype(jnp.float32))
+  s = jnp.where(ring['valid'][:, None, :], s * q.shape[-1] ** -0.5, NEG)
+  shift = sg(jnp.max(s, axis=-1))
+  weights = jnp.where(ring['valid'][:, None, :], linear._safe_exp(s - shift[..., None]), 0.0)  # pylint: disable=protected-access
+  num = jnp.einsum('bhw,bwhd->bhd', weights, ring['v'].astype(jnp.float32))
+  return num, jnp.sum(weights, axis=-1), shift

@@ -1,0 +1,167 @@
+"""The `window` option: exact softmax over the last W keys (±W bidirectional) plus
+linear attention beyond, under one normaliser (attention/window.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_attention_causal import _features, _perturb_future, _qkv
+
+from performer import attention
+
+# The learned map and FAVOR+ by default; the others under -m slow (same code path).
+KINDS = ['favor_softmax', 'hedgehog'] + [
+  pytest.param(k, marks=pytest.mark.slow) for k in ('favor_relu', 'linear_elu', 'favor_sharp')
+]
+
+
+def dense_reference(kind, q, k, v, w, *, window, causal, mask=None, segment_ids=None, gain=1.0):
+  """float64 weights from the unstabilised exact features: g exp(q.k/sqrt(d)) inside
+  the window, phi(q).phi(k) outside, normalised once."""
+  pq, pk = (
+    np.asarray(x, np.float64)
+    for x in attention.get_attention(kind).features(
+      q, k, causal=causal, mask=mask, segment_ids=segment_ids, projection=w
+    )
+  )
+  qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  exact = gain * np.exp(np.einsum('blhd,bshd->bhls', qn, kn) / np.sqrt(q.shape[-1]))
+  linear = np.einsum('blhm,bshm->bhls', pq, pk)
+  length = q.shape[1]
+  gap = np.arange(length)[:, None] - np.arange(length)[None, :]
+  in_band = ((gap >= 0) & (gap < window)) if causal else (np.abs(gap) < window)
+  scores = np.where(in_band, exact, linear)
+  allowed = np.ones((q.shape[0], 1, length, length), bool)
+  if causal:
+    allowed &= gap >= 0
+  if mask is not None:
+    allowed &= np.asarray(mask)[:, None, None, :]
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids)
+    allowed &= seg[:, None, :, None] == seg[:, None, None, :]
+  scores = np.where(allowed, scores, 0.0)
+  num = np.einsum('bhls,bshd->blhd', scores, np.asarray(v, np.float64))
+  den = scores.sum(-1).transpose(0, 2, 1)[..., None]
+  return num / np.where(den == 0, 1.0, den)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('causal', [True, False])
+def test_window_equals_dense_hybrid_with_mask_and_segments(kind, causal):
+  q, k, v = _qkv(jax.random.PRNGKey(0), length=29)
+  w = _features()
+  seg = jnp.array([[1] * 12 + [2] * 13 + [0] * 4, [3] * 29])
+  mask = seg > 0
+  for window, chunk in ((4, 8), (5, 3), (13, 16)):
+    attend = attention.get_attention(kind, window=window, chunk_size=chunk, eps=0.0)
+    out = attend(q, k, v, causal=causal, mask=mask, segment_ids=seg, projection=w)
+    ref = dense_reference(
+      kind, q, k, v, w, window=window, causal=causal, mask=mask, segment_ids=seg
+    )
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('causal', [True, False])
+def test_window_covering_the_sequence_is_exact_softmax(kind, causal):
+  q, k, v = _qkv(jax.random.PRNGKey(1), length=21)
+  seg = jnp.array([[1] * 9 + [2] * 12, [1] * 17 + [0] * 4])
+  mask = seg > 0
+  exact = attention.get_attention('softmax', implementation='reference')
+  want = exact(q, k, v, causal=causal, mask=mask, segment_ids=seg)
+  for window in (21, 64):
+    attend = attention.get_attention(kind, window=window, chunk_size=8)
+    got = attend(q, k, v, causal=causal, mask=mask, segment_ids=seg, projection=_features())
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_window_is_exactly_causal(kind):
+  q, k, v = _qkv(jax.random.PRNGKey(2), length=40)
+  w = _features()
+  attend = attention.get_attention(kind, window=6, chunk_size=8)
+  fn = jax.jit(lambda q, k, v: attend(q, k, v, causal=True, projection=w))
+  base = np.asarray(fn(q, k, v))
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  for t in (0, 5, 6, 21, 38):
+    for cq, ck, cv in (
+      (_perturb_future(q, t, keys[0]), k, v),
+      (q, _perturb_future(k, t, keys[1]), v),
+      (q, k, _perturb_future(v, t, keys[2])),
+      (q, _perturb_future(k, t, keys[1], scale=6.0), v),
+    ):
+      np.testing.assert_array_equal(np.asarray(fn(cq, ck, cv))[:, : t + 1], base[:, : t + 1])
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_window_decode_equals_forward(kind):
+  """Prefill (with a padded prompt row) then one step per token, the ring buffer
+  evicting into the linear state, equals the full causal pass at every position."""
+  length, prompt, window = 23, 9, 4
+  q, k, v = _qkv(jax.random.PRNGKey(4), length=length)
+  w = _features()
+  attend = attention.get_attention(kind, window=window, chunk_size=4)
+  mask = jnp.ones((2, length), bool).at[1, :3].set(False)  # row 1: 3 left-padded tokens
+  full = attend(q, k, v, causal=True, mask=mask, projection=w)
+  state = attend.init_state(2, 2, 8, 8, projection=w, max_length=length)
+  out, state = attend.prefill(
+    state, q[:, :prompt], k[:, :prompt], v[:, :prompt], mask=mask[:, :prompt], projection=w
+  )
+  np.testing.assert_allclose(out, full[:, :prompt], atol=1e-5, rtol=1e-5)
+  assert state['ring']['k'].shape == (2, window, 2, 8)  # constant in the context length
+  step = jax.jit(lambda s, q, k, v: attend.step(s, q, k, v, projection=w))
+  for t in range(prompt, length):
+    out_t, state = step(state, q[:, t], k[:, t], v[:, t])
+    np.testing.assert_allclose(out_t, full[:, t], atol=1e-5, rtol=1e-5)
+  # From an empty state, token by token (a masked token is skipped by the ring).
+  state = attend.init_state(2, 2, 8, 8, projection=w, max_length=length)
+  masked_step = jax.jit(lambda s, q, k, v, m: attend.step(s, q, k, v, mask=m, projection=w))
+  for t in range(length):
+    out_t, state = masked_step(state, q[:, t], k[:, t], v[:, t], mask[:, t])
+    np.testing.assert_allclose(out_t[0], full[0, t], atol=1e-5, rtol=1e-5)
+    if t >= 3:
+      np.testing.assert_allclose(out_t[1], full[1, t], atol=1e-5, rtol=1e-5)
+
+
+def test_window_gain_is_a_trainable_feature_param():
+  from flax import nnx
+
+  attend = attention.build('hedgehog', head_dim=8, num_heads=2, window=4, rngs=nnx.Rngs(0))
+  params = nnx.state(attend, attention.FeatureParam)
+  assert 'window_log_gain' in params
+  q, k, v = _qkv(jax.random.PRNGKey(5), length=12)
+
+  graphdef, feature_params, rest = nnx.split(attend, attention.FeatureParam, ...)
+
+  def loss(p):
+    return jnp.sum(nnx.merge(graphdef, p, rest)(q, k, v, causal=True) ** 2)
+
+  grad = jax.grad(loss)(feature_params)['window_log_gain'][...]
+  assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+  # A gain of g multiplies the window's scores: the dense reference agrees.
+  attend.window_log_gain[...] = jnp.full((2,), np.log(3.0))
+  ref = dense_reference('hedgehog', q, k, v, None, window=4, causal=True, gain=3.0)
+  np.testing.assert_allclose(attend(q, k, v, causal=True), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_window_zero_is_todays_attention_and_bad_values_raise():
+  q, k, v = _qkv(jax.random.PRNGKey(6), length=16)
+  w = _features()
+  plain = attention.get_attention('favor_softmax', chunk_size=4)(q, k, v, causal=True, projection=w)
+  zero = attention.get_attention('favor_softmax', chunk_size=4, window=0)(
+    q, k, v, causal=True, projection=w
+  )
+  np.testing.assert_array_equal(plain, zero)
+  for bad in (-1, 2.5, True):
+    with pytest.raises(ValueError, match='window must be an integer'):
+      attention.get_attention('favor_softmax', window=bad)
+
+
+def test_window_weights_match_the_dense_reference():
+  q, k, v = _qkv(jax.random.PRNGKey(7), length=14)
+  w = _features()
+  attend = attention.build('favor_softmax', head_dim=8, num_heads=2, window=3, projection=w)
+  weights = attend.weights(q, k, causal=True)
+  ref = dense_reference('favor_softmax', q, k, v, w, window=3, causal=True)
+  out = np.einsum('bhls,bshd->blhd', np.asarray(weights, np.float64), np.asarray(v, np.float64))
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
