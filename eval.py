@@ -1,10 +1,15 @@
 r"""Evaluate the newest checkpoint of a run: loss, accuracy, perplexity (bits/dim for images).
 
   python eval.py --config=configs/default.py --workdir=/tmp/protein_uni [--split=test]
+  python eval.py --config=configs/smollm2_favor.py --workdir=/tmp/smollm2_favor \
+      --text_file=notes.txt [--teacher] [--max_tokens=4096]
 
 Uses the stored random features and no dropout, so repeated runs print the same numbers.
-Bad configs, a missing or malformed data file and a workdir without a usable checkpoint
-(any `performer.errors.UserInputError`): one line on stderr, exit status 2.
+--text_file scores any UTF-8 file with the model's own tokenizer instead of the held-out
+splits (per-token perplexity, causal_lm only; performer/training/text_eval.py); --teacher
+scores the original model (train.distill_from, else train.init_from) on the same tokens.
+Bad configs, a missing or malformed data or text file and a workdir without a usable
+checkpoint (any `performer.errors.UserInputError`): one line on stderr, exit status 2.
 """
 
 import logging
@@ -18,6 +23,15 @@ from performer.training import logs
 
 _SPLIT = flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Split to evaluate.')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'Batches per split; 0 = all.')
+_TEXT_FILE = flags.DEFINE_string(
+  'text_file', None, 'Score this UTF-8 text file (per-token perplexity) instead of the splits.'
+)
+_TEACHER = flags.DEFINE_bool(
+  'teacher', False, 'With --text_file: also score train.distill_from (else train.init_from).'
+)
+_MAX_TOKENS = flags.DEFINE_integer(
+  'max_tokens', 0, 'With --text_file: score only the first N tokens; 0 = all.'
+)
 
 
 def main(argv):
@@ -27,9 +41,19 @@ def main(argv):
   workdir = train._WORKDIR.value  # pylint: disable=protected-access
   if not workdir:
     train.fail("--workdir: missing; pass the training run's --workdir")
+  if not _TEXT_FILE.value and (_TEACHER.value or _MAX_TOKENS.value):
+    train.fail('--teacher and --max_tokens go with --text_file=PATH')
   logs.setup(logging.ERROR)  # orbax's read-only notes are expected here
   splits = ('validation', 'test') if _SPLIT.value == 'both' else (_SPLIT.value,)
   try:
+    if _TEXT_FILE.value:
+      from performer.training import text_eval  # pylint: disable=g-import-not-at-top
+
+      result = text_eval.score_text(
+        config, workdir, _TEXT_FILE.value, teacher=_TEACHER.value, max_tokens=_MAX_TOKENS.value
+      )
+      print('\n'.join(text_eval.format_table(result)))
+      return
     train.check_data_files(config, ('train', *splits))  # train: the unigram baseline
     from performer.training import train_lib  # pylint: disable=g-import-not-at-top
 

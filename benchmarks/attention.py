@@ -145,7 +145,10 @@ def main(argv=None):
           predicted = (
             last[1] / 1e3 * growth * (length / last[0] / 2) ** (2 if kind == 'softmax' else 1)
           )
-        row = run_case(kind, causal, length, args, predicted)
+        try:
+          row = run_case(kind, causal, length, args, predicted)
+        except Exception as error:  # pylint: disable=broad-except
+          row = common.failed_row({'kind': kind, 'mode': mode, 'length': length}, error)
         rows.append(row)
         if 'ms' in row:
           last = (length, row['ms'])

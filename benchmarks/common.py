@@ -34,6 +34,14 @@ def compile_stats(fn, *args):
   return compiled, peak, flops
 
 
+def failed_row(row, error):
+  """``row`` marked skipped with ``error``'s one-line reason: one case that fails to
+  compile or run (out of memory, a kernel a backend lacks) costs its row, not the table."""
+  reason = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  row['skipped'] = f'failed: {type(error).__name__}: {reason[:120]}'
+  return row
+
+
 def time_call(compiled, *args, repeats=3):
   """Best wall time of ``repeats`` calls after one warm-up call."""
   jax.block_until_ready(compiled(*args))
