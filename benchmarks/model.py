@@ -60,6 +60,7 @@ from performer import (
   data,  # noqa: E402
   models,  # noqa: E402
 )
+from performer.training import optim  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
 
 KINDS = ('softmax', 'favor_softmax', 'favor_relu', 'identity')
@@ -149,7 +150,7 @@ def build_step(config):
     config.model, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)
   )
   graphdef, params, features, stats, rest = models.split(model)
-  tx, schedule = steps_lib.make_optimizer(config.train)
+  tx, schedule = optim.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
   task_info = steps_lib.build_task_info(config.model, config.train, vocab, model.target_offset)
   train_fn, _ = steps_lib.make_step_fns(
@@ -251,13 +252,16 @@ def run(args, log=None):
     for kind in args.kinds:
       last = None
       for length in sorted(args.lengths):
-        row = run_case(kind, mode, length, args, predict(kind, last, length))
+        try:
+          row = run_case(kind, mode, length, args, predict(kind, last, length))
+        except Exception as error:  # pylint: disable=broad-except
+          row = common.failed_row({'mode': mode, 'kind': kind, 'length': length}, error)
         rows.append(row)
         if 'ms' in row:
           last = (length, row['ms'])
         log(
           f'  {mode:13s} {kind:14s} L={length:6d} '
-          f'peak {row["peak_mb"] or 0:8.0f} MB  '
+          f'peak {row.get("peak_mb") or 0:8.0f} MB  '
           + (f'{row["ms"]:9.1f} ms' if 'ms' in row else row['skipped'])
         )
   return add_ratios(rows)

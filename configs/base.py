@@ -45,6 +45,10 @@ def get_config():
   config.model.pooler = False  # bert: tanh(dense([CLS])), unused by the loss
   config.model.dtype = 'float32'  # compute dtype; parameters always stay float32
   config.model.image_shape = (0, 0, 0)  # (H, W, C), image_ar only
+  # LoRA on the attention projections q, k, v, o (performer/models/lora.py): W + (alpha / r) A B
+  # with B = 0 at init, so the model starts as the one without LoRA; 0 = off.
+  config.model.lora_rank = 0
+  config.model.lora_alpha = 16.0  # the update's scale is lora_alpha / lora_rank
   config.model.attention = ml_collections.ConfigDict()
   config.model.attention.kind = 'favor_softmax'  # one of performer.attention.KINDS
   config.model.attention.num_features = 256
@@ -54,6 +58,9 @@ def get_config():
   config.model.attention.per_head_features = False
   config.model.attention.stats_decay = 0.99  # favor_plus_plus / favor_sharp running moments
   config.model.attention.hedgehog_dim = 0  # hedgehog feature width d' (0 = head_dim)
+  # Exact softmax over the last W keys (+-W bidirectional), linear attention beyond, one
+  # normaliser (LoLCATs' sliding window; attention/window.py). 0 = linear everywhere.
+  config.model.attention.window = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'protein_sample'
@@ -96,6 +103,14 @@ def get_config():
   config.train.distill_weight = 1.0
   config.train.distill_target = 'logits'  # 'logits': T^2 KL(teacher || student) | 'hidden': MSE
   config.train.distill_temperature = 1.0
+  # Linearizing (README: "Linearizing pretrained models"; LoLCATs): the first transfer_steps
+  # train only the attention modules' own parameters (feature maps, window gains) to match
+  # the distill_from teacher's attention output per layer, at transfer_learning_rate; the
+  # rest of the run trains `trainable`: 'all' | 'lora' (model.lora_rank > 0) | 'feature_maps'.
+  config.train.transfer_steps = 0
+  config.train.transfer_learning_rate = 1e-2
+  config.train.transfer_loss = 'mse'  # 'mse' | 'xent' (attention weights) | 'mse+xent'
+  config.train.trainable = 'all'
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all devices not used by fsdp

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import kind_params, run_script, tiny_config
 from performer import attention, data
-from performer.training import checkpoints, sharding, train_lib
+from performer.training import checkpoints, optim, sharding, train_lib
 from performer.training import steps as steps_lib
 
 
@@ -282,13 +282,13 @@ def test_causal_targets_respect_segments():
 
 def test_schedule_warmup_then_cosine():
   config = tiny_config(train__num_steps=100, train__warmup_steps=10, train__learning_rate=1.0)
-  schedule = steps_lib.make_schedule(config.train)
+  schedule = optim.make_schedule(config.train)
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(55)) == pytest.approx(0.5, abs=1e-6)
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
   config = tiny_config(train__schedule='constant', train__warmup_steps=10, train__learning_rate=1.0)
-  schedule = steps_lib.make_schedule(config.train)
+  schedule = optim.make_schedule(config.train)
   assert float(schedule(5)) == pytest.approx(0.5) and float(schedule(50)) == 1.0
 
 

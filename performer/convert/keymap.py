@@ -13,9 +13,10 @@ unless the map and the checkpoint agree exactly:
   mismatch*: wrong config or wrong file),
 * every trainable parameter of the model is the target of exactly one
   entry (else the map itself is incomplete: a bug in the importer), except
-  feature-map parameters (`attention.FeatureParam`, e.g. Hedgehog's W): no
-  pretrained checkpoint has them, so they keep their initial values and are
-  reported as expected-missing (`feature_params`), never as an error.
+  feature-map parameters (`attention.FeatureParam`, e.g. Hedgehog's W) and
+  LoRA factors (`models.LoraParam`): no pretrained checkpoint has them, so
+  they keep their initial values and are reported as expected-missing
+  (`models.new_params`), never as an error.
 
 All problems are collected and raised together as one ValueError that names
 the keys, so a user fixes them in one go.
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from performer import attention, models
+from performer import models
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,14 @@ def param_table(model: nnx.Module) -> dict[str, nnx.Param]:
   ('layers.0.mlp.up.kernel').
 
   Random feature matrices and running statistics are not `nnx.Param`s and
-  feature-map parameters are expected to be missing, so none of them needs a
-  checkpoint entry: a softmax checkpoint loads into any kind as is.
+  feature-map parameters and LoRA factors are expected to be missing, so none
+  of them needs a checkpoint entry: a softmax checkpoint loads into any kind,
+  with or without LoRA, as is.
   """
   return {
     '.'.join(str(p) for p in path): node
     for path, node in nnx.iter_graph(model)
-    if isinstance(node, nnx.Param) and not isinstance(node, attention.FeatureParam)
+    if isinstance(node, nnx.Param) and not isinstance(node, models.NEW_PARAMS)
   }
 
 
@@ -143,8 +145,8 @@ def apply_keymap(
   Writes in place and returns `model`. Values are cast to the parameter's
   dtype (float32 parameters; bf16 is a compute dtype only). Nothing is
   written unless the whole map checks out, so a failed import never leaves
-  a half-loaded model behind. Feature-map parameters keep their initial
-  values and are logged as expected-missing.
+  a half-loaded model behind. Feature-map parameters and LoRA factors keep
+  their initial values and are logged as expected-missing.
   """
   entries = list(entries)
   check_keymap(tensors, entries, ignore, model=model, what=what)
@@ -155,13 +157,16 @@ def apply_keymap(
     if e.transpose:
       arr = arr.T
     param.value = jnp.asarray(arr.reshape(param.shape), dtype=param.dtype)
-  missing = models.feature_params(model)
-  if missing:
-    log.info(
-      '%s: %d feature-map parameters are not in the checkpoint, as expected; '
-      'they keep their initial values: %s',
-      what,
-      len(missing),
-      missing,
-    )
+  features = models.feature_params(model)
+  lora = sorted(set(models.new_params(model)) - set(features))
+  for kind, missing in (('feature-map', features), ('LoRA', lora)):
+    if missing:
+      log.info(
+        '%s: %d %s parameters are not in the checkpoint, as expected; '
+        'they keep their initial values: %s',
+        what,
+        len(missing),
+        kind,
+        missing,
+      )
   return model

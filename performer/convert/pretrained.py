@@ -8,10 +8,10 @@
 `train_lib.resolve_config` writes into `config.model` so the run's config.json
 describes the model exactly (eval.py, sample.py and resuming need nothing else).
 `load_pretrained` then writes the weights into a model of any attention kind
-through the family importer's explicit key map; feature-map parameters are
-reported as expected-missing, as for zoo checkpoints. The importer of family F is
-`performer.convert.F` with `read_config(fmt, path)`, `load(model, fmt, path)` and
-`load_tokenizer(fmt, path)`.
+through the family importer's explicit key map; feature-map parameters and LoRA
+factors are reported as expected-missing, as for zoo checkpoints. The importer of
+family F is `performer.convert.F` with `read_config(fmt, path)`, `load(model, fmt,
+path)` and `load_tokenizer(fmt, path)`.
 """
 
 from __future__ import annotations
@@ -86,14 +86,15 @@ def open_pretrained(source: str) -> Pretrained:
 
 def load_pretrained(pre: Pretrained, model) -> list[str]:
   """Writes the checkpoint into `model` in place; returns the dotted paths of the
-  feature-map parameters it lacks (expected: no softmax checkpoint has them)."""
+  feature-map parameters and LoRA factors it lacks (expected: no softmax checkpoint
+  has them; `models.new_params`)."""
   try:
     pre.importer.load(model, pre.fmt, pre.path)
   except ValueError as e:
     if isinstance(e, WeightsFileError):
       raise
     raise WeightsFileError(f'{pre.source}: {e}') from e
-  return models.feature_params(model)
+  return models.new_params(model)
 
 
 def load_tokenizer(pre: Pretrained):

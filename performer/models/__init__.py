@@ -10,7 +10,9 @@
 `config.model.family` picks the family (families.py), the attention kind is a
 config string, and no model branches on it (see `layers.py`). `split(model)` separates what training treats differently:
 parameters (feature-map parameters included), random features (redrawn),
-running statistics (updated by train steps) and the rest.
+running statistics (updated by train steps) and the rest. With `lora_rank` > 0 the
+attention projections carry LoRA factors (`LoraParam`, lora.py); `merge_lora` folds them
+back into the kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from performer import attention
 from performer.models.config import DTYPES, POSITIONS, TASKS, AttentionSpec, ModelConfig
 from performer.models.families import FAMILIES, build_model, model_config
 from performer.models.layers import capture_intermediates
+from performer.models.lora import LoraParam, lora_mask, merge_lora
 from performer.models.positions import (
   POSITION_KINDS,
   apply_rope,
@@ -34,7 +37,7 @@ from performer.models.transformer import Transformer, check_tokens, shift_right
 def split(model: nnx.Module):
   """(graphdef, params, features, stats, rest) of `model`:
 
-  params    nnx.Param (attention.FeatureParam included)  -> trained
+  params    nnx.Param (attention.FeatureParam, LoraParam included)  -> trained
   features  attention.RandomProjection  -> redrawn, never trained
   stats     attention.FeatureStats                       -> updated by train steps
   rest      everything else (RNG streams)
@@ -47,11 +50,27 @@ def split(model: nnx.Module):
 def feature_params(model: nnx.Module) -> list[str]:
   """Dotted paths of the feature-map parameters (`attention.FeatureParam`, e.g.
   'layers.0.attn.attend.feature_map.query_weight'): no pretrained or softmax
-  checkpoint holds them, so importers and init_from expect them missing."""
+  checkpoint holds them, so importers and init_from expect them missing (with the
+  LoRA factors: `new_params`)."""
   return sorted(
     '.'.join(str(p) for p in path)
     for path, node in nnx.iter_graph(model)
     if isinstance(node, attention.FeatureParam)
+  )
+
+
+# Parameter types no pretrained checkpoint holds (an nnx filter: nnx.state(model, NEW_PARAMS)).
+NEW_PARAMS = (attention.FeatureParam, LoraParam)
+
+
+def new_params(model: nnx.Module) -> list[str]:
+  """Dotted paths of every parameter no pretrained or softmax checkpoint holds:
+  feature-map parameters (`feature_params`) and LoRA factors ('layers.0.attn.query.lora_a').
+  Importers and init_from keep their initial values and report them as expected-missing."""
+  return sorted(
+    '.'.join(str(p) for p in path)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, NEW_PARAMS)
   )
 
 
@@ -63,10 +82,12 @@ def param_count(model: nnx.Module) -> int:
 __all__ = [
   'DTYPES',
   'FAMILIES',
+  'NEW_PARAMS',
   'POSITIONS',
   'POSITION_KINDS',
   'TASKS',
   'AttentionSpec',
+  'LoraParam',
   'ModelConfig',
   'Transformer',
   'apply_rope',
@@ -74,7 +95,10 @@ __all__ = [
   'capture_intermediates',
   'check_tokens',
   'feature_params',
+  'lora_mask',
+  'merge_lora',
   'model_config',
+  'new_params',
   'param_count',
   'positions_from_segments',
   'shift_right',

@@ -66,6 +66,7 @@ class ModelConfig:
   head_dim: per-head width; emb_dim // num_heads unless a checkpoint says otherwise.
   rope_theta: the rotary base when positions == 'rotary'.
   norm / mlp / use_bias: fixed by the family (see families.py).
+  lora_rank / lora_alpha: LoRA on q, k, v, o (lora.py); rank 0 = off.
   """
 
   family: str = 'transformer'
@@ -90,6 +91,8 @@ class ModelConfig:
   image_shape: tuple | None = None
   type_vocab_size: int = 2
   pooler: bool = False
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
   dtype: str = 'float32'
   attention: AttentionSpec = AttentionSpec()
 
@@ -107,6 +110,10 @@ class ModelConfig:
     for key in ('vocab_size', 'num_layers', 'num_heads', 'emb_dim', 'mlp_dim', 'max_len'):
       if not getattr(self, key) or getattr(self, key) < 1:
         raise ValueError(f'{key} must be a positive integer, got {getattr(self, key)}')
+    if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+      raise ValueError(f'lora_rank must be an integer >= 0 (0 = off), got {self.lora_rank!r}')
+    if self.lora_rank and not self.lora_alpha > 0:
+      raise ValueError(f'lora_alpha must be > 0, got {self.lora_alpha!r}')
     if not self.head_dim:
       if self.emb_dim % self.num_heads:
         raise ValueError(f'emb_dim {self.emb_dim} is not divisible by num_heads {self.num_heads}')

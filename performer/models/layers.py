@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from performer.models import lora
 from performer.models import positions as positions_lib
 from performer.models.config import ModelConfig
 
@@ -83,7 +84,9 @@ class SelfAttention(nnx.Module):
   Projections are `nnx.LinearGeneral` with the head axis explicit, so q comes out as
   [batch, length, heads, head_dim] and k, v as [batch, length, kv_heads, head_dim]
   without reshapes. Rotary positions rotate q and k here, before any feature map.
-  Kernels are float32 parameters; the compute dtype is the config's.
+  Kernels are float32 parameters; the compute dtype is the config's. With
+  `cfg.lora_rank` > 0 the four projections carry LoRA factors (lora.py) beside
+  unchanged kernel paths, so checkpoints and importers see the same model.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -93,8 +96,8 @@ class SelfAttention(nnx.Module):
     self.rope_theta = cfg.rope_theta if cfg.rotary else 0.0
 
     def project(heads):
-      return nnx.LinearGeneral(
-        cfg.emb_dim, (heads, hd), use_bias=cfg.use_bias, dtype=dtype, rngs=rngs
+      return lora.linear(
+        cfg, cfg.emb_dim, (heads, hd), use_bias=cfg.use_bias, dtype=dtype, rngs=rngs
       )
 
     self.query, self.key, self.value = (
@@ -102,8 +105,14 @@ class SelfAttention(nnx.Module):
       project(cfg.num_kv_heads),
       project(cfg.num_kv_heads),
     )
-    self.out = nnx.LinearGeneral(
-      (cfg.num_heads, hd), cfg.emb_dim, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype, rngs=rngs
+    self.out = lora.linear(
+      cfg,
+      (cfg.num_heads, hd),
+      cfg.emb_dim,
+      axis=(-2, -1),
+      use_bias=cfg.use_bias,
+      dtype=dtype,
+      rngs=rngs,
     )
     self.attend = cfg.attention.build(head_dim=hd, num_heads=cfg.num_heads, rngs=rngs)
 

@@ -22,44 +22,8 @@ from flax import nnx
 
 from performer import models
 from performer.attention import FeatureStats
-
-# ---------------------------------------------------------------------------- optimizer
-
-
-def make_schedule(train_config):
-  """Linear warmup from 0, then cosine decay to 0 at num_steps (or constant)."""
-  lr, warmup = train_config.learning_rate, train_config.warmup_steps
-  if train_config.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(
-      0.0,
-      lr,
-      warmup_steps=warmup,
-      decay_steps=max(train_config.num_steps, warmup + 1),
-      end_value=0.0,
-    )
-  return optax.join_schedules(
-    [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
-  )
-
-
-def _decay_mask(params):
-  """Weight decay on matrices only: biases and norm scales are not decayed."""
-  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
-
-
-def make_optimizer(train_config):
-  """AdamW with global-norm clipping; returns (optax transform, schedule)."""
-  schedule = make_schedule(train_config)
-  parts = []
-  if train_config.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
-  parts.append(
-    optax.adamw(
-      schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=train_config.weight_decay, mask=_decay_mask
-    )
-  )
-  return optax.chain(*parts), schedule
-
+from performer.convert import attention_transfer
+from performer.training import optim
 
 # ---------------------------------------------------------------------------- targets
 
@@ -212,6 +176,20 @@ def distill_sum(student, teacher, weights, *, target, temperature):
   return jnp.sum(per_token * w)
 
 
+def _transfer_loss(graphdef, params, features, stats, rest, micro, teacher, distill):
+  """Attention transfer: the student's attention modules on the teacher's captured
+  layer inputs (its statistics update as in training)."""
+  t_model = nnx.merge(distill['graphdef'], *teacher, copy=True)
+  kwargs = dict(mask=micro['mask'], segment_ids=micro.get('segment_ids'), deterministic=True)
+  _, captured = models.capture_intermediates(t_model, micro['inputs'], **kwargs)
+  student = nnx.merge(graphdef, params, features, stats, rest, copy=True)
+  student.set_attributes(use_running_average=False, raise_if_not_found=False)
+  sums = attention_transfer.transfer_sums(
+    student, captured, micro['mask'], micro.get('segment_ids'), loss=distill['transfer_loss']
+  )
+  return sums['loss_sum'], (sums, nnx.state(student, FeatureStats))
+
+
 # ---------------------------------------------------------------------------- steps
 
 
@@ -233,8 +211,14 @@ def train_step(
   grad_accum_steps,
   use_dropout,
   distill=None,
+  objective='task',
+  trainable=None,
 ):
   """One optimizer update on a global batch; returns (params, opt_state, stats, metrics).
+
+  `objective` 'transfer' (attention transfer, optim.py's first stage) replaces the task
+  loss by `attention_transfer.transfer_sums` against the teacher's captured layers.
+  `trainable` (one bool per params leaf, None = all) freezes the rest bitwise.
 
   The batch is split into `grad_accum_steps` micro-batches scanned in sequence. Gradients
   of the summed loss are added and divided once by the total weight of the whole batch,
@@ -252,10 +236,16 @@ def train_step(
   inputs, targets, weights = make_targets(batch, mask_key, task_info)
   total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
-  distilling = teacher is not None and distill is not None and task_info['task'] != 'encoder'
+  transfer = objective == 'transfer'
+  distilling = (
+    teacher is not None and distill is not None and task_info['task'] != 'encoder' and not transfer
+  )
   hidden = distilling and distill['target'] == 'hidden'
 
   def loss_fn(p, s, micro, key):
+    p = optim.freeze(p, trainable)
+    if transfer:
+      return _transfer_loss(graphdef, p, features, s, rest, micro, teacher, distill)
     out, new_stats = _forward(
       graphdef,
       p,
@@ -325,7 +315,7 @@ def train_step(
     )
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
+  params = optim.keep_frozen(optax.apply_updates(params, updates), params, trainable)
   metrics = {
     'loss': sums['loss_sum'] / total_weight,
     'accuracy': sums['correct_sum'] / total_weight,
@@ -393,6 +383,7 @@ def make_step_fns(
   batch_sharding=None,
   replicated=None,
   teacher=None,
+  flags=None,
 ):
   """Jits the train and eval steps; params, optimizer state and statistics are donated.
 
@@ -405,7 +396,10 @@ def make_step_fns(
   `teacher` (distillation): {'graphdef', 'trees': (params, features, stats, rest),
   'shardings'}. The jitted step takes the teacher trees as its last argument; the returned
   train function binds them, so callers keep one signature whether or not they distil.
+  `flags` (optim.stage_flags): with a transfer stage, steps below
+  `train_config.transfer_steps` run the attention-transfer step (a second program).
   """
+  flags = flags or {'transfer': None, 'train': None}
   distill = None
   if teacher is not None:
     distill = {
@@ -413,8 +407,9 @@ def make_step_fns(
       'weight': float(train_config.distill_weight),
       'target': train_config.distill_target,
       'temperature': float(train_config.distill_temperature),
+      'transfer_loss': train_config.get('transfer_loss', 'mse'),
     }
-  train = functools.partial(
+  step_fn = functools.partial(
     train_step,
     graphdef=graphdef,
     tx=tx,
@@ -425,23 +420,29 @@ def make_step_fns(
     distill=distill,
   )
   evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info, distill=distill)
-  if state_shardings is None:
-    train, evaluate = jax.jit(train, donate_argnums=(0, 1, 2)), jax.jit(evaluate)
-  else:
+  train_kwargs, eval_kwargs = {'donate_argnums': (0, 1, 2)}, {}
+  if state_shardings is not None:
     p_sh, o_sh, s_sh, f_sh, r_sh = state_shardings
     in_sh = (p_sh, o_sh, s_sh, f_sh, r_sh, batch_sharding, replicated, replicated)
-    if teacher is not None:
-      in_sh += (teacher.get('shardings'),)
-    train = jax.jit(
-      train,
-      donate_argnums=(0, 1, 2),
-      in_shardings=in_sh,
-      out_shardings=(p_sh, o_sh, s_sh, replicated),
-    )
     eval_sh = (p_sh, s_sh, f_sh, r_sh, batch_sharding, replicated)
     if teacher is not None:
+      in_sh += (teacher.get('shardings'),)
       eval_sh += (teacher.get('shardings'),)
-    evaluate = jax.jit(evaluate, in_shardings=eval_sh, out_shardings=replicated)
+    train_kwargs.update(in_shardings=in_sh, out_shardings=(p_sh, o_sh, s_sh, replicated))
+    eval_kwargs.update(in_shardings=eval_sh, out_shardings=replicated)
+  train = jax.jit(functools.partial(step_fn, trainable=flags['train']), **train_kwargs)
+  evaluate = jax.jit(evaluate, **eval_kwargs)
+  transfer_steps = train_config.get('transfer_steps', 0)
+  if transfer_steps:
+    transfer = jax.jit(
+      functools.partial(step_fn, objective='transfer', trainable=flags['transfer']), **train_kwargs
+    )
+    stage_2 = train
+
+    def train(params, opt_state, stats, features, rest, batch, step, *rest_args):
+      fn = transfer if int(step) < transfer_steps else stage_2
+      return fn(params, opt_state, stats, features, rest, batch, step, *rest_args)
+
   if teacher is None:
     return train, evaluate
   jitted, jitted_eval, trees = train, evaluate, tuple(teacher['trees'])

@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from performer import attention, data, models
-from performer.convert import pretrained
-from performer.training import checkpoints, config_utils, sharding
+from performer.convert import attention_transfer, pretrained
+from performer.training import checkpoints, config_utils, optim, sharding
 from performer.training import metrics as metrics_lib
 from performer.training import steps as steps_lib
 
@@ -145,7 +145,7 @@ def create_state(config, mesh):
     **dict(zip(pieces, trees)),
     'shardings': shard,
     'abstract': {'params': a_params, 'features': a_features, 'stats': a_stats},
-    'feature_params': models.feature_params(abstract_model),
+    'feature_params': models.new_params(abstract_model),  # never in a softmax checkpoint
     'target_offset': int(getattr(abstract_model, 'target_offset', 1)),
   }
 
@@ -242,7 +242,9 @@ def setup(config, mesh=None):
       f'{mesh.size} devices of the mesh'
     )
   state = create_state(config, mesh)
-  tx, schedule = steps_lib.make_optimizer(config.train)
+  check_stages(config)
+  flags = optim.stage_flags(state['abstract']['params'], config.train)
+  tx, schedule = optim.make_optimizer(config.train, flags)
   task_info = steps_lib.build_task_info(config.model, config.train, vocab, state['target_offset'])
   a_opt = jax.eval_shape(tx.init, state['abstract']['params'])
   state['shardings']['opt_state'] = sharding.param_shardings(mesh, a_opt)
@@ -266,6 +268,7 @@ def setup(config, mesh=None):
     batch_sharding=batch_sh,
     replicated=replicated,
     teacher=teacher,
+    flags=flags,
   )
   redraw_fn = jax.jit(attention.redraw_projections, out_shardings=sh['features'])
   return {
@@ -284,6 +287,29 @@ def setup(config, mesh=None):
 
 
 DISTILL_TARGETS = ('logits', 'hidden')
+
+
+def check_stages(config):
+  """One-line ConfigErrors for the transfer stage and `train.trainable`."""
+  tc, error = config.train, config_utils.ConfigError
+  if tc.trainable not in optim.TRAINABLE:
+    raise error(
+      f'config.train.trainable: {tc.trainable!r}; choose from {", ".join(optim.TRAINABLE)}'
+    )
+  if tc.trainable == 'lora' and not config.model.lora_rank:
+    raise error('config.train.trainable=lora needs config.model.lora_rank > 0')
+  if not 0 <= tc.transfer_steps <= tc.num_steps:
+    raise error(f'config.train.transfer_steps: {tc.transfer_steps} is not in [0, num_steps]')
+  if tc.transfer_steps and not tc.distill_from:
+    raise error(
+      'config.train.transfer_steps: attention transfer learns from a softmax teacher; set '
+      'config.train.distill_from (e.g. the same source as init_from)'
+    )
+  if tc.transfer_loss not in attention_transfer.LOSSES:
+    raise error(
+      f'config.train.transfer_loss: {tc.transfer_loss!r}; choose from '
+      f'{", ".join(attention_transfer.LOSSES)}'
+    )
 
 
 def build_teacher(config, mesh):
@@ -305,6 +331,7 @@ def build_teacher(config, mesh):
     )
   teacher_config = config.copy_and_resolve_references()
   teacher_config.model.attention.kind = 'softmax'
+  teacher_config.model.lora_rank = 0  # the original: no adapters
   tstate = create_state(teacher_config, mesh)
   if pretrained.is_pretrained(tc.distill_from):
     params, report = load_pretrained_params(tc.distill_from, tstate)
@@ -451,13 +478,15 @@ def train_and_evaluate(config, workdir, *, progress=None):
       host = jax.device_get(pending)
       now = time.perf_counter()
       rate = (step - last_step) / max(now - last_time, 1e-9)
-      summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      # Keys of the latest step: a window may straddle the transfer -> train switch.
+      summary = {k: float(np.mean([m[k] for m in host if k in m])) for k in host[-1]}
       summary.update(steps_per_sec=rate, tokens_per_sec=rate * tokens_per_step)
       writer.write(step, 'train', summary)
       bar.set_rates(rate, rate * tokens_per_step)
       log.info(
-        'step %d: loss %.4f accuracy %.4f%s | %.2f steps/s %.0f tokens/s',
+        'step %d%s: loss %.4f accuracy %.4f%s | %.2f steps/s %.0f tokens/s',
         step,
+        ' (attention transfer: layer MSE, output cosine)' if step <= tc.transfer_steps else '',
         summary['loss'],
         summary['accuracy'],
         f' distill {summary["distill_loss"]:.4f}' if 'distill_loss' in summary else '',

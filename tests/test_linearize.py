@@ -1,0 +1,95 @@
+"""Linearizing an imported checkpoint through train.py: the attention-transfer stage
+(only the attention modules' own parameters train, against the softmax teacher's
+layers) and a LoRA stage that leaves every frozen weight bitwise unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_train_pretrained import config_for, flat, tiny_files  # noqa: F401
+
+from performer import models
+from performer.convert import attention_transfer
+from performer.training import train_lib
+
+
+def layer_mse(config, params, features, stats, rest):
+  """Mean per-token transfer loss of the student trees against the teacher, on a
+  fixed random batch."""
+  run = train_lib.setup(config)
+  teacher = nnx.merge(run['teacher']['graphdef'], *run['teacher']['trees'])
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, config.model.vocab_size or 64)
+  _, captured = models.capture_intermediates(teacher, tokens, deterministic=True)
+  student = nnx.merge(run['state']['graphdef'], params, features, stats, rest)
+  sums = attention_transfer.transfer_sums(student, captured, None, None)
+  return float(sums['loss_sum'] / sums['weight_sum'])
+
+
+# Hedgehog trains its maps and gains; FAVOR+ has no feature parameters, only the gains.
+@pytest.mark.parametrize('kind,window,ratio', [('hedgehog', 4, 0.97), ('favor_softmax', 4, 0.995)])
+def test_attention_transfer_lowers_layer_mse_and_trains_only_the_attention(
+  tiny_files,  # noqa: F811
+  tmp_path,
+  kind,
+  window,
+  ratio,
+):
+  source = f'gguf:{tiny_files["gguf"]}'
+  overrides = {
+    'model.attention.kind': kind,
+    'model.attention.window': window,
+    'train.distill_from': source,
+    'train.transfer_steps': 10,
+    'train.transfer_learning_rate': 0.05,
+    'train.num_steps': 10,
+    'train.checkpoint_every': 0,
+  }
+  trained = train_lib.train_and_evaluate(
+    config_for(tiny_files, source, **overrides), str(tmp_path / 'a'), progress=False
+  )
+  still = config_for(tiny_files, source, **{**overrides, 'train.transfer_learning_rate': 0.0})
+  before = train_lib.train_and_evaluate(still, str(tmp_path / 'b'), progress=False)
+  trees = lambda r: (r['params'], r['features'], r['stats'], r['rest'])
+  config = config_for(tiny_files, source, **overrides)
+  mse_before, mse_after = layer_mse(config, *trees(before)), layer_mse(config, *trees(trained))
+  assert mse_after < ratio * mse_before, (mse_before, mse_after)
+  changed = {
+    k
+    for k, v in flat(trained['params']).items()
+    if not np.array_equal(v, flat(before['params'])[k])
+  }
+  assert changed and all(('feature_map' in k or 'window_log_gain' in k) for k in changed), changed
+
+
+def test_transfer_needs_a_teacher(tiny_files):  # noqa: F811
+  source = f'gguf:{tiny_files["gguf"]}'
+  config = config_for(tiny_files, source, **{'train.transfer_steps': 2})
+  with pytest.raises(Exception, match='distill_from'):
+    train_lib.setup(config)
+
+
+def test_lora_stage_leaves_frozen_weights_bitwise_unchanged(tiny_files, tmp_path):  # noqa: F811
+  source = f'gguf:{tiny_files["gguf"]}'
+  overrides = {
+    'model.lora_rank': 2,
+    'model.attention.window': 4,
+    'train.trainable': 'lora',
+    'train.distill_from': source,
+    'train.learning_rate': 0.05,
+    'train.warmup_steps': 0,
+    'train.checkpoint_every': 0,
+    'train.num_steps': 3,
+  }
+  config = config_for(tiny_files, source, **overrides)
+  result = train_lib.train_and_evaluate(config, str(tmp_path / 'lora'), progress=False)
+  run = train_lib.setup(config)
+  initial, _ = train_lib.load_pretrained_params(source, run['state'])
+  start, end = flat(initial), flat(result['params'])
+  lora = {k for k in end if '.lora_' in k or 'lora' in k.split('.')[-1]}
+  assert lora and any(not np.array_equal(start[k], end[k]) for k in lora)
+  for k in set(end) - lora:
+    np.testing.assert_array_equal(start[k], end[k], err_msg=k)
+  with pytest.raises(Exception, match='lora_rank'):
+    train_lib.setup(config_for(tiny_files, source, **{'train.trainable': 'lora'}))
+  assert jnp.all(jnp.isfinite(jnp.asarray(list(end.values())[0])))
