@@ -32,6 +32,7 @@ _MODULES = {
   'fasta': 'performer.data.protein',  # config.data.path: a user's FASTA (.gz ok)
   'text': 'performer.data.text',  # config.data.path: a user's text file
   'english_sample': 'performer.data.text',  # stdlib English prose (offline fine-tuning)
+  'english_docs': 'performer.data.text',  # stdlib docs, whole documents (longer contexts)
   'lm1b': 'performer.data.lm1b',  # TFDS lm1b + sentencepiece
   'imagenet64': 'performer.data.imagenet64',  # TFDS downsampled_imagenet / imagenet_resized
   'uniref50': 'performer.data.uniref',  # our TFDS builder over the UniRef50 FASTA

@@ -45,11 +45,12 @@ SPM_MAX_CHARS = 10_000_000
 
 def path_for(cfg) -> str:
   """config.data.path, absolute; a DataFileError if it is missing, a directory or unreadable.
-  'english_sample' reads the stdlib's English prose instead (english.py)."""
-  if getattr(cfg, 'name', '') == 'english_sample':
+  'english_sample' and 'english_docs' read the stdlib's English prose instead (english.py)."""
+  name = getattr(cfg, 'name', '')
+  if name in ('english_sample', 'english_docs'):
     from performer.data import english  # pylint: disable=g-import-not-at-top
 
-    return english.sample_path()
+    return english.path_for(name)
   path = getattr(cfg, 'path', '') or ''
   if not path:
     raise errors.UserInputError(
