@@ -43,14 +43,17 @@ def _cross_entropy(student_layer, q, k, mask, segment_ids):
   return jnp.mean(per, axis=1)
 
 
-def transfer_sums(student: nnx.Module, captured: dict, mask, segment_ids, *, loss='mse'):
+def transfer_sums(
+  student: nnx.Module, captured: dict, mask, segment_ids, *, loss='mse', weights=None
+):
   """Summed per-token losses over every attention layer of `student` against the
   teacher's `captured` ({path: value} of capture_intermediates).
 
   'loss_sum': per token, the sum over layers of the mean squared error of the
   attention output (plus, with 'xent', the weight cross-entropy); 'correct_sum': the
   per-token cosine of student and teacher outputs, averaged over layers (reported as
-  'accuracy'); 'weight_sum': the real tokens.
+  'accuracy'); 'weight_sum': the real tokens, or the task's `weights` when given (so the
+  train step's per-token averages match its other metrics).
   """
   if loss not in LOSSES:
     raise ValueError(f'transfer loss must be one of {LOSSES}, got {loss!r}')
@@ -58,7 +61,8 @@ def transfer_sums(student: nnx.Module, captured: dict, mask, segment_ids, *, los
   if not layers:
     raise ValueError('attention transfer: the student has no SelfAttention layers')
   first = captured[f'{next(iter(layers))}.qkv'][0]
-  w = (jnp.ones(first.shape[:2]) if mask is None else mask).astype(jnp.float32)
+  w = jnp.ones(first.shape[:2]) if mask is None else mask
+  w = (w if weights is None else weights).astype(jnp.float32)
   per_token = cosine = 0.0
   for path, layer in layers.items():
     q, k, v = (jax.lax.stop_gradient(x) for x in captured[f'{path}.qkv'])

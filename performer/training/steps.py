@@ -157,6 +157,27 @@ def encoder_sums(student, teacher, weights):
   }
 
 
+def sentence_sums(student, teacher, weights, segment_ids=None):
+  """Cosine of mean-pooled sentence embeddings (sentence-transformers' pooling) per
+  sentence: a row, or a packed segment of one. {'sentence_cosine_sum', 'sentences'}."""
+  b, length, _ = student.shape
+  w = weights.astype(jnp.float32)[..., None]
+  seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
+  ids = (jnp.arange(b)[:, None] * length + seg).reshape(-1)
+  pool = lambda x: jax.ops.segment_sum(
+    (x.astype(jnp.float32) * w).reshape(b * length, -1), ids, b * length
+  )
+  s_emb, t_emb = pool(student), pool(jax.lax.stop_gradient(teacher))
+  count = jax.ops.segment_sum(w.reshape(-1), ids, b * length)
+  norms = jnp.linalg.norm(s_emb, axis=-1) * jnp.linalg.norm(t_emb, axis=-1)
+  cosine = jnp.sum(s_emb * t_emb, -1) / jnp.maximum(norms, 1e-12)
+  real = count > 0
+  return {
+    'sentence_cosine_sum': jnp.sum(jnp.where(real, cosine, 0.0)),
+    'sentences': jnp.sum(real.astype(jnp.float32)),
+  }
+
+
 def distill_sum(student, teacher, weights, *, target, temperature):
   """Summed per-token distance from the (frozen) teacher, weighted like the task loss.
 
@@ -185,7 +206,12 @@ def _transfer_loss(graphdef, params, features, stats, rest, micro, teacher, dist
   student = nnx.merge(graphdef, params, features, stats, rest, copy=True)
   student.set_attributes(use_running_average=False, raise_if_not_found=False)
   sums = attention_transfer.transfer_sums(
-    student, captured, micro['mask'], micro.get('segment_ids'), loss=distill['transfer_loss']
+    student,
+    captured,
+    micro['mask'],
+    micro.get('segment_ids'),
+    loss=distill['transfer_loss'],
+    weights=micro['weights'],
   )
   return sums['loss_sum'], (sums, nnx.state(student, FeatureStats))
 
@@ -345,7 +371,8 @@ def eval_step(
     t_out, _ = _forward(
       distill['graphdef'], *teacher, inputs, batch, deterministic=True, dropout_key=None
     )
-    return encoder_sums(out, t_out, weights)
+    sums = encoder_sums(out, t_out, weights)
+    return {**sums, **sentence_sums(out, t_out, weights, batch.get('segment_ids'))}
   return token_sums(out, targets, weights)
 
 

@@ -484,7 +484,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
       writer.write(step, 'train', summary)
       bar.set_rates(rate, rate * tokens_per_step)
       log.info(
-        'step %d%s: loss %.4f accuracy %.4f%s | %.2f steps/s %.0f tokens/s',
+        'step %d%s: loss %.5g accuracy %.4f%s | %.2f steps/s %.0f tokens/s',
         step,
         ' (attention transfer: layer MSE, output cosine)' if step <= tc.transfer_steps else '',
         summary['loss'],
@@ -605,9 +605,12 @@ def print_summary(config, step, final, unigram, progress_write=print):
     f'after {step} steps ==',
   ]
   if config.model.task == 'encoder':
-    lines.append(f'{"":18s}{"split":>12s}{"hidden mse":>12s}{"cosine":>10s}')
+    lines.append(f'{"":18s}{"split":>12s}{"hidden mse":>12s}{"cosine":>10s}{"sentence cos":>14s}')
     for split, result in final.items():
-      lines.append(f'{"vs teacher":18s}{split:>12s}{result["loss"]:12.5f}{result["cosine"]:10.4f}')
+      lines.append(
+        f'{"vs teacher":18s}{split:>12s}{result["loss"]:12.5f}{result["cosine"]:10.4f}'
+        f'{result.get("sentence_cosine", float("nan")):14.4f}'
+      )
     for line in lines:
       progress_write(line)
     return
