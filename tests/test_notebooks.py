@@ -4,13 +4,16 @@ Each notebook is executed top to bottom with nbclient in a fresh kernel, in a te
 working directory, failing on the first cell error. The default suite runs them in quick
 mode (PERFORMER_NOTEBOOK_QUICK=1: tiny models, few steps); `pytest -m slow` runs them at
 full settings. Notebooks 3-5 share trained runs through PERFORMER_NOTEBOOK_WORKDIR, so one
-test runs them all, in order, with one shared folder.
+test runs them all, in order, with one shared folder; notebook 6 (linearizing a pretrained
+LLM) shares nothing and has a quick test of its own that checks what it computed.
 
 Edit the .py files and regenerate the pairs with `jupytext --sync notebooks/*.py`
 (--sync keeps the cell ids of the existing .ipynb).
 """
 
 import glob
+import json
+import math
 import os
 
 import pytest
@@ -25,6 +28,8 @@ pytest.importorskip('ipykernel')  # the 'python3' kernel the notebooks run in
 NOTEBOOK_DIR = os.path.join(ROOT, 'notebooks')
 SOURCES = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, '[0-9][0-9]_*.py')))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in SOURCES]
+LINEARIZE = '06_linearizing_llm'  # no shared runs: a quick test of its own
+SHARED = [n for n in NAMES if n != LINEARIZE]
 
 
 def _cells(nb):
@@ -32,7 +37,7 @@ def _cells(nb):
 
 
 def test_every_notebook_is_paired():
-  assert len(NAMES) == 5, NAMES
+  assert len(NAMES) == 6 and LINEARIZE in NAMES, NAMES
   ipynbs = sorted(
     p for p in glob.glob(os.path.join(NOTEBOOK_DIR, '*.ipynb')) if not p.endswith('.out.ipynb')
   )  # executed copies, if any
@@ -64,6 +69,7 @@ def execute(name, workdir, run_dir, monkeypatch, quick):
     'PERFORMER_PROTEIN_WORKDIR',
     'PERFORMER_PROTEIN_SOFTMAX_WORKDIR',
     'PERFORMER_MODEL_BENCH_JSON',
+    'PERFORMER_LINEARIZE_WORKDIR',
   ):
     monkeypatch.delenv(var, raising=False)
   nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name + '.ipynb'), as_version=4)
@@ -87,13 +93,13 @@ def check_executed(name, nb):
   return text
 
 
-def run_all(tmp_path, monkeypatch, quick):
-  """Every notebook in order, in one test: notebooks 4 and 5 reuse notebook 3's runs
+def run_all(tmp_path, monkeypatch, quick, names=SHARED):
+  """The notebooks in order, in one test: notebooks 4 and 5 reuse notebook 3's runs
   through the shared workdir, which separate tests could not rely on under xdist."""
   workdir = tmp_path / 'runs'
   workdir.mkdir()
   texts = {}
-  for name in NAMES:
+  for name in names:
     run_dir = tmp_path / name
     run_dir.mkdir()
     texts[name] = check_executed(name, execute(name, workdir, run_dir, monkeypatch, quick))
@@ -109,5 +115,33 @@ def test_notebooks_run_quick(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_notebook_06_linearizing_quick(tmp_path, monkeypatch):
+  """A tiny random Llama GGUF converted in two stages: the curve has one point per eval
+  (after step 0) at finite perplexities, the transfer changed the attention maps only
+  past the window, and recurrent decoding equals the parallel forward pass."""
+  from performer.training import metrics
+
+  workdir, run_dir = tmp_path / 'runs', tmp_path / LINEARIZE
+  workdir.mkdir()
+  run_dir.mkdir()
+  nb = execute(LINEARIZE, workdir, run_dir, monkeypatch, quick=True)
+  text = check_executed(LINEARIZE, nb)
+  outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
+  assert len([o for o in outputs if 'image/png' in o.get('data', {})]) == 2  # curve, maps
+  s = json.loads((workdir / 'linearize_quick.json').read_text())
+  assert (s['transfer_steps'], s['num_steps']) == (4, 6)
+  evals = metrics.read_metrics(s['workdir'], 'validation')
+  final = metrics.read_metrics(s['workdir'], 'final_validation')
+  assert s['steps'] == [0] + [r['step'] for r in evals + final] == [0, 2, 4, 6]
+  assert s['perplexity'][1:] == [r['perplexity'] for r in evals + final]
+  assert all(math.isfinite(p) and p > 1 for p in s['perplexity'] + [s['softmax_perplexity']])
+  assert s['map_after_step'] == 4 and s['map_max_change'] > 1e-3
+  assert s['in_window_max_diff'] < 1e-5  # queries inside the window: exact softmax
+  assert 0 < s['tokens_past_window'] < 1
+  assert s['rnn_matches_parallel'] and s['completion']
+  assert 'recurrent decoding == parallel forward argmax: True' in text
+
+
+@pytest.mark.slow
 def test_notebooks_run_full(tmp_path, monkeypatch):
-  run_all(tmp_path, monkeypatch, quick=False)
+  run_all(tmp_path, monkeypatch, quick=False, names=NAMES)
