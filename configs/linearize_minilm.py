@@ -28,7 +28,7 @@ def get_config():
   config.model.attention.window = 16
   config.train.transfer_steps = 150
   config.train.transfer_learning_rate = 1e-2
-  config.train.num_steps = 300
+  config.train.num_steps = 450
   config.train.trainable = 'all'
   config.train.learning_rate = 1e-4
   config.train.warmup_steps = 20

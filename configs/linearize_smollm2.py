@@ -18,7 +18,11 @@ stdlib's documentation (data 'english_docs', SmolLM2's own BPE):
   python sample.py --workdir=/tmp/linearize_smollm2 --prompt="The capital of France is" \
       --temperature=0 --max_new_tokens=8
 
-Runtime and result: see README "Linearizing pretrained models" (2 CPU cores).
+Runtime: 25.5 min on 2 CPU cores (80 transfer steps at ~6 s, 20 LoRA steps at ~19 s, about
+6 min compiling and 3 min of evaluation). Measured (README "Linearizing pretrained
+models"): per-token perplexity on held-out documents 31.3 against the original's 25.8 at
+context 256 (1.21x), 32.7 against 22.2 at 512; validation 39.5 after the transfer stage,
+26.7 after LoRA; greedy "The capital of France is" -> " Paris.".
 """
 
 from configs import smollm2_favor
@@ -32,7 +36,7 @@ def get_config():
   config.model.lora_alpha = 16.0
   config.data.name = 'english_docs'  # ~1.5 MB of stdlib documentation, split by document
   config.data.pack = True
-  config.data.seq_len = 512  # well past the window: most keys are the linear part's
+  config.data.seq_len = 256  # well past the window: most keys are the linear part's
   config.train.batch_size = 4
   config.train.transfer_steps = 80
   config.train.transfer_learning_rate = 1e-2

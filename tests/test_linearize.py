@@ -112,3 +112,35 @@ def test_sentence_cosine_pools_each_sentence_and_packed_segment():
     np.linalg.norm(pooled(student)) * np.linalg.norm(pooled(teacher))
   )
   np.testing.assert_allclose(float(sums['sentence_cosine_sum']), 2.0 + want, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_conversion_resumes_across_the_stage_boundary(tiny_files, tmp_path):  # noqa: F811
+  """Stopped after step 3 (stage 2's first step) and resumed, a two-stage conversion
+  ends bitwise where the straight run does."""
+  source = f'gguf:{tiny_files["gguf"]}'
+  overrides = {
+    'model.attention.kind': 'hedgehog',
+    'model.attention.window': 4,
+    'model.lora_rank': 2,
+    'train.trainable': 'lora',
+    'train.distill_from': source,
+    'train.transfer_steps': 2,
+    'train.schedule': 'constant',
+    'train.checkpoint_every': 1,
+  }
+  straight = train_lib.train_and_evaluate(
+    config_for(tiny_files, source, **{**overrides, 'train.num_steps': 4}),
+    str(tmp_path / 'straight'),
+    progress=False,
+  )
+  workdir = str(tmp_path / 'resumed')
+  train_lib.train_and_evaluate(
+    config_for(tiny_files, source, **{**overrides, 'train.num_steps': 3}), workdir, progress=False
+  )
+  resumed = train_lib.train_and_evaluate(
+    config_for(tiny_files, source, **{**overrides, 'train.num_steps': 4}), workdir, progress=False
+  )
+  want, got = flat(straight['params']), flat(resumed['params'])
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)

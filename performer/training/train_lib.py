@@ -115,8 +115,10 @@ def should_redraw(step, redraw_every):
   return redraw_every > 0 and step > 0 and step % redraw_every == 0
 
 
-def create_state(config, mesh):
-  """Builds the model sharded from the start (jitted init with out_shardings).
+def create_state(config, mesh, eager=False):
+  """Builds the model sharded from the start (jitted init with out_shardings), or with
+  `eager` op by op and then placed: no compilation, for a model whose values are all about
+  to be overwritten (a pretrained teacher).
 
   Returns a dict with graphdef, params, features, stats, rest, their shardings, abstract
   templates and the model's target offset.
@@ -139,7 +141,10 @@ def create_state(config, mesh):
   def init():
     return models.split(build())[1:]
 
-  trees = jax.jit(init, out_shardings=tuple(shard[k] for k in pieces))()
+  if eager:
+    trees = jax.device_put(init(), tuple(shard[k] for k in pieces))
+  else:
+    trees = jax.jit(init, out_shardings=tuple(shard[k] for k in pieces))()
   return {
     'graphdef': graphdef,
     **dict(zip(pieces, trees)),
@@ -332,7 +337,7 @@ def build_teacher(config, mesh):
   teacher_config = config.copy_and_resolve_references()
   teacher_config.model.attention.kind = 'softmax'
   teacher_config.model.lora_rank = 0  # the original: no adapters
-  tstate = create_state(teacher_config, mesh)
+  tstate = create_state(teacher_config, mesh, eager=True)  # every value is loaded next
   if pretrained.is_pretrained(tc.distill_from):
     params, report = load_pretrained_params(tc.distill_from, tstate)
   else:
