@@ -27,7 +27,10 @@ def layer_mse(config, params, features, stats, rest):
 
 
 # Hedgehog trains its maps and gains; FAVOR+ has no feature parameters, only the gains.
-@pytest.mark.parametrize('kind,window,ratio', [('hedgehog', 4, 0.97), ('favor_softmax', 4, 0.995)])
+@pytest.mark.parametrize(
+  'kind,window,ratio',
+  [('hedgehog', 4, 0.97), pytest.param('favor_softmax', 4, 0.995, marks=pytest.mark.slow)],
+)
 def test_attention_transfer_lowers_layer_mse_and_trains_only_the_attention(
   tiny_files,  # noqa: F811
   tmp_path,
