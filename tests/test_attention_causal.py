@@ -34,9 +34,13 @@ def quadratic_reference(kind, q, k, v, w, *, causal, mask=None, segment_ids=None
       q, k, causal=causal, mask=mask, segment_ids=segment_ids, projection=w
     )
   )
-  scores = np.einsum('blhm,bshm->bhls', pq, pk)
-  length = q.shape[1]
-  allowed = np.ones((q.shape[0], 1, length, length), bool)
+  return normalised_reference(np.einsum('blhm,bshm->bhls', pq, pk), v, causal, mask, segment_ids)
+
+
+def normalised_reference(scores, v, causal, mask=None, segment_ids=None):
+  """float64 (scores [B, H, L, L] restricted to the allowed pairs, row-normalised) @ v."""
+  batch, length = scores.shape[0], scores.shape[-1]
+  allowed = np.ones((batch, 1, length, length), bool)
   if causal:
     allowed &= np.tril(np.ones((length, length), bool))
   if mask is not None:

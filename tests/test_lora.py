@@ -16,7 +16,7 @@ from test_convert_llama import TINY, tiny_hf_tensors, write_gguf, write_hf
 from conftest import ROOT
 from performer import models
 from performer.convert import pretrained
-from performer.training import config_utils
+from performer.training import config_utils, optim
 
 # The sizes of test_convert_llama's TINY throughout: eager init ops compile once per shape.
 SIZES = dict(vocab_size=64, num_layers=2, num_heads=4, emb_dim=32, mlp_dim=48, max_len=64)
@@ -92,16 +92,16 @@ def test_lora_params_are_the_four_projections():
 
 
 def test_a_lora_step_moves_only_lora_params():
-  """The recipe in `lora_mask`: the base model stays frozen."""
+  """The train step's freezing (training/optim.py): the base model stays frozen."""
   graphdef, params, *rest = models.split(build(TRANSFORMER, num_layers=1, lora_rank=4))
-  labels = jax.tree.map(lambda t: 'lora' if t else 'frozen', models.lora_mask(params))
-  tx = optax.multi_transform({'lora': optax.adam(0.1), 'frozen': optax.set_to_zero()}, labels)
+  flags = optim.trainable_flags(params, 'lora')
+  tx = optax.adam(0.1)
 
   @jax.jit
   def step(params, opt_state):
-    grads = jax.grad(lambda p: nnx.merge(graphdef, p, *rest)(TOKENS)[0].sum())(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    loss = lambda p: nnx.merge(graphdef, optim.freeze(p, flags), *rest)(TOKENS)[0].sum()
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optim.keep_frozen(optax.apply_updates(params, updates), params, flags), opt_state
 
   new, _ = step(params, tx.init(params))
   moved = [

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention_causal import _features, _perturb_future, _qkv
+from test_attention_causal import _features, _perturb_future, _qkv, normalised_reference
 
 from performer import attention
 
@@ -30,19 +30,7 @@ def dense_reference(kind, q, k, v, w, *, window, causal, mask=None, segment_ids=
   length = q.shape[1]
   gap = np.arange(length)[:, None] - np.arange(length)[None, :]
   in_band = ((gap >= 0) & (gap < window)) if causal else (np.abs(gap) < window)
-  scores = np.where(in_band, exact, linear)
-  allowed = np.ones((q.shape[0], 1, length, length), bool)
-  if causal:
-    allowed &= gap >= 0
-  if mask is not None:
-    allowed &= np.asarray(mask)[:, None, None, :]
-  if segment_ids is not None:
-    seg = np.asarray(segment_ids)
-    allowed &= seg[:, None, :, None] == seg[:, None, None, :]
-  scores = np.where(allowed, scores, 0.0)
-  num = np.einsum('bhls,bshd->blhd', scores, np.asarray(v, np.float64))
-  den = scores.sum(-1).transpose(0, 2, 1)[..., None]
-  return num / np.where(den == 0, 1.0, den)
+  return normalised_reference(np.where(in_band, exact, linear), v, causal, mask, segment_ids)
 
 
 @pytest.mark.parametrize('kind', KINDS)

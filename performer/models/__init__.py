@@ -24,7 +24,7 @@ from performer import attention
 from performer.models.config import DTYPES, POSITIONS, TASKS, AttentionSpec, ModelConfig
 from performer.models.families import FAMILIES, build_model, model_config
 from performer.models.layers import capture_intermediates
-from performer.models.lora import LoraParam, lora_mask, merge_lora
+from performer.models.lora import LoraParam, merge_lora
 from performer.models.positions import (
   POSITION_KINDS,
   apply_rope,
@@ -95,7 +95,6 @@ __all__ = [
   'capture_intermediates',
   'check_tokens',
   'feature_params',
-  'lora_mask',
   'merge_lora',
   'model_config',
   'new_params',

@@ -12,7 +12,7 @@ with two extra parameters, so the base `kernel` / `bias` keep their paths
 For q / k / v that is A [emb, r], B [r, heads, head_dim]; for o, A [heads,
 head_dim, r], B [r, emb]. Both are `LoraParam`s: an `nnx.Param` type of their
 own, so training selects them by type (`nnx.state(model, LoraParam)`,
-`lora_mask`) and no checkpoint is expected to hold them (`models.NEW_PARAMS`).
+`training.optim.trainable_flags`) and no checkpoint is expected to hold them (`models.NEW_PARAMS`).
 
 A draws its key beside the `params` stream without advancing it, so turning
 LoRA on changes no other initial value (base kernels, random features).
@@ -123,16 +123,3 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   if config is not None and getattr(config, 'lora_rank', 0):
     merged.config = dataclasses.replace(config, lora_rank=0)
   return merged
-
-
-def lora_mask(params):
-  """A pytree of bools over `params` (an nnx.State, e.g. `models.split`'s params):
-  True on the LoRA factors. `optax.masked` passes unmasked gradients through, so
-  to freeze the rest label the tree for `optax.multi_transform`:
-
-    labels = jax.tree.map(lambda t: 'lora' if t else 'frozen', lora_mask(params))
-    tx = optax.multi_transform({'lora': tx, 'frozen': optax.set_to_zero()}, labels)
-  """
-  return jax.tree.map(
-    lambda v: isinstance(v, LoraParam), params, is_leaf=lambda v: isinstance(v, nnx.Variable)
-  )

@@ -26,7 +26,6 @@ import optax
 from flax import nnx
 
 from performer import errors, models
-from performer.convert import pretrained
 from performer.training import checkpoints, config_utils, sharding, train_lib
 from performer.training import steps as steps_lib
 
@@ -172,36 +171,12 @@ def restore_model(config, mesh, workdir):
 
 
 def load_original(config, mesh, source):
-  """(graphdef, trees) of the original model, as distillation's teacher sees it
-  (train_lib.build_teacher): this architecture with full softmax attention and no LoRA
-  factors, every parameter from `source` (gguf:/hf: or a run of ours), built from shapes
-  only (so no parameter may be left without a value)."""
-  tconfig = config.copy_and_resolve_references()
-  tconfig.model.attention.kind = 'softmax'
-  if 'lora_rank' in tconfig.model:
-    tconfig.model.lora_rank = 0
-  if 'window' in tconfig.model.attention:
-    tconfig.model.attention.window = 0
-  graphdef, abstract, shardings, rest = abstract_state(tconfig, mesh)
-  if pretrained.is_pretrained(source):
-    state = {'graphdef': graphdef, 'rest': rest, 'shardings': shardings, **abstract}
-    params, report = train_lib.load_pretrained_params(source, state)
-  else:
-    field = 'distill_from' if config.train.distill_from else 'init_from'
-    try:
-      params, report = checkpoints.load_params_by_name(
-        source, abstract['params'], shardings['params']
-      )
-    except checkpoints.InitFromError as e:  # its messages name init_from
-      message = str(e).replace('config.train.init_from', f'--teacher: config.train.{field}')
-      raise checkpoints.InitFromError(message) from e
-  if report['only_in_checkpoint'] or report['only_in_model']:
-    raise checkpoints.InitFromError(
-      f"--teacher: {source} does not have this model's architecture; only in the "
-      f'checkpoint: {report["only_in_checkpoint"] or "none"}; only in the model: '
-      f'{report["only_in_model"] or "none"}'
-    )
-  return graphdef, (params, abstract['features'], abstract['stats'], rest)
+  """(graphdef, trees) of the original model, exactly as distillation's teacher is built
+  (train_lib.load_original)."""
+  field = 'distill_from' if config.train.distill_from else 'init_from'
+  setting = f'--teacher: config.train.{field}'
+  state, params, _ = train_lib.load_original(config, source, mesh, setting)
+  return state['graphdef'], (params, state['features'], state['stats'], state['rest'])
 
 
 def _row(name, total, count):

@@ -334,22 +334,7 @@ def build_teacher(config, mesh):
     raise config_utils.ConfigError(
       'config.train.distill_temperature must be > 0 and config.train.distill_weight >= 0'
     )
-  teacher_config = config.copy_and_resolve_references()
-  teacher_config.model.attention.kind = 'softmax'
-  teacher_config.model.lora_rank = 0  # the original: no adapters
-  tstate = create_state(teacher_config, mesh, eager=True)  # every value is loaded next
-  if pretrained.is_pretrained(tc.distill_from):
-    params, report = load_pretrained_params(tc.distill_from, tstate)
-  else:
-    params, report = checkpoints.load_params_by_name(
-      tc.distill_from, tstate['params'], tstate['shardings']['params']
-    )
-  if report['only_in_checkpoint'] or report['only_in_model']:
-    raise checkpoints.InitFromError(
-      "config.train.distill_from: the teacher must have this model's architecture; "
-      f'only in the checkpoint: {report["only_in_checkpoint"] or "none"}; only in the '
-      f'model: {report["only_in_model"] or "none"}'
-    )
+  tstate, params, report = load_original(config, tc.distill_from, mesh, 'config.train.distill_from')
   log.info(
     'distilling from %s (step %d, softmax teacher, %s, weight %g)',
     tc.distill_from,
@@ -364,6 +349,32 @@ def build_teacher(config, mesh):
     'trees': (params, tstate['features'], tstate['stats'], tstate['rest']),
     'shardings': (sh['params'], sh['features'], sh['stats'], sh['rest']),
   }
+
+
+def load_original(config, source, mesh, setting):
+  """(state, params, report): `config`'s model as its softmax original (no LoRA factors),
+  every parameter loaded by name from `source` (gguf:/hf: or one of our runs): the
+  distillation teacher and eval.py's --teacher. `setting` names the source in errors."""
+  original = config.copy_and_resolve_references()
+  original.model.attention.kind = 'softmax'
+  original.model.lora_rank = 0  # the original: no adapters
+  state = create_state(original, mesh, eager=True)  # every value is loaded next
+  if pretrained.is_pretrained(source):
+    params, report = load_pretrained_params(source, state)
+  else:
+    try:
+      params, report = checkpoints.load_params_by_name(
+        source, state['params'], state['shardings']['params']
+      )
+    except checkpoints.InitFromError as e:  # its messages name init_from
+      raise checkpoints.InitFromError(str(e).replace('config.train.init_from', setting)) from e
+  if report['only_in_checkpoint'] or report['only_in_model']:
+    raise checkpoints.InitFromError(
+      f"{setting}: the original must have this model's architecture; "
+      f'only in the checkpoint: {report["only_in_checkpoint"] or "none"}; only in the '
+      f'model: {report["only_in_model"] or "none"}'
+    )
+  return state, params, report
 
 
 def load_pretrained_params(source, state):
