@@ -67,13 +67,8 @@ KINDS = ('softmax', 'favor_softmax', 'favor_relu', 'identity')
 MODES = {'causal': 'causal_lm', 'bidirectional': 'mlm'}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument(
-    '--lengths', type=int, nargs='+', default=None, help='default 1024 .. 32768 (--quick: 256 1024)'
-  )
-  p.add_argument('--kinds', nargs='+', default=list(KINDS))
-  p.add_argument('--modes', nargs='+', default=list(MODES), choices=list(MODES))
+def add_model_args(p):
+  """The model-size flags, shared with benchmarks/context_parallel.py."""
   p.add_argument('--layers', type=int, default=6)
   p.add_argument('--emb_dim', type=int, default=512)
   p.add_argument('--heads', type=int, default=8)
@@ -82,6 +77,16 @@ def parse_args(argv=None):
   p.add_argument('--chunk_size', type=int, default=128)
   p.add_argument('--batch', type=int, default=1)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument(
+    '--lengths', type=int, nargs='+', default=None, help='default 1024 .. 32768 (--quick: 256 1024)'
+  )
+  p.add_argument('--kinds', nargs='+', default=list(KINDS))
+  p.add_argument('--modes', nargs='+', default=list(MODES), choices=list(MODES))
+  add_model_args(p)
   p.add_argument(
     '--repeats',
     type=int,

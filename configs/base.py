@@ -113,8 +113,11 @@ def get_config():
   config.train.trainable = 'all'
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # -1: all devices not used by fsdp
+  config.mesh.data = -1  # -1: all devices not used by fsdp and seq
   config.mesh.fsdp = 1
+  # Context parallelism: each sequence split over `seq` devices along its length; linear
+  # attention exchanges one fixed-size state per layer (README: "Context parallelism").
+  config.mesh.seq = 1
   # Locked here, so a variant file that sets a misspelt key fails at load instead of
   # silently adding a setting nothing reads.
   config.lock()

@@ -11,6 +11,16 @@ Needs the TFDS data prepared once (python -m performer.data.prepare imagenet64 -
 DIR, then --config.data.data_dir=DIR); without it, train.py stops at once with one line
 naming that command (exit 2).
 Expected: accelerator-scale training; the paper reports about 3.7 bits/dim.
+
+Context parallelism on a multi-GPU host (README: "Context parallelism"), e.g. 8 GPUs:
+
+  python train.py --config=configs/imagenet64_performer.py --workdir=/tmp/imagenet64 \
+      --config.mesh.seq=4          # data = 8 / 4 = 2
+
+splits each image's 12,288 positions into 4 spans of 3,072 (12 chunks of 256), one per
+GPU; attention then exchanges one (S, z) state per layer and head, whatever the length, and
+activation memory per GPU falls about 4x. mesh.seq must leave whole chunks on each
+device: 1, 2, 3, 4, 6, 8, 12, 16, 24 or 48 (config check).
 """
 
 from configs import base

@@ -127,3 +127,24 @@ def test_attention_benchmark_runs(tmp_path):
   }
   assert all(r['ms'] > 0 and r['peak_mb'] > 0 for r in rows)
   assert os.path.getsize(path) > 0
+
+
+@pytest.mark.slow
+def test_context_parallel_benchmark_quick(tmp_path):
+  """Per-device memory falls with seq, and the state traffic does not grow with L."""
+  path = tmp_path / 'cp.json'
+  proc = run_script(
+    ['benchmarks/context_parallel.py', '--quick', '--lengths', '512', '1024']
+    + ['--seq', '1', '4', '--json', str(path)],
+    timeout=300,
+    JAX_PLATFORMS='cpu',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {(r['length'], r['seq']): r for r in json.loads(path.read_text())['rows']}
+  assert set(rows) == {(512, 1), (1024, 1), (512, 4), (1024, 4)}
+  for length in (512, 1024):
+    assert rows[(length, 4)]['peak_mb'] < 0.6 * rows[(length, 1)]['peak_mb']
+    assert rows[(length, 1)]['state_kb_per_layer'] == 0
+    assert 'ms' in rows[(length, 4)] and rows[(length, 4)]['time_x_seq1'] > 0
+  assert rows[(512, 4)]['state_kb_per_layer'] == rows[(1024, 4)]['state_kb_per_layer'] > 0
+  assert 'state traffic KB / layer' in proc.stdout

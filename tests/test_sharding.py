@@ -1,5 +1,6 @@
-"""Sharding tests: parameter specs, and 8 CPU devices (mesh data=4 x fsdp=2, and data=8)
-giving the same losses (and feature-map statistics) as 1 device over several steps."""
+"""Sharding tests: parameter specs, and 8 CPU devices (mesh data=4 x fsdp=2, data=8, and
+data=2 x seq=4) giving the same losses (and feature-map statistics) as 1 device over
+several steps."""
 
 import json
 import os
@@ -20,14 +21,16 @@ EIGHT_DEVICES = textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     kinds, meshes = sys.argv[1].split(','), sys.argv[2].split(',')
     out = {kind: {} for kind in kinds}
-    for kind, (name, (d, f)) in ((kind, mesh) for kind in kinds for mesh in
-                                 {'1': (1, 1), '4x2': (4, 2), '8': (8, 1)}.items()):
+    shapes = {'1': (1, 1, 1), '4x2': (4, 2, 1), '8': (8, 1, 1), '2xseq4': (2, 1, 4)}
+    for kind, (name, (d, f, s)) in ((kind, mesh) for kind in kinds for mesh in shapes.items()):
       if name not in meshes:
         continue
-      config = tiny_config(mesh__data=d, mesh__fsdp=f, train__batch_size=8, data__seq_len=32,
-                           model__num_layers=1, model__attention__kind=kind,
-                           model__max_len=32, model__dropout_rate=0.1, train__grad_accum_steps=2)
-      run = train_lib.setup(config)
+      config = tiny_config(mesh__data=d, mesh__fsdp=f, mesh__seq=s, train__batch_size=8,
+                           data__seq_len=32, model__num_layers=1, model__attention__kind=kind,
+                           model__attention__chunk_size=8, model__max_len=32,
+                           model__dropout_rate=0.1, train__grad_accum_steps=2)
+      mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:d * f * s])
+      run = train_lib.setup(config, mesh=mesh)
       st = run['state']
       params, features, stats, rest = st['params'], st['features'], st['stats'], st['rest']
       opt = jax.jit(run['tx'].init, out_shardings=st['shardings']['opt_state'])(params)
@@ -73,11 +76,12 @@ def test_adaptive_and_learned_maps_on_eight_devices():
 
 @pytest.mark.slow
 def test_eight_devices_match_one_device():
-  out = _eight_devices(['favor_softmax'], ['1', '4x2', '8'])['favor_softmax']
+  out = _eight_devices(['favor_softmax'], ['1', '4x2', '8', '2xseq4'])['favor_softmax']
   assert out['1']['devices'] == 1 and out['4x2']['devices'] == 8 and out['8']['devices'] == 8
+  assert out['2xseq4']['devices'] == 8
   assert any("'fsdp'" in s for s in out['4x2']['specs'])  # parameters really are sharded
   assert all("'fsdp'" not in s for s in out['8']['specs'])
-  for name in ('4x2', '8'):
+  for name in ('4x2', '8', '2xseq4'):
     for a, b in zip(out['1']['losses'], out[name]['losses']):
       assert abs(a - b) <= 1e-5, (name, out)
 

@@ -10,9 +10,21 @@ from test_attention_causal import _features, _perturb_future, _qkv, normalised_r
 from performer import attention
 
 # The learned map and FAVOR+ by default; the others under -m slow (same code path).
-KINDS = ['favor_softmax', 'hedgehog'] + [
+SLOW_KINDS = [
   pytest.param(k, marks=pytest.mark.slow) for k in ('favor_relu', 'linear_elu', 'favor_sharp')
 ]
+KINDS = ['favor_softmax', 'hedgehog'] + SLOW_KINDS
+# (kind, causal): each mode once by default, every pair under -m slow
+MODES = (
+  [('favor_softmax', True), ('hedgehog', False)]
+  + [
+    pytest.param(kind, causal, marks=pytest.mark.slow)
+    for kind, causal in (('favor_softmax', False), ('hedgehog', True))
+  ]
+  + [
+    pytest.param(k.values[0], c, marks=pytest.mark.slow) for k in SLOW_KINDS for c in (True, False)
+  ]
+)
 
 
 def dense_reference(kind, q, k, v, w, *, window, causal, mask=None, segment_ids=None, gain=1.0):
@@ -33,8 +45,7 @@ def dense_reference(kind, q, k, v, w, *, window, causal, mask=None, segment_ids=
   return normalised_reference(np.where(in_band, exact, linear), v, causal, mask, segment_ids)
 
 
-@pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('kind, causal', MODES)
 def test_window_equals_dense_hybrid_with_mask_and_segments(kind, causal):
   q, k, v = _qkv(jax.random.PRNGKey(0), length=29)
   w = _features()
@@ -49,8 +60,7 @@ def test_window_equals_dense_hybrid_with_mask_and_segments(kind, causal):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('kind, causal', MODES)
 def test_window_covering_the_sequence_is_exact_softmax(kind, causal):
   q, k, v = _qkv(jax.random.PRNGKey(1), length=21)
   seg = jnp.array([[1] * 9 + [2] * 12, [1] * 17 + [0] * 4])
@@ -81,7 +91,9 @@ def test_window_is_exactly_causal(kind):
       np.testing.assert_array_equal(np.asarray(fn(cq, ck, cv))[:, : t + 1], base[:, : t + 1])
 
 
-@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize(
+  'kind', ['hedgehog', pytest.param('favor_softmax', marks=pytest.mark.slow)] + SLOW_KINDS
+)
 def test_window_decode_equals_forward(kind):
   """Prefill (with a padded prompt row) then one step per token, the ring buffer
   evicting into the linear state, equals the full causal pass at every position."""

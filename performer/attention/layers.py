@@ -13,10 +13,12 @@ pure functions of ``linear.py``.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import linear
+from performer.attention import context_parallel, linear
 from performer.attention import softmax as softmax_lib
 from performer.attention import window as window_lib
 from performer.attention.feature_map import FeatureParam, Options
@@ -125,6 +127,16 @@ class SoftmaxAttention(Attention):
   name = 'softmax'
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids):
+    if context_parallel.active():  # K and V gathered over the `seq` axis
+      attend = functools.partial(
+        softmax_lib.attend_masked,
+        implementation=None
+        if self.options.implementation == 'reference'
+        else self.options.implementation,
+      )
+      return context_parallel.gathered_softmax(
+        q, k, v, causal=causal, mask=mask, segment_ids=segment_ids, attend=attend
+      )
     if self.options.implementation == 'reference':
       k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
       out = softmax_lib.softmax_reference(
@@ -209,21 +221,17 @@ class LinearAttention(Attention):
     qf, q_r = fmap.query_parts(q, ctx)
     kf, kr = fmap.masked_key(k, mask, ctx)
     seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    return window_lib.hybrid(
-      q,
-      k,
-      v,
-      qf,
-      q_r,
-      kf,
-      kr,
-      seg,
-      mask,
+    core = functools.partial(
+      window_lib.hybrid,
       window=self.options.window,
       causal=causal,
       chunk_size=self.options.chunk_size,
-      log_gain=self.window_log_gain[...],
       return_state=return_state,
+    )
+    args = (q, k, v, qf, q_r, kf, kr, seg, mask, self.window_log_gain[...])
+    in_axes = (1, 1, 2, 2, 2, 2, 2, 1, 1, context_parallel.REPLICATED)
+    return context_parallel.over_length(
+      core, args, in_axes, (2, 2, None) if return_state else (2, 2)
     )
 
   def _split(self, q, k, *, causal, mask, segment_ids):
@@ -246,16 +254,19 @@ class LinearAttention(Attention):
       return self._output(num, den, v)
     if not causal and segment_ids is None:
       ctx = fmap.calibrate(q, k, causal=False, mask=mask)
-      kw = fmap.shared_key(k, mask, ctx)
-      return self._output(*linear.bidirectional(fmap.query(q, ctx), kw, v), v)
+      kw = fmap.shared_key(k, mask, ctx)  # one shift for the whole sequence
+      num, den = context_parallel.over_length(
+        linear.bidirectional, (fmap.query(q, ctx), kw, v), (2, 2, 2), (2, 2)
+      )
+      return self._output(num, den, v)
     qf, kf, kr = self._split(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
-    if not causal:
-      return self._output(*linear.bidirectional_segments(qf, kf, kr, v, segment_ids, chunk), v)
     seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    if self.options.causal_impl == 'scan':
-      num, den = linear.causal_scan(qf, kf, kr, v, seg)
-    else:
-      num, den = linear.causal_chunked(qf, kf, kr, v, seg, chunk)
+    if causal and self.options.causal_impl == 'scan':  # the per-step reference
+      return self._output(*linear.causal_scan(qf, kf, kr, v, seg), v)
+    core = linear.causal_chunked if causal else linear.bidirectional_segments
+    num, den = context_parallel.over_length(
+      functools.partial(core, chunk_size=chunk), (qf, kf, kr, v, seg), (2, 2, 2, 2, 1), (2, 2)
+    )
     return self._output(num, den, v)
 
   def features(self, q, k, *, causal, mask=None, segment_ids=None):
@@ -296,11 +307,9 @@ class LinearAttention(Attention):
     return {'linear': state, 'ring': ring}
 
   def prefill(self, state, q, k, v, *, mask=None):
-    """Chunked causal pass that also returns the carried (S, z, M).
-
-    ``state`` must be fresh from ``init_state`` (prefill starts a sequence).
-    """
-    del state
+    """Chunked causal pass that also returns the carried (S, z, M). Without a
+    window it continues from ``state`` (multi-turn or chunked prefill); with one,
+    ``state`` must be fresh from ``init_state``."""
     check_inputs(q, k, v, mask, None)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     if self.options.window:
@@ -312,8 +321,15 @@ class LinearAttention(Attention):
       return out, {'linear': state, 'ring': ring}
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
-    num, den, state = linear.causal_chunked(
-      qf, kf, kr, v.swapaxes(1, 2), seg, self.options.chunk_size, return_state=True
+    core = functools.partial(
+      linear.causal_chunked, chunk_size=self.options.chunk_size, return_state=True
+    )
+
+    def continued(qf, kf, kr, v, seg, state, axis_name):
+      return core(qf, kf, kr, v, seg, initial_state=state, axis_name=axis_name)
+
+    num, den, state = context_parallel.over_length(
+      continued, (qf, kf, kr, v.swapaxes(1, 2), seg, state), (2, 2, 2, 2, 1, None), (2, 2, None)
     )
     return _zero_padded_queries(self._output(num, den, v), mask), state
 
@@ -342,7 +358,7 @@ class LinearAttention(Attention):
     qf, q_r = fmap.query_parts(q[:, None], ctx)
     l_num, l_den = linear.read_state(lin, qf[:, :, 0])
     w_num, w_den, w_shift = window_lib.ring_read(ring, q)
-    num, den = window_lib.merge(
+    num, den = linear.merge(
       [(w_num, w_den, w_shift + self.window_log_gain[...]), (l_num, l_den, q_r[:, :, 0] + lin['M'])]
     )
     out = linear.normalise(num, den, self.options.eps).astype(v.dtype)

@@ -65,44 +65,112 @@ _divide_rows.defvjp(_divide_rows_fwd, _divide_rows_bwd)
 # --- bidirectional -----------------------------------------------------------
 
 
-def bidirectional(qf, kw, v):
+def bidirectional(qf, kw, v, axis_name=None):
   """Unnormalised (num, den): Z = phi(K)^T V and z = phi(K)^T 1 in O(L M D).
 
-  kw is phi(k) up to one factor per (batch, head), which cancels.
+  kw is phi(k) up to one factor per (batch, head), which cancels; under
+  sequence parallelism (``axis_name``, inside ``shard_map``) that factor must be
+  the same on every device, and (Z, z) is summed across them.
   """
   context = jnp.einsum('bhlm,bhld->bhmd', kw, v.astype(jnp.float32))
   normaliser = jnp.sum(kw, axis=2)
+  if axis_name is not None:
+    context, normaliser = jax.lax.psum((context, normaliser), axis_name)
   num = jnp.einsum('bhlm,bhmd->bhld', qf, context)
   den = jnp.einsum('bhlm,bhm->bhl', qf, normaliser)
   return num, den
 
 
-def bidirectional_segments(qf, kf, kr, v, segment_ids, chunk_size):
+def bidirectional_segments(qf, kf, kr, v, segment_ids, chunk_size, axis_name=None):
   """Bidirectional with packed segments: a forward inclusive pass plus a
-  backward exclusive pass of the causal core, with one fixed shift per
-  segment so the two halves share a scale."""
-  starts = jnp.concatenate(
-    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  backward exclusive pass of the causal core, merged under their common
+  shift. With ``axis_name`` the backward pass runs the devices in reverse."""
+  fwd = causal_chunked(
+    qf, kf, kr, v, segment_ids, chunk_size, return_shift=True, axis_name=axis_name
   )
-  runs = jnp.cumsum(starts, axis=1) - 1  # [B, L] contiguous run index
-  length = kr.shape[2]
-  per_row = lambda r, i: jax.ops.segment_max(r, i, length)
-  run_max = jax.vmap(jax.vmap(per_row, in_axes=(0, None)))(kr, runs)
-  shift = jnp.take_along_axis(run_max, jnp.broadcast_to(runs[:, None], kr.shape), axis=2)
-  kw = kf * jnp.exp(kr - shift)[..., None]
-  flat_r = jnp.where(kr > NEG / 2, 0.0, NEG)
-  fwd = causal_chunked(qf, kw, flat_r, v, segment_ids, chunk_size)
-  flip = lambda x: jnp.flip(x, axis=2)
+  flip = lambda x, axis=2: jnp.flip(x, axis=axis)
   bwd = causal_chunked(
-    flip(qf),
-    flip(kw),
-    flip(flat_r),
-    flip(v),
-    jnp.flip(segment_ids, axis=1),
+    *(flip(x) for x in (qf, kf, kr, v)),
+    flip(segment_ids, 1),
     chunk_size,
     inclusive=False,
+    return_shift=True,
+    axis_name=axis_name,
+    axis_reversed=True,
   )
-  return fwd[0] + flip(bwd[0]), fwd[1] + flip(bwd[1])
+  return merge([fwd, tuple(flip(x) for x in bwd)])
+
+
+def merge(parts):
+  """Sum of unnormalised (num, den, shift) parts, each relative to exp(-shift),
+  as one (num, den) relative to their common maximum."""
+  top = jax.lax.stop_gradient(jnp.max(jnp.stack([p[2] for p in parts]), axis=0))
+  num = den = 0.0
+  for p_num, p_den, shift in parts:
+    scale = _safe_exp(shift - top)
+    num = num + p_num * scale[..., None]
+    den = den + p_den * scale
+  return num, den
+
+
+# --- carried states: the associative combine -------------------------------
+
+
+def empty_state(batch, heads, state_size, value_dim, segment=None):
+  """The identity of ``combine_states`` (from the left): no keys yet."""
+  seg = jnp.zeros((batch,), jnp.int32) if segment is None else segment
+  return {
+    'S': jnp.zeros((batch, heads, state_size, value_dim), jnp.float32),
+    'z': jnp.zeros((batch, heads, state_size), jnp.float32),
+    'M': jnp.full((batch, heads), NEG, jnp.float32),
+    'seg': seg,
+  }
+
+
+def combine_states(earlier, later):
+  """The state of two adjacent spans of keys, ``earlier`` then ``later``.
+
+  A state summarises the keys of its span's last segment: S = sum exp(r - M)
+  k~ v^T, z = sum exp(r - M) k~, M their largest log-scale, seg that segment's
+  id. Segments are contiguous, so the spans join when ``later`` ends in the
+  segment ``earlier`` ends in; otherwise ``later`` alone is the answer. The
+  combine is associative, so states of chunks, devices or conversation turns
+  can be folded in any grouping. Leaves broadcast over leading axes.
+  """
+  joined = earlier['seg'] == later['seg']
+  joined = joined.reshape(joined.shape + (1,) * (later['M'].ndim - joined.ndim))
+  new_max = jnp.maximum(jnp.where(joined, earlier['M'], NEG), later['M'])
+  old = jnp.where(joined, _safe_exp(earlier['M'] - new_max), 0.0)
+  own = _safe_exp(later['M'] - new_max)
+  return {
+    'S': old[..., None, None] * earlier['S'] + own[..., None, None] * later['S'],
+    'z': old[..., None] * earlier['z'] + own[..., None] * later['z'],
+    'M': new_max,
+    'seg': later['seg'],
+  }
+
+
+def incoming_state(local, axis_name, reversed_order=False, base=None):
+  """(state before this device's span, state after every device's span), inside
+  ``shard_map`` over ``axis_name``: one all-gather of the per-device states,
+  then a fold of the ones before this device (after it with ``reversed_order``,
+  for passes over a flipped sequence). ``base`` is the state before the first
+  span. The traffic is P states, whatever the sequence length."""
+  gathered = jax.lax.all_gather(local, axis_name)
+  count = jax.tree.leaves(gathered)[0].shape[0]
+  index = jax.lax.axis_index(axis_name)
+  order = range(count - 1, -1, -1) if reversed_order else range(count)
+  prefix = base
+  if prefix is None:
+    prefix = jax.tree.map(lambda x: jnp.zeros_like(x[0]), gathered)
+    prefix['M'] = jnp.full_like(prefix['M'], NEG)
+  before = []
+  for device in order:
+    before.append((device, prefix))
+    prefix = combine_states(prefix, jax.tree.map(lambda x, i=device: x[i], gathered))
+  pick = lambda *xs: jnp.stack(xs)[index]
+  ranked = [state for _, state in sorted(before, key=lambda t: t[0])]
+  return jax.tree.map(pick, *ranked), prefix
 
 
 # --- causal, chunkwise parallel ---------------------------------------------
@@ -135,16 +203,25 @@ def causal_chunked(
   return_state=False,
   key_segment_ids=None,
   return_shift=False,
+  initial_state=None,
+  axis_name=None,
+  axis_reversed=False,
 ):
   """Causal linear attention in chunks of C positions.
 
   Within a chunk: the masked quadratic form tril(q~ k~^T) V. Across chunks: an
-  exclusive prefix of the per-chunk states (S, z, M) by ``lax.scan``. Memory is
-  O(L (M + D) + (L / C) M D); no [L, M, D] tensor is formed.
+  exclusive prefix of the per-chunk states by ``lax.scan`` and
+  ``combine_states``. Memory is O(L (M + D) + (L / C) M D); no [L, M, D] tensor
+  is formed.
 
   ``key_segment_ids`` (default: ``segment_ids``) lets the keys carry segments of
   their own, still contiguous and never ahead of the queries' (``window.py``
-  passes keys shifted right by the window). Returns unnormalised (num [B, H, L, D],
+  passes keys shifted right by the window). ``initial_state`` (S, z, M and
+  optionally seg; default: the first key's segment) continues from keys seen
+  before: multi-turn or chunked prefill. ``axis_name`` (inside ``shard_map``,
+  the sequence split over that mesh axis): the state entering this device's
+  span comes from ``incoming_state``, and the returned state is the one after
+  the whole sequence on every device. Returns unnormalised (num [B, H, L, D],
   den [B, H, L]), relative to exp(-shift) with shift [B, H, L] the largest key
   log-scale the query sees (NEG when it sees none), plus that shift with
   ``return_shift`` and the state after the last position with ``return_state``.
@@ -168,35 +245,26 @@ def causal_chunked(
   own_max = jnp.max(jnp.where(in_last, kr, NEG), axis=3)  # [B, H, N]
   own_w = jnp.where(in_last, _safe_exp(kr - own_max[..., None]), 0.0)
   kw = kf * own_w[..., None]
-  own_s = jnp.einsum('bhncm,bhncd->nbhmd', kw, v)
-  own_z = jnp.einsum('bhncm->nbhm', kw)
-
-  def carry_step(carry, chunk):
-    s, z, mx, cseg = carry
-    c_s, c_z, c_max, c_seg = chunk
-    cont = (cseg == c_seg)[:, None]  # [B, 1]
-    new_max = jnp.maximum(jnp.where(cont, mx, NEG), c_max)
-    old = jnp.where(cont, _safe_exp(mx - new_max), 0.0)
-    own = _safe_exp(c_max - new_max)
-    new = (
-      old[..., None, None] * s + own[..., None, None] * c_s,
-      old[..., None] * z + own[..., None] * c_z,
-      new_max,
-      c_seg,
-    )
-    return new, carry  # emit the state *before* this chunk: exclusive prefix
-
-  init = (
-    jnp.zeros((b, h, m, d), jnp.float32),
-    jnp.zeros((b, h, m), jnp.float32),
-    jnp.full((b, h), NEG, jnp.float32),
-    kseg[:, 0, 0],
-  )
-  final, (prev_s, prev_z, prev_max, prev_seg) = jax.lax.scan(
-    carry_step, init, (own_s, own_z, jnp.moveaxis(own_max, 2, 0), jnp.moveaxis(seg_last, 1, 0))
-  )
-  prev_s, prev_z = jnp.moveaxis(prev_s, 0, 2), jnp.moveaxis(prev_z, 0, 2)
-  prev_max, prev_seg = jnp.moveaxis(prev_max, 0, 2), jnp.moveaxis(prev_seg, 0, 1)
+  own = {
+    'S': jnp.einsum('bhncm,bhncd->nbhmd', kw, v),
+    'z': jnp.einsum('bhncm->nbhm', kw),
+    'M': jnp.moveaxis(own_max, 2, 0),
+    'seg': jnp.moveaxis(seg_last, 1, 0),
+  }
+  # emit the state *before* each chunk: an exclusive prefix
+  carry_step = lambda carry, chunk: (combine_states(carry, chunk), carry)
+  final, prev = jax.lax.scan(carry_step, empty_state(b, h, m, d, kseg[:, 0, 0]), own)
+  if initial_state is not None or axis_name is not None:
+    base = None
+    if initial_state is not None:
+      base = {'seg': kseg[:, 0, 0], **initial_state}
+    if axis_name is None:
+      incoming, final = base, combine_states(base, final)
+    else:
+      incoming, final = incoming_state(final, axis_name, axis_reversed, base)
+    prev = combine_states(incoming, prev)
+  prev_s, prev_z = jnp.moveaxis(prev['S'], 0, 2), jnp.moveaxis(prev['z'], 0, 2)
+  prev_max, prev_seg = jnp.moveaxis(prev['M'], 0, 2), jnp.moveaxis(prev['seg'], 0, 1)
 
   # Per-query stabiliser: max over the keys this query may see.
   tri = jnp.tril(jnp.ones((c, c), bool), 0 if inclusive else -1)
@@ -219,8 +287,7 @@ def causal_chunked(
   if return_shift:
     out += (q_max.reshape(b, h, n * c)[:, :, :length],)
   if return_state:
-    s, z, mx, _ = final
-    out += ({'S': s, 'z': z, 'M': mx},)
+    out += ({key: final[key] for key in ('S', 'z', 'M')},)
   return out
 
 

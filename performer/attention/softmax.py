@@ -24,9 +24,13 @@ def combined_mask(length, *, causal, mask, segment_ids):
 
 def softmax_reference(q, k, v, *, causal, mask=None, segment_ids=None):
   """Plain einsum softmax attention in float32."""
+  allowed = combined_mask(q.shape[1], causal=causal, mask=mask, segment_ids=segment_ids)
+  return _reference_masked(q, k, v, allowed)
+
+
+def _reference_masked(q, k, v, allowed):
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-  allowed = combined_mask(q.shape[1], causal=causal, mask=mask, segment_ids=segment_ids)
   logits = jnp.where(allowed, logits, -1e30)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(jnp.float32))
@@ -36,15 +40,20 @@ def softmax_reference(q, k, v, *, causal, mask=None, segment_ids=None):
 def softmax_fast(q, k, v, *, causal, mask=None, segment_ids=None, implementation=None):
   """Exact attention through ``jax.nn.dot_product_attention`` (which takes fewer kv heads
   than query heads as they are: grouped-query attention without copies)."""
+  if mask is None and segment_ids is None and v.shape[-1] == q.shape[-1]:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  allowed = combined_mask(q.shape[1], causal=causal, mask=mask, segment_ids=segment_ids)
+  return attend_masked(q, k, v, allowed, implementation)
+
+
+def attend_masked(q, k, v, allowed, implementation=None):
+  """Exact attention of q [B, Lq, H, d] over k, v [B, Lk, K, .] where ``allowed``
+  [B or 1, 1, Lq, Lk] is True; the einsum reference when v's width differs from
+  q's (which ``dot_product_attention`` does not take)."""
   if v.shape[-1] != q.shape[-1]:
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    return softmax_reference(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids).astype(
-      v.dtype
-    )
-  if mask is None and segment_ids is None:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
-  allowed = combined_mask(q.shape[1], causal=causal, mask=mask, segment_ids=segment_ids)
+    return _reference_masked(q, k, v, allowed).astype(v.dtype)
   return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation=implementation)
 
 

@@ -32,9 +32,26 @@ from performer.attention.linear import NEG
 sg = jax.lax.stop_gradient
 
 
-def _shift_right(x, w, axis, fill):
+def _from_neighbour(x, n, axis, axis_name, reverse):
+  """Under sequence parallelism: the n entries of the neighbouring device's span
+  that precede this device's along the (local) sequence: the previous device's
+  last n, or with ``reverse`` (a locally flipped pass) the next device's first n,
+  flipped. Returns (entries, whether that neighbour exists); a missing one gives
+  zeros."""
+  devices, index = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
+  length = x.shape[axis]
+  edge = jax.lax.slice_in_dim(x, length - n, length, axis=axis)
+  if reverse:
+    perm, exists = [(i + 1, i) for i in range(devices - 1)], index < devices - 1
+  else:
+    perm, exists = [(i, i + 1) for i in range(devices - 1)], index > 0
+  return jax.lax.ppermute(edge, axis_name, perm), exists
+
+
+def _shift_right(x, w, axis, fill, axis_name=None, reverse=False):
   """x moved w places later along `axis`; the first w entries are `fill` (None:
-  repeat the first entry, for segment ids)."""
+  repeat the first entry, for segment ids), or under sequence parallelism the
+  neighbouring device's last w where there is one."""
   length = x.shape[axis]
   w = min(w, length)
   kept = jax.lax.slice_in_dim(x, 0, length - w, axis=axis)
@@ -44,25 +61,18 @@ def _shift_right(x, w, axis, fill):
     shape = list(x.shape)
     shape[axis] = w
     front = jnp.full(shape, fill, x.dtype)
+  if axis_name is not None:
+    halo, exists = _from_neighbour(x, w, axis, axis_name, reverse)
+    front = jnp.where(exists, halo, front)
   return jnp.concatenate([front, kept], axis=axis)
 
 
-def merge(parts):
-  """Sum of unnormalised (num, den, shift) parts, each relative to exp(-shift),
-  as one (num, den) relative to their common maximum."""
-  top = sg(jnp.max(jnp.stack([p[2] for p in parts]), axis=0))
-  num = den = 0.0
-  for p_num, p_den, shift in parts:
-    scale = linear._safe_exp(shift - top)  # pylint: disable=protected-access
-    num = num + p_num * scale[..., None]
-    den = den + p_den * scale
-  return num, den
-
-
-def band(q, k, v, segment_ids, mask, window, causal):
+def band(q, k, v, segment_ids, mask, window, causal, axis_name=None):
   """The exact part: (num [B, H, L, D], den [B, H, L], shift [B, H, L]) over keys
   within the window, in blocks of W queries that see their own block and the
-  neighbouring one(s). q, k [B, L, H, d], v [B, H, L, D] (k, v with q's heads)."""
+  neighbouring one(s). q, k [B, L, H, d], v [B, H, L, D] (k, v with q's heads).
+  Under sequence parallelism (``axis_name``) the keys within W of either end of
+  this device's span come from the neighbouring devices."""
   b, length, h, d = q.shape
   w = max(1, min(window, length))
   pad = -length % w
@@ -70,8 +80,20 @@ def band(q, k, v, segment_ids, mask, window, causal):
   before, after = w, (w if not causal else 0)
 
   def blocks(x, front, back, fill):
-    widths = [(0, 0)] * 2 + [(front, back + pad)] + [(0, 0)] * (x.ndim - 3)
-    return jnp.pad(x, widths, constant_values=fill)
+    """x [B, ., L, ...] (length axis 2; 1 for [B, L] arrays) with `front` and `back`
+    entries around it (fill, or the neighbours' keys) and the block padding."""
+    axis = 1 if x.ndim == 2 else 2
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (front, back + pad)
+    padded = jnp.pad(x, widths, constant_values=fill)
+    if axis_name is None or not (front or back):
+      return padded
+    parts = [_from_neighbour(x, front, axis, axis_name, False)[0], x]
+    if back:
+      flipped = jnp.flip(x, axis)  # the next device's first `back`, in order
+      parts.append(jnp.flip(_from_neighbour(flipped, back, axis, axis_name, True)[0], axis))
+    widths[axis] = (0, pad)
+    return jnp.pad(jnp.concatenate(parts, axis=axis), widths, constant_values=fill)
 
   heads_major = lambda x: jnp.swapaxes(x, 1, 2).astype(jnp.float32)
   qb = linear._chunk(blocks(heads_major(q), 0, 0, 0.0), w, 2)  # pylint: disable=protected-access
@@ -89,11 +111,10 @@ def band(q, k, v, segment_ids, mask, window, causal):
   k_pos = starts[:, None] - before + jnp.arange(span)[None, :]  # [N, span]
   gap = q_pos[:, :, None] - k_pos[:, None, :]  # [N, w, span]
   near = (gap >= 0) & (gap < w) if causal else (jnp.abs(gap) < w)
-  near &= (k_pos >= 0)[:, None, :] & (k_pos < length)[:, None, :]
   seg_q = linear._chunk(jnp.pad(segment_ids, ((0, 0), (0, pad))), w, 1)  # pylint: disable=protected-access
-  padded_seg = jnp.pad(segment_ids, ((0, 0), (before, after + pad)), constant_values=-1)
+  padded_seg = blocks(segment_ids, before, after, -1)
   valid = jnp.ones((b, length), bool) if mask is None else mask
-  padded_valid = jnp.pad(valid, ((0, 0), (before, after + pad)))
+  padded_valid = blocks(valid, before, after, False)  # False beyond the sequence
   take_1d = lambda x: jax.vmap(
     lambda s: jax.lax.dynamic_slice_in_dim(x, s, span, axis=1), out_axes=1
   )(starts)
@@ -108,9 +129,11 @@ def band(q, k, v, segment_ids, mask, window, causal):
   return num, den, shift.reshape(b, h, n * w)[:, :, :length]
 
 
-def _beyond_causal(qf, kf, kr, v, segment_ids, window, chunk_size, return_state=False):
+def _beyond_causal(
+  qf, kf, kr, v, segment_ids, window, chunk_size, return_state=False, axis_name=None, reverse=False
+):
   """The linear part over keys j <= n - W: the causal core on keys shifted right by W."""
-  shift = lambda x, fill: _shift_right(x, window, 2, fill)
+  shift = lambda x, fill, axis=2: _shift_right(x, window, axis, fill, axis_name, reverse)
   return linear.causal_chunked(
     qf,
     shift(kf, 0.0),
@@ -118,9 +141,11 @@ def _beyond_causal(qf, kf, kr, v, segment_ids, window, chunk_size, return_state=
     shift(v.astype(jnp.float32), 0.0),
     segment_ids,
     chunk_size,
-    key_segment_ids=_shift_right(segment_ids, window, 1, None),
+    key_segment_ids=shift(segment_ids, None, 1),
     return_shift=True,
     return_state=return_state,
+    axis_name=axis_name,
+    axis_reversed=reverse,
   )
 
 
@@ -134,33 +159,48 @@ def hybrid(
   kr,
   segment_ids,
   mask,
+  log_gain,
   *,
   window,
   causal,
   chunk_size,
-  log_gain,
   return_state=False,
+  axis_name=None,
 ):
   """Unnormalised (num [B, H, L, D], den [B, H, L]) of windowed attention, plus
   (causal, ``return_state``) the linear state holding every key but the last W.
 
   q, k [B, L, H, d] raw (k with q's heads); v [B, H, L, D]; qf, q_r the query parts
   and kf, kr the masked key parts of the feature map (``FeatureMap.query_parts``,
-  ``masked_key``); log_gain [H].
+  ``masked_key``); log_gain [H]. ``axis_name``: inside ``shard_map`` with the
+  sequence split over that axis (each device's span at least W long); the W keys
+  next to each end of a span come from the neighbouring device.
   """
-  b_num, b_den, b_shift = band(q, k, v, segment_ids, mask, window, causal)
+  if axis_name is not None and q.shape[1] < window:
+    raise ValueError(
+      f'attention.window={window} is longer than the {q.shape[1]} positions per device'
+    )
+  b_num, b_den, b_shift = band(q, k, v, segment_ids, mask, window, causal, axis_name)
   parts = [(b_num, b_den, b_shift + log_gain[None, :, None])]
-  beyond = _beyond_causal(qf, kf, kr, v, segment_ids, window, chunk_size, return_state)
+  beyond = _beyond_causal(qf, kf, kr, v, segment_ids, window, chunk_size, return_state, axis_name)
   parts.append((beyond[0], beyond[1], q_r + beyond[2]))
   if return_state:
-    return merge(parts) + (beyond[3],)
+    return linear.merge(parts) + (beyond[3],)
   if not causal:  # keys j >= n + W: the same on the reversed sequence
     flip = lambda x, axis=2: jnp.flip(x, axis=axis)
     r_num, r_den, r_shift = _beyond_causal(
-      flip(qf), flip(kf), flip(kr), flip(v), flip(segment_ids, 1), window, chunk_size
+      flip(qf),
+      flip(kf),
+      flip(kr),
+      flip(v),
+      flip(segment_ids, 1),
+      window,
+      chunk_size,
+      axis_name=axis_name,
+      reverse=True,
     )
     parts.append((flip(r_num), flip(r_den), q_r + flip(r_shift)))
-  return merge(parts)
+  return linear.merge(parts)
 
 
 def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain):

@@ -217,6 +217,7 @@ def validate(config):
       'train.log_every',
       'train.keep_checkpoints',
       'mesh.fsdp',
+      'mesh.seq',
     ],
   )
   _check_positive(
@@ -262,4 +263,26 @@ def validate(config):
     _validate_model(config.model)
   if config.mesh.data == 0 or config.mesh.data < -1:
     raise ConfigError(f'config.mesh.data: must be -1 (all devices) or > 0, got {config.mesh.data}')
+  _check_sequence_split(config)
   return config
+
+
+def _check_sequence_split(config):
+  """mesh.seq > 1: each device's span is whole chunks and at least a window long."""
+  seq, length = config.mesh.seq, config.data.seq_len
+  if seq == 1:
+    return
+  if length % seq:
+    raise ConfigError(f'config.mesh.seq: {seq} does not divide data.seq_len={length}')
+  chunk = config.model.attention.chunk_size
+  if chunk and (length // seq) % chunk:
+    raise ConfigError(
+      f'config.mesh.seq: data.seq_len / mesh.seq = {length // seq} positions per device is '
+      f'not a multiple of model.attention.chunk_size={chunk}'
+    )
+  window = config.model.attention.window
+  if window > length // seq:
+    raise ConfigError(
+      f'config.mesh.seq: attention.window={window} is longer than the {length // seq} '
+      'positions per device'
+    )

@@ -1,10 +1,12 @@
 """Device mesh, shardings and multi-host setup.
 
-One 2-D mesh ('data', 'fsdp') covers plain data parallelism (fsdp=1) and fully sharded data
-parallelism: the batch is split over BOTH axes (every device sees different examples), while
-each parameter is split along its largest dimension divisible by the fsdp size and
-replicated over 'data'. XLA inserts the all-gathers and reduce-scatters; the training code
-never mentions devices.
+One 3-D mesh ('data', 'fsdp', 'seq') covers plain data parallelism (fsdp=seq=1), fully
+sharded data parallelism and context parallelism: the batch is split over 'data' and
+'fsdp' (every device of those sees different examples), each parameter along its largest
+dimension divisible by the fsdp size, and each sequence along its length over 'seq'
+(attention then exchanges only fixed-size states: `performer.attention.context_parallel`).
+XLA inserts the other all-gathers and reduce-scatters; the training code never mentions
+devices.
 
 Multi-host: `maybe_initialize_distributed()` calls `jax.distributed.initialize()` when the
 environment describes more than one process:
@@ -68,30 +70,40 @@ def maybe_initialize_distributed():
 
 
 def make_mesh(mesh_config, devices=None):
-  """A ('data', 'fsdp') mesh; data=-1 uses every device not taken by fsdp.
+  """A ('data', 'fsdp', 'seq') mesh; data=-1 uses every device not taken by fsdp and seq.
 
-  On a single process, a mesh smaller than the machine takes the first data*fsdp devices
-  (handy for comparing 1 and 8 devices in one process); multi-host meshes must be exact.
+  data * fsdp * seq must equal the device count, unless `devices` names the devices
+  (tests compare meshes of 1 and 8 devices in one process that way).
   Axes are `Auto` (GSPMD propagation from the shardings we pin): jax 0.10 defaults to
   `Explicit` axes, which would require sharding annotations inside the model code.
   """
+  explicit = devices is not None
   devices = list(jax.devices() if devices is None else devices)
-  fsdp = int(mesh_config.fsdp)
+  fsdp, seq = int(mesh_config.fsdp), int(mesh_config.get('seq', 1))
   data = int(mesh_config.data)
   if data == -1:
-    if len(devices) % fsdp:
-      raise ValueError(f'config.mesh.fsdp={fsdp} does not divide {len(devices)} devices')
-    data = len(devices) // fsdp
-  n = data * fsdp
-  if n > len(devices):
-    raise ValueError(f'config.mesh: data*fsdp = {n} but only {len(devices)} devices')
-  if n < len(devices):
-    if jax.process_count() > 1:
-      raise ValueError(f'config.mesh: data*fsdp = {n} must use all {len(devices)} devices')
-    devices = devices[:n]
+    if len(devices) % (fsdp * seq):
+      raise ValueError(
+        f'config.mesh: fsdp * seq = {fsdp * seq} does not divide {len(devices)} devices'
+      )
+    data = len(devices) // (fsdp * seq)
+  n = data * fsdp * seq
+  if n > len(devices) or (n < len(devices) and not explicit):
+    raise ValueError(
+      f'config.mesh: data * fsdp * seq = {data} * {fsdp} * {seq} = {n} must equal the '
+      f'{len(devices)} devices'
+    )
   return jax.make_mesh(
-    (data, fsdp), ('data', 'fsdp'), devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 2
+    (data, fsdp, seq),
+    ('data', 'fsdp', 'seq'),
+    devices=devices[:n],
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
   )
+
+
+def batch_devices(mesh):
+  """How many ways the rows of a batch are split: the product of the batch axes."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def replicated(mesh):
@@ -99,8 +111,9 @@ def replicated(mesh):
 
 
 def batch_sharding(mesh):
-  """Leading (batch) dimension split over every device of the mesh."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Rows split over the batch axes and positions over 'seq': the layout of a
+  [batch, length, ...] input. `global_batch` gives [batch] leaves the rows' part."""
+  return NamedSharding(mesh, P(BATCH_AXES, 'seq'))
 
 
 def param_spec(shape, fsdp_size):
@@ -128,7 +141,12 @@ def replicated_shardings(mesh, abstract_tree):
 
 
 def global_batch(batch, sharding):
-  """Turns this process's numpy batch into one global jax.Array laid out by `sharding`."""
-  return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
-  )
+  """Turns this process's numpy batch into one global jax.Array laid out by `sharding`
+  (its spec cut to the leaf's rank, so [batch] leaves split by rows only)."""
+
+  def place(x):
+    x = np.asarray(x)
+    leaf = NamedSharding(sharding.mesh, P(*sharding.spec[: x.ndim]))
+    return jax.make_array_from_process_local_data(leaf, x)
+
+  return jax.tree.map(place, batch)

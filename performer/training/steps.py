@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from performer import models
-from performer.attention import FeatureStats
+from performer.attention import FeatureStats, context_parallel
 from performer.convert import attention_transfer
 from performer.training import optim
 
@@ -399,6 +399,17 @@ def build_task_info(model_config, train_config, vocab, target_offset):
   }
 
 
+def _traced_in(fn, mesh):
+  """fn traced inside `context_parallel.sequence_parallel(mesh)`."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with context_parallel.sequence_parallel(mesh):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
 def make_step_fns(
   graphdef,
   tx,
@@ -447,11 +458,15 @@ def make_step_fns(
     distill=distill,
   )
   evaluate = functools.partial(eval_step, graphdef=graphdef, task_info=task_info, distill=distill)
+  if batch_sharding is not None:  # attention splits the length over the mesh's `seq` axis
+    step_fn = _traced_in(step_fn, batch_sharding.mesh)
+    evaluate = _traced_in(evaluate, batch_sharding.mesh)
   train_kwargs, eval_kwargs = {'donate_argnums': (0, 1, 2)}, {}
   if state_shardings is not None:
     p_sh, o_sh, s_sh, f_sh, r_sh = state_shardings
-    in_sh = (p_sh, o_sh, s_sh, f_sh, r_sh, batch_sharding, replicated, replicated)
-    eval_sh = (p_sh, s_sh, f_sh, r_sh, batch_sharding, replicated)
+    # the batch keeps the layout `sharding.global_batch` gave it ([B] leaves: rows only)
+    in_sh = (p_sh, o_sh, s_sh, f_sh, r_sh, None, replicated, replicated)
+    eval_sh = (p_sh, s_sh, f_sh, r_sh, None, replicated)
     if teacher is not None:
       in_sh += (teacher.get('shardings'),)
       eval_sh += (teacher.get('shardings'),)

@@ -225,7 +225,8 @@ def score_text(config, workdir, path, teacher=False, max_tokens=0):
   if jax.process_count() > 1:
     raise errors.UserInputError('--text_file: runs on one host; start it without multi-host')
   mesh = sharding.make_mesh(config.mesh)
-  batch_size = -(-int(config.train.batch_size) // mesh.size) * mesh.size
+  rows = sharding.batch_devices(mesh)
+  batch_size = -(-int(config.train.batch_size) // rows) * rows
   batch_sh = sharding.batch_sharding(mesh)
   step, graphdef, trees = restore_model(config, mesh, workdir)
   models_to_score = [(f'{config.model.attention.kind}, step {step}', graphdef, trees)]

@@ -241,10 +241,11 @@ def setup(config, mesh=None):
   sharding.maybe_initialize_distributed()
   config, vocab = resolve_config(config)
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  if config.train.batch_size % mesh.size:
+  rows = sharding.batch_devices(mesh)
+  if config.train.batch_size % rows:
     raise config_utils.ConfigError(
       f'config.train.batch_size: {config.train.batch_size} is not divisible by the '
-      f'{mesh.size} devices of the mesh'
+      f'{rows} devices of the mesh that split the batch (mesh.data * mesh.fsdp)'
     )
   state = create_state(config, mesh)
   check_stages(config)
@@ -455,9 +456,10 @@ def train_and_evaluate(config, workdir, *, progress=None):
   step, meta = _initial_state(run, manager, workdir)
   writer = metrics_lib.MetricWriter(workdir, start_step=step)
   log.info(
-    'model: %d parameters, attention %s',
+    'model: %d parameters, attention %s; mesh %s',
     sum(x.size for x in jax.tree.leaves(state['params'])),
     config.model.attention.kind,
+    ' x '.join(f'{name}={size}' for name, size in run['mesh'].shape.items()),
   )
 
   train_it = data.build_dataset(
