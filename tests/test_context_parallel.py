@@ -72,19 +72,28 @@ def test_chunked_prefill_continues_from_a_state():
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=2), whole, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('kind', ['favor_softmax', 'hedgehog'])
-def test_multi_turn_prefill_equals_one_prefill(kind):
-  attend = attention.get_attention(kind, num_features=16, chunk_size=8)
+@pytest.mark.parametrize('kind, window', [('favor_softmax', 0), ('hedgehog', 6)])
+def test_multi_turn_prefill_equals_one_prefill(kind, window):
+  """Turns of 25, 3 (shorter than the window) and 12 tokens, each prefilled from the
+  last one's state, then a decoding step: the same outputs as one prefill of all 40."""
+  attend = attention.get_attention(kind, num_features=16, chunk_size=8, window=window)
   proj = attend.make_projection(jax.random.PRNGKey(0), 8)
   rng = np.random.default_rng(1)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 8)), jnp.float32) for _ in range(3))
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 41, 2, 8)), jnp.float32) for _ in range(3))
+  mask = jnp.ones((2, 41), bool).at[0, :4].set(False)  # row 0 left-padded
   fresh = attend.init_state(2, 2, 8, 8, projection=proj)
-  once, state_once = attend.prefill(fresh, q, k, v, projection=proj)
-  first, state = attend.prefill(fresh, q[:, :25], k[:, :25], v[:, :25], projection=proj)
-  second, state = attend.prefill(state, q[:, 25:], k[:, 25:], v[:, 25:], projection=proj)
-  np.testing.assert_allclose(jnp.concatenate([first, second], 1), once, rtol=1e-5, atol=1e-6)
-  for key in ('S', 'z', 'M'):
-    np.testing.assert_allclose(state[key], state_once[key], rtol=1e-5, atol=1e-5)
+  once, state_once = attend.prefill(
+    fresh, q[:, :40], k[:, :40], v[:, :40], projection=proj, mask=mask[:, :40]
+  )
+  state, outs = fresh, []
+  for lo, hi in ((0, 25), (25, 28), (28, 40)):
+    out, state = attend.prefill(
+      state, q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], projection=proj, mask=mask[:, lo:hi]
+    )
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), once, rtol=1e-5, atol=1e-6)
+  step = lambda st: attend.step(st, q[:, 40], k[:, 40], v[:, 40], projection=proj)[0]
+  np.testing.assert_allclose(step(state), step(state_once), rtol=1e-5, atol=1e-6)
 
 
 def _eight_device_parity(kinds):

@@ -214,24 +214,39 @@ class LinearAttention(Attention):
     if options.window:  # exact softmax over the last W keys (window.py): its gain per head
       self.window_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
 
-  def _windowed(self, q, k, v, *, causal, mask, segment_ids, return_state=False):
-    """window.hybrid with this module's feature map; k, v already repeated, v heads-major."""
+  def _windowed(self, q, k, v, *, causal, mask, segment_ids, state=None):
+    """window.hybrid with this module's feature map; k, v already repeated, v
+    heads-major. With a decoding ``state`` (prefill) the ring's keys precede q, the
+    linear state holds everything before them, and the new linear state is returned."""
     fmap = self.feature_map
     ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     qf, q_r = fmap.query_parts(q, ctx)
     kf, kr = fmap.masked_key(k, mask, ctx)
     seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    context = initial = None
+    if state is not None:
+      ring_k, ring_v, ring_valid = window_lib.ring_ordered(state['ring'])
+      ring_kf, ring_kr = fmap.masked_key(ring_k, ring_valid, ctx)
+      context = {
+        'k': ring_k,
+        'v': ring_v.swapaxes(1, 2),
+        'valid': ring_valid,
+        'seg': jnp.zeros(ring_valid.shape, seg.dtype),
+        'kf': ring_kf,
+        'kr': ring_kr,
+      }
+      initial = state['linear']
     core = functools.partial(
       window_lib.hybrid,
       window=self.options.window,
       causal=causal,
       chunk_size=self.options.chunk_size,
-      return_state=return_state,
+      return_state=state is not None,
     )
-    args = (q, k, v, qf, q_r, kf, kr, seg, mask, self.window_log_gain[...])
-    in_axes = (1, 1, 2, 2, 2, 2, 2, 1, 1, context_parallel.REPLICATED)
+    args = (q, k, v, qf, q_r, kf, kr, seg, mask, self.window_log_gain[...], context, initial)
+    in_axes = (1, 1, 2, 2, 2, 2, 2, 1, 1, context_parallel.REPLICATED, None, None)
     return context_parallel.over_length(
-      core, args, in_axes, (2, 2, None) if return_state else (2, 2)
+      core, args, in_axes, (2, 2) if state is None else (2, 2, None)
     )
 
   def _split(self, q, k, *, causal, mask, segment_ids):
@@ -307,18 +322,19 @@ class LinearAttention(Attention):
     return {'linear': state, 'ring': ring}
 
   def prefill(self, state, q, k, v, *, mask=None):
-    """Chunked causal pass that also returns the carried (S, z, M). Without a
-    window it continues from ``state`` (multi-turn or chunked prefill); with one,
-    ``state`` must be fresh from ``init_state``."""
+    """Chunked causal pass that continues from ``state`` (fresh from ``init_state``,
+    or an earlier prefill's or step's: multi-turn or chunked prefill) and returns
+    the state after the last token."""
     check_inputs(q, k, v, mask, None)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     if self.options.window:
-      num, den, state = self._windowed(
-        q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, return_state=True
+      num, den, lin = self._windowed(
+        q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, state=state
       )
-      ring = window_lib.ring_from_prompt(k, v, mask, self.options.window)
+      valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
+      ring = window_lib.ring_append(state['ring'], k, v, valid)
       out = _zero_padded_queries(self._output(num, den, v), mask)
-      return out, {'linear': state, 'ring': ring}
+      return out, {'linear': lin, 'ring': ring}
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
     core = functools.partial(

@@ -48,57 +48,66 @@ def _from_neighbour(x, n, axis, axis_name, reverse):
   return jax.lax.ppermute(edge, axis_name, perm), exists
 
 
-def _shift_right(x, w, axis, fill, axis_name=None, reverse=False):
-  """x moved w places later along `axis`; the first w entries are `fill` (None:
-  repeat the first entry, for segment ids), or under sequence parallelism the
-  neighbouring device's last w where there is one."""
-  length = x.shape[axis]
-  w = min(w, length)
-  kept = jax.lax.slice_in_dim(x, 0, length - w, axis=axis)
-  if fill is None:
-    front = jnp.repeat(jax.lax.slice_in_dim(x, 0, 1, axis=axis), w, axis=axis)
+def _front(x, n, axis, fill, axis_name=None, reverse=False, context=None):
+  """The n entries that precede x along `axis`: the last n of `context` (the keys
+  of a decoding ring) if given, else `fill` (None: x's first entry repeated, for
+  segment ids); under sequence parallelism the neighbouring device's last n where
+  there is one."""
+  if context is not None:
+    size = context.shape[axis]
+    front = jax.lax.slice_in_dim(context, size - n, size, axis=axis).astype(x.dtype)
+  elif fill is None:
+    front = jnp.repeat(jax.lax.slice_in_dim(x, 0, 1, axis=axis), n, axis=axis)
   else:
     shape = list(x.shape)
-    shape[axis] = w
+    shape[axis] = n
     front = jnp.full(shape, fill, x.dtype)
   if axis_name is not None:
-    halo, exists = _from_neighbour(x, w, axis, axis_name, reverse)
+    halo, exists = _from_neighbour(x, n, axis, axis_name, reverse)
     front = jnp.where(exists, halo, front)
-  return jnp.concatenate([front, kept], axis=axis)
+  return front
 
 
-def band(q, k, v, segment_ids, mask, window, causal, axis_name=None):
+def _shift_right(x, w, axis, fill, axis_name=None, reverse=False, context=None):
+  """x moved w places later along `axis`, `_front`'s entries filling the start."""
+  front = _front(x, w, axis, fill, axis_name, reverse, context)
+  return jax.lax.slice_in_dim(jnp.concatenate([front, x], axis=axis), 0, x.shape[axis], axis=axis)
+
+
+def band(q, k, v, segment_ids, mask, window, causal, axis_name=None, context=None):
   """The exact part: (num [B, H, L, D], den [B, H, L], shift [B, H, L]) over keys
   within the window, in blocks of W queries that see their own block and the
   neighbouring one(s). q, k [B, L, H, d], v [B, H, L, D] (k, v with q's heads).
   Under sequence parallelism (``axis_name``) the keys within W of either end of
-  this device's span come from the neighbouring devices."""
+  this device's span come from the neighbouring devices; a causal ``context``
+  (``hybrid``'s) supplies the W keys before the first position."""
   b, length, h, d = q.shape
   w = max(1, min(window, length))
   pad = -length % w
   n = (length + pad) // w
-  before, after = w, (w if not causal else 0)
+  before, after = (window if context is not None else w), (w if not causal else 0)
+  ctx = context or {}
 
-  def blocks(x, front, back, fill):
+  def blocks(x, front, back, fill, ctx_x=None):
     """x [B, ., L, ...] (length axis 2; 1 for [B, L] arrays) with `front` and `back`
-    entries around it (fill, or the neighbours' keys) and the block padding."""
+    entries around it (fill, the context's or the neighbours' keys) and the block
+    padding."""
     axis = 1 if x.ndim == 2 else 2
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (front, back + pad)
-    padded = jnp.pad(x, widths, constant_values=fill)
-    if axis_name is None or not (front or back):
-      return padded
-    parts = [_from_neighbour(x, front, axis, axis_name, False)[0], x]
+    parts = [x]
+    if front:
+      parts.insert(0, _front(x, front, axis, fill, axis_name, False, ctx_x))
     if back:
       flipped = jnp.flip(x, axis)  # the next device's first `back`, in order
-      parts.append(jnp.flip(_from_neighbour(flipped, back, axis, axis_name, True)[0], axis))
+      parts.append(jnp.flip(_front(flipped, back, axis, fill, axis_name, True), axis))
+    widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(jnp.concatenate(parts, axis=axis), widths, constant_values=fill)
 
   heads_major = lambda x: jnp.swapaxes(x, 1, 2).astype(jnp.float32)
   qb = linear._chunk(blocks(heads_major(q), 0, 0, 0.0), w, 2)  # pylint: disable=protected-access
-  kp = blocks(heads_major(k), before, after, 0.0)
-  vp = blocks(v.astype(jnp.float32), before, after, 0.0)
+  ctx_k = None if 'k' not in ctx else heads_major(ctx['k'])
+  kp = blocks(heads_major(k), before, after, 0.0, ctx_k)
+  vp = blocks(v.astype(jnp.float32), before, after, 0.0, ctx.get('v'))
   span = before + w + after
   starts = jnp.arange(n) * w
   take = lambda x: jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(x, s, span, axis=2), out_axes=2)(
@@ -110,11 +119,11 @@ def band(q, k, v, segment_ids, mask, window, causal, axis_name=None):
   q_pos = starts[:, None] + jnp.arange(w)[None, :]  # [N, w]
   k_pos = starts[:, None] - before + jnp.arange(span)[None, :]  # [N, span]
   gap = q_pos[:, :, None] - k_pos[:, None, :]  # [N, w, span]
-  near = (gap >= 0) & (gap < w) if causal else (jnp.abs(gap) < w)
+  near = (gap >= 0) & (gap < window) if causal else (jnp.abs(gap) < w)
   seg_q = linear._chunk(jnp.pad(segment_ids, ((0, 0), (0, pad))), w, 1)  # pylint: disable=protected-access
-  padded_seg = blocks(segment_ids, before, after, -1)
+  padded_seg = blocks(segment_ids, before, after, -1, ctx.get('seg'))
   valid = jnp.ones((b, length), bool) if mask is None else mask
-  padded_valid = blocks(valid, before, after, False)  # False beyond the sequence
+  padded_valid = blocks(valid, before, after, False, ctx.get('valid'))  # False outside
   take_1d = lambda x: jax.vmap(
     lambda s: jax.lax.dynamic_slice_in_dim(x, s, span, axis=1), out_axes=1
   )(starts)
@@ -130,20 +139,36 @@ def band(q, k, v, segment_ids, mask, window, causal, axis_name=None):
 
 
 def _beyond_causal(
-  qf, kf, kr, v, segment_ids, window, chunk_size, return_state=False, axis_name=None, reverse=False
+  qf,
+  kf,
+  kr,
+  v,
+  segment_ids,
+  window,
+  chunk_size,
+  return_state=False,
+  axis_name=None,
+  reverse=False,
+  context=None,
+  initial_state=None,
 ):
-  """The linear part over keys j <= n - W: the causal core on keys shifted right by W."""
-  shift = lambda x, fill, axis=2: _shift_right(x, window, axis, fill, axis_name, reverse)
+  """The linear part over keys j <= n - W: the causal core on keys shifted right by W
+  (a causal ``context``'s keys, or the neighbouring device's, shifted in first)."""
+  ctx = context or {}
+  shift = lambda x, fill, name, axis=2: _shift_right(
+    x, window, axis, fill, axis_name, reverse, ctx.get(name)
+  )
   return linear.causal_chunked(
     qf,
-    shift(kf, 0.0),
-    shift(kr, NEG),
-    shift(v.astype(jnp.float32), 0.0),
+    shift(kf, 0.0, 'kf'),
+    shift(kr, NEG, 'kr'),
+    shift(v.astype(jnp.float32), 0.0, 'v'),
     segment_ids,
     chunk_size,
-    key_segment_ids=shift(segment_ids, None, 1),
+    key_segment_ids=shift(segment_ids, None, 'seg', 1),
     return_shift=True,
     return_state=return_state,
+    initial_state=initial_state,
     axis_name=axis_name,
     axis_reversed=reverse,
   )
@@ -160,6 +185,8 @@ def hybrid(
   segment_ids,
   mask,
   log_gain,
+  context=None,
+  initial_state=None,
   *,
   window,
   causal,
@@ -174,15 +201,31 @@ def hybrid(
   and kf, kr the masked key parts of the feature map (``FeatureMap.query_parts``,
   ``masked_key``); log_gain [H]. ``axis_name``: inside ``shard_map`` with the
   sequence split over that axis (each device's span at least W long); the W keys
-  next to each end of a span come from the neighbouring device.
+  next to each end of a span come from the neighbouring device. Causal
+  continuation (a prefill after earlier tokens): ``context`` holds the W keys
+  before the first position ({'k' [B, W, H, d], 'v' [B, H, W, D], 'valid',
+  'seg' [B, W], 'kf' [B, H, W, M], 'kr' [B, H, W]}) and ``initial_state`` the
+  linear state of every key before those.
   """
   if axis_name is not None and q.shape[1] < window:
     raise ValueError(
       f'attention.window={window} is longer than the {q.shape[1]} positions per device'
     )
-  b_num, b_den, b_shift = band(q, k, v, segment_ids, mask, window, causal, axis_name)
+  b_num, b_den, b_shift = band(q, k, v, segment_ids, mask, window, causal, axis_name, context)
   parts = [(b_num, b_den, b_shift + log_gain[None, :, None])]
-  beyond = _beyond_causal(qf, kf, kr, v, segment_ids, window, chunk_size, return_state, axis_name)
+  beyond = _beyond_causal(
+    qf,
+    kf,
+    kr,
+    v,
+    segment_ids,
+    window,
+    chunk_size,
+    return_state,
+    axis_name,
+    context=context,
+    initial_state=initial_state,
+  )
   parts.append((beyond[0], beyond[1], q_r + beyond[2]))
   if return_state:
     return linear.merge(parts) + (beyond[3],)
@@ -235,20 +278,26 @@ def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32):
   }
 
 
-def ring_from_prompt(k, v, mask, window):
-  """The ring after a prompt of L tokens: position p (the last W of them) in slot
-  p mod W."""
-  b, length = k.shape[:2]
-  slots = jnp.arange(window)
-  pos = length - window + jnp.mod(slots - (length - window), window)  # [W]
-  ok = pos >= 0
-  at = jnp.clip(pos, 0, length - 1)
-  valid = jnp.ones((b, length), bool) if mask is None else mask
+def ring_ordered(ring):
+  """(k, v, valid) of the ring oldest first: positions pos - W .. pos - 1."""
+  slots = jnp.mod(ring['pos'] + jnp.arange(ring['k'].shape[1]), ring['k'].shape[1])
+  return ring['k'][:, slots], ring['v'][:, slots], ring['valid'][:, slots]
+
+
+def ring_append(ring, k, v, valid):
+  """The ring after L more tokens k, v [B, L, H, .] (valid [B, L]): the last W of
+  everything, position p in slot p mod W."""
+  window = ring['k'].shape[1]
+  old_k, old_v, old_valid = ring_ordered(ring)
+  last = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)[:, -window:]
+  pos = ring['pos'] + k.shape[1]
+  slots = jnp.mod(pos + jnp.arange(window), window)
+  place = lambda old, new: jnp.zeros_like(old).at[:, slots].set(last(old, new))
   return {
-    'k': jnp.where(ok[None, :, None, None], k[:, at], 0).astype(k.dtype),
-    'v': jnp.where(ok[None, :, None, None], v[:, at], 0).astype(v.dtype),
-    'valid': ok[None, :] & valid[:, at],
-    'pos': jnp.asarray(length, jnp.int32),
+    'k': place(old_k, k),
+    'v': place(old_v, v),
+    'valid': place(old_valid, valid),
+    'pos': pos,
   }
 
 
