@@ -55,6 +55,7 @@ import common  # noqa: E402
 from performer import data, models  # noqa: E402
 from performer.training import optim, sharding  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
+from performer.training.task import Task  # noqa: E402
 
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'collective-permute', 'all-to-all')
 _BYTES = {'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2, 'pred': 1, 's8': 1, 'u8': 1}
@@ -97,13 +98,13 @@ def build_step(config):
   graphdef, params, features, stats, rest = models.split(model)
   tx, schedule = optim.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
-  task_info = steps_lib.build_task_info(config.model, config.train, vocab, model.target_offset)
+  task = Task.from_config(config.model, config.train, vocab, model.target_offset)
   batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   train_fn, _ = steps_lib.make_step_fns(
     graphdef,
     tx,
     schedule,
-    task_info,
+    task,
     config.train,
     use_dropout=False,
     batch_sharding=batch_sh,
@@ -115,8 +116,15 @@ def build_step(config):
   batch = sharding.global_batch(
     {'tokens': tokens.astype(np.int32), 'mask': np.ones(shape, bool)}, batch_sh
   )
-  args = (put(params), put(tx.init(params)), put(stats), put(features), put(rest), batch)
-  return train_fn, args + (put(jnp.asarray(1, jnp.int32)), put(jax.random.key(0)))
+  state = steps_lib.TrainState(
+    step=jnp.asarray(1, jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    stats=stats,
+    features=features,
+    rest=rest,
+  )
+  return train_fn, (put(state), batch, put(jax.random.key(0)))
 
 
 def collective_bytes(hlo_text):
@@ -150,11 +158,11 @@ def run_case(length, seq, args):
   if total_gb > args.max_memory_gb:
     row['skipped'] = f'not timed: {total_gb:.1f} GB on all devices > --max_memory_gb'
   elif length <= args.time_up_to:
-    params, opt_state, stats, *rest = fn_args
+    state, *rest = fn_args
     times = []
     for _ in range(2):  # the first call is the warm-up
       start = time.perf_counter()
-      params, opt_state, stats, metrics = fn(params, opt_state, stats, *rest)
+      state, metrics = fn(state, *rest)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
     row['ms'] = times[-1] * 1e3

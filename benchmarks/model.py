@@ -62,6 +62,7 @@ from performer import (
 )
 from performer.training import optim  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
+from performer.training.task import Task  # noqa: E402
 
 KINDS = ('softmax', 'favor_softmax', 'favor_relu', 'identity')
 MODES = {'causal': 'causal_lm', 'bidirectional': 'mlm'}
@@ -157,9 +158,9 @@ def build_step(config):
   graphdef, params, features, stats, rest = models.split(model)
   tx, schedule = optim.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
-  task_info = steps_lib.build_task_info(config.model, config.train, vocab, model.target_offset)
+  task = Task.from_config(config.model, config.train, vocab, model.target_offset)
   train_fn, _ = steps_lib.make_step_fns(
-    graphdef, tx, schedule, task_info, config.train, use_dropout=False
+    graphdef, tx, schedule, task, config.train, use_dropout=False
   )
   rng = np.random.RandomState(0)
   shape = (config.train.batch_size, config.data.seq_len)
@@ -168,35 +169,32 @@ def build_step(config):
     'tokens': jnp.asarray(rng.randint(low, low + 20, shape), jnp.int32),
     'mask': jnp.ones(shape, bool),
   }
-  args = (
-    params,
-    tx.init(params),
-    stats,
-    features,
-    rest,
-    batch,
-    jnp.asarray(1, jnp.int32),
-    jax.random.key(0),
+  state = steps_lib.TrainState(
+    step=jnp.asarray(1, jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    stats=stats,
+    features=features,
+    rest=rest,
   )
-  return train_fn, args
+  return train_fn, (state, batch, jax.random.key(0))
 
 
 def time_steps(compiled, args, repeats, single_above):
   """Best wall time of `repeats` steps after a warm-up step; the updated
-  parameters, optimizer state and statistics are fed back (the inputs are
-  donated).
+  state is fed back (the input state is donated).
 
   A step whose first (warm-up) call takes longer than `single_above` seconds
   is timed by that call alone, which includes one-time costs (see the module
   docstring): only for steps long enough that repeating them is too costly.
   Returns (seconds, number of calls).
   """
-  params, opt_state, stats, *rest = args
+  state, *rest = args
   times = []
   for _ in range(repeats + 1):
     start = time.perf_counter()
-    params, opt_state, stats, metrics = compiled(params, opt_state, stats, *rest)
-    jax.block_until_ready((params, metrics))
+    state, metrics = compiled(state, *rest)
+    jax.block_until_ready((state.params, metrics))
     times.append(time.perf_counter() - start)
     if times[0] > single_above:
       return times[0], 1

@@ -191,13 +191,10 @@ def student_config(args, teacher_dir, distill, corpus_path=''):
   return config
 
 
-def _evaluate(run, params, stats, features, rest):
+def _evaluate(run, state):
   result = train_lib.evaluate(
     run['eval_fn'],
-    params,
-    stats,
-    features,
-    rest,
+    state,
     run['config'],
     'validation',
     batch_sharding=run['batch_sharding'],
@@ -216,32 +213,22 @@ def finetune(config, eval_every):
   )
   if report['only_in_checkpoint'] or report['only_in_model']:
     raise ValueError(f'architecture mismatch: {report}')
-  stats, features, rest = st['stats'], st['features'], st['rest']
-  opt_state = jax.jit(run['tx'].init)(params)
+  state = train_lib.train_state({**st, 'params': params}, 0, jax.jit(run['tx'].init)(params))
   it = data.build_dataset(
     config.data, split='train', batch_size=config.train.batch_size, seed=config.seed + 1
   )  # not the teacher's batch order
   curve = []
-  acc, loss = _evaluate(run, params, stats, features, rest)
+  acc, loss = _evaluate(run, state)
   curve.append({'step': 0, 'accuracy': acc, 'loss': loss, 'distill_loss': None})
   distill = []
   for step in range(config.train.num_steps):
     batch = sharding.global_batch(next(it), run['batch_sharding'])
-    params, opt_state, stats, m = run['train_fn'](
-      params,
-      opt_state,
-      stats,
-      features,
-      rest,
-      batch,
-      jnp.asarray(step, jnp.int32),
-      run['keys']['train'],
-    )
+    state, m = run['train_fn'](state, batch, run['keys']['train'])
     if 'distill_loss' in m:
       distill.append(m['distill_loss'])
     done = step + 1
     if done % eval_every == 0 or done == config.train.num_steps:
-      acc, loss = _evaluate(run, params, stats, features, rest)
+      acc, loss = _evaluate(run, state)
       d = float(jnp.mean(jnp.stack(distill))) if distill else None
       distill = []
       curve.append({'step': done, 'accuracy': acc, 'loss': loss, 'distill_loss': d})
@@ -252,7 +239,7 @@ def teacher_accuracy(config, teacher_dir):
   run = train_lib.setup(config)
   st = run['state']
   params, _ = checkpoints.load_params_by_name(teacher_dir, st['params'], st['shardings']['params'])
-  return _evaluate(run, params, st['stats'], st['features'], st['rest'])
+  return _evaluate(run, train_lib.train_state({**st, 'params': params}))
 
 
 def parse_args(argv=None):

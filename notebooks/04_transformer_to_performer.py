@@ -39,7 +39,6 @@
 # notebook does not download.)
 
 # %%
-import functools
 import os
 import sys
 
@@ -56,6 +55,7 @@ from flax import nnx
 
 from performer import data, models, sampling
 from performer.training import metrics, runs, steps
+from performer.training.task import Task
 
 # The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
 RUNS = runs.NotebookRuns.from_env()
@@ -64,18 +64,16 @@ print(f'workdir {RUNS.work}; quick={RUNS.quick}')
 
 def evaluate(model, config, split='validation'):
   """Held-out metrics of `model` with the training code's own eval step."""
-  graphdef, params, features, stats, rest = models.split(model)
-  task_info = steps.build_task_info(
-    config.model, config.train, data.vocab_for(config.data), model.target_offset
-  )
-  eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, task_info=task_info))
+  vocab = data.vocab_for(config.data)
+  task = Task.from_config(config.model, config.train, vocab, model.target_offset)
+  eval_fn, state = steps.make_eval_fn(models.split(model)[0], task), steps.model_state(model)
   totals = None
   for i, batch in enumerate(
     data.build_dataset(
       config.data, split=split, batch_size=config.train.batch_size, seed=config.seed, num_epochs=1
     )
   ):
-    sums = eval_fn(params, stats, features, rest, batch, jax.random.fold_in(jax.random.key(0), i))
+    sums = eval_fn(state, batch, jax.random.fold_in(jax.random.key(0), i))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return metrics.summarize(jax.device_get(totals), config.model.task)
 

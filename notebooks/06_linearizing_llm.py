@@ -67,6 +67,7 @@ from performer.convert import llama as convert_llama
 from performer.convert import pretrained
 from performer.models import attention_maps
 from performer.training import config_utils, runs, sharding, steps, train_lib
+from performer.training.task import Task
 
 RUNS = runs.NotebookRuns.from_env()  # PERFORMER_NOTEBOOK_QUICK and _WORKDIR
 PROMPT = 'The capital of France is'
@@ -189,15 +190,11 @@ def imported(model_config):
 
 def evaluate(model, split='validation'):
   """The training loop's own eval (train_lib.evaluate) of `model`."""
-  graphdef, params, features, stats, rest = models.split(model)
-  task_info = steps.build_task_info(cfg.model, cfg.train, vocab, model.target_offset)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, task_info=task_info))
+  task = Task.from_config(cfg.model, cfg.train, vocab, model.target_offset)
+  eval_fn = steps.make_eval_fn(models.split(model)[0], task)
   return train_lib.evaluate(
     eval_fn,
-    params,
-    stats,
-    features,
-    rest,
+    steps.model_state(model),
     cfg,
     split,
     batch_sharding=batch_sharding,

@@ -32,15 +32,15 @@ EIGHT_DEVICES = textwrap.dedent("""
       mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:d * f * s])
       run = train_lib.setup(config, mesh=mesh)
       st = run['state']
-      params, features, stats, rest = st['params'], st['features'], st['stats'], st['rest']
-      opt = jax.jit(run['tx'].init, out_shardings=st['shardings']['opt_state'])(params)
+      opt = jax.jit(run['tx'].init, out_shardings=st['shardings']['opt_state'])(st['params'])
+      state = train_lib.train_state(st, 0, opt)
       it = data.build_dataset(run['config'].data, split='train', batch_size=8, seed=0)
       losses = []
       for step in range(4):
         batch = sharding.global_batch(next(it), run['batch_sharding'])
-        params, opt, stats, m = run['train_fn'](params, opt, stats, features, rest, batch,
-                                                jnp.asarray(step), run['keys']['train'])
+        state, m = run['train_fn'](state, batch, run['keys']['train'])
         losses.append(float(m['loss']))
+      params, stats = state.params, state.stats
       specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})
       out[kind][name] = {'losses': losses, 'devices': len(run['mesh'].devices.flat), 'specs': specs,
                    'stats': [float(jnp.sum(x)) for x in jax.tree.leaves(stats)]}

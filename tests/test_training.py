@@ -13,7 +13,7 @@ import pytest
 from conftest import kind_params, run_script, tiny_config
 from performer import attention, data
 from performer.training import checkpoints, optim, sharding, train_lib
-from performer.training import steps as steps_lib
+from performer.training import task as task_lib
 
 
 def _fixed_batch(config, split='train'):
@@ -25,16 +25,13 @@ def _train_fixed(config, num_steps):
   """Runs the jitted train step `num_steps` times on one fixed batch; returns losses."""
   run = train_lib.setup(config)
   st = run['state']
-  params, features, stats, rest = st['params'], st['features'], st['stats'], st['rest']
-  opt_state = jax.jit(run['tx'].init)(params)
+  state = train_lib.train_state(st, 0, jax.jit(run['tx'].init)(st['params']))
   batch = sharding.global_batch(_fixed_batch(run['config']), run['batch_sharding'])
   losses = []
-  for step in range(num_steps):
-    params, opt_state, stats, m = run['train_fn'](
-      params, opt_state, stats, features, rest, batch, jnp.asarray(step), run['keys']['train']
-    )
+  for _ in range(num_steps):
+    state, m = run['train_fn'](state, batch, run['keys']['train'])
     losses.append(float(m['loss']))
-  return losses, params, run
+  return losses, state, run
 
 
 @pytest.mark.parametrize('kind', kind_params(attention.KINDS))
@@ -64,9 +61,9 @@ def test_bfloat16_compute_learns():
     model__max_len=32,
     model__num_layers=1,
   )
-  losses, params, _ = _train_fixed(config, 10)
+  losses, state, _ = _train_fixed(config, 10)
   assert losses[-1] < 0.8 * losses[0], losses
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # master weights
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))  # master weights
 
 
 @pytest.mark.slow
@@ -98,14 +95,11 @@ def test_image_ar_learns_and_reports_bits_per_dim():
     train__warmup_steps=0,
     train__learning_rate=1e-2,
   )
-  losses, params, run = _train_fixed(config, 8)
+  losses, state, run = _train_fixed(config, 8)
   assert losses[-1] < 0.8 * losses[0], losses
   result = train_lib.evaluate(
     run['eval_fn'],
-    params,
-    run['state']['stats'],
-    run['state']['features'],
-    run['state']['rest'],
+    state,
     run['config'],
     'validation',
     num_batches=1,
@@ -152,9 +146,9 @@ def test_eval_is_deterministic(task):
   run = train_lib.setup(config)
   st = run['state']
   kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=run['keys']['eval'], num_batches=2)
-  pieces = [st[k] for k in ('params', 'stats', 'features', 'rest')]
-  first = train_lib.evaluate(run['eval_fn'], *pieces, run['config'], 'validation', **kwargs)
-  second = train_lib.evaluate(run['eval_fn'], *pieces, run['config'], 'validation', **kwargs)
+  state = train_lib.train_state(st)
+  first = train_lib.evaluate(run['eval_fn'], state, run['config'], 'validation', **kwargs)
+  second = train_lib.evaluate(run['eval_fn'], state, run['config'], 'validation', **kwargs)
   assert first == second
   assert first['tokens'] > 0 and 0 <= first['accuracy'] <= 1
   assert first['perplexity'] == pytest.approx(np.exp(first['loss']))
@@ -174,8 +168,8 @@ def test_grad_accumulation_equals_big_batch():
       model__max_len=32,
       model__num_layers=1,
     )
-    losses, params, _ = _train_fixed(config, 3)
-    results.append((losses, jax.tree.leaves(params)))
+    losses, state, _ = _train_fixed(config, 3)
+    results.append((losses, jax.tree.leaves(state.params)))
   (loss1, p1), (loss4, p4) = results
   np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
   for a, b in zip(p1, p4):
@@ -227,7 +221,7 @@ def test_mlm_masking_rule():
   batch = {k: jnp.tile(v, (16, 1)) for k, v in batch.items()}  # 64 rows: enough statistics
   vocab = data.vocab_for(config.data)
   special = (vocab.pad_id, vocab.bos_id, vocab.eos_id, vocab.mask_id)
-  inputs, targets, picked = steps_lib.mlm_targets(
+  inputs, targets, picked = task_lib.mlm_targets(
     batch,
     jax.random.key(0),
     rate=0.15,
@@ -246,7 +240,7 @@ def test_mlm_masking_rule():
   frac_kept = np.mean(inputs[picked] == tokens[picked])
   assert 0.75 < frac_mask < 0.85 and 0.06 < frac_kept < 0.16
   assert not np.isin(inputs[picked & (inputs != vocab.mask_id)], special).any()
-  again = steps_lib.mlm_targets(
+  again = task_lib.mlm_targets(
     batch,
     jax.random.key(0),
     rate=0.15,
@@ -256,7 +250,7 @@ def test_mlm_masking_rule():
   )
   np.testing.assert_array_equal(np.asarray(again[0]), inputs)
   # Eval: the same positions, every one of them MASK.
-  ev_inputs, _, ev_picked = steps_lib.mlm_targets(
+  ev_inputs, _, ev_picked = task_lib.mlm_targets(
     batch,
     jax.random.key(0),
     rate=0.15,
@@ -275,7 +269,7 @@ def test_causal_targets_respect_segments():
     'mask': jnp.array([[1, 1, 1, 1, 1, 1, 1, 0]], bool),
     'segment_ids': jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]]),
   }
-  _, targets, weights = steps_lib.causal_targets(batch)
+  _, targets, weights = task_lib.causal_targets(batch)
   np.testing.assert_array_equal(np.asarray(targets)[0, :6], [5, 6, 2, 1, 7, 2])
   np.testing.assert_array_equal(np.asarray(weights)[0], [1, 1, 1, 0, 1, 1, 0, 0])
 

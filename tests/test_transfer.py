@@ -18,7 +18,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -167,18 +166,15 @@ def test_params_in_only_one_model_are_reported_by_name(sources, tmp_path, caplog
 def _distill_losses(config, num_steps):
   run = train_lib.setup(config)
   st = run['state']
-  params, features, stats, rest = st['params'], st['features'], st['stats'], st['rest']
-  opt_state = jax.jit(run['tx'].init)(params)
+  state = train_lib.train_state(st, 0, jax.jit(run['tx'].init)(st['params']))
   it = data.build_dataset(
     run['config'].data, split='train', batch_size=config.train.batch_size, seed=0
   )
   batch = sharding.global_batch(next(it), run['batch_sharding'])
   teacher_before = _leaves(run['teacher']['trees'][0])
   out = []
-  for step in range(num_steps):
-    params, opt_state, stats, m = run['train_fn'](
-      params, opt_state, stats, features, rest, batch, jnp.asarray(step), run['keys']['train']
-    )
+  for _ in range(num_steps):
+    state, m = run['train_fn'](state, batch, run['keys']['train'])
     out.append(float(m['distill_loss']))
   for a, b in zip(teacher_before, _leaves(run['teacher']['trees'][0])):
     np.testing.assert_array_equal(a, b)  # frozen: the step never updates the teacher

@@ -19,13 +19,13 @@ def summarize(sums, task):
   an encoder's squared error and cosine similarity to its teacher."""
   weight = max(float(sums['weight_sum']), 1.0)
   loss = float(sums['loss_sum']) / weight
-  if task == 'encoder':  # distance to the teacher's hidden states (steps.encoder_sums)
+  if task == 'encoder':  # distance to the teacher's hidden states (objectives.encoder_sums)
     out = {
       'loss': loss,
       'cosine': float(sums['correct_sum']) / weight,
       'tokens': float(sums['weight_sum']),
     }
-    if 'sentences' in sums:  # eval: mean-pooled sentence embeddings (steps.sentence_sums)
+    if 'sentences' in sums:  # eval: mean-pooled sentence embeddings (objectives.sentence_sums)
       out['sentence_cosine'] = float(sums['sentence_cosine_sum']) / max(
         float(sums['sentences']), 1.0
       )

@@ -27,7 +27,7 @@ from flax import nnx
 
 from performer import errors, models
 from performer.training import checkpoints, config_utils, sharding, train_lib
-from performer.training import steps as steps_lib
+from performer.training import task as task_lib
 
 _EXPECTED = 'expected a UTF-8 text file'
 NOT_SCORED_NOTE = 'the first token of each window has no context and is not scored'
@@ -96,7 +96,7 @@ def make_loss_fn(graphdef):
   def token_losses(params, features, stats, rest, tokens, mask):
     model = nnx.merge(graphdef, params, features, stats, rest, copy=True)
     logits, _ = model(tokens, mask=mask, deterministic=True)
-    _, targets, weights = steps_lib.causal_targets({'tokens': tokens, 'mask': mask})
+    _, targets, weights = task_lib.causal_targets({'tokens': tokens, 'mask': mask})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     return loss, weights
 

@@ -33,6 +33,7 @@ from performer.convert import attention_transfer, pretrained
 from performer.training import checkpoints, config_utils, optim, sharding
 from performer.training import metrics as metrics_lib
 from performer.training import steps as steps_lib
+from performer.training.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +181,10 @@ def _local_batch_size(global_size):
   return global_size // jax.process_count()
 
 
-def evaluate(
-  eval_fn, params, stats, features, rest, config, split, *, batch_sharding, eval_key, num_batches=0
-):
-  """Deterministic eval over `num_batches` batches of `split` (<= 0: the whole split)."""
+def evaluate(eval_fn, state, config, split, *, batch_sharding, eval_key, num_batches=0):
+  """Deterministic eval of a `TrainState` (its optimizer state unused) over `num_batches`
+  batches of `split` (<= 0: the whole split)."""
+  state = state.replace(opt_state=None)
   local_bs = _local_batch_size(config.train.batch_size)
   it = data.build_dataset(
     config.data,
@@ -202,17 +203,37 @@ def evaluate(
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = model_batch(batch, config.data)
     sums = eval_fn(
-      params,
-      stats,
-      features,
-      rest,
-      sharding.global_batch(batch, batch_sharding),
-      jax.random.fold_in(eval_key, i),
+      state, sharding.global_batch(batch, batch_sharding), jax.random.fold_in(eval_key, i)
     )
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError(f'the {split!r} split produced no batches')
   return metrics_lib.summarize(jax.device_get(totals), config.model.task)
+
+
+def train_state(state, step=0, opt_state=None):
+  """The `steps.TrainState` of create_state's pieces at `step`."""
+  return steps_lib.TrainState(
+    step=jnp.asarray(step, jnp.int32),
+    params=state['params'],
+    opt_state=opt_state if opt_state is not None else state.get('opt_state'),
+    stats=state['stats'],
+    features=state['features'],
+    rest=state['rest'],
+  )
+
+
+def state_shardings(mesh, state):
+  """A `steps.TrainState` of create_state's (and setup's optimizer) shardings."""
+  sh = state['shardings']
+  return steps_lib.TrainState(
+    step=sharding.replicated(mesh),
+    params=sh['params'],
+    opt_state=sh['opt_state'],
+    stats=sh['stats'],
+    features=sh['features'],
+    rest=sh['rest'],
+  )
 
 
 def _data_state(it):
@@ -251,7 +272,7 @@ def setup(config, mesh=None):
   check_stages(config)
   flags = optim.stage_flags(state['abstract']['params'], config.train)
   tx, schedule = optim.make_optimizer(config.train, flags)
-  task_info = steps_lib.build_task_info(config.model, config.train, vocab, state['target_offset'])
+  task = Task.from_config(config.model, config.train, vocab, state['target_offset'])
   a_opt = jax.eval_shape(tx.init, state['abstract']['params'])
   state['shardings']['opt_state'] = sharding.param_shardings(mesh, a_opt)
   state['abstract']['opt_state'] = a_opt
@@ -267,10 +288,10 @@ def setup(config, mesh=None):
     state['graphdef'],
     tx,
     schedule,
-    task_info,
+    task,
     config.train,
     use_dropout=config.model.dropout_rate > 0,
-    state_shardings=(sh['params'], sh['opt_state'], sh['stats'], sh['features'], sh['rest']),
+    state_shardings=state_shardings(mesh, state),
     batch_sharding=batch_sh,
     replicated=replicated,
     teacher=teacher,
@@ -476,19 +497,16 @@ def train_and_evaluate(config, workdir, *, progress=None):
   tokens_per_step = tc.batch_size * config.data.seq_len
   bar = metrics_lib.Progress(tc.num_steps, step, enabled=progress)
   pending, last_time, last_step = [], time.perf_counter(), step
-  params, opt_state, features = state['params'], state['opt_state'], state['features']
-  stats, rest = state['stats'], state['rest']
+  ts = jax.device_put(train_state(state, step), state_shardings(run['mesh'], state))
   eval_kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=keys['eval'])
 
   while step < tc.num_steps:
-    if should_redraw(step, tc.redraw_every) and jax.tree.leaves(features):
-      features = run['redraw_fn'](features, redraw_key(config.seed, step))
+    if should_redraw(step, tc.redraw_every) and jax.tree.leaves(ts.features):
+      ts = ts.replace(features=run['redraw_fn'](ts.features, redraw_key(config.seed, step)))
     batch = next(train_it)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = sharding.global_batch(model_batch(batch, config.data), run['batch_sharding'])
-    params, opt_state, stats, step_metrics = run['train_fn'](
-      params, opt_state, stats, features, rest, batch, jnp.asarray(step, jnp.int32), keys['train']
-    )
+    ts, step_metrics = run['train_fn'](ts, batch, keys['train'])
     pending.append(step_metrics)
     step += 1
     bar.advance()
@@ -514,15 +532,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
       pending, last_time, last_step = [], now, step
     if tc.eval_every and (step % tc.eval_every == 0 and step < tc.num_steps):
       result = evaluate(
-        run['eval_fn'],
-        params,
-        stats,
-        features,
-        rest,
-        config,
-        'validation',
-        num_batches=tc.eval_batches,
-        **eval_kwargs,
+        run['eval_fn'], ts, config, 'validation', num_batches=tc.eval_batches, **eval_kwargs
       )
       writer.write(step, 'validation', result)
       log.info('step %d validation: %s', step, _fmt(result))
@@ -531,7 +541,12 @@ def train_and_evaluate(config, workdir, *, progress=None):
       checkpoints.save(
         manager,
         step,
-        {'params': params, 'opt_state': opt_state, 'features': features, 'stats': stats},
+        {
+          'params': ts.params,
+          'opt_state': ts.opt_state,
+          'features': ts.features,
+          'stats': ts.stats,
+        },
         {'step': step, 'data_state': _data_state(train_it)},
       )
   bar.close()
@@ -540,9 +555,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
 
   final = {}
   for split in ('validation', 'test'):
-    final[split] = evaluate(
-      run['eval_fn'], params, stats, features, rest, config, split, num_batches=0, **eval_kwargs
-    )
+    final[split] = evaluate(run['eval_fn'], ts, config, split, num_batches=0, **eval_kwargs)
   unigram = held_out_extras(config, final)
   for split in final:
     writer.write(step, f'final_{split}', final[split])
@@ -550,10 +563,10 @@ def train_and_evaluate(config, workdir, *, progress=None):
   print_summary(config, step, final, unigram, progress_write=bar.write)
   return {
     'step': step,
-    'params': params,
-    'features': features,
-    'stats': stats,
-    'rest': rest,
+    'params': ts.params,
+    'features': ts.features,
+    'stats': ts.stats,
+    'rest': ts.rest,
     'final': final,
     'unigram': unigram,
     'init_report': state.get('init_report'),
@@ -574,13 +587,11 @@ def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batc
   if restored is None:
     raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
   step, trees, _ = restored
+  restored_state = train_state({**state, **trees}, step)
   results = {
     split: evaluate(
       run['eval_fn'],
-      trees['params'],
-      trees['stats'],
-      trees['features'],
-      state['rest'],
+      restored_state,
       config,
       split,
       batch_sharding=run['batch_sharding'],
