@@ -193,12 +193,12 @@ def student_config(args, teacher_dir, distill, corpus_path=''):
 
 def _evaluate(run, state):
   result = train_lib.evaluate(
-    run['eval_fn'],
+    run.eval_fn,
     state,
-    run['config'],
+    run.config,
     'validation',
-    batch_sharding=run['batch_sharding'],
-    eval_key=run['keys']['eval'],
+    batch_sharding=run.batch_sharding,
+    eval_key=run.keys['eval'],
     num_batches=0,
   )
   return result['accuracy'], result['loss']
@@ -207,13 +207,13 @@ def _evaluate(run, state):
 def finetune(config, eval_every):
   """init_from + fine-tuning with the training step of train.py; returns eval curve rows."""
   run = train_lib.setup(config)
-  config, st = run['config'], run['state']
+  config, st = run.config, run.model
   params, report = checkpoints.load_params_by_name(
-    config.train.init_from, st['params'], st['shardings']['params']
+    config.train.init_from, st.params, st.shardings['params']
   )
   if report['only_in_checkpoint'] or report['only_in_model']:
     raise ValueError(f'architecture mismatch: {report}')
-  state = train_lib.train_state({**st, 'params': params}, 0, jax.jit(run['tx'].init)(params))
+  state = st.train_state(0, jax.jit(run.tx.init)(params), params)
   it = data.build_dataset(
     config.data, split='train', batch_size=config.train.batch_size, seed=config.seed + 1
   )  # not the teacher's batch order
@@ -222,8 +222,8 @@ def finetune(config, eval_every):
   curve.append({'step': 0, 'accuracy': acc, 'loss': loss, 'distill_loss': None})
   distill = []
   for step in range(config.train.num_steps):
-    batch = sharding.global_batch(next(it), run['batch_sharding'])
-    state, m = run['train_fn'](state, batch, run['keys']['train'])
+    batch = sharding.global_batch(next(it), run.batch_sharding)
+    state, m = run.train_fn(state, batch, run.keys['train'])
     if 'distill_loss' in m:
       distill.append(m['distill_loss'])
     done = step + 1
@@ -237,9 +237,9 @@ def finetune(config, eval_every):
 
 def teacher_accuracy(config, teacher_dir):
   run = train_lib.setup(config)
-  st = run['state']
-  params, _ = checkpoints.load_params_by_name(teacher_dir, st['params'], st['shardings']['params'])
-  return _evaluate(run, train_lib.train_state({**st, 'params': params}))
+  st = run.model
+  params, _ = checkpoints.load_params_by_name(teacher_dir, st.params, st.shardings['params'])
+  return _evaluate(run, st.train_state(params=params))
 
 
 def parse_args(argv=None):

@@ -135,12 +135,12 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
   # Same architecture, other kind: every parameter transfers, nothing is reported missing.
   config = tiny_config(model__attention__kind='favor_relu', **base)
   run = train_lib.setup(config)
-  sh = run['state']['shardings']['params']
-  params, report = checkpoints.load_params_by_name(source, run['state']['params'], sh)
+  sh = run.model.shardings['params']
+  params, report = checkpoints.load_params_by_name(source, run.model.params, sh)
   assert report['only_in_checkpoint'] == [] and report['only_in_model'] == []
   for a, b in zip(_leaves(params), _leaves(src['params'])):
     assert np.array_equal(a, b)
-  assert jax.tree.leaves(run['state']['features']), 'favor_relu draws its own features'
+  assert jax.tree.leaves(run.model.features), 'favor_relu draws its own features'
 
   # A deeper model: the extra layer is named, keeps its fresh init, and a warning says so.
   deeper = tiny_config(model__attention__kind='favor_softmax', model__num_layers=3, **base)
@@ -148,8 +148,8 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     _, report = checkpoints.load_params_by_name(
       os.path.join(source, 'checkpoints', '2'),
-      run3['state']['params'],
-      run3['state']['shardings']['params'],
+      run3.model.params,
+      run3.model.shardings['params'],
     )
   assert report['only_in_model'] and all(n.startswith('layers.2.') for n in report['only_in_model'])
   assert report['only_in_checkpoint'] == []
@@ -166,9 +166,7 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
   wider = tiny_config(model__mlp_dim=128, **base)
   run_w = train_lib.setup(wider)
   with pytest.raises(checkpoints.InitFromError, match='shape mismatch'):
-    checkpoints.load_params_by_name(
-      source, run_w['state']['params'], run_w['state']['shardings']['params']
-    )
+    checkpoints.load_params_by_name(source, run_w.model.params, run_w.model.shardings['params'])
 
 
 def test_data_position_restore():

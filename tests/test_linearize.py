@@ -18,10 +18,10 @@ def layer_mse(config, params, features, stats, rest):
   """Mean per-token transfer loss of the student trees against the teacher, on a
   fixed random batch."""
   run = train_lib.setup(config)
-  teacher = nnx.merge(run['teacher']['graphdef'], *run['teacher']['trees'])
+  teacher = nnx.merge(run.teacher.graphdef, *run.teacher.trees)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, config.model.vocab_size or 64)
   _, captured = models.capture_intermediates(teacher, tokens, deterministic=True)
-  student = nnx.merge(run['state']['graphdef'], params, features, stats, rest)
+  student = nnx.merge(run.model.graphdef, params, features, stats, rest)
   sums = attention_transfer.transfer_sums(student, captured, None, None)
   return float(sums['loss_sum'] / sums['weight_sum'])
 
@@ -87,7 +87,7 @@ def test_lora_stage_leaves_frozen_weights_bitwise_unchanged(tiny_files, tmp_path
   config = config_for(tiny_files, source, **overrides)
   result = train_lib.train_and_evaluate(config, str(tmp_path / 'lora'), progress=False)
   run = train_lib.setup(config)
-  initial, _ = train_lib.load_pretrained_params(source, run['state'])
+  initial, _ = train_lib.load_pretrained_params(source, run.model)
   start, end = flat(initial), flat(result['params'])
   lora = {k for k in end if '.lora_' in k or 'lora' in k.split('.')[-1]}
   assert lora and any(not np.array_equal(start[k], end[k]) for k in lora)

@@ -31,18 +31,18 @@ EIGHT_DEVICES = textwrap.dedent("""
                            model__dropout_rate=0.1, train__grad_accum_steps=2)
       mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:d * f * s])
       run = train_lib.setup(config, mesh=mesh)
-      st = run['state']
-      opt = jax.jit(run['tx'].init, out_shardings=st['shardings']['opt_state'])(st['params'])
-      state = train_lib.train_state(st, 0, opt)
-      it = data.build_dataset(run['config'].data, split='train', batch_size=8, seed=0)
+      st = run.model
+      opt = jax.jit(run.tx.init, out_shardings=st.shardings['opt_state'])(st.params)
+      state = st.train_state(0, opt)
+      it = data.build_dataset(run.config.data, split='train', batch_size=8, seed=0)
       losses = []
       for step in range(4):
-        batch = sharding.global_batch(next(it), run['batch_sharding'])
-        state, m = run['train_fn'](state, batch, run['keys']['train'])
+        batch = sharding.global_batch(next(it), run.batch_sharding)
+        state, m = run.train_fn(state, batch, run.keys['train'])
         losses.append(float(m['loss']))
       params, stats = state.params, state.stats
       specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)})
-      out[kind][name] = {'losses': losses, 'devices': len(run['mesh'].devices.flat), 'specs': specs,
+      out[kind][name] = {'losses': losses, 'devices': len(run.mesh.devices.flat), 'specs': specs,
                    'stats': [float(jnp.sum(x)) for x in jax.tree.leaves(stats)]}
     print('RESULT' + json.dumps(out))
 """)

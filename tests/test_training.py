@@ -24,12 +24,12 @@ def _fixed_batch(config, split='train'):
 def _train_fixed(config, num_steps):
   """Runs the jitted train step `num_steps` times on one fixed batch; returns losses."""
   run = train_lib.setup(config)
-  st = run['state']
-  state = train_lib.train_state(st, 0, jax.jit(run['tx'].init)(st['params']))
-  batch = sharding.global_batch(_fixed_batch(run['config']), run['batch_sharding'])
+  st = run.model
+  state = st.train_state(0, jax.jit(run.tx.init)(st.params))
+  batch = sharding.global_batch(_fixed_batch(run.config), run.batch_sharding)
   losses = []
   for _ in range(num_steps):
-    state, m = run['train_fn'](state, batch, run['keys']['train'])
+    state, m = run.train_fn(state, batch, run.keys['train'])
     losses.append(float(m['loss']))
   return losses, state, run
 
@@ -98,13 +98,13 @@ def test_image_ar_learns_and_reports_bits_per_dim():
   losses, state, run = _train_fixed(config, 8)
   assert losses[-1] < 0.8 * losses[0], losses
   result = train_lib.evaluate(
-    run['eval_fn'],
+    run.eval_fn,
     state,
-    run['config'],
+    run.config,
     'validation',
     num_batches=1,
-    batch_sharding=run['batch_sharding'],
-    eval_key=run['keys']['eval'],
+    batch_sharding=run.batch_sharding,
+    eval_key=run.keys['eval'],
   )
   assert result['bits_per_dim'] == pytest.approx(result['loss'] / np.log(2))
 
@@ -144,11 +144,11 @@ def test_train_and_evaluate_writes_outputs(tmp_path):
 def test_eval_is_deterministic(task):
   config = tiny_config(model__task=task, model__dropout_rate=0.1)
   run = train_lib.setup(config)
-  st = run['state']
-  kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=run['keys']['eval'], num_batches=2)
-  state = train_lib.train_state(st)
-  first = train_lib.evaluate(run['eval_fn'], state, run['config'], 'validation', **kwargs)
-  second = train_lib.evaluate(run['eval_fn'], state, run['config'], 'validation', **kwargs)
+  st = run.model
+  kwargs = dict(batch_sharding=run.batch_sharding, eval_key=run.keys['eval'], num_batches=2)
+  state = st.train_state()
+  first = train_lib.evaluate(run.eval_fn, state, run.config, 'validation', **kwargs)
+  second = train_lib.evaluate(run.eval_fn, state, run.config, 'validation', **kwargs)
   assert first == second
   assert first['tokens'] > 0 and 0 <= first['accuracy'] <= 1
   assert first['perplexity'] == pytest.approx(np.exp(first['loss']))
@@ -190,9 +190,9 @@ def test_redraw_schedule(tmp_path):
   )
   train_lib.train_and_evaluate(config, str(tmp_path))
   run = train_lib.setup(config)
-  initial = run['state']['features']
+  initial = run.model.features
   manager = checkpoints.make_manager(str(tmp_path), 10)
-  sh = run['state']['shardings']['features']
+  sh = run.model.shardings['features']
   feats = {}
   for step in range(1, 8):
     trees, _ = checkpoints.restore_step(manager, step, {'features': initial}, {'features': sh})
@@ -209,7 +209,7 @@ def test_redraw_schedule(tmp_path):
   assert not same(feats[4], feats[3])
   assert same(feats[4], feats[5]) and same(feats[5], feats[6])
   assert not same(feats[7], feats[6])
-  expected = checkpoints.flatten(run['redraw_fn'](initial, train_lib.redraw_key(0, 3)))
+  expected = checkpoints.flatten(run.redraw_fn(initial, train_lib.redraw_key(0, 3)))
   assert same(feats[4], expected)
   assert [s for s in range(10) if train_lib.should_redraw(s, 3)] == [3, 6, 9]
   assert not any(train_lib.should_redraw(s, 0) for s in range(10))

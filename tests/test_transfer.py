@@ -13,6 +13,7 @@ Each source kind's checkpoint is written once (module-scoped); targets are loade
 training. Sized for a 2-core CPU.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -57,52 +58,52 @@ def sources(tmp_path_factory):
   for kind in attention.KINDS:
     workdir = str(root / kind)
     run = train_lib.setup(tiny_config(model__attention__kind=kind, seed=SOURCE_SEED, **SMALL))
-    state = run['state']
+    state = run.model
     manager = checkpoints.make_manager(workdir, 1)
     try:
       checkpoints.save(
         manager,
         2,
         {
-          'params': state['params'],
-          'opt_state': run['tx'].init(state['params']),
-          'features': state['features'],
-          'stats': state['stats'],
+          'params': state.params,
+          'opt_state': run.tx.init(state.params),
+          'features': state.features,
+          'stats': state.stats,
         },
         {'step': 2, 'data_state': None},
       )
       manager.wait_until_finished()
     finally:
       manager.close()
-    out[kind] = (workdir, _flat(state['params']), _flat(state['features']))
+    out[kind] = (workdir, _flat(state.params), _flat(state.features))
   return out
 
 
 def _load_via_init_from(run, source, workdir):
-  """The training loop's own init path (_initial_state) for a run set up once per kind."""
-  config = run['config'].copy_and_resolve_references()
+  """The training loop's own init path (_initial_state) for a run set up once per kind:
+  (step, TrainState, init report)."""
+  config = run.config.copy_and_resolve_references()
   config.train.init_from = source
-  trial = dict(run, config=config, state=dict(run['state']))
+  trial = dataclasses.replace(run, config=config)
   manager = checkpoints.make_manager(workdir, 1)
   try:
-    step, _ = train_lib._initial_state(trial, manager, workdir)  # pylint: disable=protected-access
+    state, _, report = train_lib._initial_state(trial, manager, workdir)  # pylint: disable=protected-access
   finally:
     manager.close()
-  return step, trial['state']
+  return int(state.step), state, report
 
 
 @pytest.mark.parametrize('target', kind_params(attention.KINDS))
 def test_transfer_every_pair(target, sources, tmp_path):
   run = train_lib.setup(tiny_config(model__attention__kind=target, **SMALL))
-  fresh_params = _flat(run['state']['params'])
-  fresh_features = _flat(run['state']['features'])
+  fresh_params = _flat(run.model.params)
+  fresh_features = _flat(run.model.features)
   assert bool(fresh_features) == attention.get_attention(target).uses_projection
   for source, (src_dir, src_params, src_features) in sources.items():
     workdir = str(tmp_path / f'{source}_to_{target}')
     os.makedirs(workdir)
-    step, state = _load_via_init_from(run, src_dir, workdir)
+    step, state, report = _load_via_init_from(run, src_dir, workdir)
     assert step == 0, 'init_from starts a new run at step 0'
-    report = state['init_report']
     # Feature-map parameters (hedgehog's) exist only in models of a kind that has them:
     # missing from the checkpoint is expected (kept at their init), extra ones are unused.
     dropped = sorted(set(src_params) - set(fresh_params))
@@ -114,7 +115,7 @@ def test_transfer_every_pair(target, sources, tmp_path):
     assert report['expected_missing'] == sorted(set(fresh_params) - set(src_params))
     shared = {k: v for k, v in src_params.items() if k in fresh_params}
     assert sorted(report['loaded']) == sorted(shared)
-    loaded = _flat(state['params'])
+    loaded = _flat(state.params)
     assert loaded.keys() == fresh_params.keys()
     for name, value in shared.items():
       np.testing.assert_array_equal(loaded[name], value, err_msg=f'{source}->{target} {name}')
@@ -125,7 +126,7 @@ def test_transfer_every_pair(target, sources, tmp_path):
       ), f'{name} kept its fresh init'
       # (hedgehog's map starts at the identity whatever the seed)
     # Features: the target's own fresh draw, untouched by the load (and not the source's).
-    features = _flat(state['features'])
+    features = _flat(state.features)
     assert features.keys() == fresh_features.keys()
     for name, value in features.items():
       np.testing.assert_array_equal(value, fresh_features[name])
@@ -143,17 +144,16 @@ def test_params_in_only_one_model_are_reported_by_name(sources, tmp_path, caplog
     model__attention__kind='favor_softmax', model__positions='rotary', model__num_layers=3, **SMALL
   )
   run = train_lib.setup(config)
-  fresh = _flat(run['state']['params'])
+  fresh = _flat(run.model.params)
   workdir = str(tmp_path / 'partial')
   os.makedirs(workdir)
   with caplog.at_level(logging.WARNING):
-    _, state = _load_via_init_from(run, src_dir, workdir)
-  report = state['init_report']
+    _, state, report = _load_via_init_from(run, src_dir, workdir)
   only_ckpt, only_model = report['only_in_checkpoint'], report['only_in_model']
   assert only_ckpt and all(n.startswith('pos_embed') for n in only_ckpt), only_ckpt
   assert only_model and all(n.startswith('layers.2.') for n in only_model), only_model
   assert not set(report['loaded']) & (set(only_ckpt) | set(only_model))
-  loaded = _flat(state['params'])
+  loaded = _flat(state.params)
   for name in only_model:
     np.testing.assert_array_equal(loaded[name], fresh[name])
   message = ' '.join(r.getMessage() for r in caplog.records)
@@ -165,18 +165,18 @@ def test_params_in_only_one_model_are_reported_by_name(sources, tmp_path, caplog
 
 def _distill_losses(config, num_steps):
   run = train_lib.setup(config)
-  st = run['state']
-  state = train_lib.train_state(st, 0, jax.jit(run['tx'].init)(st['params']))
+  st = run.model
+  state = st.train_state(0, jax.jit(run.tx.init)(st.params))
   it = data.build_dataset(
-    run['config'].data, split='train', batch_size=config.train.batch_size, seed=0
+    run.config.data, split='train', batch_size=config.train.batch_size, seed=0
   )
-  batch = sharding.global_batch(next(it), run['batch_sharding'])
-  teacher_before = _leaves(run['teacher']['trees'][0])
+  batch = sharding.global_batch(next(it), run.batch_sharding)
+  teacher_before = _leaves(run.teacher.trees[0])
   out = []
   for _ in range(num_steps):
-    state, m = run['train_fn'](state, batch, run['keys']['train'])
+    state, m = run.train_fn(state, batch, run.keys['train'])
     out.append(float(m['distill_loss']))
-  for a, b in zip(teacher_before, _leaves(run['teacher']['trees'][0])):
+  for a, b in zip(teacher_before, _leaves(run.teacher.trees[0])):
     np.testing.assert_array_equal(a, b)  # frozen: the step never updates the teacher
   return out
 

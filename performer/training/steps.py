@@ -18,32 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from performer import models
 from performer.attention import context_parallel
 from performer.training import objectives, optim
+from performer.training.state import TrainState
 from performer.training.task import Task
-
-
-@struct.dataclass
-class TrainState:
-  """Everything a train step reads and writes: the step count, the trained parameters
-  and their optimizer state, the feature maps' running statistics (`FeatureStats`, which
-  train steps update and eval freezes), the random features (`RandomProjection`,
-  redrawn by the loop) and the rest of the model's state."""
-
-  step: Any
-  params: Any
-  opt_state: Any
-  stats: Any
-  features: Any
-  rest: Any
-
-  @property
-  def model(self):
-    """(params, features, stats, rest): the pieces `nnx.merge` takes after graphdef."""
-    return self.params, self.features, self.stats, self.rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +173,12 @@ def make_step_fns(
   `state_shardings` (a `TrainState` of shardings) pins the state's layout, so
   FSDP-sharded parameters stay sharded; `batch_sharding`'s mesh is the one attention
   splits sequences over (mesh axis 'seq'). `teacher` (distillation, attention transfer,
-  an encoder): {'graphdef', 'trees': (params, features, stats, rest), 'shardings'}; the
-  returned functions bind its trees. `flags` (optim.stage_flags): with a transfer stage,
+  an encoder): a `state.Teacher`; the returned functions bind its trees. `flags` (optim.stage_flags): with a transfer stage,
   steps below `train_config.transfer_steps` run the attention-transfer objective (a
   second program).
   """
   flags = flags or {'transfer': None, 'train': None}
-  t_graphdef = None if teacher is None else teacher['graphdef']
+  t_graphdef = None if teacher is None else teacher.graphdef
 
   def program(stage):
     return StepProgram(
@@ -221,8 +200,8 @@ def make_step_fns(
     in_sh = (state_shardings, None, replicated)
     eval_sh = (state_shardings.replace(opt_state=None), None, replicated)
     if teacher is not None:
-      in_sh += (teacher.get('shardings'),)
-      eval_sh += (teacher.get('shardings'),)
+      in_sh += (teacher.shardings,)
+      eval_sh += (teacher.shardings,)
     train_kwargs.update(in_shardings=in_sh, out_shardings=(state_shardings, replicated))
     eval_kwargs.update(in_shardings=eval_sh, out_shardings=replicated)
 
@@ -241,7 +220,7 @@ def make_step_fns(
 
   if teacher is None:
     return train, evaluate
-  trees = tuple(teacher['trees'])
+  trees = tuple(teacher.trees)
   return (
     lambda state, batch, key: train(state, batch, key, trees),
     lambda state, batch, mask_key: evaluate(state, batch, mask_key, trees),

@@ -176,7 +176,7 @@ def load_original(config, mesh, source):
   field = 'distill_from' if config.train.distill_from else 'init_from'
   setting = f'--teacher: config.train.{field}'
   state, params, _ = train_lib.load_original(config, source, mesh, setting)
-  return state['graphdef'], (params, state['features'], state['stats'], state['rest'])
+  return state.graphdef, (params, state.features, state.stats, state.rest)
 
 
 def _row(name, total, count):

@@ -18,6 +18,7 @@ what makes a killed-and-resumed run end with bitwise the same parameters.
 """
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from performer.convert import attention_transfer, pretrained
 from performer.training import checkpoints, config_utils, optim, sharding
 from performer.training import metrics as metrics_lib
 from performer.training import steps as steps_lib
+from performer.training.state import ModelState, Run, Teacher
 from performer.training.task import Task
 
 log = logging.getLogger(__name__)
@@ -121,8 +123,7 @@ def create_state(config, mesh, eager=False):
   `eager` op by op and then placed: no compilation, for a model whose values are all about
   to be overwritten (a pretrained teacher).
 
-  Returns a dict with graphdef, params, features, stats, rest, their shardings, abstract
-  templates and the model's target offset.
+  Returns a `state.ModelState`.
   """
   seed = config.seed
 
@@ -146,14 +147,14 @@ def create_state(config, mesh, eager=False):
     trees = jax.device_put(init(), tuple(shard[k] for k in pieces))
   else:
     trees = jax.jit(init, out_shardings=tuple(shard[k] for k in pieces))()
-  return {
-    'graphdef': graphdef,
+  return ModelState(
+    graphdef=graphdef,
     **dict(zip(pieces, trees)),
-    'shardings': shard,
-    'abstract': {'params': a_params, 'features': a_features, 'stats': a_stats},
-    'feature_params': models.new_params(abstract_model),  # never in a softmax checkpoint
-    'target_offset': int(getattr(abstract_model, 'target_offset', 1)),
-  }
+    shardings=shard,
+    abstract={'params': a_params, 'features': a_features, 'stats': a_stats},
+    feature_params=tuple(models.new_params(abstract_model)),  # never in a softmax checkpoint
+    target_offset=int(getattr(abstract_model, 'target_offset', 1)),
+  )
 
 
 def model_batch(batch, data_config):
@@ -211,31 +212,6 @@ def evaluate(eval_fn, state, config, split, *, batch_sharding, eval_key, num_bat
   return metrics_lib.summarize(jax.device_get(totals), config.model.task)
 
 
-def train_state(state, step=0, opt_state=None):
-  """The `steps.TrainState` of create_state's pieces at `step`."""
-  return steps_lib.TrainState(
-    step=jnp.asarray(step, jnp.int32),
-    params=state['params'],
-    opt_state=opt_state if opt_state is not None else state.get('opt_state'),
-    stats=state['stats'],
-    features=state['features'],
-    rest=state['rest'],
-  )
-
-
-def state_shardings(mesh, state):
-  """A `steps.TrainState` of create_state's (and setup's optimizer) shardings."""
-  sh = state['shardings']
-  return steps_lib.TrainState(
-    step=sharding.replicated(mesh),
-    params=sh['params'],
-    opt_state=sh['opt_state'],
-    stats=sh['stats'],
-    features=sh['features'],
-    rest=sh['rest'],
-  )
-
-
 def _data_state(it):
   """The iterator's position as JSON (grain states are dicts, or bytes for older APIs)."""
   get_state = getattr(it, 'get_state', None)
@@ -270,13 +246,15 @@ def setup(config, mesh=None):
     )
   state = create_state(config, mesh)
   check_stages(config)
-  flags = optim.stage_flags(state['abstract']['params'], config.train)
+  flags = optim.stage_flags(state.abstract['params'], config.train)
   tx, schedule = optim.make_optimizer(config.train, flags)
-  task = Task.from_config(config.model, config.train, vocab, state['target_offset'])
-  a_opt = jax.eval_shape(tx.init, state['abstract']['params'])
-  state['shardings']['opt_state'] = sharding.param_shardings(mesh, a_opt)
-  state['abstract']['opt_state'] = a_opt
-  sh = state['shardings']
+  task = Task.from_config(config.model, config.train, vocab, state.target_offset)
+  a_opt = jax.eval_shape(tx.init, state.abstract['params'])
+  state = dataclasses.replace(
+    state,
+    shardings={**state.shardings, 'opt_state': sharding.param_shardings(mesh, a_opt)},
+    abstract={**state.abstract, 'opt_state': a_opt},
+  )
   replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   if config.model.task == 'encoder' and not config.train.distill_from:
     raise config_utils.ConfigError(
@@ -285,32 +263,32 @@ def setup(config, mesh=None):
     )
   teacher = build_teacher(config, mesh) if config.train.distill_from else None
   train_fn, eval_fn = steps_lib.make_step_fns(
-    state['graphdef'],
+    state.graphdef,
     tx,
     schedule,
     task,
     config.train,
     use_dropout=config.model.dropout_rate > 0,
-    state_shardings=state_shardings(mesh, state),
+    state_shardings=state.state_shardings(replicated),
     batch_sharding=batch_sh,
     replicated=replicated,
     teacher=teacher,
     flags=flags,
   )
-  redraw_fn = jax.jit(attention.redraw_projections, out_shardings=sh['features'])
-  return {
-    'config': config,
-    'vocab': vocab,
-    'mesh': mesh,
-    'state': state,
-    'tx': tx,
-    'train_fn': train_fn,
-    'eval_fn': eval_fn,
-    'redraw_fn': redraw_fn,
-    'batch_sharding': batch_sh,
-    'keys': _keys(config.seed),
-    'teacher': teacher,
-  }
+  redraw_fn = jax.jit(attention.redraw_projections, out_shardings=state.shardings['features'])
+  return Run(
+    config=config,
+    vocab=vocab,
+    mesh=mesh,
+    model=state,
+    tx=tx,
+    train_fn=train_fn,
+    eval_fn=eval_fn,
+    redraw_fn=redraw_fn,
+    batch_sharding=batch_sh,
+    keys=_keys(config.seed),
+    teacher=teacher,
+  )
 
 
 DISTILL_TARGETS = ('logits', 'hidden')
@@ -343,8 +321,8 @@ def build_teacher(config, mesh):
   """The frozen distillation teacher: this model with 'softmax' attention, params loaded
   from `config.train.distill_from` by name (every name must match: same architecture).
 
-  Returns {'graphdef', 'trees': (params, features, stats, rest), 'shardings', 'report'}; the
-  trees are passed to the train step as an argument, outside the optimizer.
+  Returns a `state.Teacher`; its trees are passed to the train step as an argument,
+  outside the optimizer.
   """
   tc = config.train
   if tc.distill_target not in DISTILL_TARGETS:
@@ -364,13 +342,13 @@ def build_teacher(config, mesh):
     tc.distill_target,
     tc.distill_weight,
   )
-  sh = tstate['shardings']
-  return {
-    'graphdef': tstate['graphdef'],
-    'report': report,
-    'trees': (params, tstate['features'], tstate['stats'], tstate['rest']),
-    'shardings': (sh['params'], sh['features'], sh['stats'], sh['rest']),
-  }
+  sh = tstate.shardings
+  return Teacher(
+    graphdef=tstate.graphdef,
+    trees=(params, tstate.features, tstate.stats, tstate.rest),
+    shardings=(sh['params'], sh['features'], sh['stats'], sh['rest']),
+    report=report,
+  )
 
 
 def load_original(config, source, mesh, setting):
@@ -386,7 +364,7 @@ def load_original(config, source, mesh, setting):
   else:
     try:
       params, report = checkpoints.load_params_by_name(
-        source, state['params'], state['shardings']['params']
+        source, state.params, state.shardings['params']
       )
     except checkpoints.InitFromError as e:  # its messages name init_from
       raise checkpoints.InitFromError(str(e).replace('config.train.init_from', setting)) from e
@@ -403,13 +381,12 @@ def load_pretrained_params(source, state):
   """Params of `state` (create_state's) overwritten by a gguf:/hf: checkpoint through its
   family's key map; returns (params, report) like checkpoints.load_params_by_name."""
   pre = pretrained.open_pretrained(source)
-  graphdef = state['graphdef']
-  host = jax.device_get((state['params'], state['features'], state['stats'], state['rest']))
-  model = nnx.merge(graphdef, *host)
+  host = jax.device_get((state.params, state.features, state.stats, state.rest))
+  model = nnx.merge(state.graphdef, *host)
   if models.model_config(model.config).family != pre.family:
     raise config_utils.ConfigError(f'{source} is a {pre.family!r} checkpoint, not this family')
   missing = pretrained.load_pretrained(pre, model)
-  params = jax.device_put(models.split(model)[1], state['shardings']['params'])
+  params = jax.device_put(models.split(model)[1], state.shardings['params'])
   names = sorted(checkpoints.flatten(params))
   report = {
     'step': 0,
@@ -423,33 +400,31 @@ def load_pretrained_params(source, state):
 
 
 def _initial_state(run, manager, workdir):
-  """Resume from workdir, else init_from (params only), else fresh. Returns (step, meta).
+  """Resume from workdir, else init_from (params only), else fresh. Returns (TrainState,
+  meta, init report or None).
 
   A checkpoint in the workdir always wins over train.init_from, so restarting a fine-tuning
   run resumes it instead of starting the fine-tuning over.
   """
-  config, state = run['config'], run['state']
-  sh, abstract = state['shardings'], state['abstract']
+  config, model = run.config, run.model
+  sh, abstract = model.shardings, model.abstract
   items = ('params', 'opt_state', 'features', 'stats')
   restored = checkpoints.restore_latest(
     manager, {k: abstract[k] for k in items}, {k: sh[k] for k in items}
   )
   if restored is not None:
     step, trees, meta = restored
-    state.update(trees)
     log.info('resumed from %s at step %d', manager.directory, step)
-    return step, meta
+    state = model.train_state(step).replace(**trees)
+    return state, meta, None
+  params, report = model.params, None
   if pretrained.is_pretrained(config.train.init_from):
-    state['params'], report = load_pretrained_params(config.train.init_from, state)
+    params, report = load_pretrained_params(config.train.init_from, model)
   elif config.train.init_from:
-    state['params'], report = checkpoints.load_params_by_name(
-      config.train.init_from,
-      state['params'],
-      sh['params'],
-      expected_missing=state['feature_params'],
+    params, report = checkpoints.load_params_by_name(
+      config.train.init_from, params, sh['params'], expected_missing=model.feature_params
     )
-  if config.train.init_from:
-    state['init_report'] = report
+  if report is not None:
     if jax.process_index() == 0:  # a record of exactly what was (not) transferred
       with open(os.path.join(workdir, 'init_from.json'), 'w', encoding='utf-8') as f:
         json.dump({'init_from': config.train.init_from, **report}, f, indent=1)
@@ -459,8 +434,8 @@ def _initial_state(run, manager, workdir):
       config.train.init_from,
       report['step'],
     )
-  state['opt_state'] = jax.jit(run['tx'].init, out_shardings=sh['opt_state'])(state['params'])
-  return 0, {}
+  opt_state = jax.jit(run.tx.init, out_shardings=sh['opt_state'])(params)
+  return model.train_state(0, opt_state, params), {}, report
 
 
 def train_and_evaluate(config, workdir, *, progress=None):
@@ -470,17 +445,18 @@ def train_and_evaluate(config, workdir, *, progress=None):
   (when the data module has a baseline) and 'init_report' (with train.init_from).
   """
   run = setup(config)
-  config, state, keys = run['config'], run['state'], run['keys']
+  config, keys = run.config, run.keys
   tc = config.train
   metrics_lib.write_config(config, workdir)
   manager = checkpoints.make_manager(workdir, tc.keep_checkpoints)
-  step, meta = _initial_state(run, manager, workdir)
+  ts, meta, init_report = _initial_state(run, manager, workdir)
+  step = int(ts.step)
   writer = metrics_lib.MetricWriter(workdir, start_step=step)
   log.info(
     'model: %d parameters, attention %s; mesh %s',
-    sum(x.size for x in jax.tree.leaves(state['params'])),
+    sum(x.size for x in jax.tree.leaves(ts.params)),
     config.model.attention.kind,
-    ' x '.join(f'{name}={size}' for name, size in run['mesh'].shape.items()),
+    ' x '.join(f'{name}={size}' for name, size in run.mesh.shape.items()),
   )
 
   train_it = data.build_dataset(
@@ -497,16 +473,16 @@ def train_and_evaluate(config, workdir, *, progress=None):
   tokens_per_step = tc.batch_size * config.data.seq_len
   bar = metrics_lib.Progress(tc.num_steps, step, enabled=progress)
   pending, last_time, last_step = [], time.perf_counter(), step
-  ts = jax.device_put(train_state(state, step), state_shardings(run['mesh'], state))
-  eval_kwargs = dict(batch_sharding=run['batch_sharding'], eval_key=keys['eval'])
+  ts = jax.device_put(ts, run.model.state_shardings(sharding.replicated(run.mesh)))
+  eval_kwargs = dict(batch_sharding=run.batch_sharding, eval_key=keys['eval'])
 
   while step < tc.num_steps:
     if should_redraw(step, tc.redraw_every) and jax.tree.leaves(ts.features):
-      ts = ts.replace(features=run['redraw_fn'](ts.features, redraw_key(config.seed, step)))
+      ts = ts.replace(features=run.redraw_fn(ts.features, redraw_key(config.seed, step)))
     batch = next(train_it)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
-    batch = sharding.global_batch(model_batch(batch, config.data), run['batch_sharding'])
-    ts, step_metrics = run['train_fn'](ts, batch, keys['train'])
+    batch = sharding.global_batch(model_batch(batch, config.data), run.batch_sharding)
+    ts, step_metrics = run.train_fn(ts, batch, keys['train'])
     pending.append(step_metrics)
     step += 1
     bar.advance()
@@ -532,7 +508,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
       pending, last_time, last_step = [], now, step
     if tc.eval_every and (step % tc.eval_every == 0 and step < tc.num_steps):
       result = evaluate(
-        run['eval_fn'], ts, config, 'validation', num_batches=tc.eval_batches, **eval_kwargs
+        run.eval_fn, ts, config, 'validation', num_batches=tc.eval_batches, **eval_kwargs
       )
       writer.write(step, 'validation', result)
       log.info('step %d validation: %s', step, _fmt(result))
@@ -555,7 +531,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
 
   final = {}
   for split in ('validation', 'test'):
-    final[split] = evaluate(run['eval_fn'], ts, config, split, num_batches=0, **eval_kwargs)
+    final[split] = evaluate(run.eval_fn, ts, config, split, num_batches=0, **eval_kwargs)
   unigram = held_out_extras(config, final)
   for split in final:
     writer.write(step, f'final_{split}', final[split])
@@ -569,33 +545,33 @@ def train_and_evaluate(config, workdir, *, progress=None):
     'rest': ts.rest,
     'final': final,
     'unigram': unigram,
-    'init_report': state.get('init_report'),
+    'init_report': init_report,
   }
 
 
 def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
   """Evaluates the newest good checkpoint of `workdir` (params, features, statistics)."""
   run = setup(config)
-  config, state = run['config'], run['state']
-  sh = state['shardings']
+  config, model = run.config, run.model
+  sh = model.shardings
   manager = checkpoints.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
   items = ('params', 'features', 'stats')
   restored = checkpoints.restore_latest(
-    manager, {k: state['abstract'][k] for k in items}, {k: sh[k] for k in items}, move_corrupt=False
+    manager, {k: model.abstract[k] for k in items}, {k: sh[k] for k in items}, move_corrupt=False
   )
   manager.close()
   if restored is None:
     raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
   step, trees, _ = restored
-  restored_state = train_state({**state, **trees}, step)
+  restored_state = model.train_state(step).replace(**trees)
   results = {
     split: evaluate(
-      run['eval_fn'],
+      run.eval_fn,
       restored_state,
       config,
       split,
-      batch_sharding=run['batch_sharding'],
-      eval_key=run['keys']['eval'],
+      batch_sharding=run.batch_sharding,
+      eval_key=run.keys['eval'],
       num_batches=num_batches,
     )
     for split in splits
