@@ -1,7 +1,8 @@
 """Run by tests/test_context_parallel.py in a fresh process with 8 forced CPU
 devices: attention outputs and gradients, and decoding after a prefill, with the
 length split over a `seq` mesh axis against one device. argv[1]: kinds, each
-optionally with `:W` for a window of W. Prints RESULT{json}."""
+optionally with `:W` for a window of W; argv[2] 'segments': only the cases with packed
+segments (and padding), not those with padding alone. Prints RESULT{json}."""
 
 import json
 import sys
@@ -99,11 +100,12 @@ def max_error(a, b):
 def main():
   assert jax.device_count() == 8, jax.devices()
   result = {}
+  with_segments = (True,) if sys.argv[2:] == ['segments'] else (False, True)
   for spec in sys.argv[1].split(','):  # kind or kind:window
     kind, window = (spec.split(':') + ['0'])[:2]
     window = int(window)
     for causal in (True, False):
-      for segments in (False, True):
+      for segments in with_segments:
         mode = f'{"causal" if causal else "bidirectional"}/{"segments" if segments else "mask"}'
         base = run(kind, causal, segments, None, 4, window)
         result[f'{spec}/{mode}'] = {
