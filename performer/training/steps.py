@@ -173,9 +173,9 @@ def make_step_fns(
   `state_shardings` (a `TrainState` of shardings) pins the state's layout, so
   FSDP-sharded parameters stay sharded; `batch_sharding`'s mesh is the one attention
   splits sequences over (mesh axis 'seq'). `teacher` (distillation, attention transfer,
-  an encoder): a `state.Teacher`; the returned functions bind its trees. `flags` (optim.stage_flags): with a transfer stage,
-  steps below `train_config.transfer_steps` run the attention-transfer objective (a
-  second program).
+  an encoder): a `state.Teacher`; the returned functions bind its trees. `flags`
+  (optim.stage_flags): with a transfer stage, steps below `train_config.transfer_steps`
+  run the attention-transfer objective (a second program).
   """
   flags = flags or {'transfer': None, 'train': None}
   t_graphdef = None if teacher is None else teacher.graphdef
