@@ -42,9 +42,7 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
   ).strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -52,10 +50,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 import model as model_bench  # noqa: E402
 
 import common  # noqa: E402
-from performer import data, models  # noqa: E402
-from performer.training import optim, sharding  # noqa: E402
-from performer.training import steps as steps_lib  # noqa: E402
-from performer.training.task import Task  # noqa: E402
+from performer.training import sharding  # noqa: E402
 
 COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'collective-permute', 'all-to-all')
 _BYTES = {'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2, 'pred': 1, 's8': 1, 'u8': 1}
@@ -91,42 +86,6 @@ def make_config(length, seq, args):
   return config
 
 
-def build_step(config):
-  """(jitted train step under the config's mesh, its arguments)."""
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[: config.mesh.seq])
-  model = models.build_model(config.model, rngs=nnx.Rngs(params=0, dropout=1))
-  graphdef, params, features, stats, rest = models.split(model)
-  tx, schedule = optim.make_optimizer(config.train)
-  vocab = data.vocab_for(config.data)
-  task = Task.from_config(config.model, config.train, vocab, model.target_offset)
-  batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  train_fn, _ = steps_lib.make_step_fns(
-    graphdef,
-    tx,
-    schedule,
-    task,
-    config.train,
-    use_dropout=False,
-    batch_sharding=batch_sh,
-    replicated=replicated,
-  )
-  put = lambda tree: jax.device_put(tree, replicated)
-  shape = (config.train.batch_size, config.data.seq_len)
-  tokens = np.random.RandomState(0).randint(vocab.num_special, vocab.num_special + 20, shape)
-  batch = sharding.global_batch(
-    {'tokens': tokens.astype(np.int32), 'mask': np.ones(shape, bool)}, batch_sh
-  )
-  state = steps_lib.TrainState(
-    step=jnp.asarray(1, jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    stats=stats,
-    features=features,
-    rest=rest,
-  )
-  return train_fn, (put(state), batch, put(jax.random.key(0)))
-
-
 def collective_bytes(hlo_text):
   """{op: bytes} of the collectives in an HLO module's text (result shapes)."""
   totals = dict.fromkeys(COLLECTIVES, 0)
@@ -144,7 +103,8 @@ def collective_bytes(hlo_text):
 def run_case(length, seq, args):
   row = {'length': length, 'seq': seq}
   config = make_config(length, seq, args)
-  fn, fn_args = build_step(config)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[: config.mesh.seq])
+  fn, fn_args = model_bench.build_step(config, mesh)
   start = time.perf_counter()
   compiled, peak, _ = common.compile_stats(fn, *fn_args)
   row['compile_s'] = time.perf_counter() - start

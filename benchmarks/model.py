@@ -60,7 +60,7 @@ from performer import (
   data,  # noqa: E402
   models,  # noqa: E402
 )
-from performer.training import optim  # noqa: E402
+from performer.training import optim, sharding  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
 from performer.training.task import Task  # noqa: E402
 
@@ -145,12 +145,13 @@ def make_config(kind, mode, length, args):
   return config
 
 
-def build_step(config):
-  """(jitted train step, its arguments) for `config`, on one device.
+def build_step(config, mesh=None):
+  """(jitted train step, its arguments) for `config`.
 
-  The step is `make_step_fns`' train step with donated parameters and
-  optimizer state: the program `train.py` runs (built here without the
-  sharding annotations, which are no-ops on one device).
+  The step is `make_step_fns`' train step with a donated state: the program
+  `train.py` runs. On one device (no `mesh`) it is built without sharding
+  annotations, which are no-ops there; with a `mesh` the batch is laid out as the
+  training loop lays it out and the state is replicated (benchmarks/context_parallel.py).
   """
   model = models.build_model(
     config.model, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)
@@ -159,15 +160,20 @@ def build_step(config):
   tx, schedule = optim.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
   task = Task.from_config(config.model, config.train, vocab, model.target_offset)
+  placement = {}
+  if mesh is not None:
+    placement = dict(
+      batch_sharding=sharding.batch_sharding(mesh), replicated=sharding.replicated(mesh)
+    )
   train_fn, _ = steps_lib.make_step_fns(
-    graphdef, tx, schedule, task, config.train, use_dropout=False
+    graphdef, tx, schedule, task, config.train, use_dropout=False, **placement
   )
   rng = np.random.RandomState(0)
   shape = (config.train.batch_size, config.data.seq_len)
   low = vocab.num_special if hasattr(vocab, 'num_special') else 0
   batch = {
-    'tokens': jnp.asarray(rng.randint(low, low + 20, shape), jnp.int32),
-    'mask': jnp.ones(shape, bool),
+    'tokens': rng.randint(low, low + 20, shape).astype(np.int32),
+    'mask': np.ones(shape, bool),
   }
   state = steps_lib.TrainState(
     step=jnp.asarray(1, jnp.int32),
@@ -177,7 +183,11 @@ def build_step(config):
     features=features,
     rest=rest,
   )
-  return train_fn, (state, batch, jax.random.key(0))
+  key = jax.random.key(0)
+  if mesh is None:
+    return train_fn, (state, jax.tree.map(jnp.asarray, batch), key)
+  put = lambda tree: jax.device_put(tree, placement['replicated'])
+  return train_fn, (put(state), sharding.global_batch(batch, placement['batch_sharding']), put(key))
 
 
 def time_steps(compiled, args, repeats, single_above):

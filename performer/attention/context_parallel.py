@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +55,9 @@ def active():
 
 
 def _batch_spec(mesh, batch):
+  """The mesh's batch axes, or None (replicated) when they do not divide `batch`."""
   axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-  size = 1
-  for a in axes:
-    size *= mesh.shape[a]
-  return axes if axes and batch % size == 0 else None
+  return axes if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0 else None
 
 
 def _spec(batch_axes, length_axis):
@@ -72,10 +71,10 @@ def _spec(batch_axes, length_axis):
 
 
 def over_length(fn, args, in_axes, out_axes):
-  """``fn(*args, axis_name=...)`` with every argument's length axis (``in_axes``:
-  an int per argument, None for one without a length axis, such as a carried
-  state, or REPLICATED for one without a batch axis either) split over ``seq``; ``out_axes`` likewise for the outputs (a tuple, or
-  one entry for a single output). Outside
+  """``fn(*args, axis_name=...)`` with every argument's length axis split over
+  ``seq``. ``in_axes``: an int per argument, None for one without a length axis
+  (a carried state), REPLICATED for one without a batch axis either; ``out_axes``
+  likewise for the outputs (a tuple, or one entry for a single output). Outside
   ``sequence_parallel`` it is ``fn(*args, axis_name=None)``. Arguments that are
   None are passed through as None."""
   mesh = _MESH.get()

@@ -157,20 +157,17 @@ def incoming_state(local, axis_name, reversed_order=False, base=None):
   for passes over a flipped sequence). ``base`` is the state before the first
   span. The traffic is P states, whatever the sequence length."""
   gathered = jax.lax.all_gather(local, axis_name)
-  count = jax.tree.leaves(gathered)[0].shape[0]
-  index = jax.lax.axis_index(axis_name)
+  count = gathered['M'].shape[0]
   order = range(count - 1, -1, -1) if reversed_order else range(count)
   prefix = base
   if prefix is None:
-    prefix = jax.tree.map(lambda x: jnp.zeros_like(x[0]), gathered)
-    prefix['M'] = jnp.full_like(prefix['M'], NEG)
-  before = []
+    prefix = empty_state(*local['S'].shape, segment=jnp.zeros_like(local['seg']))
+  before = [None] * count  # by device: the state entering its span
   for device in order:
-    before.append((device, prefix))
+    before[device] = prefix
     prefix = combine_states(prefix, jax.tree.map(lambda x, i=device: x[i], gathered))
-  pick = lambda *xs: jnp.stack(xs)[index]
-  ranked = [state for _, state in sorted(before, key=lambda t: t[0])]
-  return jax.tree.map(pick, *ranked), prefix
+  pick = lambda *xs: jnp.stack(xs)[jax.lax.axis_index(axis_name)]
+  return jax.tree.map(pick, *before), prefix
 
 
 # --- causal, chunkwise parallel ---------------------------------------------
@@ -295,11 +292,10 @@ def causal_chunked(
 
 
 def init_state(batch, heads, state_size, value_dim):
-  return {
-    'S': jnp.zeros((batch, heads, state_size, value_dim), jnp.float32),
-    'z': jnp.zeros((batch, heads, state_size), jnp.float32),
-    'M': jnp.full((batch, heads), NEG, jnp.float32),
-  }
+  """A decoding state: ``empty_state`` without its segment id (one sequence)."""
+  state = empty_state(batch, heads, state_size, value_dim)
+  del state['seg']
+  return state
 
 
 def add_key(state, kf, kr, v):

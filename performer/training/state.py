@@ -30,7 +30,7 @@ class TrainState:
   rest: Any
 
   @property
-  def model(self):
+  def trees(self):
     """(params, features, stats, rest): the pieces `nnx.merge` takes after graphdef."""
     return self.params, self.features, self.stats, self.rest
 

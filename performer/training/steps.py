@@ -113,7 +113,7 @@ def eval_step(state, batch, mask_key, teacher=None, *, program):
   """
   p = program
   inputs, targets, weights = p.task.targets(batch, mask_key, evaluating=True)
-  out, _ = objectives.forward(p.graphdef, state.model, inputs, batch)
+  out, _ = objectives.forward(p.graphdef, state.trees, inputs, batch)
   if p.task.name == 'encoder':
     t_out, _ = objectives.forward(p.teacher_graphdef, teacher, inputs, batch)
     sums = objectives.encoder_sums(out, t_out, weights)
