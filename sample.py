@@ -169,11 +169,11 @@ def run(workdir_or_checkpoint, config_path=None):
   workdir, _ = sampling.find_checkpoint(workdir_or_checkpoint)
   if config_path:
     from performer.training import (
+      build,  # pylint: disable=g-import-not-at-top
       config_utils,  # pylint: disable=g-import-not-at-top
-      train_lib,  # pylint: disable=g-import-not-at-top
     )
 
-    config, _ = train_lib.resolve_config(config_utils.load_config(config_path))
+    config, _ = build.resolve_config(config_utils.load_config(config_path))
   else:
     config = sampling.load_config(workdir)
   n = _NUM_SAMPLES.value

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from benchmarks import common
 from configs import lm1b_transformer, protein_transformer_uni
 from performer import data
-from performer.training import checkpoints, sharding, train_lib
+from performer.training import build, checkpoints, sharding, train_lib
 
 DEFAULTS = {  # per --data; every value can be overridden by its flag
   'text': dict(
@@ -206,7 +206,7 @@ def _evaluate(run, state):
 
 def finetune(config, eval_every):
   """init_from + fine-tuning with the training step of train.py; returns eval curve rows."""
-  run = train_lib.setup(config)
+  run = build.setup(config)
   config, st = run.config, run.model
   params, report = checkpoints.load_params_by_name(
     config.train.init_from, st.params, st.shardings['params']
@@ -236,7 +236,7 @@ def finetune(config, eval_every):
 
 
 def teacher_accuracy(config, teacher_dir):
-  run = train_lib.setup(config)
+  run = build.setup(config)
   st = run.model
   params, _ = checkpoints.load_params_by_name(teacher_dir, st.params, st.shardings['params'])
   return _evaluate(run, st.train_state(params=params))
@@ -275,7 +275,7 @@ def main(argv=None):
     train_lib.train_and_evaluate(t_config, teacher_dir, progress=False)
   teacher_time = time.perf_counter() - start
   t_acc, t_loss = teacher_accuracy(t_config, teacher_dir)
-  unigram = data.unigram_baseline(train_lib.resolve_config(t_config)[0].data)
+  unigram = data.unigram_baseline(build.resolve_config(t_config)[0].data)
   curves = {}
   for name, distill in (('finetune', False), ('finetune+distill', True)):
     curves[name] = finetune(student_config(args, teacher_dir, distill, corpus), args.eval_every)

@@ -136,7 +136,7 @@ def package_file(package, *parts, missing):
 def pretrained_config(family, source):
   """The base for configs that start from a pretrained checkpoint ('gguf:PATH' |
   'hf:DIR'): the model family, architecture sizes 0 (the checkpoint fills them in,
-  train_lib.resolve_config), and distill_from and the data tokenizer FOLLOWING init_from,
+  build.resolve_config), and distill_from and the data tokenizer FOLLOWING init_from,
   so `--config.train.init_from=gguf:/other.gguf` moves all three, while
   `--config.train.distill_from=` turns distillation off and changes nothing else."""
   config = get_config()

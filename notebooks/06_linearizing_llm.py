@@ -66,7 +66,7 @@ from performer import data, models, sampling
 from performer.convert import llama as convert_llama
 from performer.convert import pretrained
 from performer.models import attention_maps
-from performer.training import config_utils, runs, sharding, steps, train_lib
+from performer.training import build, config_utils, runs, sharding, steps, train_lib
 from performer.training.task import Task
 
 RUNS = runs.NotebookRuns.from_env()  # PERFORMER_NOTEBOOK_QUICK and _WORKDIR
@@ -175,7 +175,7 @@ print(f'{workdir}: finished at step {tc.num_steps}')
 # softmax original (the distillation teacher), on the same validation batches.
 
 # %%
-cfg, vocab = train_lib.resolve_config(config)  # sizes filled in from the checkpoint
+cfg, vocab = build.resolve_config(config)  # sizes filled in from the checkpoint
 source = cfg.train.init_from
 batch_sharding = sharding.batch_sharding(sharding.make_mesh(cfg.mesh))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_config
-from performer.training import checkpoints, train_lib
+from performer.training import build, checkpoints, train_lib
 from performer.training.metrics import read_metrics
 
 # Long enough (in steps) that a kill right after the first checkpoint lands mid-run.
@@ -134,7 +134,7 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
 
   # Same architecture, other kind: every parameter transfers, nothing is reported missing.
   config = tiny_config(model__attention__kind='favor_relu', **base)
-  run = train_lib.setup(config)
+  run = build.setup(config)
   sh = run.model.shardings['params']
   params, report = checkpoints.load_params_by_name(source, run.model.params, sh)
   assert report['only_in_checkpoint'] == [] and report['only_in_model'] == []
@@ -144,7 +144,7 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
 
   # A deeper model: the extra layer is named, keeps its fresh init, and a warning says so.
   deeper = tiny_config(model__attention__kind='favor_softmax', model__num_layers=3, **base)
-  run3 = train_lib.setup(deeper)
+  run3 = build.setup(deeper)
   with caplog.at_level(logging.WARNING):
     _, report = checkpoints.load_params_by_name(
       os.path.join(source, 'checkpoints', '2'),
@@ -164,7 +164,7 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
   assert all(n.startswith('layers.1.') for n in result['init_report']['only_in_checkpoint'])
 
   wider = tiny_config(model__mlp_dim=128, **base)
-  run_w = train_lib.setup(wider)
+  run_w = build.setup(wider)
   with pytest.raises(checkpoints.InitFromError, match='shape mismatch'):
     checkpoints.load_params_by_name(source, run_w.model.params, run_w.model.shardings['params'])
 

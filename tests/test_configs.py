@@ -150,13 +150,13 @@ def test_eval_py_without_checkpoint_is_one_line_exit_2(tmp_path):
 def test_pretrained_configs_take_their_architecture_from_the_checkpoint(name, family, sizes):
   """The imported-model configs leave the sizes at 0; resolving reads them from the real
   GGUF / HF checkpoint (metadata only) and the data tokenizer is the model's own."""
-  from performer.training import train_lib
+  from performer.training import build
 
   config = config_utils.validate(
     config_utils.load_config(os.path.join(ROOT, 'configs', f'{name}.py'))
   )
   assert config.model.num_layers == 0 and config.data.tokenizer == config.train.init_from
-  resolved, vocab = train_lib.resolve_config(config)
+  resolved, vocab = build.resolve_config(config)
   m = resolved.model
   assert m.family == family
   assert (

@@ -298,9 +298,9 @@ def test_bad_prompts_and_options_raise_clear_errors():
 def _save_run(workdir, **overrides):
   """A workdir as training leaves it (config.json + one orbax checkpoint)."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from performer.training import checkpoints, metrics, train_lib  # pylint: disable=g-import-not-at-top
+  from performer.training import build, checkpoints, metrics  # pylint: disable=g-import-not-at-top
 
-  config, _ = train_lib.resolve_config(tiny_config(**overrides))
+  config, _ = build.resolve_config(tiny_config(**overrides))
   model = models.build_model(config.model, rngs=nnx.Rngs(params=3, dropout=1))
   _, params, feats, stats, _ = models.split(model)
   metrics.write_config(config, str(workdir))

@@ -11,13 +11,13 @@ from test_train_pretrained import config_for, flat, tiny_files  # noqa: F401
 
 from performer import models
 from performer.convert import attention_transfer
-from performer.training import train_lib
+from performer.training import build, train_lib
 
 
 def layer_mse(config, params, features, stats, rest):
   """Mean per-token transfer loss of the student trees against the teacher, on a
   fixed random batch."""
-  run = train_lib.setup(config)
+  run = build.setup(config)
   teacher = nnx.merge(run.teacher.graphdef, *run.teacher.trees)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, config.model.vocab_size or 64)
   _, captured = models.capture_intermediates(teacher, tokens, deterministic=True)
@@ -69,7 +69,7 @@ def test_transfer_needs_a_teacher(tiny_files):  # noqa: F811
   source = f'gguf:{tiny_files["gguf"]}'
   config = config_for(tiny_files, source, **{'train.transfer_steps': 2})
   with pytest.raises(Exception, match='distill_from'):
-    train_lib.setup(config)
+    build.setup(config)
 
 
 def test_lora_stage_leaves_frozen_weights_bitwise_unchanged(tiny_files, tmp_path):  # noqa: F811
@@ -86,15 +86,15 @@ def test_lora_stage_leaves_frozen_weights_bitwise_unchanged(tiny_files, tmp_path
   }
   config = config_for(tiny_files, source, **overrides)
   result = train_lib.train_and_evaluate(config, str(tmp_path / 'lora'), progress=False)
-  run = train_lib.setup(config)
-  initial, _ = train_lib.load_pretrained_params(source, run.model)
+  run = build.setup(config)
+  initial, _ = build.load_pretrained_params(source, run.model)
   start, end = flat(initial), flat(result['params'])
   lora = {k for k in end if '.lora_' in k or 'lora' in k.split('.')[-1]}
   assert lora and any(not np.array_equal(start[k], end[k]) for k in lora)
   for k in set(end) - lora:
     np.testing.assert_array_equal(start[k], end[k], err_msg=k)
   with pytest.raises(Exception, match='lora_rank'):
-    train_lib.setup(config_for(tiny_files, source, **{'train.trainable': 'lora'}))
+    build.setup(config_for(tiny_files, source, **{'train.trainable': 'lora'}))
   assert jnp.all(jnp.isfinite(jnp.asarray(list(end.values())[0])))
 
 

@@ -30,7 +30,7 @@ EIGHT_DEVICES = textwrap.dedent("""
                            model__attention__chunk_size=8, model__max_len=32,
                            model__dropout_rate=0.1, train__grad_accum_steps=2)
       mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:d * f * s])
-      run = train_lib.setup(config, mesh=mesh)
+      run = build.setup(config, mesh=mesh)
       st = run.model
       opt = jax.jit(run.tx.init, out_shardings=st.shardings['opt_state'])(st.params)
       state = st.train_state(0, opt)

@@ -12,7 +12,7 @@ import pytest
 from test_convert_llama import TINY, tiny_hf_tensors, write_gguf, write_hf
 
 from conftest import ROOT, run_script
-from performer.training import checkpoints, config_utils, train_lib
+from performer.training import build, checkpoints, config_utils, train_lib
 
 WORDS = ('ab', 'a', 'cab', 'bad', 'dab', 'zap', 'yak', 'max', 'jazz', 'quiz')
 
@@ -68,7 +68,7 @@ def flat(tree):
 def test_gguf_fine_tunes_with_distillation_and_resumes(tiny_files, tmp_path):
   source = f'gguf:{tiny_files["gguf"]}'
   config = config_for(tiny_files, source, **{'train.distill_from': source})
-  resolved, vocab = train_lib.resolve_config(config)
+  resolved, vocab = build.resolve_config(config)
   assert (resolved.model.num_layers, resolved.model.num_kv_heads) == (2, 2)
   assert resolved.model.rope_theta == TINY.rope_theta and vocab.size == 64
   straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight'), progress=False)
@@ -117,9 +117,9 @@ def test_hf_directory_fine_tunes_into_a_learned_feature_map(tiny_files, tmp_path
 def test_a_mismatched_family_or_size_is_one_line(tiny_files, tmp_path):
   source = f'gguf:{tiny_files["gguf"]}'
   with pytest.raises(config_utils.ConfigError, match="family: 'transformer'.*'llama' checkpoint"):
-    train_lib.resolve_config(config_for(tiny_files, source, **{'model.family': 'transformer'}))
+    build.resolve_config(config_for(tiny_files, source, **{'model.family': 'transformer'}))
   with pytest.raises(config_utils.ConfigError, match='num_layers: 3, but .* has 2'):
-    train_lib.resolve_config(config_for(tiny_files, source, **{'model.num_layers': 3}))
+    build.resolve_config(config_for(tiny_files, source, **{'model.num_layers': 3}))
   garbage = tmp_path / 'garbage.gguf'
   garbage.write_bytes(b'\x00' * 64)
   result = run_script(

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import kind_params, run_script, tiny_config
 from performer import attention, data
-from performer.training import checkpoints, optim, sharding, train_lib
+from performer.training import build, checkpoints, optim, sharding, train_lib
 from performer.training import task as task_lib
 
 
@@ -23,7 +23,7 @@ def _fixed_batch(config, split='train'):
 
 def _train_fixed(config, num_steps):
   """Runs the jitted train step `num_steps` times on one fixed batch; returns losses."""
-  run = train_lib.setup(config)
+  run = build.setup(config)
   st = run.model
   state = st.train_state(0, jax.jit(run.tx.init)(st.params))
   batch = sharding.global_batch(_fixed_batch(run.config), run.batch_sharding)
@@ -143,7 +143,7 @@ def test_train_and_evaluate_writes_outputs(tmp_path):
 @pytest.mark.parametrize('task', ['causal_lm', 'mlm'])
 def test_eval_is_deterministic(task):
   config = tiny_config(model__task=task, model__dropout_rate=0.1)
-  run = train_lib.setup(config)
+  run = build.setup(config)
   st = run.model
   kwargs = dict(batch_sharding=run.batch_sharding, eval_key=run.keys['eval'], num_batches=2)
   state = st.train_state()
@@ -189,7 +189,7 @@ def test_redraw_schedule(tmp_path):
     model__max_len=32,
   )
   train_lib.train_and_evaluate(config, str(tmp_path))
-  run = train_lib.setup(config)
+  run = build.setup(config)
   initial = run.model.features
   manager = checkpoints.make_manager(str(tmp_path), 10)
   sh = run.model.shardings['features']

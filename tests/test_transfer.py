@@ -24,7 +24,7 @@ import pytest
 
 from conftest import kind_params, tiny_config
 from performer import attention, data
-from performer.training import checkpoints, sharding, train_lib
+from performer.training import build, checkpoints, sharding, train_lib
 from performer.training import metrics as metrics_lib
 
 SMALL = dict(
@@ -57,7 +57,7 @@ def sources(tmp_path_factory):
   out = {}
   for kind in attention.KINDS:
     workdir = str(root / kind)
-    run = train_lib.setup(tiny_config(model__attention__kind=kind, seed=SOURCE_SEED, **SMALL))
+    run = build.setup(tiny_config(model__attention__kind=kind, seed=SOURCE_SEED, **SMALL))
     state = run.model
     manager = checkpoints.make_manager(workdir, 1)
     try:
@@ -95,7 +95,7 @@ def _load_via_init_from(run, source, workdir):
 
 @pytest.mark.parametrize('target', kind_params(attention.KINDS))
 def test_transfer_every_pair(target, sources, tmp_path):
-  run = train_lib.setup(tiny_config(model__attention__kind=target, **SMALL))
+  run = build.setup(tiny_config(model__attention__kind=target, **SMALL))
   fresh_params = _flat(run.model.params)
   fresh_features = _flat(run.model.features)
   assert bool(fresh_features) == attention.get_attention(target).uses_projection
@@ -143,7 +143,7 @@ def test_params_in_only_one_model_are_reported_by_name(sources, tmp_path, caplog
   config = tiny_config(
     model__attention__kind='favor_softmax', model__positions='rotary', model__num_layers=3, **SMALL
   )
-  run = train_lib.setup(config)
+  run = build.setup(config)
   fresh = _flat(run.model.params)
   workdir = str(tmp_path / 'partial')
   os.makedirs(workdir)
@@ -164,7 +164,7 @@ def test_params_in_only_one_model_are_reported_by_name(sources, tmp_path, caplog
 
 
 def _distill_losses(config, num_steps):
-  run = train_lib.setup(config)
+  run = build.setup(config)
   st = run.model
   state = st.train_state(0, jax.jit(run.tx.init)(st.params))
   it = data.build_dataset(
@@ -220,11 +220,11 @@ def test_distillation_through_training_loop(sources, tmp_path):
 
 def test_distillation_rejects_bad_teacher(sources):
   with pytest.raises(checkpoints.InitFromError, match='architecture'):
-    train_lib.setup(
+    build.setup(
       tiny_config(model__num_layers=3, train__distill_from=sources['softmax'][0], **SMALL)
     )
   with pytest.raises(ValueError, match='distill_target'):
-    train_lib.setup(
+    build.setup(
       tiny_config(train__distill_target='nope', train__distill_from=sources['softmax'][0], **SMALL)
     )
 
@@ -250,7 +250,7 @@ def test_transfer_benchmark_text_corpus(tmp_path):
 
   args = transfer.parse_args(['--quick'])
   assert args.data == 'text' and args.vocab_size == 384
-  config, vocab = train_lib.resolve_config(transfer.teacher_config(args, path))
+  config, vocab = build.resolve_config(transfer.teacher_config(args, path))
   assert (config.data.name, config.model.attention.kind) == ('text', 'softmax')
   assert config.model.vocab_size == vocab.size == 384
   batch = next(data.build_dataset(config.data, split='validation', batch_size=2))

@@ -5,7 +5,7 @@
 
 `open_pretrained` reads only metadata: which family the checkpoint is (GGUF
 `general.architecture`, HF `model_type`) and its architecture fields, which
-`train_lib.resolve_config` writes into `config.model` so the run's config.json
+`build.resolve_config` writes into `config.model` so the run's config.json
 describes the model exactly (eval.py, sample.py and resuming need nothing else).
 `load_pretrained` then writes the weights into a model of any attention kind
 through the family importer's explicit key map; feature-map parameters and LoRA

@@ -201,7 +201,7 @@ def validate(config):
   _check_choice('data.crop', config.data.crop, CROPS)
   _check_choice('train.schedule', config.train.schedule, SCHEDULES)
   # With a pretrained init_from the architecture comes from the checkpoint, filled in and
-  # checked by train_lib.resolve_config.
+  # checked by build.resolve_config.
   from performer.convert.pretrained import is_pretrained  # pylint: disable=g-import-not-at-top
 
   pretrained = is_pretrained(config.train.init_from)

@@ -3,7 +3,7 @@
 `ModelState` is a freshly built (or loaded) model as `models.split` pieces with their
 shardings and shapes; `TrainState` is the one pytree a train step reads and writes;
 `Teacher` is a frozen original for distillation or attention transfer; `Run` is everything
-`train_lib.setup` prepares before the loop.
+`build.setup` prepares before the loop.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ModelState:
   """A model as `models.split` pieces, placed on the mesh.
 
   `shardings` and `abstract` map piece names ('params', 'features', 'stats', 'rest', and
-  after `train_lib.setup` 'opt_state') to trees of shardings and of shapes: the names
+  after `build.setup` 'opt_state') to trees of shardings and of shapes: the names
   checkpoints store them under. `feature_params` names the parameters no softmax
   checkpoint has (feature maps, window gains, LoRA factors)."""
 
@@ -91,7 +91,7 @@ class Teacher:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """Everything a run needs before its loop (train_lib.setup)."""
+  """Everything a run needs before its loop (build.setup)."""
 
   config: Any
   vocab: Any

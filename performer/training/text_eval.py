@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from performer import errors, models
-from performer.training import checkpoints, config_utils, sharding, train_lib
+from performer.training import build, checkpoints, config_utils, sharding
 from performer.training import task as task_lib
 
 _EXPECTED = 'expected a UTF-8 text file'
@@ -172,10 +172,10 @@ def restore_model(config, mesh, workdir):
 
 def load_original(config, mesh, source):
   """(graphdef, trees) of the original model, exactly as distillation's teacher is built
-  (train_lib.load_original)."""
+  (build.load_original)."""
   field = 'distill_from' if config.train.distill_from else 'init_from'
   setting = f'--teacher: config.train.{field}'
-  state, params, _ = train_lib.load_original(config, source, mesh, setting)
+  state, params, _ = build.load_original(config, source, mesh, setting)
   return state.graphdef, (params, state.features, state.stats, state.rest)
 
 
@@ -199,7 +199,7 @@ def score_text(config, workdir, path, teacher=False, max_tokens=0):
   """
   if max_tokens < 0:
     raise errors.UserInputError(f'--max_tokens: must be >= 0 (0 = all), got {max_tokens}')
-  config, vocab = train_lib.resolve_config(config)
+  config, vocab = build.resolve_config(config)
   if config.model.task != 'causal_lm':
     raise errors.UserInputError(
       f"--text_file: scores next-token prediction, but this model's task is "
