@@ -18,11 +18,12 @@ stdlib's documentation (data 'english_docs', SmolLM2's own BPE):
   python sample.py --workdir=/tmp/linearize_smollm2 --prompt="The capital of France is" \
       --temperature=0 --max_new_tokens=8
 
-Runtime: 25.5 min on 2 CPU cores (80 transfer steps at ~6 s, 20 LoRA steps at ~19 s, about
-6 min compiling and 3 min of evaluation). Measured (README "Linearizing pretrained
-models"): per-token perplexity on held-out documents 31.3 against the original's 25.8 at
-context 256 (1.21x), 32.7 against 22.2 at 512; validation 39.5 after the transfer stage,
-26.7 after LoRA; greedy "The capital of France is" -> " Paris.".
+Runtime: 20.3 min on 2 idle CPU cores (80 transfer steps at ~2.7 s, 100 LoRA steps at
+~7.7 s, about 4 min compiling and evaluating), 21.6 min with both held-out evaluations.
+Measured (README "Linearizing pretrained models"): per-token perplexity on held-out
+documents 26.3 against the original's 25.8 at context 256 (1.02x), 24.7 against 22.2 at
+512 (1.11x); validation 42.9 after the transfer stage, 22.7 after LoRA; greedy "The
+capital of France is" -> " Paris.".
 """
 
 from configs import smollm2_favor
@@ -36,16 +37,16 @@ def get_config():
   config.model.lora_alpha = 16.0
   config.data.name = 'english_docs'  # ~1.5 MB of stdlib documentation, split by document
   config.data.pack = True
-  config.data.seq_len = 256  # well past the window: most keys are the linear part's
-  config.train.batch_size = 4
+  config.data.seq_len = 512  # 8x the window: most keys are the linear part's
+  config.train.batch_size = 2
   config.train.transfer_steps = 80
   config.train.transfer_learning_rate = 1e-2
-  config.train.num_steps = 100
+  config.train.num_steps = 180
   config.train.trainable = 'lora'
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 3
   config.train.log_every = 5
   config.train.eval_every = 80  # the stage boundary
   config.train.eval_batches = 0  # the whole validation split
-  config.train.checkpoint_every = 40
+  config.train.checkpoint_every = 40  # 80, the stage boundary, is one (notebook 6 draws it)
   return config

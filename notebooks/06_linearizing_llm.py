@@ -37,7 +37,7 @@
 #    original's, and
 # 3. a greedy sample decoded as an RNN.
 #
-# Full mode runs the config (~30 min on 2 CPU cores) in
+# Full mode runs the config (~21 min on 2 CPU cores) in
 # `PERFORMER_NOTEBOOK_WORKDIR`, or reuses a finished run named by
 # `PERFORMER_LINEARIZE_WORKDIR` (`python train.py
 # --config=configs/linearize_smollm2.py --workdir=...`).

@@ -148,3 +148,24 @@ def test_context_parallel_benchmark_quick(tmp_path):
     assert 'ms' in rows[(length, 4)] and rows[(length, 4)]['time_x_seq1'] > 0
   assert rows[(512, 4)]['state_kb_per_layer'] == rows[(1024, 4)]['state_kb_per_layer'] > 0
   assert 'state traffic KB / layer' in proc.stdout
+
+
+@pytest.mark.slow
+def test_pretrained_error_benchmark_on_smollm2(tmp_path):
+  """Real SmolLM2 q/k: random features approximate softmax, the window cuts the error,
+  and only FAVOR++ picks a negative A."""
+  path = tmp_path / 'error.json'
+  proc = run_script(
+    ['benchmarks/pretrained_error.py', '--layers', '2', '--seeds', '1', '--length', '128']
+    + ['--window', '0', '32', '--kinds', 'favor_softmax', 'favor_plus_plus']
+    + ['--num_features', '64', '--json', str(path)],
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {(r['kind'], r['window']): r for r in json.loads(path.read_text())['rows']}
+  assert set(rows) == {(k, w) for k in ('favor_softmax', 'favor_plus_plus') for w in (0, 32)}
+  for kind in ('favor_softmax', 'favor_plus_plus'):
+    assert 0 < rows[(kind, 32)]['out_rel_err'] < rows[(kind, 0)]['out_rel_err']
+    assert 0 < rows[(kind, 32)]['weights_tv'] < rows[(kind, 0)]['weights_tv'] <= 1
+    assert len(rows[(kind, 0)]['per_layer_out_rel_err']) == 2
+  assert rows[('favor_softmax', 0)]['a'] == 0 and rows[('favor_plus_plus', 0)]['a'] < 0
