@@ -392,6 +392,7 @@ summary = {
   'rnn_matches_parallel': rnn_matches,
 }
 assert all(math.isfinite(p) for p in curve_ppl + [original['perplexity']])
+os.makedirs(RUNS.work, exist_ok=True)  # a reused PERFORMER_LINEARIZE_WORKDIR never made it
 with open(os.path.join(RUNS.work, f'linearize_{RUNS.tag}.json'), 'w', encoding='utf-8') as f:
   json.dump(summary, f, indent=1)
 for key, value in summary.items():
