@@ -3,8 +3,9 @@
 Each notebook is executed top to bottom with nbclient in a fresh kernel, in a temporary
 working directory, failing on the first cell error. The default suite checks only that
 they are paired and stripped; `pytest -m slow` runs them in quick mode
-(PERFORMER_NOTEBOOK_QUICK=1: tiny models, few steps) and at full settings. Notebooks 3-5 share trained runs through PERFORMER_NOTEBOOK_WORKDIR, so one
-test runs them all, in order, with one shared folder; notebook 6 (linearizing a pretrained
+(PERFORMER_NOTEBOOK_QUICK=1: tiny models, few steps) and at full settings. Notebooks 3-5
+share trained runs through PERFORMER_NOTEBOOK_WORKDIR, so one test runs them all, in
+order, with one shared folder; notebook 6 (linearizing a pretrained
 LLM) shares nothing and has a quick test of its own that checks what it computed.
 
 Edit the .py files and regenerate the pairs with `jupytext --sync notebooks/*.py`

@@ -1,8 +1,8 @@
 """`train_and_evaluate(config, workdir)`: one training loop for every task.
 
 Shaped after Flax's examples/lm1b: build the run (`build.setup`), restore if a checkpoint
-exists, loop over steps with periodic logging / eval / checkpoints, then a final evaluation. The model lives
-as `nnx.split` pieces for the whole run:
+exists, loop over steps with periodic logging / eval / checkpoints, then a final
+evaluation. The model lives as `nnx.split` pieces for the whole run:
 
   graphdef  static structure, closed over by the jitted steps
   params    nnx.Param           -> optimized, FSDP-sharded, donated to the step
