@@ -41,6 +41,7 @@ if ROOT not in sys.path:
 
 from benchmarks import common  # noqa: E402
 from performer import attention, models  # noqa: E402
+from performer.attention.layers import repeat_kv  # noqa: E402
 from performer.data import text  # noqa: E402
 from performer.training import build, config_utils, sharding, text_eval  # noqa: E402
 
@@ -103,12 +104,8 @@ def chosen_a(module, q, k):
   fmap = getattr(module, 'feature_map', None)  # softmax and identity have none
   if not hasattr(fmap, 'moments'):
     return 0.0
-  ctx = fmap.calibrate(q, repeat(k, q), causal=True)
+  ctx = fmap.calibrate(q, repeat_kv(k, q.shape[2]), causal=True)
   return float(jnp.mean(ctx['a']))
-
-
-def repeat(k, q):
-  return jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
 
 
 def measure(layers, exact_weights, heads, head_dim, kind, m, window, seed):
