@@ -61,6 +61,9 @@ def get_config():
   # Exact softmax over the last W keys (+-W bidirectional), linear attention beyond, one
   # normaliser (LoLCATs' sliding window; attention/window.py). 0 = linear everywhere.
   config.model.attention.window = 0
+  # Evaluation ablation: a hybrid's window branch removed, its linear branch over every key
+  # (does the linear part carry anything?); the checkpoint still loads.
+  config.model.attention.window_off = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'protein_sample'

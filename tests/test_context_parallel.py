@@ -74,17 +74,19 @@ def test_chunked_prefill_continues_from_a_state():
 
 
 @pytest.mark.parametrize(
-  'kind, window', [pytest.param('favor_softmax', 0, marks=pytest.mark.slow), ('hedgehog', 6)]
+  'kind, window',
+  [pytest.param('favor_softmax', 0, marks=pytest.mark.slow), ('hedgehog', 6), ('softmax', 0)],
 )
 def test_multi_turn_prefill_equals_one_prefill(kind, window):
   """Turns of 25, 3 (shorter than the window) and 12 tokens, each prefilled from the
-  last one's state, then a decoding step: the same outputs as one prefill of all 40."""
+  last one's state, then a decoding step: the same outputs as one prefill of all 40
+  (softmax: each turn reads the KV cache the earlier ones wrote)."""
   attend = attention.get_attention(kind, num_features=16, chunk_size=8, window=window)
   proj = attend.make_projection(jax.random.PRNGKey(0), 8)
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 41, 2, 8)), jnp.float32) for _ in range(3))
   mask = jnp.ones((2, 41), bool).at[0, :4].set(False)  # row 0 left-padded
-  fresh = attend.init_state(2, 2, 8, 8, projection=proj)
+  fresh = attend.init_state(2, 2, 8, 8, projection=proj, max_length=41)
   once, state_once = attend.prefill(
     fresh, q[:, :40], k[:, :40], v[:, :40], projection=proj, mask=mask[:, :40]
   )

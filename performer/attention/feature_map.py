@@ -77,6 +77,7 @@ class Options:
   stats_decay: float = 0.99  # FAVOR++/FAVOR#: running-moment decay
   hedgehog_dim: int | None = None  # Hedgehog d' (None or 0: head_dim)
   window: int = 0  # exact softmax over the last W keys, linear beyond (0: off; window.py)
+  window_off: bool = False  # ablation: drop a hybrid's window branch (linear over all keys)
 
 
 def draw_projection_for(options: Options, key, head_dim, num_heads=None):

@@ -169,9 +169,12 @@ class SoftmaxAttention(Attention):
     return softmax_lib.init_cache(batch, heads, self.head_dim, value_dim, max_length, dtype)
 
   def prefill(self, state, q, k, v, *, mask=None):
+    check_inputs(q, k, v, mask, None)
     mask = jnp.ones(q.shape[:2], bool) if mask is None else mask
-    out = self(q, k, v, causal=True, mask=mask)
-    return out, softmax_lib.prefill_cache(state, k, v, mask)
+    implementation = self.options.implementation
+    implementation = None if implementation == 'reference' else implementation
+    out, state = softmax_lib.cache_prefill(state, q, k, v, mask, implementation)
+    return _zero_padded_queries(out.astype(v.dtype), mask), state
 
   def step(self, state, q, k, v, *, mask=None):
     mask = jnp.ones(q.shape[:1], bool) if mask is None else mask
@@ -213,6 +216,9 @@ class LinearAttention(Attention):
     self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs, projection=projection)
     if options.window:  # exact softmax over the last W keys (window.py): its gain per head
       self.window_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
+    # window_off (an evaluation ablation) keeps the gain, so a hybrid's checkpoint loads,
+    # but runs the linear branch over every key: what the linear part carries on its own.
+    self.window = 0 if options.window_off else options.window
 
   def _windowed(self, q, k, v, *, causal, mask, segment_ids, state=None):
     """window.hybrid with this module's feature map; k, v already repeated, v
@@ -238,7 +244,7 @@ class LinearAttention(Attention):
       initial = state['linear']
     core = functools.partial(
       window_lib.hybrid,
-      window=self.options.window,
+      window=self.window,
       causal=causal,
       chunk_size=self.options.chunk_size,
       return_state=state is not None,
@@ -264,7 +270,7 @@ class LinearAttention(Attention):
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     fmap, chunk = self.feature_map, self.options.chunk_size
-    if self.options.window:
+    if self.window:
       num, den = self._windowed(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
       return self._output(num, den, v)
     if not causal and segment_ids is None:
@@ -292,7 +298,7 @@ class LinearAttention(Attention):
     return (fmap.exact_query(q, ctx).swapaxes(1, 2), fmap.exact_key(k, ctx).swapaxes(1, 2))
 
   def _scores(self, q, k, *, causal, mask, segment_ids):
-    if self.options.window:
+    if self.window:
       fmap = self.feature_map
       ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
       qf, q_r = fmap.query_parts(q, ctx)
@@ -304,7 +310,7 @@ class LinearAttention(Attention):
         q_r,
         kf,
         kr,
-        window=self.options.window,
+        window=self.window,
         causal=causal,
         log_gain=self.window_log_gain[...],
       )
@@ -314,11 +320,9 @@ class LinearAttention(Attention):
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     del num_kv_heads, max_length  # one (S, z) per query head, whatever the context
     state = linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
-    if not self.options.window:
+    if not self.window:
       return state
-    ring = window_lib.init_ring(
-      batch, self.options.window, self.num_heads, self.head_dim, value_dim, dtype
-    )
+    ring = window_lib.init_ring(batch, self.window, self.num_heads, self.head_dim, value_dim, dtype)
     return {'linear': state, 'ring': ring}
 
   def prefill(self, state, q, k, v, *, mask=None):
@@ -327,7 +331,7 @@ class LinearAttention(Attention):
     the state after the last token."""
     check_inputs(q, k, v, mask, None)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    if self.options.window:
+    if self.window:
       num, den, lin = self._windowed(
         q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, state=state
       )
@@ -351,7 +355,7 @@ class LinearAttention(Attention):
 
   def step(self, state, q, k, v, *, mask=None):
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    if self.options.window:
+    if self.window:
       return self._window_step(state, q, k, v, mask)
     qf, kf, kr = self._split(
       q[:, None],

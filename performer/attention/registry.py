@@ -93,6 +93,11 @@ def make_options(kind: str, **options) -> Options:
   window = options.get('window', 0)
   if not isinstance(window, int) or isinstance(window, bool) or window < 0:
     raise ValueError(f'window must be an integer >= 0 (0: no exact window), got {window!r}')
+  window_off = options.get('window_off', False)
+  if not isinstance(window_off, bool):
+    raise ValueError(f'window_off must be True or False, got {window_off!r}')
+  if window_off and not window:
+    raise ValueError('window_off removes the window branch of a hybrid; this attention has none')
   return Options(**options)
 
 

@@ -96,10 +96,23 @@ def cache_step(cache, q, k, v, mask):
 
 
 def prefill_cache(cache, k, v, mask):
-  length = k.shape[1]
+  """Writes a chunk of keys at ``index`` (after whatever the cache already holds:
+  chunked or multi-turn prefill)."""
+  index = cache['index']
   return {
-    'k': jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), 0, 1),
-    'v': jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), 0, 1),
-    'valid': jax.lax.dynamic_update_slice_in_dim(cache['valid'], mask, 0, 1),
-    'index': jnp.asarray(length, jnp.int32),
+    'k': jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), index, 1),
+    'v': jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), index, 1),
+    'valid': jax.lax.dynamic_update_slice_in_dim(cache['valid'], mask, index, 1),
+    'index': index + k.shape[1],
   }
+
+
+def cache_prefill(cache, q, k, v, mask, implementation=None):
+  """A chunk of queries q [B, C, H, d] attends over everything the cache held before
+  it plus the chunk's own keys up to each query; returns (out, cache). With a fresh
+  cache this is the causal pass over the prompt."""
+  new = prefill_cache(cache, k, v, mask)
+  slots = jnp.arange(new['k'].shape[1])
+  before = slots[None, :] < (cache['index'] + jnp.arange(q.shape[1]) + 1)[:, None]
+  allowed = new['valid'][:, None, None, :] & before[None, None] & mask[:, None, :, None]
+  return attend_masked(q, new['k'], new['v'], allowed, implementation), new
