@@ -83,6 +83,10 @@ def get_config():
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16  # global batch, split over devices and over grad_accum_steps
   config.train.num_steps = 1000
+  # Stop after the step that crosses this many minutes of the loop's wall time (steps,
+  # periodic evals, checkpoints; counted anew when a run resumes), then evaluate and save
+  # as at num_steps. The LR schedule still spans num_steps. 0 = off.
+  config.train.time_limit_minutes = 0.0
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 100
   config.train.schedule = 'cosine'  # 'cosine' (to 0 at num_steps) | 'constant'

@@ -172,3 +172,46 @@ def test_pretrained_error_benchmark_on_smollm2(tmp_path):
     assert 1e-3 < rows[(kind, 32)]['weights_tv'] < rows[(kind, 0)]['weights_tv']
     assert len(rows[(kind, 0)]['per_layer_out_rel_err']) == 2
   assert rows[('favor_plus_plus', 0)]['a'] < 0
+
+
+TINY_PROTEIN_LONG = ['data.seq_len=64', 'model.max_len=64', 'model.emb_dim=32', 'model.mlp_dim=64']
+TINY_PROTEIN_LONG += ['model.attention.num_features=16', 'model.attention.chunk_size=16']
+
+
+@pytest.mark.slow  # three step compilations: ~30 s of CPU even at this size
+def test_protein_long_memory_mode(tmp_path, capsys):
+  """The three rows (Performer, shrunk Transformer, softmax at the Performer's size) are
+  compiled on real packed batches and checked against the budget; nothing is trained."""
+  from benchmarks import protein_long  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path / 'protein_long.json'
+  argv = ['--override', *TINY_PROTEIN_LONG, '--budget_gib', '0.004', '--json', str(path)]
+  protein_long.main(argv)
+  out = json.loads(path.read_text())
+  rows = {r['model']: r for r in out['rows']}
+  assert list(rows) == ['performer', 'transformer', 'softmax_same_size']
+  assert rows['performer']['attention'] == 'favor_softmax'
+  assert rows['transformer']['size'] == '2x32 (1h)'  # its own shrinking, under the override
+  assert rows['softmax_same_size']['size'] == rows['performer']['size'] == '3x32 (4h)'
+  for row in rows.values():
+    assert row['peak_gib'] > 0 and row['params'] > 0 and 'steps' not in row
+    assert row['fits'] == ('yes' if row['peak_gib'] <= 0.004 else 'NO')
+  assert out['budget_gib'] == 0.004
+  assert 'peak step GiB' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_protein_long_trains_both_for_the_time_limit(tmp_path):
+  """--train: both trained configs stop at the (tiny) time limit, are evaluated, and a
+  workdir that holds a run is refused instead of resumed."""
+  from benchmarks import protein_long  # pylint: disable=g-import-not-at-top
+
+  argv = ['--override', *TINY_PROTEIN_LONG, '--train', '--minutes', '1e-6']
+  rows = protein_long.main(argv + ['--workdir', str(tmp_path)])
+  by = {r['model']: r for r in rows}
+  for name in ('performer', 'transformer'):
+    assert by[name]['steps'] == 1 and by[name]['val_ppl'] > 1 and by[name]['wall_min'] > 0
+    assert os.listdir(tmp_path / name / 'checkpoints') == ['1']
+  assert 'steps' not in by['softmax_same_size']
+  with pytest.raises(SystemExit, match='not empty'):
+    protein_long.main(argv + ['--workdir', str(tmp_path)])

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import kind_params, run_script, tiny_config
 from performer import attention, data
-from performer.training import build, checkpoints, optim, sharding, train_lib
+from performer.training import build, checkpoints, config_utils, optim, sharding, train_lib
 from performer.training import task as task_lib
 
 
@@ -138,6 +138,38 @@ def test_train_and_evaluate_writes_outputs(tmp_path):
   assert proc.stdout.count('after 6 steps ==') == 1, proc.stdout
   assert f'{result["final"]["test"]["loss"]:10.4f}' in proc.stdout
   assert proc.stderr.strip() == '', proc.stderr
+
+
+def test_time_limit_stops_early_evaluates_and_saves(tmp_path):
+  """train.time_limit_minutes: the step that crosses the limit is the last; the run then
+  logs, checkpoints and evaluates as at num_steps, and the schedule still spans num_steps."""
+  config = tiny_config(
+    train__num_steps=1000,
+    train__time_limit_minutes=1e-6,
+    train__warmup_steps=100,
+    train__log_every=50,
+    train__eval_every=1,
+    train__checkpoint_every=50,
+  )
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 1
+  assert set(result['final']['validation']) >= {'loss', 'perplexity'}
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['split'], r['step']) for r in rows] == [
+    ('train', 1),
+    ('final_validation', 1),
+    ('final_test', 1),
+  ]
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  # Restarted: it resumes at step 1 with a fresh limit and runs one more step, at the
+  # rate of the schedule over num_steps (warmup 1/100 of the way up after one step).
+  again = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert again['step'] == 2
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  (second,) = [r for r in rows if r['split'] == 'train' and r['step'] == 2]
+  assert second['learning_rate'] == pytest.approx(config.train.learning_rate / 100)
+  with pytest.raises(Exception, match='time_limit_minutes'):
+    config_utils.validate(tiny_config(train__time_limit_minutes=-1))
 
 
 @pytest.mark.parametrize('task', ['causal_lm', 'mlm'])

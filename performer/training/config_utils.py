@@ -225,6 +225,7 @@ def validate(config):
     [
       'model.vocab_size',
       'train.warmup_steps',
+      'train.time_limit_minutes',
       'train.weight_decay',
       'train.grad_clip',
       'train.redraw_every',

@@ -197,6 +197,9 @@ def train_and_evaluate(config, workdir, *, progress=None):
   pending, last_time, last_step = [], time.perf_counter(), step
   ts = jax.device_put(ts, run.model.state_shardings(sharding.replicated(run.mesh)))
   eval_kwargs = dict(batch_sharding=run.batch_sharding, eval_key=keys['eval'])
+  # train.time_limit_minutes: wall time of this process's loop (steps, periodic evals,
+  # checkpoints); the step that crosses it is the last. The schedule still spans num_steps.
+  deadline = time.perf_counter() + 60 * tc.time_limit_minutes if tc.time_limit_minutes else None
 
   while step < tc.num_steps:
     if should_redraw(step, tc.redraw_every) and jax.tree.leaves(ts.features):
@@ -208,7 +211,8 @@ def train_and_evaluate(config, workdir, *, progress=None):
     pending.append(step_metrics)
     step += 1
     bar.advance()
-    if step % tc.log_every == 0 or step == tc.num_steps:
+    last = step == tc.num_steps or (deadline is not None and time.perf_counter() >= deadline)
+    if step % tc.log_every == 0 or last:
       host = jax.device_get(pending)
       now = time.perf_counter()
       rate = (step - last_step) / max(now - last_time, 1e-9)
@@ -228,14 +232,14 @@ def train_and_evaluate(config, workdir, *, progress=None):
         rate * tokens_per_step,
       )
       pending, last_time, last_step = [], now, step
-    if tc.eval_every and (step % tc.eval_every == 0 and step < tc.num_steps):
+    if tc.eval_every and step % tc.eval_every == 0 and not last:
       result = evaluate(
         run.eval_fn, ts, config, 'validation', num_batches=tc.eval_batches, **eval_kwargs
       )
       writer.write(step, 'validation', result)
       log.info('step %d validation: %s', step, _fmt(result))
       last_time = time.perf_counter()
-    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.num_steps:
+    if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
       checkpoints.save(
         manager,
         step,
@@ -247,6 +251,9 @@ def train_and_evaluate(config, workdir, *, progress=None):
         },
         {'step': step, 'data_state': _data_state(train_it)},
       )
+    if last and step < tc.num_steps:
+      log.info('step %d: train.time_limit_minutes=%g reached', step, tc.time_limit_minutes)
+      break
   bar.close()
   manager.wait_until_finished()
   manager.close()
