@@ -54,6 +54,23 @@ def test_needle_prompt_sits_in_prose():
     prompts.needle(vocab, 100, 0.5, np.random.default_rng(0), hay)
 
 
+def test_trials_are_fixed_by_the_seed():
+  vocab = CharVocab()
+  hay = [vocab.encode(s) for s in prompts.sentences(['Alpha beta. Gamma delta epsilon.'])]
+  make = lambda seed: long_context.make_trials(  # noqa: E731
+    vocab, long_context.Settings(lengths=(700, 900), trials=3, seed=seed), hay
+  )
+  first, again, other = make(0), make(0), make(1)
+  assert sorted(first) == [(t, n) for t in ('needle', 'passkey') for n in (700, 900)]
+  for key, trials in first.items():
+    assert [t.depth for t in trials] == [0.0, 0.5, 1.0]
+    for a, b in zip(trials, again[key]):
+      np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert [t.text_answer for t in first['passkey', 700]] != [
+    t.text_answer for t in other['passkey', 700]
+  ]
+
+
 def test_bucket_perplexity():
   nll = np.log(np.concatenate([np.full(512, 2.0), np.full(1536, 4.0), np.full(952, 8.0)]))[None]
   out = long_context.bucket_perplexity(nll, 3000)
