@@ -1,10 +1,12 @@
 r"""Evaluate the newest checkpoint of a run: loss, accuracy, perplexity (bits/dim for images).
 
-  python eval.py --config=configs/default.py --workdir=/tmp/protein_uni [--split=test]
-  python eval.py --config=configs/smollm2_favor.py --workdir=/tmp/smollm2_favor \
-      --text_file=notes.txt [--teacher] [--max_tokens=4096]
+  python eval.py --workdir=/tmp/protein_uni [--split=test]
+  python eval.py --workdir=/tmp/smollm2_favor --text_file=notes.txt [--teacher] [--max_tokens=4096]
 
-Uses the stored random features and no dropout, so repeated runs print the same numbers.
+The run's own config is read from its workdir/config.json; a --config, if given, must agree
+with it (the schedule keys aside), as train.py's resume rule says (performer/training/
+rundir.py). Uses the stored random features and no dropout, so repeated runs print the
+same numbers.
 --text_file scores any UTF-8 file with the model's own tokenizer instead of the held-out
 splits (per-token perplexity, causal_lm only; performer/training/text_eval.py); --teacher
 scores the original model (train.distill_from, else train.init_from) on the same tokens.
@@ -19,7 +21,10 @@ from absl import app, flags
 
 import train  # the shared flag definitions and one-line error handling
 from performer import errors
-from performer.training import logs
+from performer.training import logs, rundir
+
+flags.declare_key_flag('config')  # train.py's flags, listed by --help
+flags.declare_key_flag('workdir')
 
 _SPLIT = flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Split to evaluate.')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'Batches per split; 0 = all.')
@@ -46,6 +51,7 @@ def main(argv):
   logs.setup(logging.ERROR)  # orbax's read-only notes are expected here
   splits = ('validation', 'test') if _SPLIT.value == 'both' else (_SPLIT.value,)
   try:
+    check_run_config(config, workdir)
     if _TEXT_FILE.value:
       from performer.training import text_eval  # pylint: disable=g-import-not-at-top
 
@@ -62,6 +68,15 @@ def main(argv):
     train.fail(e)
 
 
+def check_run_config(config, workdir):
+  """The run is scored with its own config: one that differs from its config.json in more
+  than the schedule is a UserInputError (one line)."""
+  from performer.training import build  # pylint: disable=g-import-not-at-top
+
+  if rundir.load_config(workdir) is not None:
+    hint = "leave out --config and the overrides of these keys: eval.py reads the run's config"
+    rundir.check_config(build.resolve_config(config)[0], workdir, hint)
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
   app.run(main, flags_parser=train.parse_flags)
