@@ -215,6 +215,16 @@ def test_bad_text_file(tmp_path, content, expected):
     data.check_files(_cfg(name='text', path=str(path)))
 
 
+def test_protein_text_file_with_line_breaks():
+  """eval.py --text_file on residues: the newline every editor writes is no residue."""
+  from performer.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  from performer.training import text_eval  # pylint: disable=g-import-not-at-top
+
+  vocab = vocab_lib.PROTEIN_VOCAB
+  ids = text_eval.tokenize(vocab, 'MKT\nAYI\n').tolist()
+  assert ids == [vocab.bos_id, *vocab.encode('MKTAYI')]
+
+
 def test_missing_text_file(tmp_path):
   cfg = _cfg(name='text', path=str(tmp_path / 'nope.txt'))
   with pytest.raises(errors.DataFileError, match=r'text file .*not found: .*nope\.txt'):
