@@ -98,7 +98,7 @@ def test_lock_excludes_a_second_writer_and_takes_over_a_stale_one(tmp_path, capl
   assert any(f'stale lock of pid {dead}' in r.getMessage() for r in caplog.records)
 
 
-def test_restart_before_the_first_checkpoint_keeps_no_rows(tmp_path):
+def test_metrics_have_no_duplicated_steps_after_a_restart(tmp_path):
   workdir = str(tmp_path)
   for _ in range(2):  # killed before its first checkpoint, then started again
     writer = metrics.MetricWriter(workdir, start_step=0, enable_tensorboard=False)
@@ -109,8 +109,17 @@ def test_restart_before_the_first_checkpoint_keeps_no_rows(tmp_path):
   assert steps == [5, 10]
   writer = metrics.MetricWriter(workdir, start_step=5, enable_tensorboard=False)  # resumed at 5
   writer.write(10, 'train', {'loss': 2.0})
+  writer.write(10, 'final_test', {'loss': 2.5})
   writer.close()
-  assert [(r['step'], r['loss']) for r in metrics.read_metrics(workdir)] == [(5, 1.0), (10, 2.0)]
+  assert [(r['step'], r['loss']) for r in metrics.read_metrics(workdir)] == [
+    (5, 1.0),
+    (10, 2.0),
+    (10, 2.5),
+  ]
+  writer = metrics.MetricWriter(workdir, start_step=10, enable_tensorboard=False)  # rerun
+  writer.write(10, 'final_test', {'loss': 2.5})  # its final evaluation, once
+  writer.close()
+  assert [r['split'] for r in metrics.read_metrics(workdir)] == ['train', 'train', 'final_test']
 
 
 def test_first_signal_is_recorded_and_the_second_does_what_it_did_before():

@@ -46,8 +46,9 @@ class MetricWriter:
 
   `start_step` is where a training run (re)starts: its checkpoint's step, or 0. Rows logged
   after it by an earlier process (killed after that checkpoint, or before the first one) are
-  dropped (JSON lines rewritten, TensorBoard purge_step), so the record reads like one
-  uninterrupted run. None (the default) only appends.
+  dropped (JSON lines rewritten, TensorBoard purge_step), and so are final evaluations at
+  it (this run evaluates at its own end), so the record reads like one uninterrupted run.
+  None (the default) only appends.
   """
 
   def __init__(self, workdir, start_step=None, enable_tensorboard=True):
@@ -59,7 +60,11 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'metrics.jsonl')
     if start_step is not None and os.path.exists(path):
-      keep = [r for r in read_metrics(workdir) if r['step'] <= start_step]
+      keep = [
+        r
+        for r in read_metrics(workdir)
+        if r['step'] < start_step or (r['step'] == start_step and 'final_' not in r['split'])
+      ]
       with open(path + '.tmp', 'w', encoding='utf-8') as f:
         f.writelines(json.dumps(r) + '\n' for r in keep)
       os.replace(path + '.tmp', path)
