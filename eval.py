@@ -1,13 +1,14 @@
 r"""Evaluate the newest checkpoint of a run: loss, accuracy, perplexity (bits/dim for images).
 
-  python eval.py --config=configs/default.py --workdir=/tmp/protein_uni [--split=test]
-  python eval.py --config=configs/smollm2_favor.py --workdir=/tmp/smollm2_favor \
-      --text_file=notes.txt [--teacher] [--max_tokens=4096]
-  python eval.py --config=configs/linearize_smollm2.py --workdir=/tmp/linearize_smollm2 \
-      --long_context --lengths=1024,2048,4096,8192 [--trials=10] [--teacher] \
-      [--json=long.json] [--plot=long.png]
+  python eval.py --workdir=/tmp/protein_uni [--split=test]
+  python eval.py --workdir=/tmp/smollm2_favor --text_file=notes.txt [--teacher] [--max_tokens=4096]
+  python eval.py --workdir=/tmp/linearize_smollm2 --long_context \
+      --lengths=1024,2048,4096,8192 [--trials=10] [--teacher] [--json=long.json] [--plot=long.png]
 
-Uses the stored random features and no dropout, so repeated runs print the same numbers.
+The run's own config is read from its workdir/config.json; a --config, if given, must agree
+with it (the schedule keys aside), as train.py's resume rule says (performer/training/
+rundir.py). Uses the stored random features and no dropout, so repeated runs print the
+same numbers.
 --text_file scores any UTF-8 file with the model's own tokenizer instead of the held-out
 splits (per-token perplexity, causal_lm only; performer/training/text_eval.py); --teacher
 scores the original model (train.distill_from, else train.init_from) on the same tokens.
@@ -25,7 +26,10 @@ from absl import app, flags
 
 import train  # the shared flag definitions and one-line error handling
 from performer import errors
-from performer.training import logs
+from performer.training import logs, rundir
+
+flags.declare_key_flag('config')  # train.py's flags, listed by --help
+flags.declare_key_flag('workdir')
 
 _SPLIT = flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Split to evaluate.')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 0, 'Batches per split; 0 = all.')
@@ -68,6 +72,7 @@ def main(argv):
   logs.setup(logging.ERROR)  # orbax's read-only notes are expected here
   splits = ('validation', 'test') if _SPLIT.value == 'both' else (_SPLIT.value,)
   try:
+    check_run_config(config, workdir)
     if _LONG_CONTEXT.value:
       return long_context(config, workdir)
     if _TEXT_FILE.value:
@@ -112,6 +117,15 @@ def long_context(config, workdir):
     report.plot_heatmap(result, plot)
 
 
+def check_run_config(config, workdir):
+  """The run is scored with its own config: one that differs from its config.json in more
+  than the schedule is a UserInputError (one line)."""
+  from performer.training import build  # pylint: disable=g-import-not-at-top
+
+  if rundir.load_config(workdir) is not None:
+    hint = "leave out --config and the overrides of these keys: eval.py reads the run's config"
+    rundir.check_config(build.resolve_config(config)[0], workdir, hint, rundir.EVAL_KEYS)
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
   app.run(main, flags_parser=train.parse_flags)

@@ -33,7 +33,7 @@ _CHECKPOINT = flags.DEFINE_string(
   'checkpoint', None, 'A checkpoint step dir (workdir/checkpoints/<step>).'
 )
 _CONFIG = flags.DEFINE_string(
-  'config', None, 'Config file, only if the workdir has no config.json.'
+  'config', None, 'Config file, only if the workdir has no config.json (else it must match it).'
 )
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text / residues, or image rows to condition on.')
 _IMAGE = flags.DEFINE_string('image', None, 'PNG whose first --prompt rows condition images.')
@@ -171,9 +171,12 @@ def run(workdir_or_checkpoint, config_path=None):
     from performer.training import (
       build,  # pylint: disable=g-import-not-at-top
       config_utils,  # pylint: disable=g-import-not-at-top
+      rundir,  # pylint: disable=g-import-not-at-top
     )
 
     config, _ = build.resolve_config(config_utils.load_config(config_path))
+    hint = "leave out --config: sample.py reads the run's config.json"
+    rundir.check_config(config, workdir, hint, rundir.EVAL_KEYS)  # a run's config.json must agree
   else:
     config = sampling.load_config(workdir)
   n = _NUM_SAMPLES.value
@@ -250,6 +253,8 @@ def main(argv):
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
     fail('pass exactly one of --workdir=DIR or --checkpoint=DIR/checkpoints/STEP')
   path = _WORKDIR.value or _CHECKPOINT.value
+  if _MAX_NEW.value < 0:
+    fail(f'--max_new_tokens: must be >= 0 (0 = up to the model max_len), got {_MAX_NEW.value}')
   if not os.path.isdir(path):
     fail(f'no such directory {path!r}')
   try:

@@ -268,19 +268,15 @@ def find_checkpoint(path: str):
 
 def load_config(workdir: str):
   """The run's resolved config, from workdir/config.json (written by training)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+  from performer.training import rundir  # pylint: disable=g-import-not-at-top
 
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise ValueError(
+  config = rundir.load_config(workdir)
+  if config is None:
+    raise rundir.RunConfigError(
       f"no config.json in {workdir!r}: pass the training run's workdir "
       '(or --config with the config file it was trained with)'
     )
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return config
 
 
 def load_model(path: str, config=None):

@@ -128,6 +128,23 @@ def test_eval_bad_data_file(tmp_path):
   assert_one_line_error(proc, 'junk.fa')
 
 
+def test_sample_negative_max_new_tokens(tmp_path):
+  proc = run_script(['sample.py', f'--workdir={tmp_path}', '--max_new_tokens=-5'], timeout=120)
+  line = assert_one_line_error(proc, '--max_new_tokens')
+  assert 'must be >= 0' in line and 'prompt' not in line, line
+
+
+def test_eval_help_lists_config_and_workdir():
+  proc = run_script(['eval.py', '--help'], timeout=120)  # absl's --help exits with 1
+  for flag in ('--config:', '--workdir:', '--text_file:', '--split:'):
+    assert flag in proc.stdout, proc.stdout
+
+
+def test_without_config_or_run(tmp_path):
+  proc = run_script(['train.py', f'--workdir={tmp_path}', '--config.train.num_steps=3'])
+  assert 'its config.json is the config' in assert_one_line_error(proc, '--config: missing')
+
+
 # --- the error types ----------------------------------------------------------------
 
 
@@ -196,6 +213,16 @@ def test_bad_text_file(tmp_path, content, expected):
   path.write_bytes(content)
   with pytest.raises(errors.DataFileError, match=expected):
     data.check_files(_cfg(name='text', path=str(path)))
+
+
+def test_protein_text_file_with_line_breaks():
+  """eval.py --text_file on residues: the newline every editor writes is no residue."""
+  from performer.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  from performer.training import text_eval  # pylint: disable=g-import-not-at-top
+
+  vocab = vocab_lib.PROTEIN_VOCAB
+  ids = text_eval.tokenize(vocab, 'MKT\nAYI\n').tolist()
+  assert ids == [vocab.bos_id, *vocab.encode('MKTAYI')]
 
 
 def test_missing_text_file(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import run_script, tiny_config
-from performer import attention, models
+from performer import attention, errors, models
 from performer.training import long_context, long_context_report, train_lib
 from performer.training import recall_prompts as prompts
 
@@ -190,8 +190,7 @@ def test_eval_long_context_table_json_heatmap(runs):
   [
     (['--trials=0'], '--trials: must be >= 1'),
     (['--lengths=1024,abc'], '--lengths: comma-separated'),
-    (['--config.model.positions=learned', '--lengths=4096'], 'learned position table'),
-    (['--config.model.task=mlm'], 'needs a causal_lm run'),
+    (['--config.model.attention.kind=softmax'], 'holds a run with another config'),
   ],
 )
 def test_long_context_errors_are_one_line(runs, extra, message):
@@ -202,3 +201,17 @@ def test_long_context_errors_are_one_line(runs, extra, message):
   )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_model_must_be_causal_and_represent_the_length():
+  settings = long_context.Settings(lengths=(1024, 4096))
+  learned = tiny_config(model__max_len=2048)
+  with pytest.raises(errors.UserInputError, match='learned position table of 2048'):
+    long_context.check_model(learned, settings)
+  rotary = tiny_config(model__max_len=2048, model__positions='rotary')
+  long_context.check_model(rotary, settings)  # rotary extrapolates: room is made
+  assert rotary.model.max_len == 4096 + 16
+  with pytest.raises(errors.UserInputError, match='needs a causal_lm run'):
+    long_context.check_model(tiny_config(model__task='mlm'), settings)
+  with pytest.raises(errors.UserInputError, match='--trials'):
+    long_context.check_settings(long_context.Settings(lengths=(8,), trials=0))

@@ -11,6 +11,9 @@ renamed to `<step>` only when complete, so a process killed mid-save leaves a tm
 the manager ignores (and cleans up). A finalized step whose files were later truncated or
 removed fails to restore (zstd checksums / missing metadata); `restore_latest` then moves
 it to `workdir/checkpoints_corrupt/` and falls back to the previous step with a warning.
+Corrupt means exactly that: unreadable bytes or metadata. A readable step whose names or
+shapes differ from the model's is a healthy checkpoint of another model: it is never moved,
+and restoring it is a one-line `CheckpointMismatchError`.
 """
 
 import logging
@@ -123,6 +126,46 @@ def save(manager, step, trees, meta):
   manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
 
+class CheckpointMismatchError(CheckpointError):
+  """A readable checkpoint of another model (names or shapes differ): left where it is."""
+
+
+def _saved_shapes(manager, step):
+  """{item: {name: shape}} from a step's metadata; raises if the metadata is unreadable."""
+  composite = manager.item_metadata(step)
+  saved = {}
+  for name in ITEMS[:-1]:
+    if name not in composite.keys():
+      continue
+    meta = composite[name]
+    if meta is None:
+      raise ValueError(f'unreadable metadata of item {name!r}')
+    saved[name] = {k: tuple(v.shape) for k, v in getattr(meta, 'tree', meta).items()}
+  return saved
+
+
+def _check_structure(manager, step, templates):
+  """CheckpointMismatchError if the step's saved names and shapes are not the templates'."""
+  saved, problems = _saved_shapes(manager, step), []
+  for name, tree in templates.items():
+    want = {k: tuple(v.shape) for k, v in flatten(tree).items()}
+    have = saved.get(name, {})
+    if want == have:
+      continue
+    extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+    shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    parts = [f'only in the checkpoint: {extra[:3]}'] if extra else []
+    parts += [f'only in the model: {missing[:3]}'] if missing else []
+    parts += [f'shape of {k}: {have[k]} saved, {want[k]} now' for k in shapes[:2]]
+    problems.append(f'{name} ({"; ".join(parts)})')
+  if problems:
+    raise CheckpointMismatchError(
+      f'checkpoint step {step} under {manager.directory} is a readable checkpoint of another '
+      f'model: {", ".join(problems)}; it was left in place: use the config it was trained '
+      "with (the run's config.json)"
+    )
+
+
 def _quarantine(manager, step, error, move=True):
   """Moves a step that failed to restore out of the manager's way (kept for inspection).
 
@@ -159,7 +202,9 @@ def _quarantine(manager, step, error, move=True):
 
 
 def restore_step(manager, step, templates, shardings):
-  """Restores the items named in `templates` (plus meta) of one step; raises on damage."""
+  """Restores the items named in `templates` (plus meta) of one step; raises on damage,
+  and CheckpointMismatchError if the step holds another model."""
+  _check_structure(manager, step, templates)
   targets = {
     name: ocp.args.StandardRestore(_abstract(flatten(tree), flatten(shardings[name])))
     for name, tree in templates.items()
@@ -184,12 +229,16 @@ def restore_latest(manager, templates, shardings, move_corrupt=True):
     move_corrupt: move damaged steps to checkpoints_corrupt/ (training); eval only skips.
   Returns:
     (step, {item: restored tree}, meta), or None when there is no usable checkpoint.
+  Raises:
+    CheckpointMismatchError: the newest readable step belongs to another model.
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       trees, meta = restore_step(manager, step, templates, shardings)
       if int(meta['step']) != step:
         raise ValueError(f'meta says step {meta["step"]}')
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       _quarantine(manager, step, e, move=move_corrupt)
       continue

@@ -44,12 +44,14 @@ def summarize(sums, task):
 class MetricWriter:
   """Appends metrics to workdir/metrics.jsonl and TensorBoard (process 0 only).
 
-  `start_step` > 0 means the run resumed from a checkpoint at that step: rows logged after
-  it by the interrupted process are dropped (JSON lines rewritten, TensorBoard purge_step),
-  so the record reads like one uninterrupted run.
+  `start_step` is where a training run (re)starts: its checkpoint's step, or 0. Rows logged
+  after it by an earlier process (killed after that checkpoint, or before the first one) are
+  dropped (JSON lines rewritten, TensorBoard purge_step), and so are final evaluations at
+  it (this run evaluates at its own end), so the record reads like one uninterrupted run.
+  None (the default) only appends.
   """
 
-  def __init__(self, workdir, start_step=0, enable_tensorboard=True):
+  def __init__(self, workdir, start_step=None, enable_tensorboard=True):
     self.active = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
@@ -57,8 +59,12 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, 'metrics.jsonl')
-    if start_step and os.path.exists(path):
-      keep = [r for r in read_metrics(workdir) if r['step'] <= start_step]
+    if start_step is not None and os.path.exists(path):
+      keep = [
+        r
+        for r in read_metrics(workdir)
+        if r['step'] < start_step or (r['step'] == start_step and 'final_' not in r['split'])
+      ]
       with open(path + '.tmp', 'w', encoding='utf-8') as f:
         f.writelines(json.dumps(r) + '\n' for r in keep)
       os.replace(path + '.tmp', path)
@@ -66,9 +72,8 @@ class MetricWriter:
     if enable_tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-      self._tb = SummaryWriter(
-        os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1 if start_step else None
-      )
+      purge = None if start_step is None else start_step + 1
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge)
 
   def write(self, step, split, values):
     if not self.active:

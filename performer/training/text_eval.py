@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from performer import errors, models
+from performer.data import vocab as vocab_lib
 from performer.training import build, checkpoints, config_utils, sharding
 from performer.training import task as task_lib
 
@@ -61,7 +62,11 @@ def read_text(path: str) -> str:
 
 def tokenize(vocab, text: str, max_tokens: int = 0) -> np.ndarray:
   """One int32 stream: [BOS] (if the vocabulary has one, as sample.py's prompts) + ids,
-  cut to `max_tokens` (0 = all)."""
+  cut to `max_tokens` (0 = all). A protein file is one sequence of residues: whitespace
+  (lines wrapped as FASTA wraps them, the newline every editor ends a file with) is not
+  part of it."""
+  if isinstance(vocab, vocab_lib.ProteinVocab):
+    text = ''.join(text.split())
   try:
     ids = list(vocab.encode(text))
   except ValueError as e:  # a vocabulary with a fixed alphabet (proteins)

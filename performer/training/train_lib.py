@@ -15,6 +15,10 @@ evaluation. The model lives as `nnx.split` pieces for the whole run:
 Every random choice is a pure function of (config.seed, step): dropout, MLM masks, feature
 redraws and (through the data iterator's checkpointed position) the batch order. That is
 what makes a killed-and-resumed run end with bitwise the same parameters.
+
+The workdir belongs to one run (rundir.py): training holds its lock, and resumes only under
+the run's own config (schedule keys aside). SIGINT / SIGTERM finish the current step, save
+a checkpoint and raise `interrupts.Interrupted` (interrupts.py).
 """
 
 import base64
@@ -29,7 +33,7 @@ import numpy as np
 
 from performer import data, models
 from performer.convert import pretrained
-from performer.training import build, checkpoints, sharding
+from performer.training import build, checkpoints, interrupts, rundir, sharding
 from performer.training import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -70,9 +74,9 @@ def _local_batch_size(global_size):
   return global_size // jax.process_count()
 
 
-def evaluate(eval_fn, state, config, split, *, batch_sharding, eval_key, num_batches=0):
+def evaluate(eval_fn, state, config, split, *, batch_sharding, eval_key, num_batches=0, stop=None):
   """Deterministic eval of a `TrainState` (its optimizer state unused) over `num_batches`
-  batches of `split` (<= 0: the whole split)."""
+  batches of `split` (<= 0: the whole split); None as soon as `stop()` is true."""
   state = state.replace(opt_state=None)
   local_bs = _local_batch_size(config.train.batch_size)
   it = data.build_dataset(
@@ -88,6 +92,8 @@ def evaluate(eval_fn, state, config, split, *, batch_sharding, eval_key, num_bat
   for i, batch in enumerate(it):
     if 0 < num_batches <= i:
       break
+    if stop is not None and stop():
+      return None
     batch = _pad_batch(batch, local_bs)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = model_batch(batch, config.data)
@@ -163,9 +169,29 @@ def _initial_state(run, manager, workdir):
 def train_and_evaluate(config, workdir, *, progress=None):
   """Trains `config` in `workdir` (resuming if it holds checkpoints) and evaluates.
 
+  Holds the workdir's lock throughout; a run already in the workdir resumes only if
+  `config` matches its config.json up to the schedule keys (else rundir.RunConfigError).
+  On SIGINT / SIGTERM: saves at the current step and raises `interrupts.Interrupted`.
+
   Returns a dict: 'step', 'params', 'features', 'final' ({split: metrics}), 'unigram'
   (when the data module has a baseline) and 'init_report' (with train.init_from).
   """
+  sharding.maybe_initialize_distributed()  # before the lock: process 0 alone takes it
+  with rundir.lock(workdir, enabled=jax.process_index() == 0), interrupts.catching() as stop:
+    rundir.check_resume(build.resolve_config(config)[0], workdir)
+    return _train(config, workdir, progress, stop)
+
+
+def _save(manager, ts, step, train_it):
+  checkpoints.save(
+    manager,
+    step,
+    {'params': ts.params, 'opt_state': ts.opt_state, 'features': ts.features, 'stats': ts.stats},
+    {'step': step, 'data_state': _data_state(train_it)},
+  )
+
+
+def _train(config, workdir, progress, stop):
   run = build.setup(config)
   config, keys = run.config, run.keys
   tc = config.train
@@ -201,7 +227,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
   # checkpoints); the step that crosses it is the last. The schedule still spans num_steps.
   deadline = time.perf_counter() + 60 * tc.time_limit_minutes if tc.time_limit_minutes else None
 
-  while step < tc.num_steps:
+  while step < tc.num_steps and not stop.at_step(manager, step):
     if should_redraw(step, tc.redraw_every) and jax.tree.leaves(ts.features):
       ts = ts.replace(features=run.redraw_fn(ts.features, redraw_key(config.seed, step)))
     batch = next(train_it)
@@ -212,7 +238,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
     step += 1
     bar.advance()
     last = step == tc.num_steps or (deadline is not None and time.perf_counter() >= deadline)
-    if step % tc.log_every == 0 or last:
+    if step % tc.log_every == 0 or last or stop.pending():
       host = jax.device_get(pending)
       now = time.perf_counter()
       rate = (step - last_step) / max(now - last_time, 1e-9)
@@ -234,33 +260,36 @@ def train_and_evaluate(config, workdir, *, progress=None):
       pending, last_time, last_step = [], now, step
     if tc.eval_every and step % tc.eval_every == 0 and not last:
       result = evaluate(
-        run.eval_fn, ts, config, 'validation', num_batches=tc.eval_batches, **eval_kwargs
+        run.eval_fn,
+        ts,
+        config,
+        'validation',
+        num_batches=tc.eval_batches,
+        stop=stop.pending,
+        **eval_kwargs,
       )
-      writer.write(step, 'validation', result)
-      log.info('step %d validation: %s', step, _fmt(result))
+      if result is not None:  # None: a signal came during the eval
+        writer.write(step, 'validation', result)
+        log.info('step %d validation: %s', step, _fmt(result))
       last_time = time.perf_counter()
     if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
-      checkpoints.save(
-        manager,
-        step,
-        {
-          'params': ts.params,
-          'opt_state': ts.opt_state,
-          'features': ts.features,
-          'stats': ts.stats,
-        },
-        {'step': step, 'data_state': _data_state(train_it)},
-      )
+      _save(manager, ts, step, train_it)
     if last and step < tc.num_steps:
       log.info('step %d: train.time_limit_minutes=%g reached', step, tc.time_limit_minutes)
       break
+  if stop.pending() and step not in manager.all_steps():
+    _save(manager, ts, step, train_it)  # the interrupt's checkpoint, at the current step
   bar.close()
   manager.wait_until_finished()
   manager.close()
 
   final = {}
   for split in ('validation', 'test'):
-    final[split] = evaluate(run.eval_fn, ts, config, split, num_batches=0, **eval_kwargs)
+    if not stop.pending():
+      final[split] = evaluate(run.eval_fn, ts, config, split, stop=stop.pending, **eval_kwargs)
+  if stop.pending():  # the checkpoint at num_steps is there; a rerun only evaluates
+    writer.close()
+    raise interrupts.Interrupted(stop.signum, step)
   unigram = held_out_extras(config, final)
   for split in final:
     writer.write(step, f'final_{split}', final[split])
