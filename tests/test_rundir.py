@@ -3,6 +3,7 @@ change on resume), one process trains it at a time (a lock), and a restart befor
 checkpoint leaves no duplicated metrics. In-process checks plus a few seconds-long CLI ones;
 the interrupted and resumed runs are in test_interrupts.py."""
 
+import json
 import logging
 import os
 import signal
@@ -58,6 +59,29 @@ def test_only_schedule_keys_may_change(tmp_path, caplog):
   assert rundir.check_resume(other, str(tmp_path / 'x')) == []
   _run_dir(tmp_path / 'fresh', checkpoint=False)
   assert rundir.check_resume(other, str(tmp_path / 'fresh')) == []
+
+
+def test_newer_keys_and_evaluation_ablations(tmp_path):
+  """A key the run's config.json predates counts at its neutral default; eval.py and
+  sample.py accept the window_off ablation, train.py does not."""
+  config = build.resolve_config(tiny_config(model__attention__window=4))[0]
+  stored = rundir.load_config(str(_write_config(tmp_path, config, drop='time_limit_minutes')))
+  assert rundir.differences(stored, config) == ([], [])
+  ablated = build.resolve_config(
+    tiny_config(model__attention__window=4, model__attention__window_off=True)
+  )[0]
+  key = 'model.attention.window_off'
+  assert rundir.differences(stored, ablated)[0] == [(key, False, True)]
+  assert rundir.check_config(ablated, str(tmp_path), 'hint', rundir.EVAL_KEYS) == []
+  with pytest.raises(rundir.RunConfigError, match='window_off'):
+    rundir.check_config(ablated, str(tmp_path), 'hint')
+
+
+def _write_config(folder, config, drop):
+  raw = json.loads(config.to_json_best_effort())
+  del raw['train'][drop]
+  (folder / rundir.CONFIG_FILE).write_text(json.dumps(raw))
+  return folder
 
 
 def test_train_under_another_config_exits_2_and_touches_nothing(tmp_path):

@@ -112,7 +112,7 @@ def differences(stored, config):
   rank = lambda key: (order.index(key.split('.')[0]) if key.split('.')[0] in order else 9, key)
   for key in sorted(set(old) | set(new), key=rank):
     a, b = old.get(key, _MISSING), new.get(key, _MISSING)
-    if a == _MISSING and any(b is v or (b == v and type(b) is type(v)) for v in _NEUTRAL):
+    if a == _MISSING and b in _NEUTRAL:  # 0.0 and False compare equal to 0
       continue
     if a != b:
       (schedule if key in SCHEDULE_KEYS else changed).append((key, a, b))
