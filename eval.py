@@ -49,6 +49,7 @@ _LENGTHS = flags.DEFINE_list('lengths', ['1024', '2048', '4096', '8192'], 'Promp
 _TRIALS = flags.DEFINE_integer('trials', 10, 'With --long_context: prompts per task and length.')
 _SEED = flags.DEFINE_integer('seed', 0, 'With --long_context: seed of the keys and needles.')
 _PREFILL_CHUNK = flags.DEFINE_integer('prefill_chunk', 512, 'Tokens per chunked-prefill call.')
+_TASKS = flags.DEFINE_list('tasks', ['passkey', 'needle'], 'With --long_context: retrieval tasks.')
 _PPL_WINDOWS = flags.DEFINE_integer('ppl_windows', 2, 'Held-out windows for perplexity.')
 _JSON = flags.DEFINE_string('json', None, 'With --long_context: write the results here.')
 _PLOT = flags.DEFINE_string(
@@ -107,13 +108,14 @@ def long_context(config, workdir):
     prefill_chunk=_PREFILL_CHUNK.value,
     text_file=_TEXT_FILE.value,
     ppl_windows=_PPL_WINDOWS.value,
+    tasks=tuple(_TASKS.value),
   )
   result = lc.run(config, workdir, settings, teacher=_TEACHER.value)
   print('\n'.join(report.format_table(result)))
   if _JSON.value:
     report.write_json(_JSON.value, result)
   plot = _PLOT.value or (_JSON.value and _JSON.value.rsplit('.', 1)[0] + '.png')
-  if plot:
+  if plot and 'passkey' in settings.tasks:
     report.plot_heatmap(result, plot)
 
 

@@ -190,6 +190,7 @@ def test_eval_long_context_table_json_heatmap(runs):
   [
     (['--trials=0'], '--trials: must be >= 1'),
     (['--lengths=1024,abc'], '--lengths: comma-separated'),
+    (['--tasks=passkey,recall'], '--tasks: choose from passkey, needle'),
     (['--config.model.attention.kind=softmax'], 'holds a run with another config'),
   ],
 )

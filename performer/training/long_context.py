@@ -65,6 +65,9 @@ def check_settings(settings: Settings):
     raise errors.UserInputError(f'--trials: must be >= 1, got {settings.trials}')
   if settings.prefill_chunk < 1:
     raise errors.UserInputError(f'--prefill_chunk: must be >= 1, got {settings.prefill_chunk}')
+  unknown = sorted(set(settings.tasks) - set(TASKS))
+  if unknown or not settings.tasks:
+    raise errors.UserInputError(f'--tasks: choose from {", ".join(TASKS)}; got {unknown or "none"}')
   if settings.ppl_windows < 1:
     raise errors.UserInputError(f'--ppl_windows: must be >= 1, got {settings.ppl_windows}')
 
