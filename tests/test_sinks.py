@@ -83,6 +83,19 @@ def test_sinks_equal_the_dense_reference_with_mask_and_segments(kind, causal):
 
 
 @pytest.mark.parametrize('causal', [True, False])
+def test_one_segment_path_equals_the_packed_path(causal):
+  """Without segment ids every query shares its row's sinks (one gather); with all-zero
+  segment ids each query gathers its segment's: the same outputs."""
+  q, k, v = _qkv(jax.random.PRNGKey(8), length=20)
+  mask = jnp.ones((2, 20), bool).at[1, :4].set(False)
+  attend = attention.get_attention('favor_softmax', window=3, sinks=3, chunk_size=8)
+  run = jax.jit(
+    lambda seg: attend(q, k, v, causal=causal, mask=mask, segment_ids=seg, projection=_features())
+  )
+  np.testing.assert_allclose(run(None), run(jnp.zeros((2, 20), jnp.int32)), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('causal', [True, False])
 def test_sinks_with_a_window_covering_the_sequence_are_exact_softmax(causal):
   """Both gains start at 1: sinks taken out of the window change nothing."""
   q, k, v = _qkv(jax.random.PRNGKey(1), length=21)

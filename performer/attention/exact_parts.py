@@ -87,6 +87,7 @@ class ExactParts:
       causal=causal,
       chunk_size=self.options.chunk_size,
       sinks=self.sinks,
+      packed=segment_ids is not None,
       return_state=state is not None,
     )
     window_gain, sink_gain = self._gains()

@@ -158,7 +158,9 @@ def _incoming(local, axis_name, base):
   return jax.tree.map(pick, *before), prefix
 
 
-def attend(q, k, v, segment_ids, is_sink, incoming=None, *, size, causal, axis_name=None):
+def attend(
+  q, k, v, segment_ids, is_sink, incoming=None, *, size, causal, packed=True, axis_name=None
+):
   """The exact sink part, (num [B, H, L, D], den [B, H, L], shift [B, H, L]), and the
   sink state after the span.
 
@@ -167,7 +169,8 @@ def attend(q, k, v, segment_ids, is_sink, incoming=None, *, size, causal, axis_n
   ``from_buffer``), or None. Query n scores the sinks of its segment, at or before
   it when causal: the j-th is the first position where the count of sinks since the
   segment's start reaches j + 1, found by a search on that count, so the gathers
-  are [B, L, s] whatever the number of segments.
+  are [B, L, s] whatever the number of segments. ``packed=False`` (no segment ids:
+  one segment per row) lets every query share the row's s sinks, gathered once.
   """
   b, length, h, d = q.shape
   seg = segment_ids
@@ -190,6 +193,15 @@ def attend(q, k, v, segment_ids, is_sink, incoming=None, *, size, causal, axis_n
   esink = jnp.concatenate([before['valid'], is_sink], axis=1).astype(jnp.int32)
   n = size + length
   counts = jnp.cumsum(esink, axis=1)
+  query_pos = size + jnp.arange(length)
+  if not packed:  # the row's first s sinks, for every query
+    pos = _searchsorted(counts, jnp.broadcast_to(jnp.arange(1, size + 1), (b, size)))
+    ok = pos < n
+    pos = jnp.minimum(pos, n - 1)
+    allowed = ok[:, None, :] & ((pos[:, None, :] <= query_pos[None, :, None]) | (not causal))
+    kg, vg = _take(ek, pos, 1), _take(ev, pos, 2)  # [B, s, H, d], [B, H, s, D]
+    logits = jnp.einsum('blhd,bshd->bhls', q.astype(jnp.float32), kg) * d**-0.5
+    return _weighted(logits, allowed[:, None], vg, 'bhls,bhsd->bhld') + (after,)
   start = jnp.concatenate([jnp.ones((b, 1), bool), eseg[:, 1:] != eseg[:, :-1]], axis=1)
   seg_start = jax.lax.cummax(jnp.where(start, jnp.arange(n)[None], 0), axis=1)
   prior = jnp.take_along_axis(counts - esink, seg_start, axis=1)[:, size:]  # [B, L]
@@ -199,13 +211,16 @@ def attend(q, k, v, segment_ids, is_sink, incoming=None, *, size, causal, axis_n
   pos = jnp.minimum(pos, n - 1)
   ok &= _take(eseg, pos, 1) == jnp.repeat(seg, size, axis=1)
   if causal:
-    ok &= pos <= jnp.repeat(size + jnp.arange(length), size)[None]
+    ok &= pos <= jnp.repeat(query_pos, size)[None]
   kg = _take(ek, pos, 1).reshape(b, length, size, h, d)
   vg = _take(ev, pos, 2).reshape(b, h, length, size, -1)
   logits = jnp.einsum('blhd,blshd->bhls', q.astype(jnp.float32), kg) * d**-0.5
-  allowed = ok.reshape(b, 1, length, size)
+  return _weighted(logits, ok.reshape(b, 1, length, size), vg, 'bhls,bhlsd->bhld') + (after,)
+
+
+def _weighted(logits, allowed, values, spec):
+  """(num, den, shift) of the allowed logits [B, H, L, s] over their values."""
   logits = jnp.where(allowed, logits, NEG)
   shift = sg(jnp.max(logits, axis=-1))
   weights = jnp.where(allowed, linear._safe_exp(logits - shift[..., None]), 0.0)  # pylint: disable=protected-access
-  num = jnp.einsum('bhls,bhlsd->bhld', weights, vg)
-  return num, jnp.sum(weights, axis=-1), shift, after
+  return jnp.einsum(spec, weights, values), jnp.sum(weights, axis=-1), shift

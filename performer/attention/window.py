@@ -214,6 +214,7 @@ def hybrid(
   causal,
   chunk_size,
   sinks=0,
+  packed=True,
   return_state=False,
   axis_name=None,
 ):
@@ -234,7 +235,8 @@ def hybrid(
   Further exact parts under the same normaliser (``window`` may then be 0): with
   ``sinks`` = s, ``is_sink`` [B, L] marks the sink keys (``sinks.flags``; the caller
   has already dropped them from ``mask`` and kf, kr) and ``sinks_in`` holds the sinks
-  before the first position (``sinks.attend``), scored with ``sink_log_gain`` [H];
+  before the first position (``sinks.attend``; ``packed``: segment ids were given),
+  scored with ``sink_log_gain`` [H];
   ``cache`` is a sparse cache (``sparse_cache.read``), its keys older than every
   query and absent from the linear state, scored with the window's gain.
   """
@@ -248,7 +250,16 @@ def hybrid(
     parts.append((b_num, b_den, b_shift + log_gain[None, :, None]))
   if sinks:
     s_num, s_den, s_shift, sink_state = sinks_lib.attend(
-      q, k, v, segment_ids, is_sink, sinks_in, size=sinks, causal=causal, axis_name=axis_name
+      q,
+      k,
+      v,
+      segment_ids,
+      is_sink,
+      sinks_in,
+      size=sinks,
+      causal=causal,
+      packed=packed,
+      axis_name=axis_name,
     )
     parts.append((s_num, s_den, s_shift + sink_log_gain[None, :, None]))
   if cache is not None:
