@@ -190,6 +190,10 @@ def test_train_py_logs_the_same_losses_with_seq_4(tmp_path):
     ({'mesh__seq': 3}, 'does not divide data.seq_len=64'),
     ({'mesh__seq': 8}, 'not a multiple of model.attention.chunk_size=16'),
     ({'mesh__seq': 4, 'model__attention__window': 20}, 'attention.window=20 is longer'),
+    (
+      {'mesh__seq': 4, 'model__attention__window': 4, 'model__attention__sparse_cache': 8},
+      'sparse_cache runs its chunks in order',
+    ),
   ],
 )
 def test_sequence_split_config_errors(overrides, message):
