@@ -3,9 +3,14 @@
     python benchmarks/attention.py                      # full table, 1k..32k
     python benchmarks/attention.py --lengths 4096 --json out.json
     python benchmarks/attention.py --dtype bfloat16 --softmax_impl cudnn  # GPU
+    python benchmarks/attention.py --lengths 4096 --modes causal prefill --kinds \
+      hedgehog:window=64 hedgehog:window=64,sinks=4 hedgehog:window=64,sinks=4,sparse_cache=256
 
 Every kind in ``attention.KINDS`` plus the per-step scan reference
-('favor_softmax/scan'), causal and bidirectional. Each row gives the time of
+('favor_softmax/scan'), causal and bidirectional; a kind may carry attention
+options, ``kind:name=value,...`` (a hybrid's window, sinks, sparse cache). Mode
+'prefill' times a causal prefill from an empty decoding state instead (forward
+only; with a sparse cache, its chunks in order). Each row gives the time of
 one forward+backward pass (the backward against a fixed random cotangent,
 as a downstream layer supplies it, for every kind alike), XLA's peak memory for it, achieved GFLOP/s as a
 fraction of a same-shaped plain matmul measured in the same run, and ratios
@@ -22,6 +27,7 @@ exact, causal >= 8x.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 
@@ -38,9 +44,17 @@ SCAN = 'favor_softmax/scan'
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--lengths', type=int, nargs='+', default=[1024, 2048, 4096, 8192, 16384, 32768])
-  p.add_argument('--kinds', nargs='+', default=list(attention.KINDS) + [SCAN])
   p.add_argument(
-    '--modes', nargs='+', default=['bidirectional', 'causal'], choices=['bidirectional', 'causal']
+    '--kinds',
+    nargs='+',
+    default=list(attention.KINDS) + [SCAN],
+    help='kinds, each optionally with attention options: kind:name=value,...',
+  )
+  p.add_argument(
+    '--modes',
+    nargs='+',
+    default=['bidirectional', 'causal'],
+    choices=['bidirectional', 'causal', 'prefill'],
   )
   p.add_argument('--batch', type=int, default=1)
   p.add_argument('--heads', type=int, default=8)
@@ -58,13 +72,28 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+def parse_kind(spec):
+  """'kind' or 'kind:name=value,...' -> (kind, {name: value}); values are Python
+  literals (ints, floats, True/False) or else strings."""
+  kind, _, rest = spec.partition(':')
+  options = {}
+  for item in filter(None, rest.split(',')):
+    name, _, value = item.partition('=')
+    try:
+      options[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[name] = value
+  return kind, options
+
+
 def make_attend(kind, args):
   options = dict(
     num_features=args.num_features, chunk_size=args.chunk_size, implementation=args.softmax_impl
   )
   if kind == SCAN:
     return attention.get_attention('favor_softmax', causal_impl='scan', **options)
-  return attention.get_attention(kind, **options)
+  kind, extra = parse_kind(kind)
+  return attention.get_attention(kind, **options, **extra)
 
 
 def forward_backward(attend, causal, features):
@@ -80,8 +109,21 @@ def forward_backward(attend, causal, features):
   return jax.jit(grads)
 
 
-def run_case(kind, causal, length, args, predicted):
-  row = {'kind': kind, 'mode': 'causal' if causal else 'bidirectional', 'length': length}
+def prefill(attend, features, max_length):
+  """(q, k, v, ct) -> the outputs of a causal prefill from an empty state (ct unused)."""
+
+  def run(q, k, v, ct):
+    del ct
+    b, _, h, d = q.shape
+    state = attend.init_state(b, h, d, v.shape[-1], projection=features, max_length=max_length)
+    return attend.prefill(state, q, k, v, projection=features)[0]
+
+  return jax.jit(run)
+
+
+def run_case(kind, mode, length, args, predicted):
+  causal = mode != 'bidirectional'
+  row = {'kind': kind, 'mode': mode, 'length': length}
   if predicted is not None and predicted > args.max_seconds:
     row['skipped'] = f'predicted {predicted:.0f}s > --max_seconds'
     return row
@@ -92,7 +134,10 @@ def run_case(kind, causal, length, args, predicted):
   ct = jax.random.normal(jax.random.fold_in(keys[3], 1), shape, jnp.float32)
   attend = make_attend(kind, args)
   features = attend.make_projection(keys[3], args.head_dim)
-  fn = forward_backward(attend, causal, features)
+  if mode == 'prefill':
+    fn = prefill(attend, features, length)
+  else:
+    fn = forward_backward(attend, causal, features)
   compiled, peak, flops = common.compile_stats(fn, q, k, v, ct)
   row['peak_mb'] = None if peak is None else peak / 2**20
   if peak is not None and peak > args.max_memory_gb * 2**30:
@@ -137,16 +182,19 @@ def main(argv=None):
     for kind in args.kinds:
       if kind == SCAN and not causal:
         continue
+      if mode == 'bidirectional' and parse_kind(kind)[1].get('sparse_cache'):
+        continue  # a causal decoding cache
+      base = parse_kind(kind)[0]
       last = None  # (length, ms) of the previous size, to predict the next
       for length in sorted(args.lengths):
         predicted = None
         if last is not None:
-          growth = 4.0 if kind == 'softmax' else 2.0
+          growth = 4.0 if base == 'softmax' else 2.0
           predicted = (
-            last[1] / 1e3 * growth * (length / last[0] / 2) ** (2 if kind == 'softmax' else 1)
+            last[1] / 1e3 * growth * (length / last[0] / 2) ** (2 if base == 'softmax' else 1)
           )
         try:
-          row = run_case(kind, causal, length, args, predicted)
+          row = run_case(kind, mode, length, args, predicted)
         except Exception as error:  # pylint: disable=broad-except
           row = common.failed_row({'kind': kind, 'mode': mode, 'length': length}, error)
         rows.append(row)
@@ -163,7 +211,7 @@ def main(argv=None):
     ('mode', 'mode', None),
     ('kind', 'kind', None),
     ('length', 'L', '{:d}'),
-    ('ms', 'fwd+bwd ms', '{:.1f}'),
+    ('ms', 'ms (prefill: fwd)' if 'prefill' in args.modes else 'fwd+bwd ms', '{:.1f}'),
     ('peak_mb', 'peak MB', '{:.0f}'),
     ('speedup_vs_softmax', 'vs softmax', '{:.1f}x'),
     ('x_identity', '/ identity', '{:.1f}x'),

@@ -22,7 +22,9 @@ Reported per row:
   the loops of all contexts of a kind run round-robin, so background load
   affects every context alike) and its ratio to the shortest context;
 * the decoding cache's size (bytes of the cache pytree: (S, z, M) per layer
-  for FAVOR, K/V for softmax) and XLA's peak memory for the compiled decode
+  for FAVOR, plus the window's ring, the sinks and the sparse cache where
+  `--window`, `--sinks`, `--sparse_cache` turn them on; K/V for softmax), the
+  sparse cache's share of it, and XLA's peak memory for the compiled decode
   loop (arguments + outputs + temporaries, cache donated).
 
 FAVOR's state has the same shape at every context, so its decode program is
@@ -91,6 +93,15 @@ def parse_args(argv=None):
   p.add_argument(
     '--window', type=int, default=0, help='linear kinds: exact softmax over the last W keys'
   )
+  p.add_argument(
+    '--sinks', type=int, default=0, help='linear kinds: the first S tokens attended exactly'
+  )
+  p.add_argument(
+    '--sparse_cache',
+    type=int,
+    default=0,
+    help='linear kinds with --window: LoLA cache of this many exact pairs per head',
+  )
   p.add_argument('--quick', action='store_true', help='tiny model and contexts: a smoke test')
   p.add_argument('--json', default=None, help='write results here')
   args = p.parse_args(argv)
@@ -111,13 +122,25 @@ def smollm2_path():
   return os.path.join(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
 
 
+def exact_options(kind, args):
+  """The window / sinks / sparse-cache options a linear kind gets (none for the others)."""
+  if kind in ('softmax', 'identity'):
+    return {}
+  names = ('window', 'sinks', 'sparse_cache')
+  return {name: getattr(args, name) for name in names if getattr(args, name)}
+
+
+def label(kind, args):
+  words = {'window': 'window', 'sinks': 'sinks', 'sparse_cache': 'cache'}
+  return kind + ''.join(f'+{words[k]} {v}' for k, v in exact_options(kind, args).items())
+
+
 def build(kind, args):
   if args.smollm2:
     from performer import convert  # pylint: disable=g-import-not-at-top
 
     options = {} if kind in ('softmax', 'identity') else {'num_features': args.num_features}
-    if args.window and kind not in ('softmax', 'identity'):
-      options['window'] = args.window
+    options.update(exact_options(kind, args))
     model, _, cfg = convert.import_llama_gguf(
       args.gguf or smollm2_path(), kind, dtype=args.dtype, **options
     )
@@ -138,7 +161,7 @@ def build(kind, args):
         kind=kind,
         num_features=args.num_features,
         chunk_size=args.chunk_size,
-        window=0 if kind in ('softmax', 'identity') else args.window,
+        **exact_options(kind, args),
       ),
     )
   )
@@ -147,6 +170,13 @@ def build(kind, args):
 
 def tree_bytes(tree):
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def sparse_cache_bytes(cache):
+  """Bytes of the sparse caches' leaves (under a 'cache' key of a layer's state)."""
+  leaves = jax.tree_util.tree_leaves_with_path(cache)
+  in_cache = lambda path: any(getattr(p, 'key', None) == 'cache' for p in path)
+  return int(sum(x.size * x.dtype.itemsize for path, x in leaves if in_cache(path)))
 
 
 def random_cache(cache, length, key):
@@ -160,8 +190,9 @@ def random_cache(cache, length, key):
       return jax.random.normal(
         jax.random.fold_in(key, zlib.crc32(str(path).encode())), leaf.shape, leaf.dtype
       )
-    if name == 'valid':
-      return jnp.broadcast_to(jnp.arange(leaf.shape[1]) < length, leaf.shape)
+    if name == 'valid':  # [B, slots] or, for a sparse cache, [B, slots, heads]
+      filled = jnp.arange(leaf.shape[1]) < length
+      return jnp.broadcast_to(filled.reshape((1, -1) + (1,) * (leaf.ndim - 2)), leaf.shape)
     if name in ('index', 'positions'):
       return jnp.full(leaf.shape, length, leaf.dtype)
     return leaf
@@ -199,12 +230,7 @@ def bench_kind(kind, args, rows):
   compiled_decode, entries = {}, []
   for length in args.contexts:
     max_length = length + args.steps + 1
-    label = (
-      f'{kind}+window {args.window}'
-      if args.window and kind not in ('softmax', 'identity')
-      else kind
-    )
-    row = {'kind': label, 'context': length}
+    row = {'kind': label(kind, args), 'context': length}
     tokens = jnp.asarray(rng.randint(0, args.vocab, (args.batch, length)), jnp.int32)
     if args.smollm2 or (kind == 'softmax' and length > args.softmax_prefill_max):
       cache = model.init_cache(args.batch, max_length)
@@ -217,6 +243,7 @@ def bench_kind(kind, args, rows):
       token, cache = jax.block_until_ready(prefill(state, tokens, max_length))
       row['prefill_s'] = time.perf_counter() - start
     row['cache_mib'] = tree_bytes(cache) / 2**20
+    row['sparse_mib'] = sparse_cache_bytes(cache) / 2**20
     key = str(jax.tree.leaves(jax.tree.map(lambda x: (x.shape, x.dtype), cache)))
     if key not in compiled_decode:  # FAVOR: one program for every context
       compiled, peak, _ = common.compile_stats(decode, state, cache, token)
@@ -298,6 +325,7 @@ def main(argv=None):
     ('ms_per_token', 'ms/token', '{:.3f}'),
     ('ratio', f'x ctx {args.contexts[0]}', '{:.2f}'),
     ('cache_mib', 'cache MiB', '{:.2f}'),
+    ('sparse_mib', 'of it sparse', '{:.2f}'),
     ('decode_peak_mib', 'decode peak MiB', '{:.1f}'),
     ('note', 'note', None),
   ]
@@ -306,12 +334,13 @@ def main(argv=None):
   print(f'peak RSS of this process: {rss:.0f} MiB')
   summary = {}
   for kind in args.kinds:
-    by_len = {r['context']: r for r in rows if r['kind'] == kind}
+    name = label(kind, args)
+    by_len = {r['context']: r for r in rows if r['kind'] == name}
     if 8192 in by_len and 128 in by_len:
       ratio = by_len[8192]['ms_per_token'] / by_len[128]['ms_per_token']
-      summary[kind] = ratio
+      summary[name] = ratio
       target = '  (target <= 1.1)' if kind.startswith('favor') else ''
-      print(f'{kind}: time per token at context 8192 / 128 = {ratio:.3f}{target}')
+      print(f'{name}: time per token at context 8192 / 128 = {ratio:.3f}{target}')
   if args.json:
     common.write_json(
       args.json,

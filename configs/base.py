@@ -64,6 +64,13 @@ def get_config():
   # Evaluation ablation: a hybrid's window branch removed, its linear branch over every key
   # (does the linear part carry anything?); the checkpoint still loads.
   config.model.attention.window_off = False
+  # Attention sinks (StreamingLLM): the first s tokens of each sequence attended exactly, with a
+  # learned gain of their own, under the same normaliser (attention/sinks.py). 0 = off.
+  config.model.attention.sinks = 0
+  # LoLA's sparse cache (needs window > 0): up to this many evicted (k, v) pairs, those the linear
+  # state recalls worst, kept exact; updated once per chunk_size tokens in the forward pass and
+  # prefill, once per token in decoding (attention/sparse_cache.py). 0 = off.
+  config.model.attention.sparse_cache = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'protein_sample'

@@ -1,8 +1,10 @@
 """Run by tests/test_context_parallel.py in a fresh process with 8 forced CPU
 devices: attention outputs and gradients, and decoding after a prefill, with the
 length split over a `seq` mesh axis against one device. argv[1]: kinds, each
-optionally with `:W` for a window of W; argv[2] 'segments': only the cases with packed
-segments (and padding), not those with padding alone. Prints RESULT{json}."""
+optionally with `:W` for a window of W and `:S` for S sinks; argv[2] 'segments': only
+the cases with packed segments (and padding), not those with padding alone;
+'causal_segments': those, causal only, and check that bidirectional sinks and a sparse
+cache raise under the mesh. Prints RESULT{json}."""
 
 import json
 import sys
@@ -40,8 +42,10 @@ def mesh_of(data, seq):
   return jax.sharding.Mesh(devices, ('data', 'fsdp', 'seq'), axis_types=auto)
 
 
-def run(kind, causal, segments, mesh, chunk, window):
-  attend = attention.get_attention(kind, num_features=16, chunk_size=chunk, window=window)
+def run(kind, causal, segments, mesh, chunk, window, **options):
+  attend = attention.get_attention(
+    kind, num_features=16, chunk_size=chunk, window=window, **options
+  )
   proj = attend.make_projection(jax.random.PRNGKey(1), D)
   q, k, v, ct, seg, mask = inputs()
   seg = seg if segments else None
@@ -59,10 +63,12 @@ def run(kind, causal, segments, mesh, chunk, window):
   return [np.asarray(x) for x in (out, *grads)]
 
 
-def decode(kind, mesh, chunk, window):
+def decode(kind, mesh, chunk, window, **options):
   """Prefill 48 tokens (sharded or not), continue with a second prefill of 8
   (without a window) and two decoding steps; returns every output."""
-  attend = attention.get_attention(kind, num_features=16, chunk_size=chunk, window=window)
+  attend = attention.get_attention(
+    kind, num_features=16, chunk_size=chunk, window=window, **options
+  )
   proj = attend.make_projection(jax.random.PRNGKey(1), D)
   q, k, v, *_ = inputs()
   mask = jnp.ones((B, L), bool).at[0, :5].set(False)  # left padding
@@ -100,21 +106,36 @@ def max_error(a, b):
 def main():
   assert jax.device_count() == 8, jax.devices()
   result = {}
-  with_segments = (True,) if sys.argv[2:] == ['segments'] else (False, True)
-  for spec in sys.argv[1].split(','):  # kind or kind:window
-    kind, window = (spec.split(':') + ['0'])[:2]
-    window = int(window)
-    for causal in (True, False):
+  modes = sys.argv[2:]
+  with_segments = (True,) if modes in (['segments'], ['causal_segments']) else (False, True)
+  directions = (True,) if modes == ['causal_segments'] else (True, False)
+  for spec in sys.argv[1].split(','):  # kind, kind:window or kind:window:sinks
+    kind, window, sinks = (spec.split(':') + ['0', '0'])[:3]
+    window, opts = int(window), {'sinks': int(sinks)}
+    for causal in directions:
       for segments in with_segments:
         mode = f'{"causal" if causal else "bidirectional"}/{"segments" if segments else "mask"}'
-        base = run(kind, causal, segments, None, 4, window)
+        base = run(kind, causal, segments, None, 4, window, **opts)
         result[f'{spec}/{mode}'] = {
-          'seq8': max_error(run(kind, causal, segments, mesh_of(1, 8), 4, window), base),
-          'data2_seq4': max_error(run(kind, causal, segments, mesh_of(2, 4), 8, window), base),
+          'seq8': max_error(run(kind, causal, segments, mesh_of(1, 8), 4, window, **opts), base),
+          'data2_seq4': max_error(
+            run(kind, causal, segments, mesh_of(2, 4), 8, window, **opts), base
+          ),
         }
     if kind != 'softmax':
-      base = decode(kind, None, 4, window)
-      result[f'{spec}/decode'] = {'seq8': max_error(decode(kind, mesh_of(1, 8), 4, window), base)}
+      base = decode(kind, None, 4, window, **opts)
+      result[f'{spec}/decode'] = {
+        'seq8': max_error(decode(kind, mesh_of(1, 8), 4, window, **opts), base)
+      }
+    if modes == ['causal_segments']:  # what the mesh refuses
+      refused = [(False, True, opts), (True, False, {'sparse_cache': 2, 'sinks': 0})]
+      for causal, segments, extra in refused:
+        try:
+          run(kind, causal, segments, mesh_of(1, 8), 4, max(window, 1), **extra)
+        except ValueError:
+          result.setdefault('raised', []).append(f'{spec}/{causal}/{extra}/ValueError')
+        else:
+          result.setdefault('raised', []).append(f'{spec}/{causal}/{extra}/did not raise')
   print('RESULT' + json.dumps(result))
 
 

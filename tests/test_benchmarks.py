@@ -129,6 +129,23 @@ def test_attention_benchmark_runs(tmp_path):
   assert os.path.getsize(path) > 0
 
 
+def test_attention_benchmark_options_and_prefill(tmp_path):
+  """Kinds with options (a hybrid, + sinks, + sparse cache) in causal and prefill modes;
+  the cache is causal-only, so its bidirectional row is left out."""
+  path = tmp_path / 'hybrid.json'
+  kinds = ['hedgehog:window=8', 'hedgehog:window=8,sinks=2', 'hedgehog:window=8,sparse_cache=4']
+  args = ['--lengths', '32', '--heads', '2', '--head_dim', '8', '--chunk_size', '8']
+  args += ['--modes', 'causal', 'prefill', 'bidirectional', '--repeats', '1', '--kinds', *kinds]
+  proc = run_script(['benchmarks/attention.py', *args, '--json', str(path)], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(path.read_text())['rows']
+  want = {(m, k) for m in ('causal', 'prefill') for k in kinds} | {
+    ('bidirectional', k) for k in kinds[:2]
+  }
+  assert {(r['mode'], r['kind']) for r in rows} == want
+  assert all(r['ms'] > 0 for r in rows), rows
+
+
 @pytest.mark.slow
 def test_context_parallel_benchmark_quick(tmp_path):
   """Per-device memory falls with seq, and the state traffic does not grow with L."""

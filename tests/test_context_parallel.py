@@ -74,14 +74,20 @@ def test_chunked_prefill_continues_from_a_state():
 
 
 @pytest.mark.parametrize(
-  'kind, window',
-  [pytest.param('favor_softmax', 0, marks=pytest.mark.slow), ('hedgehog', 6), ('softmax', 0)],
+  'kind, window, sinks',
+  [
+    pytest.param('favor_softmax', 0, 0, marks=pytest.mark.slow),
+    ('hedgehog', 6, 0),
+    ('softmax', 0, 0),
+    ('favor_softmax', 6, 3),
+  ],
 )
-def test_multi_turn_prefill_equals_one_prefill(kind, window):
+def test_multi_turn_prefill_equals_one_prefill(kind, window, sinks):
   """Turns of 25, 3 (shorter than the window) and 12 tokens, each prefilled from the
   last one's state, then a decoding step: the same outputs as one prefill of all 40
-  (softmax: each turn reads the KV cache the earlier ones wrote)."""
-  attend = attention.get_attention(kind, num_features=16, chunk_size=8, window=window)
+  (softmax: each turn reads the KV cache the earlier ones wrote; sinks: held in the
+  state after the first turn)."""
+  attend = attention.get_attention(kind, num_features=16, chunk_size=8, window=window, sinks=sinks)
   proj = attend.make_projection(jax.random.PRNGKey(0), 8)
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 41, 2, 8)), jnp.float32) for _ in range(3))
@@ -111,13 +117,26 @@ def _eight_device_parity(kinds, modes='all'):
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT'))
   result = json.loads(line[len('RESULT') :])
+  raised = result.pop('raised', [])
+  for name in raised:
+    assert name.endswith('ValueError'), name
   for name, errors in result.items():
     # trig features' normaliser can come near zero: on one device, chunks of 4 and 8
     # already differ by 7e-5 there (rounding, not the split)
     tolerance = 2e-4 if name.startswith('favor_trig') else 1e-5
     for mesh, error in errors.items():
       assert error <= tolerance, (name, mesh, error)
-  return result
+  return dict(result, raised=raised)
+
+
+def test_sinks_split_over_eight_devices_equal_one_device():
+  """Hedgehog with a window of 6 and 4 sinks, causal: the sinks of the segment entering
+  each device's span arrive in the all-gather-and-fold (a segment starting at 13 has
+  its sinks on two devices); decoding after a sharded prefill. Bidirectional sinks
+  under mesh.seq raise a ValueError, as does a sparse cache."""
+  result = _eight_device_parity(['hedgehog:6:4'], modes='causal_segments')
+  assert 'hedgehog:6:4/decode' in result and 'hedgehog:6:4/causal/segments' in result
+  assert 'hedgehog:6:4/bidirectional/segments' not in result and len(result['raised']) == 2
 
 
 def test_sequence_split_over_eight_devices_equals_one_device():
@@ -171,6 +190,10 @@ def test_train_py_logs_the_same_losses_with_seq_4(tmp_path):
     ({'mesh__seq': 3}, 'does not divide data.seq_len=64'),
     ({'mesh__seq': 8}, 'not a multiple of model.attention.chunk_size=16'),
     ({'mesh__seq': 4, 'model__attention__window': 20}, 'attention.window=20 is longer'),
+    (
+      {'mesh__seq': 4, 'model__attention__window': 4, 'model__attention__sparse_cache': 8},
+      'sparse_cache runs its chunks in order',
+    ),
   ],
 )
 def test_sequence_split_config_errors(overrides, message):

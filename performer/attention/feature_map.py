@@ -77,7 +77,9 @@ class Options:
   stats_decay: float = 0.99  # FAVOR++/FAVOR#: running-moment decay
   hedgehog_dim: int | None = None  # Hedgehog d' (None or 0: head_dim)
   window: int = 0  # exact softmax over the last W keys, linear beyond (0: off; window.py)
-  window_off: bool = False  # ablation: drop a hybrid's window branch (linear over all keys)
+  window_off: bool = False  # ablation: drop a hybrid's window branch (and its sparse cache)
+  sinks: int = 0  # the first s tokens of each segment attended exactly (0: off; sinks.py)
+  sparse_cache: int = 0  # LoLA: up to this many exact pairs beyond the window (sparse_cache.py)
 
 
 def draw_projection_for(options: Options, key, head_dim, num_heads=None):

@@ -18,9 +18,8 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import context_parallel, linear
+from performer.attention import context_parallel, exact_parts, linear
 from performer.attention import softmax as softmax_lib
-from performer.attention import window as window_lib
 from performer.attention.feature_map import FeatureParam, Options
 
 
@@ -58,10 +57,7 @@ def repeat_kv(x, num_heads):
   return x if groups == 1 else jnp.repeat(x, groups, axis=-2)
 
 
-def _zero_padded_queries(out, mask):
-  if mask is None:
-    return out
-  return jnp.where(mask[..., None, None], out, jnp.zeros((), out.dtype))
+_zero_padded_queries = exact_parts.zero_padded_queries
 
 
 def _allowed(length, causal, mask, segment_ids):
@@ -204,9 +200,10 @@ class IdentityAttention(Attention):
     return repeat_kv(v, q.shape[1]), state
 
 
-class LinearAttention(Attention):
+class LinearAttention(exact_parts.ExactParts, Attention):
   """Feature-map attention: ``feature_map`` (a module of its own, see
-  ``feature_map.py``) through the pure functions of ``linear.py``."""
+  ``feature_map.py``) through the pure functions of ``linear.py``; with a window,
+  sinks or a sparse cache, through ``exact_parts.py``."""
 
   def __init__(self, map_class, name, head_dim, num_heads, options, *, rngs=None, projection=None):
     super().__init__(head_dim, num_heads, options)
@@ -216,44 +213,14 @@ class LinearAttention(Attention):
     self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs, projection=projection)
     if options.window:  # exact softmax over the last W keys (window.py): its gain per head
       self.window_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
+    if options.sinks:  # exact softmax over the first s tokens (sinks.py): a gain of their own
+      self.sink_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
     # window_off (an evaluation ablation) keeps the gain, so a hybrid's checkpoint loads,
-    # but runs the linear branch over every key: what the linear part carries on its own.
+    # but runs the linear branch over every key: what the linear part carries on its own
+    # (the sparse cache, a store of evicted window keys, goes with the window).
     self.window = 0 if options.window_off else options.window
-
-  def _windowed(self, q, k, v, *, causal, mask, segment_ids, state=None):
-    """window.hybrid with this module's feature map; k, v already repeated, v
-    heads-major. With a decoding ``state`` (prefill) the ring's keys precede q, the
-    linear state holds everything before them, and the new linear state is returned."""
-    fmap = self.feature_map
-    ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
-    qf, q_r = fmap.query_parts(q, ctx)
-    kf, kr = fmap.masked_key(k, mask, ctx)
-    seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    context = initial = None
-    if state is not None:
-      ring_k, ring_v, ring_valid = window_lib.ring_ordered(state['ring'])
-      ring_kf, ring_kr = fmap.masked_key(ring_k, ring_valid, ctx)
-      context = {
-        'k': ring_k,
-        'v': ring_v.swapaxes(1, 2),
-        'valid': ring_valid,
-        'seg': jnp.zeros(ring_valid.shape, seg.dtype),
-        'kf': ring_kf,
-        'kr': ring_kr,
-      }
-      initial = state['linear']
-    core = functools.partial(
-      window_lib.hybrid,
-      window=self.window,
-      causal=causal,
-      chunk_size=self.options.chunk_size,
-      return_state=state is not None,
-    )
-    args = (q, k, v, qf, q_r, kf, kr, seg, mask, self.window_log_gain[...], context, initial)
-    in_axes = (1, 1, 2, 2, 2, 2, 2, 1, 1, context_parallel.REPLICATED, None, None)
-    return context_parallel.over_length(
-      core, args, in_axes, (2, 2) if state is None else (2, 2, None)
-    )
+    self.sinks = options.sinks
+    self.cache_size = 0 if options.window_off else options.sparse_cache
 
   def _split(self, q, k, *, causal, mask, segment_ids):
     """Heads-major q~ [B, H, L, M], masked k~ and its log-scale [B, H, L]."""
@@ -270,8 +237,12 @@ class LinearAttention(Attention):
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     fmap, chunk = self.feature_map, self.options.chunk_size
-    if self.window:
-      num, den = self._windowed(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
+    if self.cache_size:
+      return self._cached_forward(
+        q, k, v.swapaxes(1, 2), causal=causal, mask=mask, segment_ids=segment_ids
+      )
+    if self.window or self.sinks:
+      num, den = self._hybrid(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
       return self._output(num, den, v)
     if not causal and segment_ids is None:
       ctx = fmap.calibrate(q, k, causal=False, mask=mask)
@@ -298,32 +269,16 @@ class LinearAttention(Attention):
     return (fmap.exact_query(q, ctx).swapaxes(1, 2), fmap.exact_key(k, ctx).swapaxes(1, 2))
 
   def _scores(self, q, k, *, causal, mask, segment_ids):
-    if self.window:
-      fmap = self.feature_map
-      ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
-      qf, q_r = fmap.query_parts(q, ctx)
-      kf, kr = fmap.key(k, ctx)
-      return window_lib.scores(
-        q,
-        k,
-        qf,
-        q_r,
-        kf,
-        kr,
-        window=self.window,
-        causal=causal,
-        log_gain=self.window_log_gain[...],
-      )
+    if self.window or self.sinks:
+      return self._exact_scores(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     phi_q, phi_k = self.features(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     return jnp.einsum('bqhm,bkhm->bhqk', phi_q, phi_k)
 
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     del num_kv_heads, max_length  # one (S, z) per query head, whatever the context
-    state = linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
-    if not self.window:
-      return state
-    ring = window_lib.init_ring(batch, self.window, self.num_heads, self.head_dim, value_dim, dtype)
-    return {'linear': state, 'ring': ring}
+    if self.window or self.sinks:
+      return self._exact_state(batch, value_dim, dtype)
+    return linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
 
   def prefill(self, state, q, k, v, *, mask=None):
     """Chunked causal pass that continues from ``state`` (fresh from ``init_state``,
@@ -331,14 +286,8 @@ class LinearAttention(Attention):
     the state after the last token."""
     check_inputs(q, k, v, mask, None)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    if self.window:
-      num, den, lin = self._windowed(
-        q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, state=state
-      )
-      valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
-      ring = window_lib.ring_append(state['ring'], k, v, valid)
-      out = _zero_padded_queries(self._output(num, den, v), mask)
-      return out, {'linear': lin, 'ring': ring}
+    if self.window or self.sinks:
+      return self._exact_prefill(state, q, k, v, mask)
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
     core = functools.partial(
@@ -355,8 +304,8 @@ class LinearAttention(Attention):
 
   def step(self, state, q, k, v, *, mask=None):
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    if self.window:
-      return self._window_step(state, q, k, v, mask)
+    if self.window or self.sinks:
+      return self._exact_step(state, q, k, v, mask)
     qf, kf, kr = self._split(
       q[:, None],
       k[:, None],
@@ -366,20 +315,3 @@ class LinearAttention(Attention):
     )
     num, den, state = linear.recurrent_step(state, qf[:, :, 0], kf[:, :, 0], kr[:, :, 0], v)
     return linear.normalise(num, den, self.options.eps).astype(v.dtype), state
-
-  def _window_step(self, state, q, k, v, mask):
-    """The new token enters the ring; the key it evicts (position - W) enters (S, z)."""
-    valid = jnp.ones(q.shape[:1], bool) if mask is None else mask
-    ring, (old_k, old_v, old_valid) = window_lib.ring_push(state['ring'], k, v, valid)
-    fmap = self.feature_map
-    ctx = fmap.calibrate(q[:, None], k[:, None], causal=True, mask=valid[:, None])
-    kf, kr = fmap.masked_key(old_k[:, None], old_valid[:, None], ctx)
-    lin = linear.add_key(state['linear'], kf[:, :, 0], kr[:, :, 0], old_v.astype(jnp.float32))
-    qf, q_r = fmap.query_parts(q[:, None], ctx)
-    l_num, l_den = linear.read_state(lin, qf[:, :, 0])
-    w_num, w_den, w_shift = window_lib.ring_read(ring, q)
-    num, den = linear.merge(
-      [(w_num, w_den, w_shift + self.window_log_gain[...]), (l_num, l_den, q_r[:, :, 0] + lin['M'])]
-    )
-    out = linear.normalise(num, den, self.options.eps).astype(v.dtype)
-    return out, {'linear': lin, 'ring': ring}

@@ -98,6 +98,14 @@ def make_options(kind: str, **options) -> Options:
     raise ValueError(f'window_off must be True or False, got {window_off!r}')
   if window_off and not window:
     raise ValueError('window_off removes the window branch of a hybrid; this attention has none')
+  for name, meaning in (('sinks', 'no sinks'), ('sparse_cache', 'no sparse cache')):
+    value = options.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ValueError(f'{name} must be an integer >= 0 (0: {meaning}), got {value!r}')
+  if options.get('sparse_cache', 0) and not window:
+    raise ValueError(
+      'sparse_cache keeps keys evicted from the window: it needs attention.window > 0'
+    )
   return Options(**options)
 
 

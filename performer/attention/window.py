@@ -26,7 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from performer.attention import linear
+from performer.attention import linear, sparse_cache
+from performer.attention import sinks as sinks_lib
 from performer.attention.linear import NEG
 
 sg = jax.lax.stop_gradient
@@ -153,7 +154,24 @@ def _beyond_causal(
   initial_state=None,
 ):
   """The linear part over keys j <= n - W: the causal core on keys shifted right by W
-  (a causal ``context``'s keys, or the neighbouring device's, shifted in first)."""
+  (a causal ``context``'s keys, or the neighbouring device's, shifted in first). With
+  no window (sinks alone) the keys stay in place, and the reversed pass of a
+  bidirectional call leaves out the diagonal, which the forward pass counts."""
+  if not window:
+    return linear.causal_chunked(
+      qf,
+      kf,
+      kr,
+      v.astype(jnp.float32),
+      segment_ids,
+      chunk_size,
+      inclusive=not reverse,
+      return_shift=True,
+      return_state=return_state,
+      initial_state=initial_state,
+      axis_name=axis_name,
+      axis_reversed=reverse,
+    )
   ctx = context or {}
   shift = lambda x, fill, name, axis=2: _shift_right(
     x, window, axis, fill, axis_name, reverse, ctx.get(name)
@@ -187,15 +205,22 @@ def hybrid(
   log_gain,
   context=None,
   initial_state=None,
+  is_sink=None,
+  sink_log_gain=None,
+  sinks_in=None,
+  cache=None,
   *,
   window,
   causal,
   chunk_size,
+  sinks=0,
+  packed=True,
   return_state=False,
   axis_name=None,
 ):
   """Unnormalised (num [B, H, L, D], den [B, H, L]) of windowed attention, plus
-  (causal, ``return_state``) the linear state holding every key but the last W.
+  (causal, ``return_state``) the linear state holding every key but the last W and,
+  with sinks, the sink state after the last position.
 
   q, k [B, L, H, d] raw (k with q's heads); v [B, H, L, D]; qf, q_r the query parts
   and kf, kr the masked key parts of the feature map (``FeatureMap.query_parts``,
@@ -206,13 +231,40 @@ def hybrid(
   before the first position ({'k' [B, W, H, d], 'v' [B, H, W, D], 'valid',
   'seg' [B, W], 'kf' [B, H, W, M], 'kr' [B, H, W]}) and ``initial_state`` the
   linear state of every key before those.
+
+  Further exact parts under the same normaliser (``window`` may then be 0): with
+  ``sinks`` = s, ``is_sink`` [B, L] marks the sink keys (``sinks.flags``; the caller
+  has already dropped them from ``mask`` and kf, kr) and ``sinks_in`` holds the sinks
+  before the first position (``sinks.attend``; ``packed``: segment ids were given),
+  scored with ``sink_log_gain`` [H];
+  ``cache`` is a sparse cache (``sparse_cache.read``), its keys older than every
+  query and absent from the linear state, scored with the window's gain.
   """
   if axis_name is not None and q.shape[1] < window:
     raise ValueError(
       f'attention.window={window} is longer than the {q.shape[1]} positions per device'
     )
-  b_num, b_den, b_shift = band(q, k, v, segment_ids, mask, window, causal, axis_name, context)
-  parts = [(b_num, b_den, b_shift + log_gain[None, :, None])]
+  parts = []
+  if window:
+    b_num, b_den, b_shift = band(q, k, v, segment_ids, mask, window, causal, axis_name, context)
+    parts.append((b_num, b_den, b_shift + log_gain[None, :, None]))
+  if sinks:
+    s_num, s_den, s_shift, sink_state = sinks_lib.attend(
+      q,
+      k,
+      v,
+      segment_ids,
+      is_sink,
+      sinks_in,
+      size=sinks,
+      causal=causal,
+      packed=packed,
+      axis_name=axis_name,
+    )
+    parts.append((s_num, s_den, s_shift + sink_log_gain[None, :, None]))
+  if cache is not None:
+    c_num, c_den, c_shift = sparse_cache.read(cache, q)
+    parts.append((c_num, c_den, c_shift + log_gain[None, :, None]))
   beyond = _beyond_causal(
     qf,
     kf,
@@ -228,7 +280,7 @@ def hybrid(
   )
   parts.append((beyond[0], beyond[1], q_r + beyond[2]))
   if return_state:
-    return linear.merge(parts) + (beyond[3],)
+    return linear.merge(parts) + (beyond[3],) + ((sink_state,) if sinks else ())
   if not causal:  # keys j >= n + W: the same on the reversed sequence
     flip = lambda x, axis=2: jnp.flip(x, axis=axis)
     r_num, r_den, r_shift = _beyond_causal(
@@ -246,22 +298,28 @@ def hybrid(
   return linear.merge(parts)
 
 
-def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain):
+def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain, sink_cols=None, sink_log_gain=None):
   """[B, H, L, L] unnormalised weights the hybrid implies (analysis only): g exp(s)
-  inside the window, phi(q).phi(k) outside, under one shift per row."""
+  inside the window, g_s exp(s) on the sink keys ``sink_cols`` [B, L] (kf, kr zero
+  there), phi(q).phi(k) elsewhere, under one shift per row."""
   length = q.shape[1]
   s = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
-  win_log = s * q.shape[-1] ** -0.5 + log_gain[None, :, None, None]
+  s = s * q.shape[-1] ** -0.5
+  exact_log = s + log_gain[None, :, None, None] if window else s
   lin = jnp.einsum('bhqm,bhkm->bhqk', qf, kf)
   lin_log = q_r[..., :, None] + kr[..., None, :]
   gap = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
-  in_band = ((gap >= 0) & (gap < window)) if causal else (jnp.abs(gap) < window)
-  visible = gap >= 0 if causal else jnp.ones_like(in_band)
-  log_like = jnp.where(in_band, win_log, lin_log)
+  exact = ((gap >= 0) & (gap < window)) if causal else (jnp.abs(gap) < window)
+  if sink_cols is not None:
+    is_sink = sink_cols[:, None, None, :]
+    exact_log = jnp.where(is_sink, s + sink_log_gain[None, :, None, None], exact_log)
+    exact = exact | is_sink
+  visible = gap >= 0 if causal else jnp.ones_like(gap, bool)
+  log_like = jnp.where(exact, exact_log, lin_log)
   top = sg(jnp.max(jnp.where(visible, log_like, NEG), axis=-1, keepdims=True))
   return jnp.where(
-    in_band,
-    linear._safe_exp(win_log - top),  # pylint: disable=protected-access
+    exact,
+    linear._safe_exp(exact_log - top),  # pylint: disable=protected-access
     lin * linear._safe_exp(lin_log - top),  # pylint: disable=protected-access
   )
 

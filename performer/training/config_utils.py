@@ -281,6 +281,11 @@ def _check_sequence_split(config):
       f'config.mesh.seq: data.seq_len / mesh.seq = {length // seq} positions per device is '
       f'not a multiple of model.attention.chunk_size={chunk}'
     )
+  if config.model.attention.get('sparse_cache', 0):
+    raise ConfigError(
+      'config.mesh.seq: attention.sparse_cache runs its chunks in order on one device; '
+      'use mesh.seq=1'
+    )
   window = config.model.attention.window
   if window > length // seq:
     raise ConfigError(

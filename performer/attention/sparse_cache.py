@@ -1,0 +1,117 @@
+"""LoLA's sparse cache (McDermott et al. 2025, arXiv 2505.23666): exact pairs the
+linear state would recall badly.
+
+A window + linear hybrid forgets a key's exact value once it leaves the window:
+the linear state (S, z) superimposes it on every other key ("memory collisions"),
+and LoLCATs-style conversions score 0.6% on single-needle retrieval at 4k. LoLA
+keeps, beside the W-token window and (S, z), up to lambda exact (k, v) pairs per
+head, chosen by how badly the state would recall them:
+
+    SRE(k, v) = || phi(k)^T S / phi(k)^T z - v ||^2,
+
+with (S, z) the state that excludes the cached pairs and the candidates (phi the
+key feature map; an empty state predicts 0). The candidates are the cache plus the
+keys just evicted from the window; the top lambda by SRE stay (``jax.lax.top_k``,
+so shapes are static and prefill and decode compile once), the rest are folded
+into (S, z). Queries score the cache exactly, exp(q.k / sqrt(d)) with the window's
+gain (the pairs are evicted window keys), under the one normaliser of
+``window.hybrid``; the state is window + sinks + lambda pairs + (S, z) per head,
+whatever the length.
+
+The update schedule, which every pass shares so that they agree:
+
+* a prefill call runs in chunks of ``chunk_size`` tokens (and a last, shorter one);
+  each chunk's queries see the cache as it was at the chunk's start and a linear
+  part holding every other key out of their window (the state at the chunk's start
+  plus the keys evicted within the chunk so far), and the cache is updated once, at
+  the chunk's end, from the cache and the chunk's C evicted keys;
+* a decoding step is a chunk of one token;
+* the training / evaluation forward pass (``__call__``) *is* such a prefill, from an
+  empty state: forward == prefill == decode whenever the chunks coincide (a chunked
+  or multi-turn prefill whose turns are multiples of ``chunk_size``; decoding after
+  a prefill equals a forward pass with ``chunk_size=1``). Gradients flow through the
+  kept pairs' keys and values, not through the choice. The chunks run in order
+  (a ``lax.scan``), so the forward pass is causal only, takes no packed segments
+  and no ``mesh.seq`` split: each raises a ValueError.
+
+LoLA itself needs no retraining: a trained hybrid can add the cache at evaluation
+time (``attention.sparse_cache`` with the same checkpoint).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from performer.attention import linear
+from performer.attention.linear import NEG
+
+sg = jax.lax.stop_gradient
+
+
+def init(batch, size, heads, head_dim, value_dim, dtype=jnp.float32):
+  """The empty cache: slot j of head h holds one pair, valid per head."""
+  return {
+    'k': jnp.zeros((batch, size, heads, head_dim), dtype),
+    'v': jnp.zeros((batch, size, heads, value_dim), dtype),
+    'valid': jnp.zeros((batch, size, heads), bool),
+  }
+
+
+def read(cache, q):
+  """Exact part of queries q [B, L, H, d] over the cache (every pair is older than
+  every query): (num [B, H, L, D], den [B, H, L], shift [B, H, L])."""
+  s = jnp.einsum('blhd,bjhd->bhlj', q.astype(jnp.float32), cache['k'].astype(jnp.float32))
+  valid = jnp.swapaxes(cache['valid'], 1, 2)[:, :, None, :]  # [B, H, 1, lambda]
+  s = jnp.where(valid, s * q.shape[-1] ** -0.5, NEG)
+  shift = sg(jnp.max(s, axis=-1))
+  weights = jnp.where(valid, linear._safe_exp(s - shift[..., None]), 0.0)  # pylint: disable=protected-access
+  num = jnp.einsum('bhlj,bjhd->bhld', weights, cache['v'].astype(jnp.float32))
+  return num, jnp.sum(weights, axis=-1), shift
+
+
+def self_recall_error(state, kf, v):
+  """SRE [B, H, N] of pairs (kf [B, H, N, M], v [B, H, N, D]) against the linear state:
+  how far its read-out for the key is from the value. S and z share the scale
+  exp(-M) and phi(k) = kf exp(r), so the ratio needs kf only."""
+  num = jnp.einsum('bhnm,bhmd->bhnd', kf, state['S'])
+  den = jnp.einsum('bhnm,bhm->bhn', kf, state['z'])
+  some = den != 0
+  predicted = jnp.where(some[..., None], num / jnp.where(some, den, 1.0)[..., None], 0.0)
+  return jnp.sum(jnp.square(predicted - v), axis=-1)
+
+
+def add_keys(state, kf, kr, v):
+  """The linear state with N more keys (kf [B, H, N, M], kr [B, H, N], v [B, H, N, D];
+  kf = 0 and kr = NEG for a key that must not count), rescaled online."""
+  new_max = jnp.maximum(state['M'], jnp.max(kr, axis=-1))
+  old = linear._safe_exp(state['M'] - new_max)  # pylint: disable=protected-access
+  own = linear._safe_exp(kr - new_max[..., None])[..., None] * kf  # pylint: disable=protected-access
+  return {
+    'S': old[..., None, None] * state['S'] + jnp.einsum('bhnm,bhnd->bhmd', own, v),
+    'z': old[..., None] * state['z'] + jnp.sum(own, axis=2),
+    'M': new_max,
+  }
+
+
+def update(cache, state, k, v, valid, kf, kr):
+  """(new cache, new linear state) from N candidates: the cache's own pairs and the
+  keys just evicted from the window, k [B, N, H, d], v [B, N, H, D], valid [B, N, H],
+  with their key features kf [B, H, N, M], kr [B, H, N]. ``state`` excludes every
+  candidate; the top lambda by SRE per head stay exact, the other valid ones join
+  the state."""
+  size = cache['valid'].shape[1]
+  v_heads = jnp.swapaxes(v, 1, 2).astype(jnp.float32)  # [B, H, N, D]
+  valid_heads = jnp.swapaxes(valid, 1, 2)  # [B, H, N]
+  error = sg(self_recall_error(state, kf, v_heads))
+  _, top = jax.lax.top_k(jnp.where(valid_heads, error, -1.0), size)  # [B, H, lambda]
+  kept = jnp.any(top[..., None] == jnp.arange(k.shape[1]), axis=-2)  # [B, H, N]
+  fold = valid_heads & ~kept
+  state = add_keys(state, kf * fold[..., None], jnp.where(fold, kr, NEG), v_heads)
+  take = lambda x: jnp.take_along_axis(jnp.swapaxes(x, 1, 2), top[..., None], axis=2)
+  new = {
+    'k': jnp.swapaxes(take(k), 1, 2).astype(cache['k'].dtype),
+    'v': jnp.swapaxes(take(v), 1, 2).astype(cache['v'].dtype),
+    'valid': jnp.swapaxes(jnp.take_along_axis(valid_heads, top, axis=2), 1, 2),
+  }
+  return new, state
