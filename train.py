@@ -86,7 +86,10 @@ def get_config(argv):
   config = _CONFIG.value
   if config is None:
     try:
-      config = rundir.load_config(_WORKDIR.value) if _WORKDIR.value else None
+      from configs import base  # pylint: disable=g-import-not-at-top
+
+      schema = base.get_config()
+      config = rundir.load_config(_WORKDIR.value, schema) if _WORKDIR.value else None
       if config is None:
         fail(
           '--config: missing; pass --config=configs/<name>.py, or the --workdir of an '

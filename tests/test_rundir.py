@@ -36,6 +36,8 @@ def test_config_json_round_trips(tmp_path):
   assert stored.model.attention.kind == 'favor_relu' and stored.model.vocab_size == 29
   assert isinstance(stored.model.image_shape, tuple)
   assert rundir.differences(stored, config) == ([], [])
+  filled = rundir.load_config(str(tmp_path), schema=tiny_config())
+  assert filled.train.time_limit_minutes == 0 and filled.model.attention.window == 4
   assert rundir.load_config(str(tmp_path / 'new')) is None
   (tmp_path / 'config.json').write_text('{"model": ')
   with pytest.raises(rundir.RunConfigError, match='unreadable run config'):
@@ -67,6 +69,8 @@ def test_newer_keys_and_evaluation_ablations(tmp_path):
   config = build.resolve_config(tiny_config(model__attention__window=4))[0]
   stored = rundir.load_config(str(_write_config(tmp_path, config, drop='time_limit_minutes')))
   assert rundir.differences(stored, config) == ([], [])
+  filled = rundir.load_config(str(tmp_path), schema=tiny_config())
+  assert filled.train.time_limit_minutes == 0 and filled.model.attention.window == 4
   ablated = build.resolve_config(
     tiny_config(model__attention__window=4, model__attention__window_off=True)
   )[0]

@@ -70,8 +70,20 @@ def _tuples(value):
   return value
 
 
-def load_config(workdir):
-  """The run's config (a locked ConfigDict) from workdir/config.json; None if there is none."""
+def _fill(schema, stored):
+  """`schema` (unlocked) with every value of `stored` written over it."""
+  for key, value in stored.items():
+    if isinstance(value, dict) and isinstance(schema.get(key), ml_collections.ConfigDict):
+      _fill(schema[key], value)
+    else:
+      schema[key] = value
+  return schema
+
+
+def load_config(workdir, schema=None):
+  """The run's config (a locked ConfigDict) from workdir/config.json; None if there is none.
+  With `schema` (today's base config), keys newer than the run's config.json take their
+  default there (new keys arrive off), so an older run still validates and resumes."""
   path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CONFIG_FILE)
   if not os.path.isfile(path):
     return None
@@ -82,7 +94,10 @@ def load_config(workdir):
     raise RunConfigError(f'{path}: unreadable run config ({e})') from e
   if not isinstance(raw, dict) or not isinstance(raw.get('model'), dict):
     raise RunConfigError(f'{path}: not a run config (written by train.py)')
-  config = ml_collections.ConfigDict(_tuples(raw))
+  if schema is None:
+    config = ml_collections.ConfigDict(_tuples(raw))
+  else:
+    config = _fill(schema.copy_and_resolve_references(), _tuples(raw))
   config.lock()
   return config
 
