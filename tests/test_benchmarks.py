@@ -4,19 +4,25 @@ Tiny sizes only: the numbers are meaningless here, the plumbing is what is teste
 a training step dominates, so each run compiles few: benchmarks/model.py's bidirectional
 mode runs here with softmax and identity, its causal mode with favor_softmax and identity in
 notebook 2's quick test (tests/test_notebooks.py). benchmarks/decode.py --quick is tested in
-test_decode.py.
+test_decode.py. benchmarks/mqar.py --quick trains softmax and favor_softmax without a window
+here (~15 s); its windowed rows are checked without training.
 """
 
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
 
 sys.path.insert(0, ROOT)
+from flax import nnx  # noqa: E402  pylint: disable=g-import-not-at-top
+
 from benchmarks import model as model_bench  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import mqar  # noqa: E402  pylint: disable=g-import-not-at-top
+from performer import models  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 @pytest.mark.slow
@@ -232,3 +238,72 @@ def test_protein_long_trains_both_for_the_time_limit(tmp_path):
   assert 'steps' not in by['softmax_same_size']
   with pytest.raises(SystemExit, match='not empty'):
     protein_long.main(argv + ['--workdir', str(tmp_path)])
+
+
+def test_mqar_data_follows_zoology():
+  """Keys and values from disjoint halves, every key queried once after the pairs, the
+  target its own value, queries mostly soon after the pairs (power law), one stream per seed."""
+  counts = mqar.row_pairs([4, 16], 64)
+  batch = mqar.mqar_batch(np.random.default_rng(0), counts, 128, 512)
+  again = mqar.mqar_batch(np.random.default_rng(0), counts, 128, 512)
+  other = mqar.mqar_batch(np.random.default_rng(1), counts, 128, 512)
+  assert all(np.array_equal(batch[k], again[k]) for k in batch)
+  assert not np.array_equal(batch['tokens'], other['tokens'])
+  assert len(batch['rows']) == counts.sum()
+  gaps = []
+  for i, n in enumerate(counts):
+    tokens, mine = batch['tokens'][i], batch['rows'] == i
+    keys, values = tokens[0 : 2 * n : 2], tokens[1 : 2 * n : 2]
+    assert len(set(keys)) == n and keys.min() >= 1 and keys.max() < 256 <= values.min()
+    lookup = dict(zip(keys, values))
+    positions = batch['positions'][mine]
+    assert sorted(tokens[positions]) == sorted(keys) and positions.min() >= 2 * n
+    assert all(lookup[tokens[q]] == v for q, v in zip(positions, batch['labels'][mine]))
+    if n == 16:
+      gaps.extend((positions - 2 * n) // 2)
+  assert np.mean(gaps) < 0.8 * (128 - 32) / 4  # uniform gaps would average 23.5
+
+
+def test_mqar_rejects_unknown_attention_option(capsys):
+  args = mqar.parse_args(['--quick', '--attention_option', 'num_features=16'])
+  assert args.options == {'num_features': 16}
+  with pytest.raises(SystemExit) as e:
+    mqar.parse_args(['--quick', '--attention_option', 'favor_nope=1'])
+  assert e.value.code == 2 and 'favor_nope' in capsys.readouterr().err
+
+
+def test_mqar_benchmark_quick(tmp_path):
+  """--quick --windows 0 trains softmax and favor_softmax on tiny MQAR: softmax learns
+  above chance, state sizes are those of the real decoding caches, and the table, JSON
+  and plot are written. The windowed rows are checked without training."""
+  path, png = tmp_path / 'mqar.json', tmp_path / 'mqar.png'
+  proc = run_script(
+    ['benchmarks/mqar.py', '--quick', '--windows', '0', '--json', str(path), '--plot', str(png)],
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(path.read_text())
+  args, rows = out['args'], {r['kind']: r for r in out['rows']}
+  assert [(r['kind'], r['window']) for r in out['rows']] == [('softmax', 0), ('favor_softmax', 0)]
+  pairs, length, heads = args['pairs'], args['length'], args['heads']
+  head_dim, floats = args['emb_dim'] // heads, 4
+  for row in rows.values():
+    assert 'skipped' not in row, row
+    assert all(0.0 <= row[f'acc_{n}'] <= 1.0 for n in pairs)
+    assert row['train_s'] > 0 and row['eval_queries'] == {str(n): 64 * n for n in pairs}
+  chance = 2 / args['vocab']
+  assert np.mean([rows['softmax'][f'acc_{n}'] for n in pairs]) > 3 * chance
+  # Softmax: K and V of every position, valid flags, an index; FAVOR: S, z and the max.
+  assert rows['softmax']['state_bytes'] == 2 * length * heads * head_dim * floats + length + 4
+  m = mqar.NUM_FEATURES
+  assert rows['favor_softmax']['state_bytes'] == heads * (m * head_dim + m + 1) * floats
+  header = proc.stdout.splitlines()
+  assert any(all(c in line for c in ('acc 2', 'acc 4', 'state KiB', 'train s')) for line in header)
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # A window adds its ring of W raw keys and values (+ flags, position); softmax has none.
+  quick = mqar.parse_args(['--quick'])
+  assert quick.windows == [0, 8]
+  model = models.build_model(mqar.model_dict('favor_softmax', 8, quick), rngs=nnx.Rngs(0))
+  ring = 2 * 8 * heads * head_dim * floats + 8 + 4
+  assert mqar.state_bytes(model, length) == rows['favor_softmax']['state_bytes'] + ring
+  assert mqar.run_row('softmax', 8, quick, print)['skipped'].startswith('n/a')

@@ -1,0 +1,407 @@
+"""Multi-query associative recall (MQAR; Zoology, arXiv 2312.04927): what each kind recalls.
+
+    python benchmarks/mqar.py --json mqar.json --plot mqar.png   # full: 11 models, ~25 min
+    python benchmarks/mqar.py --quick                            # smoke test (tests)
+    python benchmarks/mqar.py --kinds favor_softmax hedgehog --windows 64 \
+        --attention_option num_features=128 --steps 2000
+
+Why: recalling a token seen earlier in the context is where fixed-state attention falls
+behind softmax (Zoology; Based, arXiv 2402.18668): a feature map's state must hold every
+key-value pair at once. MQAR measures that recall against the size of the state.
+
+Task (Zoology's `multiquery_ar`): a sequence of --length tokens starts with N key-value
+pairs k1 v1 k2 v2 ... (keys drawn without replacement from ids 1 .. V/2 - 1, values from
+V/2 .. V - 1); then each key is queried once, at offset 2g after the pairs. The gaps g
+are drawn without replacement with p(g) ~ (g + 1)^(a - 1), a = 0.01 (Zoology's power
+law: most queries soon after the pairs, a few far; drawn by Gumbel top-k, the same
+distribution as Zoology's successive `np.random.choice`). Every other position holds a
+random token of the whole vocabulary (Zoology's random_non_queries). Loss and accuracy
+count only the queried keys' positions, whose target is the key's value; the token after
+a query is noise, as in Zoology, so an answer never appears in the input.
+
+Training: one model per (kind, window) on a fresh stream of batches (seed --seed), every
+batch mixing the pair counts of --train_pairs (default --pairs) in equal shares, as
+Zoology trains one model on several counts; evaluated on a held-out set (seed --seed + 1)
+of --eval_examples sequences per count. The model is the zoo's causal LM
+(`performer.models`, task causal_lm): --layers blocks of width --emb_dim, rotary
+positions, no dropout, output head tied to the embedding with init std 0.02 (as Zoology's
+model; with the family's 1.0, 400 steps at L=64 reached 0.06 instead of 0.16 at 4 pairs),
+applied at the queried positions only. AdamW, global-norm clip 1, 10% linear warmup then
+cosine decay (`performer.training.optim`); lr 1e-3 is Zoology's default (its trainer:
+AdamW, cosine, no warmup; its MQAR sweeps span 1e-3 .. 3e-2). Random features are drawn once, never redrawn; FAVOR++/FAVOR#'s
+running statistics update in the train steps as in `train.py`. FAVOR kinds use
+num_features=64 (= head_dim, so their state matches linear_elu's) unless
+`--attention_option num_features=M` says otherwise.
+
+Rows: each kind without and with an exact window of --windows tokens (attention option
+`window`: exact softmax over the last W keys, the kind's features beyond;
+performer/attention/window.py). Softmax has no windowed form in the zoo, so that row is
+n/a. `--attention_option key=value` (repeatable) adds an option to every row, validated
+by the library's own option check: an unknown option is an error.
+
+Columns: `acc N` accuracy on the queried values of held-out sequences with N pairs
+(chance 2/V; 1.0 = perfect recall); `state KiB` one layer's decoding cache for one
+sequence, measured from `model.init_cache(1, --length)`: (S, z, max) for a feature map
+(plus the W-token ring of raw keys and values with a window), the KV cache of all
+--length tokens for softmax; `train s` wall time of training, compilation included;
+`eval s` the evaluation; `loss` mean training loss over the last 10% of steps.
+
+Runtime: about 25 minutes on 2 idle CPU cores for the 11 trained rows, estimated, not
+run end to end: 400 steps of 16 measured 0.33-0.54 CPU-s each (softmax 0.36, a window
++0.1), plus ~7 CPU-s of compilation and ~7 of evaluation per model: ~2000 CPU-s in all.
+--quick trains 3 tiny models in ~30 CPU-s.
+
+Status (measured; read before trusting a table): the zoo's blocks have no short
+convolution (Zoology's attention baselines are hybrids with one), so a model must learn a
+previous-token head and an induction head from the loss alone. The default softmax row
+(run alone under load: 188 s, 166 CPU-s) reached accuracy 0.013 / 0.006 / 0.002 at
+16 / 32 / 64 pairs, loss 8.18 (log 4096 = 8.32): short of recall. At L=64 with 4 and 8
+pairs softmax stayed on the plateau where it picks some value of the context (accuracy
+~1/N) for 2400 steps of 32. The defaults fit the ~30-minute budget, not that transition;
+to separate the kinds raise --steps (how far is untested; Zoology trains for thousands
+of steps of 256 sequences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from benchmarks import common
+from configs import base as base_config
+from performer import attention, models
+from performer.training import objectives, optim
+
+KINDS = ('softmax', 'favor_softmax', 'favor_plus_plus', 'favor_sharp', 'hedgehog', 'linear_elu')
+POWER_A = 0.01  # Zoology's power-law exponent for the query gaps
+STEPS, BATCH = 400, 16  # full mode: what fits ~30 minutes on 2 cores (module docstring)
+NUM_FEATURES = 64  # random features unless --attention_option num_features=: M = head_dim
+EMBED_STD = 0.02  # GPT-2's (and Zoology's) init; the family's 1.0 stalls a tied head
+
+
+def parse_option(text):
+  """'key=value' -> (key, value): a Python literal where it parses, else the string."""
+  key, sep, value = text.partition('=')
+  if not sep or not key:
+    raise ValueError(f'expected key=value, got {text!r}')
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--kinds', nargs='+', default=list(KINDS))
+  p.add_argument('--windows', nargs='+', type=int, default=[0, 64], help='0 = no window')
+  p.add_argument('--pairs', nargs='+', type=int, default=None, help='evaluated (16 32 64)')
+  p.add_argument('--train_pairs', nargs='+', type=int, default=None, help='default --pairs')
+  p.add_argument('--length', type=int, default=None, help='tokens per sequence (256)')
+  p.add_argument('--vocab', type=int, default=None, help='vocabulary size (8192)')
+  p.add_argument('--layers', type=int, default=2)
+  p.add_argument('--emb_dim', type=int, default=128)
+  p.add_argument('--heads', type=int, default=2)
+  p.add_argument('--mlp_dim', type=int, default=256)
+  p.add_argument('--steps', type=int, default=None, help='training steps per model')
+  p.add_argument('--batch', type=int, default=None, help='sequences per step')
+  p.add_argument('--lr', type=float, default=None, help='peak learning rate (1e-3)')
+  p.add_argument('--warmup', type=int, default=None, help='warmup steps (10%% of --steps)')
+  p.add_argument('--eval_examples', type=int, default=None, help='per pair count')
+  p.add_argument('--seed', type=int, default=0)
+  option_help = 'an attention option for every row (repeatable), e.g. num_features=128'
+  p.add_argument('--attention_option', action='append', default=[], help=option_help)
+  p.add_argument('--quick', action='store_true', help='tiny: a smoke test')
+  p.add_argument('--json', default=None, help='write results here')
+  p.add_argument('--plot', default=None, help='write a PNG of accuracy vs pairs here')
+  args = p.parse_args(argv)
+  quick = args.quick
+  defaults = {
+    'pairs': [2, 4] if quick else [16, 32, 64],
+    'length': 32 if quick else 256,
+    'vocab': 32 if quick else 8192,
+    'steps': 120 if quick else STEPS,
+    'batch': 16 if quick else BATCH,
+    'eval_examples': 64 if quick else 256,
+    'lr': 3e-3 if quick else 1e-3,
+  }
+  for key, value in defaults.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  if quick:
+    args.emb_dim, args.mlp_dim = 32, 64
+    if args.kinds == list(KINDS):
+      args.kinds = ['softmax', 'favor_softmax']
+    if args.windows == [0, 64]:
+      args.windows = [0, 8]
+  args.train_pairs = args.train_pairs or args.pairs
+  if args.warmup is None:
+    args.warmup = max(1, args.steps // 10)
+  if unknown := sorted(set(args.kinds) - set(attention.KINDS)):
+    p.error(f'unknown kinds {unknown}; choose from {", ".join(attention.KINDS)}')
+  for n in set(args.pairs) | set(args.train_pairs):
+    if n < 1 or 4 * n > args.length:
+      p.error(f'{n} pairs do not fit {args.length} tokens (need 1 <= 4 * pairs <= length)')
+  if args.vocab < 2 * max(args.pairs + args.train_pairs) + 2:
+    p.error(f'--vocab {args.vocab} is too small for {max(args.pairs)} distinct keys and values')
+  try:
+    args.options = dict(parse_option(text) for text in args.attention_option)
+    if fixed := sorted({'kind', 'window'} & set(args.options)):
+      raise ValueError(f'{fixed} are set by --kinds and --windows')
+    for kind in args.kinds:
+      for window in args.windows:
+        models.model_config(model_dict(kind, window, args))
+  except ValueError as e:
+    p.error(f'--attention_option: {e}')
+  return args
+
+
+# --- data --------------------------------------------------------------------
+
+
+def mqar_batch(rng, pairs_per_row, length, vocab):
+  """One batch: row i holds pairs_per_row[i] key-value pairs (module docstring).
+
+  Returns numpy int32 arrays: tokens [B, L], and for each of the Q = sum(pairs_per_row)
+  queries, row by row, its row [Q], position [Q] and target value [Q]."""
+  pairs_per_row = np.asarray(pairs_per_row)
+  batch, half = len(pairs_per_row), vocab // 2
+  tokens = rng.integers(0, vocab, (batch, length))
+  starts = np.concatenate([[0], np.cumsum(pairs_per_row)])
+  rows = np.repeat(np.arange(batch), pairs_per_row)
+  positions, labels = np.zeros_like(rows), np.zeros_like(rows)
+  for n in np.unique(pairs_per_row):
+    which = np.nonzero(pairs_per_row == n)[0]
+    r = len(which)
+    keys = 1 + np.argsort(rng.random((r, half - 1)), axis=1)[:, :n]
+    values = half + np.argsort(rng.random((r, vocab - half)), axis=1)[:, :n]
+    space = (length - 2 * n) // 2
+    log_p = (POWER_A - 1.0) * np.log(np.arange(1, space + 1))
+    gaps = np.argsort(-(log_p + rng.gumbel(size=(r, space))), axis=1)[:, :n]
+    query = 2 * n + 2 * gaps
+    tokens[which, : 2 * n : 2], tokens[which, 1 : 2 * n : 2] = keys, values
+    tokens[which[:, None], query] = keys
+    flat = (starts[which][:, None] + np.arange(n)).ravel()
+    positions[flat], labels[flat] = query.ravel(), values.ravel()
+  return {
+    'tokens': tokens.astype(np.int32),
+    'rows': rows.astype(np.int32),
+    'positions': positions.astype(np.int32),
+    'labels': labels.astype(np.int32),
+  }
+
+
+def row_pairs(train_pairs, batch):
+  """The pair count of each row of a training batch: the counts in equal shares."""
+  return np.resize(np.asarray(train_pairs), batch)
+
+
+# --- model and training ------------------------------------------------------
+
+
+def model_dict(kind, window, args):
+  """config.model as a dict: the zoo's causal LM with this attention."""
+  m = base_config.get_config().model.to_dict()
+  m.update(
+    task='causal_lm',
+    vocab_size=args.vocab,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    emb_dim=args.emb_dim,
+    mlp_dim=args.mlp_dim,
+    max_len=args.length,
+    positions='rotary',
+    dropout_rate=0.0,
+    tie_embeddings=True,
+    embed_init_std=EMBED_STD,
+  )
+  options = {'num_features': NUM_FEATURES, **args.options}
+  m['attention'] = dict(m['attention'], kind=kind, window=window, **options)
+  return m
+
+
+def query_logits(graphdef, trees, batch, training):
+  """(logits [Q, V] at the queried positions, the running statistics after the call).
+
+  `trees` = (params, features, stats, rest). The model's own logits at every position
+  are unused, so XLA drops them; the tied head is applied to the queried positions."""
+  (_, hidden), stats = objectives.forward(
+    graphdef, trees, batch['tokens'], {'mask': None}, hidden=True, training=training
+  )
+  picked = hidden[batch['rows'], batch['positions']]
+  embedding = trees[0]['embed']['embedding'][...]
+  return picked @ embedding.T.astype(picked.dtype), stats
+
+
+def make_fns(graphdef, tx):
+  """(train_step, eval_step), jitted. train_step(params, opt_state, stats, fixed, batch)
+  -> (params, opt_state, stats, loss); eval_step(params, stats, fixed, batch) -> [Q]
+  correct (1.0) or not; `fixed` = (features, rest): never trained, never redrawn."""
+
+  def loss_fn(params, stats, fixed, batch):
+    logits, stats = query_logits(graphdef, (params, fixed[0], stats, fixed[1]), batch, True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['labels'])
+    return jnp.mean(loss), stats
+
+  @jax.jit
+  def train_step(params, opt_state, stats, fixed, batch):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, fixed, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, stats, loss
+
+  @jax.jit
+  def eval_step(params, stats, fixed, batch):
+    logits, _ = query_logits(graphdef, (params, fixed[0], stats, fixed[1]), batch, False)
+    return (jnp.argmax(logits, axis=-1) == batch['labels']).astype(jnp.float32)
+
+  return train_step, eval_step
+
+
+def state_bytes(model, length):
+  """Bytes of one layer's decoding cache for one sequence of `length` tokens."""
+  cache = jax.eval_shape(lambda: model.init_cache(1, length))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache['layers'][0]))
+
+
+def train_config(args):
+  config = base_config.get_config().train
+  config.learning_rate, config.warmup_steps, config.num_steps = args.lr, args.warmup, args.steps
+  config.weight_decay, config.grad_clip, config.schedule = 0.01, 1.0, 'cosine'
+  return config
+
+
+def evaluate(eval_step, trees, args):
+  """{pairs: accuracy} over the held-out set (seed --seed + 1): --eval_examples rows per
+  count, in batches of --batch rows that mix the counts (one compiled shape)."""
+  rng = np.random.default_rng(args.seed + 1)
+  counts = row_pairs(args.pairs, args.batch)
+  correct, total = dict.fromkeys(args.pairs, 0.0), dict.fromkeys(args.pairs, 0)
+  for _ in range(-(-args.eval_examples * len(args.pairs) // args.batch)):
+    hits = np.asarray(eval_step(*trees, mqar_batch(rng, counts, args.length, args.vocab)))
+    per_query = np.repeat(counts, counts)
+    for n in args.pairs:
+      correct[n] += float(hits[per_query == n].sum())
+      total[n] += int((per_query == n).sum())
+  return {n: correct[n] / total[n] for n in args.pairs}, total
+
+
+def run_row(kind, window, args, log):
+  """Trains and evaluates one (kind, window) model; returns its table row."""
+  row = {'kind': kind, 'window': window}
+  if kind == 'softmax' and window:
+    row['skipped'] = 'n/a: no sliding-window softmax (window is for feature maps)'
+    return row
+  model = models.build_model(
+    model_dict(kind, window, args), rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1)
+  )
+  row['state_bytes'] = state_bytes(model, args.length)
+  row['state_kib'] = row['state_bytes'] / 1024
+  graphdef, params, features, stats, rest = models.split(model)
+  tx, _ = optim.make_optimizer(train_config(args))
+  train_step, eval_step = make_fns(graphdef, tx)
+  opt_state, fixed = tx.init(params), (features, rest)
+  rng = np.random.default_rng(args.seed)
+  counts = row_pairs(args.train_pairs, args.batch)
+  losses = []
+  start = time.perf_counter()
+  for step in range(args.steps):
+    batch = mqar_batch(rng, counts, args.length, args.vocab)
+    params, opt_state, stats, loss = train_step(params, opt_state, stats, fixed, batch)
+    losses.append(loss)
+    if (step + 1) % max(1, args.steps // 4) == 0:
+      log(f'    step {step + 1:5d}  loss {float(loss):.3f}')
+  losses = [float(x) for x in losses]
+  row['train_s'] = time.perf_counter() - start
+  row['loss'] = float(np.mean(losses[-max(1, len(losses) // 10) :]))
+  start = time.perf_counter()
+  accuracy, queries = evaluate(eval_step, (params, stats, fixed), args)
+  row['eval_s'] = time.perf_counter() - start
+  for n in args.pairs:
+    row[f'acc_{n}'] = accuracy[n]
+  row['eval_queries'] = {str(n): queries[n] for n in args.pairs}
+  return row
+
+
+def run(args, log=None):
+  log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+  rows = []
+  for kind in args.kinds:
+    for window in args.windows:
+      log(f'  {kind} window={window}')
+      try:
+        row = run_row(kind, window, args, log)
+      except Exception as error:  # pylint: disable=broad-except
+        row = common.failed_row({'kind': kind, 'window': window}, error)
+      rows.append(row)
+      accs = ' '.join(f'{n}: {row[f"acc_{n}"]:.3f}' for n in args.pairs if f'acc_{n}' in row)
+      log(f'  {kind} window={window}: {accs or row.get("skipped")}')
+  return rows
+
+
+def columns(pairs):
+  accuracy = [(f'acc_{n}', f'acc {n}', '{:.3f}') for n in pairs]
+  return [('kind', 'kind', None), ('window', 'window', '{:d}')] + accuracy + [
+    ('state_kib', 'state KiB', '{:.1f}'), ('train_s', 'train s', '{:.0f}'),
+    ('eval_s', 'eval s', '{:.1f}'), ('loss', 'loss', '{:.3f}'), ('skipped', 'note', None),
+  ]  # fmt: skip
+
+
+def plot(rows, pairs, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  colors = {kind: f'C{i}' for i, kind in enumerate(dict.fromkeys(r['kind'] for r in rows))}
+  for row in rows:
+    if all(f'acc_{n}' in row for n in pairs):
+      label = row['kind'] + (f' + window {row["window"]}' if row['window'] else '')
+      style = '--' if row['window'] else '-'
+      accuracy = [row[f'acc_{n}'] for n in pairs]
+      ax.plot(pairs, accuracy, style, color=colors[row['kind']], marker='o', label=label)
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(pairs, [str(n) for n in pairs])
+  ax.set(ylim=(-0.02, 1.02), xlabel='key-value pairs', ylabel='MQAR accuracy (held out)')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f'wrote {path}')
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  info = common.machine_info()
+  print(f'# {info}')
+  print(
+    f'# MQAR: L={args.length}, vocab {args.vocab}, pairs {args.pairs} (train {args.train_pairs});'
+    f' {args.layers} layers, d={args.emb_dim}, {args.heads} heads, mlp {args.mlp_dim}; '
+    f'{args.steps} steps x {args.batch}, lr {args.lr:g}; options {args.options}',
+    flush=True,
+  )
+  start = time.perf_counter()
+  rows = run(args)
+  print(common.format_table(rows, columns(args.pairs)))
+  print(f'total {time.perf_counter() - start:.0f} s')
+  if args.json:
+    common.write_json(args.json, {'machine': info, 'args': vars(args), 'rows': rows})
+  if args.plot:
+    plot(rows, args.pairs, args.plot)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
