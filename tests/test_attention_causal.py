@@ -119,6 +119,22 @@ def _perturb_future(x, t, key, scale=None):
   return jnp.where(future, changed, x)
 
 
+def assert_future_leaves_past_unchanged(fn, q, k, v, times):
+  """Perturbing q, k or v after t (noise, or keys scaled 6x) leaves every output up to t
+  bit for bit the same; `base` is returned for further checks."""
+  base = np.asarray(fn(q, k, v))
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  for t in times:
+    for cq, ck, cv in (
+      (_perturb_future(q, t, keys[0]), k, v),
+      (q, _perturb_future(k, t, keys[1]), v),
+      (q, k, _perturb_future(v, t, keys[2])),
+      (q, _perturb_future(k, t, keys[1], scale=6.0), v),
+    ):
+      np.testing.assert_array_equal(np.asarray(fn(cq, ck, cv))[:, : t + 1], base[:, : t + 1])
+  return base
+
+
 @pytest.mark.parametrize(
   'kind,impl',
   [
