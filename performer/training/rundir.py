@@ -41,9 +41,10 @@ SCHEDULE_KEYS = frozenset(
     'train.time_limit_minutes',
   }
 )
-# Evaluation ablations: they change how eval.py and sample.py run a checkpoint, never what
-# it holds, so those two accept them on top of the run's config (train.py does not).
-EVAL_KEYS = frozenset({'model.attention.window_off'})
+# Inference-time switches that add no variable: they change how eval.py and sample.py run
+# a checkpoint, never what it holds, so those two accept them on top of the run's config
+# (train.py does not): the window ablation, and LoLA's sparse cache (needs no retraining).
+EVAL_KEYS = frozenset({'model.attention.window_off', 'model.attention.sparse_cache'})
 # A key added to the schema after a run was written is missing from its config.json; new
 # keys arrive with a neutral default (off, 0), which is what the old run did.
 _NEUTRAL = (0, False, '', None)
