@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from performer import attention
+from performer import attention, plot
 
 QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
 L = 512 if QUICK else 4096
@@ -197,7 +197,7 @@ for row, sq_norm in enumerate(SQ_NORMS):
     ax.grid(True, which='both', alpha=0.3)
 axes[0, 0].legend()
 plt.tight_layout()
-plt.show()
+plot.show(fig, 'approximation_error')  # saved too when PERFORMER_FIGURES_DIR is set
 
 # %% [markdown]
 # ## Key numbers
