@@ -17,7 +17,7 @@ small fraction of the original training steps. Here:
      and once with distillation from the frozen teacher (logits, KL at temperature 1).
 
     python benchmarks/transfer.py                      # text: ~6 min on 2 CPU cores
-    python benchmarks/transfer.py --data protein       # ~5 min: no drop (README)
+    python benchmarks/transfer.py --data protein       # ~5 min: no drop (docs/transfer.md)
     python benchmarks/transfer.py --quick              # under a minute: smoke test only
     python benchmarks/transfer.py --json transfer.json
     python benchmarks/transfer.py --plot transfer.png  # the curve: zero-shot, then recovery
@@ -155,7 +155,7 @@ def teacher_config(args, corpus_path=''):
     config.data.pack = False  # one line (about one row) per example
     config.data.crop = 'random'
     # As in the protein configs. With lm1b's sinusoidal positions the FAVOR+ student stayed
-    # 1.1-1.5 points below the teacher after 20% of its steps (README, "Fine-tuning").
+    # 1.1-1.5 points below the teacher after 20% of its steps (docs/transfer.md).
     config.model.positions = 'learned'
     config.train.weight_decay = 0.01
   else:

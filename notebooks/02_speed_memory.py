@@ -24,7 +24,7 @@
 # quadratic.
 #
 # The measurement code is `benchmarks/model.py` (the same function the
-# benchmark script runs), so the numbers here and in the README table mean the
+# benchmark script runs), so the numbers here and in the docs' benchmark table mean the
 # same thing. This notebook runs a smaller model than the benchmark's default
 # (6 layers, d=512) so that it finishes in a few minutes on 2 CPU cores; set
 # `PERFORMER_MODEL_BENCH_JSON` to the `--json` output of a full

@@ -1,4 +1,4 @@
-"""Zoo transfer and distillation tests (DESIGN.md section 5).
+"""Zoo transfer and distillation tests (docs/design.md, section 5).
 
 * Every (source kind, target kind) pair of attention.KINDS: a checkpoint trained in the
   source kind initializes the target kind through the training loop's own init_from path;
