@@ -101,8 +101,8 @@ def curves(workdir, path=None, title=None):
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
   if transfer:  # the transfer stage logs its own objective under these names
-    axes[0, 0].set_ylabel('loss (transfer: attention-output loss)')
-    axes[0, 1].set_ylabel(f'{score} (transfer: attention-output cosine)')
+    axes[0, 0].set_ylabel('loss (shaded: attention-output loss)', fontsize=9)
+    axes[0, 1].set_ylabel(f'{score} (shaded: attention-output cosine)', fontsize=9)
   fig.suptitle(title or os.path.basename(os.path.abspath(workdir)))
   fig.tight_layout()
   save(fig, path)
@@ -111,10 +111,21 @@ def curves(workdir, path=None, title=None):
 
 
 def save(fig, path, dpi=DPI):
-  """Writes `fig` as a PNG, making its folder."""
+  """Writes `fig` as a small PNG (256 colours), making its folder."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fig.savefig(path, dpi=dpi, bbox_inches='tight')
+  shrink(path)
+
+
+def shrink(path):
+  """Rewrites the PNG at `path` with a 256-colour palette: plots have few colours, and the
+  file is about a third of the size."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(path) as image:
+    small = image.convert('RGB').quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+  small.save(path, optimize=True)
 
 
 def show(fig, name):
