@@ -5,6 +5,7 @@
     python benchmarks/attention.py --dtype bfloat16 --softmax_impl cudnn  # GPU
     python benchmarks/attention.py --lengths 4096 --modes causal prefill --kinds \
       hedgehog:window=64 hedgehog:window=64,sinks=4 hedgehog:window=64,sinks=4,sparse_cache=256
+    python benchmarks/attention.py --lengths 256 512 1024 2048 --plot attention.png
 
 Every kind in ``attention.KINDS`` plus the per-step scan reference
 ('favor_softmax/scan'), causal and bidirectional; a kind may carry attention
@@ -19,9 +20,10 @@ to exact softmax, to 'identity' (the dummy-attention lower bound) and to
 running statistics run as in eval (the causal case reads stored statistics;
 a train step adds an O(L d) moment update).
 Cases whose memory or predicted time exceed the limits are skipped, with the
-reason in the table. DESIGN.md §6 targets (2-core CPU, batch 1, 8 heads,
-head_dim 64, m=256, L=4096): bidirectional favor_softmax >= 15x faster than
-exact, causal >= 8x.
+reason in the table. --plot draws time and peak memory against length, log-log,
+one line per kind, 'identity' dashed as the floor. The design notes' targets
+(docs/design.md section 6; 2-core CPU, batch 1, 8 heads, head_dim 64, m=256,
+L=4096): bidirectional favor_softmax >= 15x faster than exact, causal >= 8x.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def parse_args(argv=None):
   )
   p.add_argument('--max_memory_gb', type=float, default=12.0)
   p.add_argument('--json', default=None, help='write results here')
+  p.add_argument('--plot', default=None, help='draw time and memory against length (PNG)')
   return p.parse_args(argv)
 
 
@@ -231,7 +234,49 @@ def main(argv=None):
         'rows': rows,
       },
     )
+  if args.plot:
+    plot(
+      rows,
+      args.plot,
+      title=f'{args.heads} heads, head_dim {args.head_dim}, '
+      f'm={args.num_features}, batch {args.batch}, {args.dtype}',
+    )
   return rows
+
+
+def plot(rows, path, title=''):
+  """Time and peak memory against length, log-log: one column per mode, every kind a
+  line, 'identity' (the dummy-attention floor) dashed black. Skipped cases are absent from
+  the time panel; their memory, known from compilation, is drawn."""
+  from performer import plot as figures  # pylint: disable=g-import-not-at-top
+
+  plt = figures._pyplot()  # pylint: disable=protected-access
+  modes = list(dict.fromkeys(r['mode'] for r in rows))
+  fig, axes = plt.subplots(2, len(modes), figsize=(5.5 * len(modes), 7.5), squeeze=False)
+  for column, mode in enumerate(modes):
+    kinds = list(dict.fromkeys(r['kind'] for r in rows if r['mode'] == mode))
+    for row_index, (key, label) in enumerate((('ms', 'fwd+bwd ms'), ('peak_mb', 'peak MB'))):
+      ax = axes[row_index, column]
+      for kind in kinds:
+        points = [(r['length'], r[key]) for r in rows if r['mode'] == mode and r['kind'] == kind]
+        points = [(n, v) for n, v in points if v is not None]
+        if not points:
+          continue
+        style = dict(color='black', linestyle='--', linewidth=2) if kind == 'identity' else {}
+        name = 'identity (dummy attention)' if kind == 'identity' else kind
+        ax.plot(*zip(*points), marker='o', markersize=3, label=name, **style)
+      ax.set_xscale('log', base=2)
+      ax.set_yscale('log')
+      ax.set_xlabel('sequence length L')
+      ax.set_ylabel(label)
+      ax.set_title(f'{mode}: {label}', fontsize=10)
+      ax.grid(True, which='both', alpha=0.3)
+  axes[0, -1].legend(fontsize=7, loc='upper left')
+  fig.suptitle(f'attention forward + backward against length ({title})', fontsize=10)
+  fig.tight_layout()
+  figures.save(fig, path)
+  plt.close(fig)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':

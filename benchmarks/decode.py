@@ -28,7 +28,7 @@ Reported per row:
   loop (arguments + outputs + temporaries, cache donated).
 
 FAVOR's state has the same shape at every context, so its decode program is
-compiled once and its time per token must stay flat: the DESIGN.md target is
+compiled once and its time per token must stay flat: the target of docs/design.md (section 6) is
 time(8192) <= 1.1 x time(128). The softmax cache grows with L, and so does
 the time to attend over it. A softmax prefill longer than
 `--softmax_prefill_max` (its [L, L] scores do not fit a small machine) is

@@ -35,7 +35,7 @@ above the steps you report. A case whose
 time, predicted from the previous length (linear in L, quadratic for
 softmax), exceeds --max_seconds is not run, but it is still compiled, so
 its peak memory is in the table (unless that alone exceeds --max_memory_gb).
-DESIGN.md section 6 targets: Performer step <= 1.3x identity at L=8192;
+Design-notes targets (docs/design.md, section 6): Performer step <= 1.3x identity at L=8192;
 memory from L to 4L grows <= 4.4x.
 """
 
@@ -296,7 +296,7 @@ COLUMNS = [
 
 
 def summary_lines(rows, length=8192):
-  """The DESIGN.md section 6 checks as text: step time vs identity at
+  """The docs/design.md section 6 checks as text: step time vs identity at
   `length` (target <= 1.3x) and worst memory growth L -> 4L (target <= 4.4x)."""
   lines = []
   for r in rows:

@@ -17,9 +17,10 @@ small fraction of the original training steps. Here:
      and once with distillation from the frozen teacher (logits, KL at temperature 1).
 
     python benchmarks/transfer.py                      # text: ~6 min on 2 CPU cores
-    python benchmarks/transfer.py --data protein       # ~5 min: no drop (README)
+    python benchmarks/transfer.py --data protein       # ~5 min: no drop (docs/transfer.md)
     python benchmarks/transfer.py --quick              # under a minute: smoke test only
     python benchmarks/transfer.py --json transfer.json
+    python benchmarks/transfer.py --plot transfer.png  # the curve: zero-shot, then recovery
 
 Every evaluation (teacher included) runs over the same whole validation split with the same
 deterministic crops, so the numbers compare directly. Accuracy is next-token accuracy.
@@ -154,7 +155,7 @@ def teacher_config(args, corpus_path=''):
     config.data.pack = False  # one line (about one row) per example
     config.data.crop = 'random'
     # As in the protein configs. With lm1b's sinusoidal positions the FAVOR+ student stayed
-    # 1.1-1.5 points below the teacher after 20% of its steps (README, "Fine-tuning").
+    # 1.1-1.5 points below the teacher after 20% of its steps (docs/transfer.md).
     config.model.positions = 'learned'
     config.train.weight_decay = 0.01
   else:
@@ -256,6 +257,7 @@ def parse_args(argv=None):
   p.add_argument('--workdir', default='', help='keeps the teacher here (default: a temp dir)')
   p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke test only')
   p.add_argument('--json', default='')
+  p.add_argument('--plot', default='', help='draw the accuracy curve here (PNG)')
   args = p.parse_args(argv)
   for name, value in {**DEFAULTS[args.data], **(QUICK if args.quick else {})}.items():
     if getattr(args, name) is None:
@@ -347,7 +349,44 @@ def main(argv=None):
         'seconds': total,
       },
     )
+  if args.plot:
+    title = (
+      f'{args.data}: softmax teacher ({args.teacher_steps} steps) -> {args.kind}, '
+      f'm={args.num_features}'
+    )
+    plot(rows, args.plot, unigram['accuracy'], title)
   return rows
+
+
+def plot(rows, path, baseline, title):
+  """Validation accuracy against fine-tuning steps: the transferred student without and with
+  distillation (step 0 = zero-shot, the softmax weights under the new attention), the
+  softmax teacher and the majority-token baseline as horizontal lines."""
+  from performer import plot as figures  # pylint: disable=g-import-not-at-top
+
+  plt = figures._pyplot()  # pylint: disable=protected-access
+  steps = [r['step'] for r in rows]
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  ax.axhline(rows[0]['teacher'], color='black', linestyle='--', label='softmax teacher')
+  ax.axhline(baseline, color='grey', linestyle=':', label='majority-token baseline')
+  ax.plot(steps, [r['plain'] for r in rows], marker='o', label='transferred, fine-tuned')
+  ax.plot(steps, [r['distill'] for r in rows], marker='s', label='transferred + distillation')
+  ax.annotate(
+    'zero-shot',
+    (steps[0], rows[0]['plain']),
+    xytext=(8, -14),
+    textcoords='offset points',
+    fontsize=8,
+  )
+  ax.set_xlabel('fine-tuning step')
+  ax.set_ylabel('validation next-token accuracy')
+  ax.set_title(title, fontsize=10)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  figures.save(fig, path)
+  plt.close(fig)
+  print(f'wrote {path}')
 
 
 if __name__ == '__main__':

@@ -109,7 +109,7 @@ def get_config():
   # '' | a zoo workdir / checkpoint dir | gguf:PATH | hf:DIR (Llama, BERT): PARAMS to start from
   config.train.init_from = ''
   config.train.mlm_mask_rate = 0.15
-  # Distillation (README: "Fine-tuning: zoo transfer and distillation"): '' = off, else a workdir /
+  # Distillation (docs/transfer.md): '' = off, else a workdir /
   # checkpoint (or gguf:PATH | hf:DIR) of a softmax TEACHER with this model's architecture
   # (built with attention kind 'softmax', frozen). Loss += distill_weight * distance to the
   # teacher per token; an encoder (bert) trains on the hidden-state distance alone.
@@ -117,7 +117,7 @@ def get_config():
   config.train.distill_weight = 1.0
   config.train.distill_target = 'logits'  # 'logits': T^2 KL(teacher || student) | 'hidden': MSE
   config.train.distill_temperature = 1.0
-  # Linearizing (README: "Linearizing pretrained models"; LoLCATs): the first transfer_steps
+  # Linearizing (docs/linearization.md; LoLCATs): the first transfer_steps
   # train only the attention modules' own parameters (feature maps, window gains) to match
   # the distill_from teacher's attention output per layer, at transfer_learning_rate; the
   # rest of the run trains `trainable`: 'all' | 'lora' (model.lora_rank > 0) | 'feature_maps'.
@@ -130,7 +130,7 @@ def get_config():
   config.mesh.data = -1  # -1: all devices not used by fsdp and seq
   config.mesh.fsdp = 1
   # Context parallelism: each sequence split over `seq` devices along its length; linear
-  # attention exchanges one fixed-size state per layer (README: "Context parallelism").
+  # attention exchanges one fixed-size state per layer (docs/training.md, "Context parallelism").
   config.mesh.seq = 1
   # Locked here, so a variant file that sets a misspelt key fails at load instead of
   # silently adding a setting nothing reads.

@@ -10,9 +10,10 @@ bfloat16 compute, sequences of the full 12,288 tokens.
 Needs the TFDS data prepared once (python -m performer.data.prepare imagenet64 --data_dir
 DIR, then --config.data.data_dir=DIR); without it, train.py stops at once with one line
 naming that command (exit 2).
-Expected: accelerator-scale training; the paper reports about 3.7 bits/dim.
+Runtime: accelerator scale; not run on this project's machines.
+Expected: not measured; the paper reports about 3.7 bits/dim.
 
-Context parallelism on a multi-GPU host (README: "Context parallelism"), e.g. 8 GPUs:
+Context parallelism on a multi-GPU host (docs/training.md, "Context parallelism"), e.g. 8 GPUs:
 
   python train.py --config=configs/imagenet64_performer.py --workdir=/tmp/imagenet64 \
       --config.mesh.seq=4          # data = 8 / 4 = 2

@@ -18,11 +18,13 @@ stdlib's documentation (data 'english_docs', SmolLM2's own BPE):
   python sample.py --workdir=/tmp/linearize_smollm2 --prompt="The capital of France is" \
       --temperature=0 --max_new_tokens=8
 
-Runtime: 20.3 min on 2 idle CPU cores (80 transfer steps at ~2.7 s, 100 LoRA steps at
-~7.7 s, about 4 min compiling and evaluating), 21.6 min with both held-out evaluations.
-Measured (README "Linearizing pretrained models"): per-token perplexity on held-out
-documents 26.3 against the original's 25.8 at context 256 (1.02x), 24.7 against 22.2 at
-512 (1.11x); validation 42.9 after the transfer stage, 22.7 after LoRA; greedy "The
+Runtime: 20.3 min on 2 idle CPU cores (80 transfer + 100 LoRA steps).
+Expected: held-out perplexity 1.02x the original's at context 256, 1.11x at 512.
+
+Measured (docs/linearization.md): 80 transfer steps at ~2.7 s, 100 LoRA steps at ~7.7 s,
+about 4 min compiling and evaluating (21.6 min with both held-out evaluations); per-token
+perplexity on held-out documents 26.3 against the original's 25.8 at context 256, 24.7
+against 22.2 at 512; validation 42.9 after the transfer stage, 22.7 after LoRA; greedy "The
 capital of France is" -> " Paris.".
 """
 

@@ -8,7 +8,9 @@ example's rsqrt schedule is replaced by cosine).
 
 Needs TFDS lm1b prepared once (python -m performer.data.prepare lm1b --data_dir DIR, then
 --config.data.data_dir=DIR); without it, train.py stops at once with one line naming that
-command (exit 2). Expected: accelerator-scale training (days); no measured number yet.
+command (exit 2).
+Runtime: accelerator scale (days: 500k steps of batch 256); not run here.
+Expected: no measured number yet.
 """
 
 from configs import base

@@ -6,6 +6,9 @@ Measured (on the masked 15%, all replaced by MASK at eval; 700 steps, 10.2 min w
 CPU cores shared with other jobs, jax 0.10.2): validation accuracy 0.1074, perplexity
 16.32 (unigram baseline 17.67); test accuracy 0.1059, perplexity 16.42 (unigram 17.06).
 Runs are deterministic: the same command prints the same numbers.
+
+Runtime: 10.2 min on 2 CPU cores (700 steps).
+Expected: masked-token validation accuracy 0.1074, perplexity 16.32.
 """
 
 from configs import protein_performer_softmax_bi

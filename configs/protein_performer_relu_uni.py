@@ -8,6 +8,9 @@ Measured (next-token; 700 steps, 7.9 min wall on 2 CPU cores shared with other j
 jax 0.10.2): validation accuracy 0.1203, perplexity 15.98 (unigram baseline 17.67);
 test accuracy 0.1153, perplexity 16.05 (unigram 17.06). Runs are deterministic: the same
 command prints the same numbers.
+
+Runtime: 7.9 min on 2 CPU cores (700 steps).
+Expected: validation accuracy 0.1203, perplexity 15.98.
 """
 
 from configs import protein_performer_softmax_uni

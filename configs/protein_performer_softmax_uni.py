@@ -13,6 +13,9 @@ Measured (next-token; 700 steps, 9.0 min wall on 2 CPU cores shared with other j
 jax 0.10.2): validation accuracy 0.1195, perplexity 16.05 (unigram baseline 17.67);
 test accuracy 0.1145, perplexity 16.15 (unigram 17.06). Runs are deterministic: the same
 command prints the same numbers.
+
+Runtime: 9.0 min on 2 CPU cores (700 steps).
+Expected: validation accuracy 0.1195, perplexity 16.05.
 """
 
 from configs import base

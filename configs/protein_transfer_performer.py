@@ -15,8 +15,11 @@ line (the config cannot know your workdir):
 Add `--config.train.distill_from=/tmp/protein_tf_uni` to also distil from the frozen
 softmax teacher (KL of the logits, weight config.train.distill_weight). The run writes
 workdir/init_from.json listing every transferred parameter (and any present in only one of
-the two models). A small-scale measurement of this experiment is in the README section "Fine-tuning: zoo transfer and distillation"
+the two models). A small-scale measurement of this experiment is in docs/transfer.md
 (benchmarks/transfer.py).
+
+Runtime: not timed alone: 100 steps at the default's pace, ~1.5 min after the softmax run.
+Expected: about the teacher's accuracy (notebook 4, 150 steps: 0.113 zero-shot -> 0.116).
 """
 
 from configs import protein_performer_softmax_uni

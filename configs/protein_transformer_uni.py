@@ -9,6 +9,9 @@ Measured (next-token; 700 steps, 6.5 min wall on 2 CPU cores shared with other j
 jax 0.10.2): validation accuracy 0.1198, perplexity 16.02 (unigram baseline 17.67);
 test accuracy 0.1150, perplexity 16.10 (unigram 17.06). Runs are deterministic: the same
 command prints the same numbers.
+
+Runtime: 6.5 min on 2 CPU cores (700 steps).
+Expected: validation accuracy 0.1198, perplexity 16.02.
 """
 
 from configs import protein_performer_softmax_uni

@@ -14,12 +14,13 @@ directory works the same way:
   python sample.py --workdir=/tmp/smollm2_favor --prompt="The capital of France is" \
       --temperature=0 --max_new_tokens=8
 
-Runtime: 16 min for 30 steps of 8 x 128 tokens on 2 CPU cores (one student and one
-teacher pass per step; ~3 min of it compiling the 30-layer model). Measured (README
-"Fine-tuning imported checkpoints"): validation next-token loss 5.99 (test 5.86) after
-30 steps, from 7.85 after 4; the softmax original scores 4.23 on the same split and the
-unigram baseline 7.19. Random features cannot follow SmolLM2's peaked heads (DESIGN.md);
-closing the rest of the gap is attention transfer into learned maps, not more steps here.
+Runtime: 16 min on 2 CPU cores (30 steps of 8 x 128 tokens; ~3 min of it compiling).
+Expected: validation next-token loss 5.99 (softmax original 4.23, unigram baseline 7.19).
+
+Measured (docs/pretrained.md): test loss 5.86; 7.85 after 4 steps. Each step runs the
+student and the teacher. Random features cannot follow SmolLM2's peaked heads
+(docs/design.md, section 7); closing the rest of the gap is attention transfer into learned
+maps (configs/linearize_smollm2.py), not more steps here.
 """
 
 from configs import base

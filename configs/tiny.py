@@ -2,7 +2,8 @@ r"""Tiny config for tests and smoke runs: 2 layers, width 32, length 64, FAVOR+ 
 
   python train.py --config=configs/tiny.py --workdir=/tmp/tiny
 
-Runtime: ~15 s on 2 CPU cores (mostly compilation). Not meant to reach a useful metric.
+Runtime: 15-30 s on 2 CPU cores (mostly compilation; 30 s while other jobs shared them).
+Expected: no useful metric: validation perplexity ~28 after 10 steps (unigram 17.3).
 """
 
 from configs import base

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,7 +39,8 @@
 # output MSE uses all L queries.
 #
 # Set `PERFORMER_NOTEBOOK_QUICK=1` for a seconds-long run with fewer lengths,
-# features and seeds (what the test suite does).
+# features and seeds (what the test suite does); `PERFORMER_APPROX_SEEDS=N`
+# draws N samples per setting instead of 15 (the run costs about N/15).
 
 # %%
 import os
@@ -56,13 +57,14 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from performer import attention
+from performer import attention, plot
 
 QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
 L = 512 if QUICK else 4096
 D = 16
 MS = [16, 128] if QUICK else [8, 16, 32, 64, 128, 256, 512]
 SEEDS = 2 if QUICK else 15  # the paper's 15 samples
+SEEDS = int(os.environ.get('PERFORMER_APPROX_SEEDS', SEEDS))  # fewer: a cheaper figure
 ROWS = 128 if QUICK else 1024  # query rows for the attention-matrix MSE
 KINDS = {
   'positive': 'favor_softmax',
@@ -197,7 +199,7 @@ for row, sq_norm in enumerate(SQ_NORMS):
     ax.grid(True, which='both', alpha=0.3)
 axes[0, 0].legend()
 plt.tight_layout()
-plt.show()
+plot.show(fig, 'approximation_error')  # saved too when PERFORMER_FIGURES_DIR is set
 
 # %% [markdown]
 # ## Key numbers

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -24,7 +24,7 @@
 # quadratic.
 #
 # The measurement code is `benchmarks/model.py` (the same function the
-# benchmark script runs), so the numbers here and in the README table mean the
+# benchmark script runs), so the numbers here and in the docs' benchmark table mean the
 # same thing. This notebook runs a smaller model than the benchmark's default
 # (6 layers, d=512) so that it finishes in a few minutes on 2 CPU cores; set
 # `PERFORMER_MODEL_BENCH_JSON` to the `--json` output of a full
@@ -51,6 +51,7 @@ if ROOT not in sys.path:  # benchmarks/ is a top-level folder of the repository
 import matplotlib.pyplot as plt
 
 from benchmarks import model as model_bench
+from performer import plot
 
 QUICK = os.environ.get('PERFORMER_NOTEBOOK_QUICK', '0') == '1'
 JSON = os.environ.get('PERFORMER_MODEL_BENCH_JSON', '')
@@ -141,14 +142,14 @@ for i, mode in enumerate(modes):
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
 plt.tight_layout()
-plt.show()
+plot.show(fig, 'speed_memory')  # saved too when PERFORMER_FIGURES_DIR is set
 
 # %% [markdown]
 # ## Key numbers
 # Step time relative to identity at the longest length every linear kind was
-# timed at, and memory growth from L to 4L (DESIGN.md targets, at L=8192 on
-# the full-size model: Performer <= 1.3x identity; memory growth <= 4.4x,
-# against about 16x for softmax).
+# timed at, and memory growth from L to 4L (the targets of docs/design.md
+# section 6, at L=8192 on the full-size model: Performer <= 1.3x identity;
+# memory growth <= 4.4x, against about 16x for softmax).
 
 # %%
 for mode in modes:

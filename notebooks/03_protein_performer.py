@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
-from performer import data, sampling
+from performer import data, plot, sampling
 from performer.data import vocab as vocab_lib
 from performer.models import attention_maps
 from performer.training import runs
@@ -139,7 +139,7 @@ for layer in range(num_layers):
     ax.set_xticks([])
     ax.set_yticks([])
 plt.tight_layout()
-plt.show()
+plot.show(fig, 'protein_attention_maps')  # saved too when PERFORMER_FIGURES_DIR is set
 
 # %% [markdown]
 # ## Amino-acid similarity from attention
@@ -265,7 +265,7 @@ for ax, (label, matrix) in zip(axes, [*sims.items(), ('BLOSUM62', BLOSUM62)]):
   ax.set_title(label if label == 'BLOSUM62' else f'{label}: log attention enrichment')
   plt.colorbar(im, ax=ax, fraction=0.046)
 plt.tight_layout()
-plt.show()
+plot.show(fig, 'amino_acid_similarity')  # saved too when PERFORMER_FIGURES_DIR is set
 
 # %% [markdown]
 # ## Key numbers

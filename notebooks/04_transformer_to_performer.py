@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -53,7 +53,7 @@ import matplotlib.pyplot as plt
 import ml_collections
 from flax import nnx
 
-from performer import data, models, sampling
+from performer import data, models, plot, sampling
 from performer.training import metrics, runs, steps
 from performer.training.task import Task
 
@@ -156,7 +156,7 @@ ax.set_ylabel('validation accuracy')
 ax.set_title('softmax Transformer -> Performer (favor_softmax)')
 ax.grid(True, alpha=0.3)
 ax.legend()
-plt.show()
+plot.show(fig, 'transformer_to_performer')  # saved too when PERFORMER_FIGURES_DIR is set
 
 # %% [markdown]
 # ## Key numbers

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -42,7 +42,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from performer import data, sampling
+from performer import data, plot, sampling
 from performer.data import vocab as vocab_lib
 from performer.training import runs
 
@@ -132,7 +132,7 @@ ax.bar(x + 0.2, p_made, width=0.4, label='samples')
 ax.set_xticks(x, list(amino))
 ax.set_ylabel('frequency')
 ax.legend()
-plt.show()
+plot.show(fig, 'sampling_composition')  # saved too when PERFORMER_FIGURES_DIR is set
 
 # %% [markdown]
 # ## Continuing a held-out protein

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -62,7 +62,7 @@ import numpy as np
 from flax import nnx
 from matplotlib import colors
 
-from performer import data, models, sampling
+from performer import data, models, plot, sampling
 from performer.convert import llama as convert_llama
 from performer.convert import pretrained
 from performer.models import attention_maps
@@ -234,7 +234,7 @@ ax.set_xlabel('conversion step')
 ax.set_ylabel('validation perplexity')
 ax.grid(True, alpha=0.3)
 ax.legend()
-plt.show()
+plot.show(fig, 'linearization_curve')  # saved too when PERFORMER_FIGURES_DIR is set
 for s, p in zip(curve_steps, curve_ppl):
   stage = 'start' if s == 0 else 'transfer' if s <= tc.transfer_steps else 'LoRA'
   print(f'step {s:4d} ({stage}): perplexity {p:.3f}')
@@ -330,7 +330,7 @@ for ax, (label, m) in zip(axes, maps.items()):
 axes[0].set_ylabel('query')
 fig.colorbar(image, ax=axes, shrink=0.8)
 fig.suptitle(f'layer {layer}, head {head} (window {W})')
-plt.show()
+plot.show(fig, 'linearization_attention_map')  # saved too when PERFORMER_FIGURES_DIR is set
 print(
   f'layer {layer} head {head}: TV to softmax {tv_before[layer, head]:.4f} -> '
   f'{tv_after[layer, head]:.4f}'

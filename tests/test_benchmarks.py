@@ -123,10 +123,13 @@ def test_attention_benchmark_runs(tmp_path):
       '1',
       '--json',
       str(path),
+      '--plot',
+      str(tmp_path / 'attention.png'),
     ],
     timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / 'attention.png').read_bytes()[:4] == b'\x89PNG'  # time and memory vs L
   rows = json.loads(path.read_text())['rows']
   assert {(r['mode'], r['kind']) for r in rows} == {
     (m, k) for m in ('bidirectional', 'causal') for k in ('softmax', 'favor_softmax', 'identity')

@@ -442,7 +442,7 @@ def test_favor_import_approaches_softmax_with_more_features(tmp_path):
   """The same tiny checkpoint as softmax and as FAVOR+: the logits' error shrinks as the
   number of random features grows, and is small with many (unbiased estimator, variance
   ~ 1/m), not merely finite. q and k projections are scaled down so that the heads are
-  not peaked: FAVOR's variance grows like exp(|q|^2 + |k|^2) (DESIGN.md), and the tiny
+  not peaked: FAVOR's variance grows like exp(|q|^2 + |k|^2) (docs/design.md), and the tiny
   random weights otherwise give norms no feature count can follow."""
   scale = lambda k: 0.1 if ('q_proj' in k or 'k_proj' in k) else 1.0
   tensors = {k: v * scale(k) for k, v in tiny_hf_tensors().items()}

@@ -5,7 +5,7 @@
   uninterrupted run, with no duplicated metrics rows. A second Ctrl-C aborts at once and
   the run still resumes from its newest complete checkpoint.
 * While a run trains, a second train.py on its workdir exits 2 with one line.
-* The README's favor_relu example: eval.py without --config scores it as training did; a
+* The favor_relu example of docs/training.md: eval.py without --config scores it as training did; a
   --config that differs is refused; raising num_steps without --config resumes.
 """
 
@@ -130,7 +130,7 @@ def test_second_ctrl_c_aborts_and_keeps_the_newest_complete_checkpoint(tmp_path,
 
 
 def test_favor_relu_example_is_the_runs_own(tmp_path):
-  """README: train favor_relu by override; eval.py and train.py then use the run's config."""
+  """docs/training.md: train favor_relu by override; eval.py and train.py then use its config."""
   workdir = str(tmp_path)
   args = ['--config.model.attention.kind=favor_relu', '--config.train.num_steps=4']
   trained = run_script(['train.py', '--config=configs/tiny.py', f'--workdir={workdir}', *args])

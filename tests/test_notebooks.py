@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -31,6 +32,16 @@ SOURCES = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, '[0-9][0-9]_*.py')))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in SOURCES]
 LINEARIZE = '06_linearizing_llm'  # no shared runs: a quick test of its own
 SHARED = [n for n in NAMES if n != LINEARIZE]
+# What each notebook saves through performer.plot.show when PERFORMER_FIGURES_DIR is set
+# (how docs/figures/ is made): NAME.png in that folder.
+FIGURES = {
+  '01_approximation_error': ['approximation_error'],
+  '02_speed_memory': ['speed_memory'],
+  '03_protein_performer': ['protein_attention_maps', 'amino_acid_similarity'],
+  '04_transformer_to_performer': ['transformer_to_performer'],
+  '05_sampling': ['sampling_composition'],
+  LINEARIZE: ['linearization_curve', 'linearization_attention_map'],
+}
 
 
 def _cells(nb):
@@ -38,11 +49,21 @@ def _cells(nb):
 
 
 def test_every_notebook_is_paired():
-  assert len(NAMES) == 6 and LINEARIZE in NAMES, NAMES
+  assert len(NAMES) == 6 and LINEARIZE in NAMES and sorted(FIGURES) == NAMES, NAMES
   ipynbs = sorted(
     p for p in glob.glob(os.path.join(NOTEBOOK_DIR, '*.ipynb')) if not p.endswith('.out.ipynb')
   )  # executed copies, if any
   assert [os.path.splitext(os.path.basename(p))[0] for p in ipynbs] == NAMES
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_every_figure_is_saved_by_name(name):
+  """Each figure goes through performer.plot.show under its name (the slow tests check the
+  PNGs); a bare plt.show() would leave it out of docs/figures/."""
+  with open(os.path.join(NOTEBOOK_DIR, name + '.py'), encoding='utf-8') as f:
+    source = f.read()
+  assert 'plt.show()' not in source
+  assert re.findall(r"plot\.show\(fig, '(\w+)'\)", source) == FIGURES[name]
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -66,6 +87,7 @@ def execute(name, workdir, run_dir, monkeypatch, quick):
   monkeypatch.setenv('PYTHONPATH', ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   monkeypatch.setenv('PERFORMER_NOTEBOOK_WORKDIR', str(workdir))
   monkeypatch.setenv('PERFORMER_NOTEBOOK_QUICK', '1' if quick else '0')
+  monkeypatch.setenv('PERFORMER_FIGURES_DIR', str(run_dir / 'figures'))
   for var in (
     'PERFORMER_PROTEIN_WORKDIR',
     'PERFORMER_PROTEIN_SOFTMAX_WORKDIR',
@@ -84,11 +106,15 @@ def execute(name, workdir, run_dir, monkeypatch, quick):
   return nb
 
 
-def check_executed(name, nb):
-  """No error output, at least one plot, no NaN printed; returns the printed text."""
+def check_executed(name, nb, run_dir):
+  """No error output, at least one plot, every figure saved as a PNG, no NaN printed;
+  returns the printed text."""
   outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
   assert not [o for o in outputs if o.output_type == 'error']
   assert [o for o in outputs if 'image/png' in o.get('data', {})], f'{name} drew no plot'
+  for figure in FIGURES[name]:
+    path = run_dir / 'figures' / f'{figure}.png'
+    assert path.read_bytes()[:4] == b'\x89PNG', f'{name} did not save {path.name}'
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
   assert 'nan' not in text.lower().split(), f'{name} printed NaN'
   return text
@@ -103,7 +129,8 @@ def run_all(tmp_path, monkeypatch, quick, names=SHARED):
   for name in names:
     run_dir = tmp_path / name
     run_dir.mkdir()
-    texts[name] = check_executed(name, execute(name, workdir, run_dir, monkeypatch, quick))
+    nb = execute(name, workdir, run_dir, monkeypatch, quick)
+    texts[name] = check_executed(name, nb, run_dir)
   return workdir, texts
 
 
@@ -126,7 +153,7 @@ def test_notebook_06_linearizing_quick(tmp_path, monkeypatch):
   workdir.mkdir()
   run_dir.mkdir()
   nb = execute(LINEARIZE, workdir, run_dir, monkeypatch, quick=True)
-  text = check_executed(LINEARIZE, nb)
+  text = check_executed(LINEARIZE, nb, run_dir)
   outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
   assert len([o for o in outputs if 'image/png' in o.get('data', {})]) == 2  # curve, maps
   s = json.loads((workdir / 'linearize_quick.json').read_text())

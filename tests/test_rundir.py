@@ -50,7 +50,7 @@ def test_only_schedule_keys_may_change(tmp_path, caplog):
   with pytest.raises(rundir.RunConfigError) as info:
     rundir.check_resume(other, str(tmp_path))
   assert 'model.num_layers (run: 2, now: 3)' in str(info.value) and '\n' not in str(info.value)
-  softmax = build.resolve_config(tiny_config(train__num_steps=4))[0]  # README's pitfall
+  softmax = build.resolve_config(tiny_config(train__num_steps=4))[0]  # the docs' pitfall
   with pytest.raises(rundir.RunConfigError, match="kind \\(run: 'favor_relu', now: 'favor_soft"):
     rundir.check_resume(softmax, str(tmp_path))
   longer = build.resolve_config(tiny_config(**{**FAVOR_RELU, 'train__num_steps': 8}))[0]

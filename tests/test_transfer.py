@@ -1,4 +1,4 @@
-"""Zoo transfer and distillation tests (DESIGN.md section 5).
+"""Zoo transfer and distillation tests (docs/design.md, section 5).
 
 * Every (source kind, target kind) pair of attention.KINDS: a checkpoint trained in the
   source kind initializes the target kind through the training loop's own init_from path;
@@ -280,8 +280,11 @@ def test_transfer_benchmark_quick(data_name, tmp_path):
       str(tmp_path),
       '--json',
       str(tmp_path / 'transfer.json'),
+      '--plot',
+      str(tmp_path / 'transfer.png'),
     ]
   )
+  assert (tmp_path / 'transfer.png').read_bytes()[:4] == b'\x89PNG'  # the transfer curve
   assert rows[0]['step'] == 0 and rows[-1]['step'] == 3
   assert all(0.0 < r['plain'] < 1.0 and 0.0 < r['distill'] < 1.0 for r in rows)
   with open(tmp_path / 'transfer.json', encoding='utf-8') as f:
