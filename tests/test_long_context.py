@@ -32,6 +32,7 @@ def test_passkey_prompt_is_exact_length_with_key_at_depth():
     text = ''.join(map(chr, trial.tokens[1:]))
     assert len(trial.tokens) == 1500 and trial.tokens[0] == 0
     assert text.startswith(prompts.PASSKEY_INTRO) and text.endswith(prompts.PASSKEY_QUERY)
+    assert text[: -len(prompts.PASSKEY_QUERY)].endswith(('back again.', 'pass key.'))
     needle = prompts.PASSKEY_NEEDLE.format(key=trial.text_answer)
     at = text.index(needle)
     filler = len(text) - len(prompts.PASSKEY_INTRO) - len(needle) - len(prompts.PASSKEY_QUERY)
@@ -48,8 +49,10 @@ def test_needle_prompt_sits_in_prose():
   trial = prompts.needle(vocab, 900, 0.0, np.random.default_rng(0), hay)
   text = ''.join(map(chr, trial.tokens[1:]))  # after BOS
   assert len(trial.tokens) == 900 and len(trial.text_answer) == 7
-  assert text.startswith(' One of the special magic numbers for ')
+  assert text.index(' One of the special magic numbers for ') < 20  # after a unit's end
   assert 'Three four five!' in text and text.endswith('mentioned in the provided text is')
+  before_query = text[: text.index(' What is the special magic number')]
+  assert before_query.endswith(('One two.', 'Three four five!', 'Six?'))  # whole sentences
   with pytest.raises(ValueError, match='too short'):
     prompts.needle(vocab, 100, 0.5, np.random.default_rng(0), hay)
 

@@ -82,7 +82,9 @@ def answer_tokens(vocab, prompt_text: str, answer_text: str) -> list[int]:
 
 def _assemble(vocab, length, head, units, needle, query, depth):
   """[BOS] head, as many whole `units` as fit with the needle among them at `depth`,
-  then query; filler is topped up from the next unit's tokens so the total is exact."""
+  then query. The few tokens left over are the end of one more unit, placed right after
+  the head, so the text before the question is whole units, as in the published
+  protocol, and every prompt is exactly `length` tokens (one compiled prefill)."""
   bos = getattr(vocab, 'bos_id', None)
   head_ids = ([int(bos)] if bos is not None else []) + head
   budget = length - len(head_ids) - len(needle) - len(query)
@@ -96,15 +98,12 @@ def _assemble(vocab, length, head, units, needle, query, depth):
     chosen.append(units[i % len(units)])
     used += len(units[i % len(units)])
     i += 1
-  # Top up with the start of the next unit, so every prompt is exactly `length` long
-  # (one compiled prefill for every trial); the cut sits just before the question.
-  tail = (units[i % len(units)] * (1 + budget // max(1, len(units[i % len(units)]))))[
-    : budget - used
-  ]
+  spare = budget - used  # shorter than the next unit
+  lead = units[i % len(units)][len(units[i % len(units)]) - spare :] if spare else []
   cut = int(round(depth * len(chosen)))
-  filler = [t for unit in chosen[:cut] for t in unit]
-  rest = [t for unit in chosen[cut:] for t in unit] + tail
-  tokens = np.asarray(head_ids + filler + needle + rest + query, np.int32)
+  before = [t for unit in chosen[:cut] for t in unit]
+  after = [t for unit in chosen[cut:] for t in unit]
+  tokens = np.asarray(head_ids + lead + before + needle + after + query, np.int32)
   assert len(tokens) == length, (len(tokens), length)
   return tokens
 
