@@ -14,19 +14,13 @@ import time
 import jax
 import jax.numpy as jnp
 
+from performer.training.long_context import xla_bytes  # the one formula
+
 
 def compile_stats(fn, *args):
   """Compiles ``fn`` (already jitted) and returns (compiled, bytes, flops)."""
   compiled = fn.lower(*args).compile()
-  memory = compiled.memory_analysis()
-  peak = None
-  if memory is not None:
-    peak = (
-      memory.temp_size_in_bytes
-      + memory.argument_size_in_bytes
-      + memory.output_size_in_bytes
-      - memory.alias_size_in_bytes
-    )
+  peak = xla_bytes(compiled)
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
