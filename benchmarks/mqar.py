@@ -115,6 +115,7 @@ def parse_args(argv=None):
   p.add_argument('--emb_dim', type=int, default=128)
   p.add_argument('--heads', type=int, default=2)
   p.add_argument('--mlp_dim', type=int, default=256)
+  p.add_argument('--short_conv', type=int, default=4, help='q/k/v convolution width (0 = off)')
   p.add_argument('--steps', type=int, default=None, help='training steps per model')
   p.add_argument('--batch', type=int, default=None, help='sequences per step')
   p.add_argument('--lr', type=float, default=None, help='peak learning rate (1e-3)')
@@ -226,6 +227,7 @@ def model_dict(kind, window, args):
     dropout_rate=0.0,
     tie_embeddings=True,
     embed_init_std=EMBED_STD,
+    short_conv=args.short_conv,
   )
   options = {'num_features': NUM_FEATURES, **args.options}
   m['attention'] = dict(m['attention'], kind=kind, window=window, **options)
@@ -388,7 +390,8 @@ def main(argv=None):
   print(f'# {info}')
   print(
     f'# MQAR: L={args.length}, vocab {args.vocab}, pairs {args.pairs} (train {args.train_pairs});'
-    f' {args.layers} layers, d={args.emb_dim}, {args.heads} heads, mlp {args.mlp_dim}; '
+    f' {args.layers} layers, d={args.emb_dim}, {args.heads} heads, mlp {args.mlp_dim}, '
+    f'short conv {args.short_conv}; '
     f'{args.steps} steps x {args.batch}, lr {args.lr:g}; options {args.options}',
     flush=True,
   )

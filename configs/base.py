@@ -49,6 +49,9 @@ def get_config():
   # with B = 0 at init, so the model starts as the one without LoRA; 0 = off.
   config.model.lora_rank = 0
   config.model.lora_alpha = 16.0  # the update's scale is lora_alpha / lora_rank
+  # A causal depthwise convolution of this width on q, k and v, SiLU after it
+  # (performer/models/short_conv.py; Based / GLA / Zoology's recall models use 4); 0 = off.
+  config.model.short_conv = 0
   config.model.attention = ml_collections.ConfigDict()
   config.model.attention.kind = 'favor_softmax'  # one of performer.attention.KINDS
   config.model.attention.num_features = 256

@@ -25,6 +25,7 @@ from performer.models.config import DTYPES, POSITIONS, TASKS, AttentionSpec, Mod
 from performer.models.families import FAMILIES, build_model, model_config
 from performer.models.layers import capture_intermediates
 from performer.models.lora import LoraParam, merge_lora
+from performer.models.short_conv import ConvParam
 from performer.models.positions import (
   POSITION_KINDS,
   apply_rope,
@@ -60,12 +61,13 @@ def feature_params(model: nnx.Module) -> list[str]:
 
 
 # Parameter types no pretrained checkpoint holds (an nnx filter: nnx.state(model, NEW_PARAMS)).
-NEW_PARAMS = (attention.FeatureParam, LoraParam)
+NEW_PARAMS = (attention.FeatureParam, LoraParam, ConvParam)
 
 
 def new_params(model: nnx.Module) -> list[str]:
   """Dotted paths of every parameter no pretrained or softmax checkpoint holds:
-  feature-map parameters (`feature_params`) and LoRA factors ('layers.0.attn.query.lora_a').
+  feature-map parameters (`feature_params`), LoRA factors ('layers.0.attn.query.lora_a')
+  and short-convolution kernels.
   Importers and init_from keep their initial values and report them as expected-missing."""
   return sorted(
     '.'.join(str(p) for p in path)

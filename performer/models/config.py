@@ -67,6 +67,7 @@ class ModelConfig:
   rope_theta: the rotary base when positions == 'rotary'.
   norm / mlp / use_bias: fixed by the family (see families.py).
   lora_rank / lora_alpha: LoRA on q, k, v, o (lora.py); rank 0 = off.
+  short_conv: a causal depthwise convolution of this width on q, k, v (short_conv.py); 0 = off.
   """
 
   family: str = 'transformer'
@@ -93,6 +94,7 @@ class ModelConfig:
   pooler: bool = False
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  short_conv: int = 0
   dtype: str = 'float32'
   attention: AttentionSpec = AttentionSpec()
 
@@ -112,6 +114,8 @@ class ModelConfig:
         raise ValueError(f'{key} must be a positive integer, got {getattr(self, key)}')
     if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
       raise ValueError(f'lora_rank must be an integer >= 0 (0 = off), got {self.lora_rank!r}')
+    if not isinstance(self.short_conv, int) or self.short_conv < 0:
+      raise ValueError(f'short_conv must be an integer >= 0 (0 = off), got {self.short_conv!r}')
     if self.lora_rank and not self.lora_alpha > 0:
       raise ValueError(f'lora_alpha must be > 0, got {self.lora_alpha!r}')
     if not self.head_dim:

@@ -27,6 +27,7 @@ from flax import nnx
 from performer.models import lora
 from performer.models import positions as positions_lib
 from performer.models.config import ModelConfig
+from performer.models.short_conv import ShortConv
 
 
 def sow(module: nnx.Module, name: str, value) -> None:
@@ -115,17 +116,50 @@ class SelfAttention(nnx.Module):
       rngs=rngs,
     )
     self.attend = cfg.attention.build(head_dim=hd, num_heads=cfg.num_heads, rngs=rngs)
+    heads = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
+    self.convs = (  # short_conv.py: a causal convolution on q, k and v
+      nnx.List([ShortConv(cfg.short_conv, h, hd, rngs=rngs) for h in heads])
+      if cfg.short_conv
+      else None
+    )
 
   def init_cache(self, batch: int, max_length: int, dtype=jnp.float32):
     """The attention module's empty state: (S, z) per head for feature-map kinds
-    (fixed size), a KV cache of `max_length` kv-head slots for softmax."""
-    return self.attend.init_state(
+    (fixed size), a KV cache of `max_length` kv-head slots for softmax; with a short
+    convolution, {'attention': that, 'conv': the last K - 1 inputs of q, k, v}."""
+    state = self.attend.init_state(
       batch, self.head_dim, num_kv_heads=self.num_kv_heads, max_length=max_length, dtype=dtype
     )
+    if self.convs is None:
+      return state
+    heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
+    history = tuple(c.init_history(batch, h, self.head_dim, dtype) for c, h in zip(self.convs, heads))
+    return {'attention': state, 'conv': history}
+
+  def _convolve(self, qkv, *, mask, segment_ids, cache):
+    """(q, k, v) through the short convolutions: (q, k, v, cache with new history)."""
+    if cache is None:
+      return tuple(c(x, mask=mask, segment_ids=segment_ids) for c, x in zip(self.convs, qkv)), None
+    call = 'step' if qkv[0].shape[1] == 1 else 'prefill'
+    step_mask = None if mask is None or call == 'prefill' else mask[:, 0]
+    outs, history = [], []
+    for conv, x, h in zip(self.convs, qkv, cache['conv']):
+      if call == 'step':
+        y, h = conv.step(h, x[:, 0], mask=step_mask)
+        y = y[:, None]
+      else:
+        y, h = conv.prefill(h, x, mask=mask)
+      outs.append(y)
+      history.append(h)
+    return tuple(outs), {**cache, 'conv': tuple(history)}
 
   def __call__(self, x, *, positions, mask=None, segment_ids=None, cache=None):
     """x [B, L, D] -> (out [B, L, D], cache). `positions` [B, L] are absolute (RoPE)."""
     q, k, v = self.query(x), self.key(x), self.value(x)
+    outer = None
+    if self.convs is not None:
+      (q, k, v), outer = self._convolve((q, k, v), mask=mask, segment_ids=segment_ids, cache=cache)
+      cache = None if cache is None else outer['attention']
     if self.rope_theta:
       q = positions_lib.apply_rope(q, positions, base=self.rope_theta)
       k = positions_lib.apply_rope(k, positions, base=self.rope_theta)
@@ -138,6 +172,8 @@ class SelfAttention(nnx.Module):
       y = y[:, None]
     else:
       y, cache = self.attend.prefill(cache, q, k, v, mask=mask)
+    if outer is not None and cache is not None:
+      cache = {**outer, 'attention': cache}
     sow(self, 'attended', y)
     return self.out(y), cache
 
