@@ -52,17 +52,9 @@ def free_gb(path: str) -> float | None:
 
 
 def _config(args) -> types.SimpleNamespace:
-  """The config.data stand-in the dataset reads (prepare runs without a config file)."""
-  return types.SimpleNamespace(
-    name=args.dataset,
-    data_dir=args.data_dir,
-    path=args.path,
-    variant=args.variant,
-    vocab_size=args.vocab_size,
-    spm_path=args.spm_path,
-    fasta=args.fasta,
-    manual_dir=args.manual_dir,
-  )
+  """The config.data stand-in the dataset reads (prepare runs without a config file):
+  the command's options under their config.data names, and `name`."""
+  return types.SimpleNamespace(**vars(args), name=args.dataset)
 
 
 def space_needed(args) -> dict[str, float]:
