@@ -40,9 +40,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
-from performer import attention, models  # noqa: E402
+from performer import attention, data, models  # noqa: E402
 from performer.attention.layers import repeat_kv  # noqa: E402
-from performer.data import text  # noqa: E402
 from performer.training import build, config_utils, sharding, text_eval  # noqa: E402
 
 CONFIG = os.path.join(ROOT, 'configs', 'linearize_smollm2.py')
@@ -63,7 +62,7 @@ def parse_args(argv=None):
 
 def held_out_tokens(data_config, vocab, length):
   """The first `length` tokens of the data's test split, as the pipeline splits it."""
-  docs = text.split_lines(data_config, 'test')
+  docs = data.dataset_for(data_config).source(data_config, 'test')
   return text_eval.tokenize(vocab, '\n'.join(docs), max_tokens=length)
 
 

@@ -45,8 +45,8 @@ def test_corpus_is_megabytes_of_documents_and_deterministic(cache, tmp_path):
 
 def test_held_out_documents_are_never_trained_on(cache):
   cfg = docs_cfg()
-  train = set(text_lib.split_lines(cfg, 'train'))
-  held = [set(text_lib.split_lines(cfg, s)) for s in ('validation', 'test')]
+  train = set(data.dataset_for(cfg).source(cfg, 'train'))
+  held = [set(data.dataset_for(cfg).source(cfg, s)) for s in ('validation', 'test')]
   assert all(held) and not (held[0] & held[1]) and not any(train & h for h in held)
   total = len(train) + sum(map(len, held))
   assert 0.85 < len(train) / total < 0.95
@@ -63,5 +63,5 @@ def test_batches_window_long_documents(cache, monkeypatch):
   assert np.all((batch['tokens'] >= 0) & (batch['tokens'] < vocab.size))
   first = next(data.build_dataset(docs_cfg(pack=False), split='validation', batch_size=2))
   assert first['mask'].all()  # the first 256 tokens of a long document
-  doc = text_lib.split_lines(cfg, 'validation')[0]
+  doc = data.dataset_for(cfg).source(cfg, 'validation')[0]
   assert doc.startswith(vocab.decode(first['tokens'][0]))

@@ -78,7 +78,7 @@ def test_bits_per_dim_on_known_distributions():
   targets = np.array([0] * 4 + [1] * 2 + [2, 3])
   logits = np.log(np.maximum(p, 1e-30))[None].repeat(len(targets), 0)
   nats = float(optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean())
-  assert imagenet64.bits_per_dim(nats) == pytest.approx(1.75, rel=1e-6)
+  assert data.bits_per_dim(nats) == pytest.approx(1.75, rel=1e-6)
   total = nats * len(targets)
   assert imagenet64.bits_per_dim_from_total(total, 1, dims=len(targets)) == pytest.approx(1.75)
   # The training loop's metric agrees (bits_per_dim = loss / ln 2).

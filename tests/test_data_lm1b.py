@@ -14,7 +14,6 @@ import tensorflow_datasets as tfds
 
 from performer import data
 from performer.data import catalog, lm1b, sequences, tokenizer
-from performer.data import text as text_lib
 
 WORDS = (
   'the a cat dog sat on mat runs quickly slowly red blue green house tree river over '
@@ -91,7 +90,7 @@ def test_lm1b_packing_round_trips_the_split(mock_lm1b):
   """Unpacking the packed eval rows gives back every sentence's tokens exactly once
   (first-fit packing may change their order)."""
   vocab = data.vocab_for(mock_lm1b)
-  source = catalog.split_source('lm1b', 'test', mock_lm1b.data_dir, has_validation=False)
+  source = catalog.split_source(lm1b.SPEC, 'test', mock_lm1b.data_dir)
   expected = [vocab.encode_example(lm1b._text(source[i]))[:32] for i in range(len(source))]
   got = []
   for batch in data.build_dataset(mock_lm1b, split='test', batch_size=4):
@@ -120,7 +119,7 @@ def test_lm1b_splits_and_unpacked_eval_padding(mock_lm1b):
 
 def test_eval_word_counts_match_the_scored_tokens(mock_lm1b):
   counts = data.eval_word_counts(mock_lm1b, 'test')
-  source = catalog.split_source('lm1b', 'test', mock_lm1b.data_dir, has_validation=False)
+  source = catalog.split_source(lm1b.SPEC, 'test', mock_lm1b.data_dir)
   texts = [lm1b._text(source[i]) for i in range(len(source))]
   vocab = data.vocab_for(mock_lm1b)
   fits = [len(vocab.encode_example(t)) <= 32 for t in texts]
@@ -151,10 +150,10 @@ def test_text_file_pipeline(tmp_path):
     batch = next(data.build_dataset(cfg, split=split, batch_size=2))
     assert batch['tokens'].shape == (2, 32) and batch['tokens'][0, 0] == vocab.bos_id
   first = next(data.build_dataset(cfg, split='validation', batch_size=1))
-  line = text_lib.split_lines(cfg, 'validation')[0]
+  line = data.dataset_for(cfg).source(cfg, 'validation')[0]
   assert vocab.decode(first['tokens'][0][first['mask'][0]]) == line
   counts = data.eval_word_counts(cfg, 'validation')
-  assert counts['num_examples'] == len(text_lib.split_lines(cfg, 'validation'))
+  assert counts['num_examples'] == len(data.dataset_for(cfg).source(cfg, 'validation'))
   base = data.unigram_baseline(cfg, 'validation')
   assert 0 < base['cross_entropy'] < np.log(vocab.size)
 

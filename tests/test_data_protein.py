@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from performer import data, errors
-from performer.data import fasta, protein
+from performer.data import dataset, fasta, protein
 from performer.data.vocab import PROTEIN_VOCAB as V
 
 
@@ -35,7 +35,7 @@ def ids_for(split, n, prefix='r'):
   """The first n ids 'r0', 'r1', ... that the hash split puts in `split`."""
   found, i = [], 0
   while len(found) < n:
-    if protein.split_of(f'{prefix}{i}') == split:
+    if dataset.split_of(f'{prefix}{i}') == split:
       found.append(f'{prefix}{i}')
     i += 1
   return found
@@ -56,7 +56,7 @@ def small_fasta(tmp_path_factory):
 
 
 def sequences(path, split):
-  return [s for rid, _, s in fasta.parse_fasta(path) if protein.split_of(rid) == split]
+  return [s for rid, _, s in fasta.parse_fasta(path) if dataset.split_of(rid) == split]
 
 
 # --- vocabulary --------------------------------------------------------------
@@ -80,21 +80,21 @@ def test_vocab_layout_and_round_trip():
 
 
 def test_bundled_sample_has_2100_records():
-  corpus = protein.load_corpus(config())
+  corpus = protein.SAMPLE.corpus(config())
   assert len(corpus.ids) == 2100 == corpus.stats.records
   assert corpus.stats.empty_skipped == 0
   assert sum(len(r) for r in corpus.residues) == corpus.stats.residues
 
 
 def test_splits_disjoint_deterministic_and_about_90_5_5():
-  corpus = protein.load_corpus(config())
-  parts = [set(corpus.splits[s].tolist()) for s in protein.SPLITS]
+  corpus = protein.SAMPLE.corpus(config())
+  parts = [set(corpus.splits[s].tolist()) for s in data.SPLITS]
   assert sum(map(len, parts)) == len(set.union(*parts)) == 2100
   assert 0.85 < len(parts[0]) / 2100 < 0.95 and all(len(p) > 50 for p in parts[1:])
-  assert [protein.split_of(corpus.ids[i]) for i in corpus.splits['validation']] == (
+  assert [dataset.split_of(corpus.ids[i]) for i in corpus.splits['validation']] == (
     ['validation'] * len(parts[1])
   )
-  assert protein.split_of('938293.PRJEB85.HG003688_1') == protein.split_of(
+  assert dataset.split_of('938293.PRJEB85.HG003688_1') == dataset.split_of(
     '938293.PRJEB85.HG003688_1'
   )
 
@@ -165,7 +165,7 @@ def test_eval_windows_fixed_in_order_and_each_example_once(small_fasta):
 def test_eval_on_sample_sees_every_example_exactly_once():
   cfg = config(seq_len=32)
   batches = list(data.build_dataset(cfg, split='test', batch_size=8))
-  n = len(protein.load_corpus(cfg).splits['test'])
+  n = len(protein.SAMPLE.corpus(cfg).splits['test'])
   assert len(batches) == math.ceil(n / 8)
   assert sum(int(b['mask'].any(1).sum()) for b in batches) == n
   assert all(
@@ -179,9 +179,10 @@ def test_packing_round_trips_eval():
   batches = list(data.build_dataset(cfg, split='validation', batch_size=4))
   for b in batches:
     check_batch(b, 4, 256)
-  corpus = protein.load_corpus(cfg)
+  corpus = protein.SAMPLE.corpus(cfg)
   expected = [
-    tuple(protein.crop_start(corpus.residues[i], 256).tolist()) for i in corpus.splits['validation']
+    tuple(protein.with_specials(corpus.residues[i])[:256].tolist())
+    for i in corpus.splits['validation']
   ]
   got = segments(batches)
   assert collections.Counter(got) == collections.Counter(expected)
@@ -222,7 +223,7 @@ def test_shards_disjoint(small_fasta):
   ]
   assert len({len(e) for e in ev}) == 1
   sets = [set(segments(e)) for e in ev]
-  n = len(protein.load_corpus(cfg).splits['validation'])
+  n = len(protein.SAMPLE.corpus(cfg).splits['validation'])
   assert sum(map(len, sets)) == len(set.union(*sets)) == n
 
 

@@ -13,8 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from performer import data
-from performer.data import sequences, uniref
-from performer.data.protein import split_of, with_specials
+from performer.data import catalog, sequences, uniref
+from performer.data.dataset import split_of
+from performer.data.protein import with_specials
 from performer.data.vocab import PROTEIN_VOCAB
 
 STANDARD = 'ACDEFGHIKLMNPQRSTVWY'
@@ -93,9 +94,7 @@ def test_pipeline_batches_crops_and_windows(prepared):
   other = next(data.build_dataset(cfg, split='train', batch_size=4, seed=1))
   assert not np.array_equal(batch['tokens'], other['tokens'])
   # Eval: fixed windows (the first seq_len tokens of each record), filler rows at the end.
-  source = uniref.catalog.split_source(
-    'uniref50', 'test', prepared['data_dir'], has_validation=True
-  )
+  source = catalog.split_source(uniref.SPECS['uniref50'], 'test', prepared['data_dir'])
   want = [
     with_specials(PROTEIN_VOCAB.encode_array(source[i]['sequence']))[:24]
     for i in range(len(source))
@@ -114,9 +113,7 @@ def test_pipeline_batches_crops_and_windows(prepared):
 
 def test_packing_round_trip(prepared):
   cfg = data_cfg(prepared['data_dir'], pack=True, seq_len=64)
-  source = uniref.catalog.split_source(
-    'uniref50', 'validation', prepared['data_dir'], has_validation=True
-  )
+  source = catalog.split_source(uniref.SPECS['uniref50'], 'validation', prepared['data_dir'])
   want = sorted(
     tuple(with_specials(PROTEIN_VOCAB.encode_array(source[i]['sequence']))[:64])
     for i in range(len(source))

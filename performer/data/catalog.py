@@ -13,6 +13,10 @@ Splits. The pipelines serve 'train', 'validation' and 'test'. Catalog datasets
 that ship only two splits get a validation split held out from the end of
 their training split (:func:`split_source`): it is disjoint from the training
 examples and fixed, because ArrayRecord order is fixed at preparation time.
+
+:class:`Prepared` is the dataset protocol for such data: a TFDS-backed dataset
+module defines its :class:`Spec` and what a record's tokens are, and inherits the
+"is it prepared?" check, the split sources and its disk estimate.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import re
 from typing import Any, Callable, Sequence
 
 from performer import errors
+from performer.data.dataset import SPLITS, Dataset, check_split
 
-SPLITS = ('train', 'validation', 'test')
 # Held-out validation examples taken from the end of a catalog training split.
 HOLDOUT = 10_000
 PREPARE_CMD = 'python -m performer.data.prepare'
@@ -49,39 +53,6 @@ class Spec:
   @property
   def total_gb(self) -> float:
     return self.download_gb + self.prepared_gb + self.scratch_gb
-
-
-SPECS = {
-  'lm1b': Spec(
-    'lm1b',
-    ('train', 'test'),
-    1.8,
-    4.3,
-    scratch_gb=4.3,
-    needs_tensorflow=True,
-    note='plus a ~1 MB sentencepiece model trained on the training split',
-  ),
-  'downsampled_imagenet': Spec(
-    'downsampled_imagenet/64x64',
-    ('train', 'validation'),
-    12.7,
-    12.7,
-    needs_tensorflow=True,
-    note='image-net.org may require a login: put train_64x64.tar and valid_64x64.tar '
-    'in <data_dir>/downloads/manual/ first',
-  ),
-  'imagenet_resized': Spec(
-    'imagenet_resized/64x64',
-    ('train', 'validation'),
-    12.0,
-    13.0,
-    needs_tensorflow=True,
-    note='image-net.org may require a login: put Imagenet64_train_part1_npz.zip, '
-    '..._part2_npz.zip and Imagenet64_val_npz.zip in <data_dir>/downloads/manual/',
-  ),
-  'uniref50': Spec('uniref50', SPLITS, 12.0, 20.0, note='sizes grow with each UniProt release'),
-  'trembl': Spec('trembl', SPLITS, 60.0, 110.0, note='sizes grow with each UniProt release'),
-}
 
 
 class DatasetNotPreparedError(errors.DataFileError, FileNotFoundError):
@@ -138,25 +109,23 @@ def prepare_hint(dataset: str, data_dir: str, extra: str = '') -> str:
   return f'{PREPARE_CMD} {dataset} --data_dir {data_dir}{extra}'
 
 
-def require_prepared(
-  dataset: str, tfds_name: str, data_dir: str, splits: Sequence[str], extra_args: str = ''
-) -> str:
+def require_prepared(dataset: str, spec: Spec, data_dir: str, extra_args: str = '') -> str:
   """Returns the prepared version directory, or raises DatasetNotPreparedError in well
   under a second, naming the exact `prepare` command and the disk space it needs."""
+  tfds_name, splits = spec.name, spec.splits
   found = find_prepared(tfds_name, data_dir, splits)
   if found is not None:
     return found
-  spec = SPECS.get(tfds_name.split('/')[0])
   why = (
     f'found only TFRecord files under {data_dir}/{tfds_name}; the pipelines read ArrayRecord'
     if _tfrecord_only(tfds_name, data_dir)
     else f'no ArrayRecord files for splits {", ".join(splits)} under '
     f'{data_dir}/{tfds_name}/<version>/'
   )
-  size = f' (needs about {spec.total_gb:.0f} GB of disk)' if spec else ''
+  size = f' (needs about {spec.total_gb:.0f} GB of disk)'
   tf_note = (
     "; it needs TensorFlow to prepare: pip install 'performer-zoo[prepare]'"
-    if spec and spec.needs_tensorflow
+    if spec.needs_tensorflow
     else ''
   )
   raise DatasetNotPreparedError(
@@ -190,7 +159,7 @@ def holdout_size(num_train: int) -> int:
   return max(1, min(HOLDOUT, num_train // 10))
 
 
-def open_source(tfds_name: str, split: str, data_dir: str):
+def open_source(spec: Spec, split: str, data_dir: str):
   """`tfds.data_source` on local files only (call require_prepared first).
 
   Asks for the version found on disk, so an older prepared version still reads
@@ -198,30 +167,27 @@ def open_source(tfds_name: str, split: str, data_dir: str):
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  spec = SPECS.get(tfds_name.split('/')[0])
-  found = find_prepared(tfds_name, data_dir, spec.splits if spec else (split,))
+  found = find_prepared(spec.name, data_dir, spec.splits)
   version = os.path.basename(found or '')
-  name = f'{tfds_name}:{version}' if re.fullmatch(r'\d+\.\d+\.\d+', version) else tfds_name
+  name = f'{spec.name}:{version}' if re.fullmatch(r'\d+\.\d+\.\d+', version) else spec.name
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
 
 
-def split_source(tfds_name: str, split: str, data_dir: str, *, has_validation: bool) -> Any:
+def split_source(spec: Spec, split: str, data_dir: str) -> Any:
   """The random-access source for one of SPLITS.
 
-  With `has_validation` (the dataset ships train/validation/test) the split is
-  read as is. Otherwise 'validation' is the last holdout_size(N) examples of
-  TFDS 'train', 'train' is the rest, and 'test' is TFDS 'test' if it exists,
-  else TFDS 'validation' (ImageNet: the official validation set papers report).
+  A dataset that ships train/validation/test is read as is. Otherwise
+  'validation' is the last holdout_size(N) examples of TFDS 'train', 'train' is
+  the rest, and 'test' is TFDS 'test' if it exists, else TFDS 'validation'
+  (ImageNet: the official validation set papers report).
   """
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  if has_validation:
-    return _Slice(*_full(open_source(tfds_name, split, data_dir)))
+  check_split(split)
+  if set(SPLITS) <= set(spec.splits):
+    return _Slice(*_full(open_source(spec, split, data_dir)))
   if split == 'test':
-    spec = SPECS[tfds_name.split('/')[0]]
     official = 'test' if 'test' in spec.splits else 'validation'
-    return _Slice(*_full(open_source(tfds_name, official, data_dir)))
-  train = open_source(tfds_name, 'train', data_dir)
+    return _Slice(*_full(open_source(spec, official, data_dir)))
+  train = open_source(spec, 'train', data_dir)
   n = len(train)
   cut = n - holdout_size(n)
   return _Slice(train, 0, cut) if split == 'train' else _Slice(train, cut, n)
@@ -252,7 +218,7 @@ def tensorflow_available() -> bool:
   return importlib.util.find_spec('tensorflow') is not None
 
 
-def prepare_catalog(tfds_name: str, data_dir: str, *, manual_dir: str = '') -> str:
+def prepare_catalog(spec: Spec, data_dir: str, *, manual_dir: str = '') -> str:
   """Downloads and prepares a TFDS catalog dataset as ArrayRecord under `data_dir`.
 
   The catalog builders for lm1b, downsampled_imagenet and imagenet_resized call
@@ -260,7 +226,7 @@ def prepare_catalog(tfds_name: str, data_dir: str, *, manual_dir: str = '') -> s
   first so the user gets the install line instead of a deep ImportError.
   Reading the result later needs no TensorFlow.
   """
-  spec = SPECS[tfds_name.split('/')[0]]
+  tfds_name = spec.name
   found = find_prepared(tfds_name, data_dir, spec.splits)
   if found:
     return found
@@ -282,3 +248,24 @@ def prepare_catalog(tfds_name: str, data_dir: str, *, manual_dir: str = '') -> s
       f'for {spec.splits} are under {data_dir}/{tfds_name}'
     )
   return found
+
+
+class Prepared(Dataset):
+  """A dataset read from the ArrayRecord files `prepare` writes under data_dir."""
+
+  def spec(self, cfg) -> Spec:
+    raise NotImplementedError
+
+  def prepare_args(self, cfg) -> str:
+    """Flags the `prepare` command needs besides --data_dir (e.g. ' --variant X')."""
+    del cfg
+    return ''
+
+  def require(self, cfg) -> str:
+    """data_dir, once the prepared files are found (DatasetNotPreparedError otherwise)."""
+    data_dir = data_dir_for(cfg)
+    require_prepared(cfg.name, self.spec(cfg), data_dir, self.prepare_args(cfg))
+    return data_dir
+
+  def source(self, cfg, split: str):
+    return split_source(self.spec(cfg), split, self.require(cfg))

@@ -27,6 +27,8 @@ import sysconfig
 import tempfile
 from typing import Callable, Iterator
 
+from performer.data.text import TextLines
+
 log = logging.getLogger(__name__)
 
 CACHE_DIR = '~/.cache/performer_zoo'
@@ -138,9 +140,6 @@ def docs_path(folder: str | None = None) -> str:
   return _cached('english_docs.txt', english_documents, folder)
 
 
-PATHS = {'english_sample': sample_path, 'english_docs': docs_path}
-
-
-def path_for(name: str) -> str:
-  """The cache file of dataset `name` (a key of PATHS), built on first use."""
-  return PATHS[name]()
+# The two datasets: the ordinary text pipeline over the cache files.
+SAMPLE = TextLines(sample_path)
+DOCS = TextLines(docs_path)

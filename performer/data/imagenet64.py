@@ -28,16 +28,30 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator
 
 import numpy as np
 
-from performer.data import catalog, sequences
+from performer.data import catalog
 
-DATASET = 'imagenet64'
-VARIANTS = {
-  'downsampled_imagenet': 'downsampled_imagenet/64x64',
-  'imagenet_resized': 'imagenet_resized/64x64',
+_MANUAL = 'image-net.org may require a login: put '
+VARIANTS = {  # config.data.variant -> what `prepare` downloads
+  'downsampled_imagenet': catalog.Spec(
+    'downsampled_imagenet/64x64',
+    ('train', 'validation'),
+    12.7,
+    12.7,
+    needs_tensorflow=True,
+    note=_MANUAL + 'train_64x64.tar and valid_64x64.tar in <data_dir>/downloads/manual/ first',
+  ),
+  'imagenet_resized': catalog.Spec(
+    'imagenet_resized/64x64',
+    ('train', 'validation'),
+    12.0,
+    13.0,
+    needs_tensorflow=True,
+    note=_MANUAL + 'Imagenet64_train_part1_npz.zip, ..._part2_npz.zip and '
+    'Imagenet64_val_npz.zip in <data_dir>/downloads/manual/',
+  ),
 }
 DEFAULT_VARIANT = 'downsampled_imagenet'
 IMAGE_SIZE = 64
@@ -70,13 +84,6 @@ class PixelVocab:
 
 
 PIXEL_VOCAB = PixelVocab()
-
-
-def vocab_for(cfg) -> PixelVocab:
-  """The 256-value vocabulary; checks first that the dataset is prepared, so a training
-  run without the data stops before it builds the model."""
-  _require(cfg)
-  return PIXEL_VOCAB
 
 
 def to_rgb(image, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -116,83 +123,58 @@ def tokens_to_image(tokens, size: int = IMAGE_SIZE) -> np.ndarray:
   return tokens.reshape(size, size, CHANNELS).astype(np.uint8)
 
 
-def bits_per_dim(nats_per_subpixel: float) -> float:
-  """Bits per dimension from a mean cross-entropy in nats per sub-pixel: nats / ln 2.
-
-  The loss the image model reports is already per sub-pixel (a mean over the
-  12,288 tokens of each image), so this is the only conversion needed. A
-  uniform model over 256 values scores exactly 8 bits/dim.
-  """
-  return float(nats_per_subpixel) / math.log(2.0)
-
-
 def bits_per_dim_from_total(total_nats: float, num_images: int, dims: int = SEQ_LEN) -> float:
   """Bits per dim from a summed negative log-likelihood (nats) over whole images."""
   return float(total_nats) / (num_images * dims * math.log(2.0))
-
-
-def _options(cfg) -> tuple[str, int]:
-  variant = getattr(cfg, 'variant', '') or DEFAULT_VARIANT
-  if variant not in VARIANTS:
-    raise ValueError(f'config.data.variant must be one of {tuple(VARIANTS)}, got {variant!r}')
-  size = int(getattr(cfg, 'image_size', 0) or IMAGE_SIZE)
-  if int(cfg.seq_len) != size * size * CHANNELS:
-    raise ValueError(
-      f'config.data.seq_len must be {size * size * CHANNELS} for {size}x{size}x3 '
-      f'images (config.data.image_size={size}), got {cfg.seq_len}'
-    )
-  if getattr(cfg, 'pack', False):
-    raise ValueError('config.data.pack must be False for images (every row is one image)')
-  return VARIANTS[variant], size
-
-
-def _require(cfg) -> tuple[str, int, str]:
-  """(tfds_name, image_size, data_dir) after checking the prepared files exist."""
-  tfds_name, size = _options(cfg)
-  data_dir = catalog.data_dir_for(cfg)
-  variant = tfds_name.split('/')[0]
-  catalog.require_prepared(
-    DATASET, tfds_name, data_dir, catalog.SPECS[variant].splits, extra_args=f' --variant {variant}'
-  )
-  return tfds_name, size, data_dir
 
 
 def _record_tokens(record, size: int) -> np.ndarray:
   return image_to_tokens(record['image'], size)
 
 
-def build_dataset(
-  cfg,
-  *,
-  split: str,
-  batch_size: int,
-  seed: int = 0,
-  shard_index: int = 0,
-  shard_count: int = 1,
-  num_epochs: int | None = None,
-) -> Iterator[dict[str, Any]]:
-  """Batches of {'tokens': int32 [B, 12288], 'mask': all True, 'segment_ids': all 1}.
+class Imagenet64(catalog.Prepared):
+  """One of the two TFDS ImageNet64 sets, each image as its sub-pixel tokens."""
 
-  Eval batches end with all-masked filler rows, as in every pipeline.
-  """
-  tfds_name, size, data_dir = _require(cfg)
-  source = catalog.split_source(tfds_name, split, data_dir, has_validation=False)
-  return sequences.build(
-    source,
-    functools.partial(_record_tokens, size=size),
-    cfg,
-    split=split,
-    batch_size=batch_size,
-    seed=seed,
-    shard_index=shard_index,
-    shard_count=shard_count,
-    num_epochs=num_epochs,
-    name=f'{DATASET} ({tfds_name})',
-  )
+  prepare_flags = ('variant',)
+
+  def spec(self, cfg) -> catalog.Spec:
+    variant = getattr(cfg, 'variant', '') or DEFAULT_VARIANT
+    if variant not in VARIANTS:
+      raise ValueError(f'config.data.variant must be one of {tuple(VARIANTS)}, got {variant!r}')
+    return VARIANTS[variant]
+
+  def prepare_args(self, cfg) -> str:
+    return f' --variant {self.spec(cfg).builder_name}'
+
+  def image_size(self, cfg) -> int:
+    """config.data.image_size, after checking seq_len and pack fit whole images."""
+    size = int(getattr(cfg, 'image_size', 0) or IMAGE_SIZE)
+    if int(cfg.seq_len) != size * size * CHANNELS:
+      raise ValueError(
+        f'config.data.seq_len must be {size * size * CHANNELS} for {size}x{size}x3 '
+        f'images (config.data.image_size={size}), got {cfg.seq_len}'
+      )
+    if getattr(cfg, 'pack', False):
+      raise ValueError('config.data.pack must be False for images (every row is one image)')
+    return size
+
+  def vocab(self, cfg) -> PixelVocab:
+    """The 256-value vocabulary; checks first that the dataset is prepared, so a training
+    run without the data stops before it builds the model."""
+    self.image_size(cfg)
+    self.require(cfg)
+    return PIXEL_VOCAB
+
+  def encoder(self, cfg):
+    size = self.image_size(cfg)
+    self.require(cfg)
+    return functools.partial(_record_tokens, size=size)
+
+  def prepare(self, cfg) -> str:
+    """Downloads and prepares the variant's TFDS dataset as ArrayRecord."""
+    spec = self.spec(cfg)
+    path = catalog.prepare_catalog(spec, catalog.data_dir_for(cfg), manual_dir=cfg.manual_dir)
+    return f'imagenet64 ({spec.builder_name}) ready in {path}'
 
 
-def prepare(data_dir: str, *, variant: str = DEFAULT_VARIANT, manual_dir: str = '') -> str:
-  """Downloads and prepares the variant's TFDS dataset as ArrayRecord."""
-  if variant not in VARIANTS:
-    raise ValueError(f'variant must be one of {tuple(VARIANTS)}, got {variant!r}')
-  return catalog.prepare_catalog(VARIANTS[variant], data_dir, manual_dir=manual_dir)
+IMAGENET64 = Imagenet64()

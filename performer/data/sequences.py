@@ -1,9 +1,9 @@
-"""The shared grain pipeline for token sequences read lazily from a random-access source.
+"""The one grain pipeline every dataset's batches come from.
 
-The protein sample pipeline (protein.py) keeps its corpus in memory; LM1B,
-UniRef50/TrEMBL and local text files are read example by example from
-ArrayRecord (or a line index), so this module does the same crop / pack /
-batch / eval-padding work on a lazy source. Behaviour matches protein.py:
+Why one: a dataset only says where its records are (a random-access source:
+an in-memory list for a FASTA or text file, ArrayRecord for TFDS data) and how
+a record becomes tokens (dataset.Dataset); cropping, packing, sharding,
+batching and eval padding are the same for all, so they live here once.
 
 * An example is a full int32 token array made by `to_tokens(record)`
   (e.g. ``[BOS] + ids + [EOS]``). Longer than L = seq_len: training takes a
@@ -39,9 +39,8 @@ import grain
 import numpy as np
 
 from performer import errors
-from performer.data.protein import pack, pad_row
+from performer.data.dataset import CROPS, Batching
 
-CROPS = ('random', 'start')
 # No worker threads: on small machines the per-example work is cheaper than a hand-off.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
@@ -57,15 +56,6 @@ def check_options(cfg, *, min_len: int = 2) -> tuple[int, str, bool]:
   return seq_len, crop, bool(getattr(cfg, 'pack', False))
 
 
-def check_call(batch_size: int, shard_index: int, shard_count: int, num_epochs) -> None:
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f'need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}')
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f'num_epochs must be None (forever) or >= 1, got {num_epochs}')
-
-
 def window_start(tokens: np.ndarray, seq_len: int) -> np.ndarray:
   return np.asarray(tokens, np.int32)[:seq_len]
 
@@ -77,6 +67,36 @@ def window_random(tokens: np.ndarray, rng: np.random.Generator, seq_len: int) ->
     return tokens
   start = int(rng.integers(0, extra + 1))
   return tokens[start : start + seq_len]
+
+
+def pad_row(tokens: np.ndarray | None, seq_len: int) -> dict[str, np.ndarray]:
+  """One unpacked row; None gives an all-masked filler row."""
+  row = np.zeros(seq_len, np.int32)  # PAD == 0
+  n = 0 if tokens is None else len(tokens)
+  if n:
+    row[:n] = tokens
+  seg = (np.arange(seq_len) < n).astype(np.int32)
+  return {'tokens': row, 'mask': seg.astype(bool), 'segment_ids': seg}
+
+
+def _packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  seg = np.asarray(packed['tokens_segment_ids'], np.int32)
+  return {'tokens': np.asarray(packed['tokens'], np.int32), 'mask': seg > 0, 'segment_ids': seg}
+
+
+def pack(
+  ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle: bool
+) -> grain.IterDataset:
+  """First-fit packing of int32 token arrays (each <= seq_len) into rows."""
+  ds = ds.map(lambda tokens: {'tokens': tokens})
+  ds = grain.experimental.FirstFitPackIterDataset(
+    ds,
+    length_struct={'tokens': seq_len},
+    num_packing_bins=num_bins,
+    seed=seed,
+    shuffle_bins=shuffle,
+  )
+  return ds.map(_packed_row)
 
 
 def unpack(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -92,83 +112,48 @@ def build(
   source,
   to_tokens: Callable[[Any], np.ndarray],
   cfg,
-  *,
   split: str,
-  batch_size: int,
-  seed: int = 0,
-  shard_index: int = 0,
-  shard_count: int = 1,
-  num_epochs: int | None = None,
-  name: str = '',
+  batching: Batching,
+  name: str,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Batches from a random-access `source` of records (see the module docstring)."""
   seq_len, crop, do_pack = check_options(cfg)
-  check_call(batch_size, shard_index, shard_count, num_epochs)
   if len(source) == 0:
     raise errors.DataFileError(
-      f'{name or "dataset"}: the {split!r} split is empty; expected at least one example'
+      f'{name}: the {split!r} split is empty; expected at least one example'
     )
   examples = grain.MapDataset.source(source)
   if split == 'train':
     workers = int(getattr(cfg, 'num_workers', 0) or 0)
-    return iter(
-      _train(
-        examples,
-        to_tokens,
-        seq_len,
-        crop,
-        do_pack,
-        batch_size,
-        seed,
-        shard_index,
-        shard_count,
-        num_epochs,
-        name,
-        workers,
-      )
-    )
+    it = _train(examples.map(to_tokens), seq_len, crop, do_pack, batching, name)
+    return iter(_with_workers(it, workers))
   windows = examples.map(lambda r: window_start(to_tokens(r), seq_len))
-  epochs = num_epochs or 1
   if do_pack:
-    return _eval_packed(windows, seq_len, batch_size, shard_index, shard_count, epochs)
-  return iter(_eval_rows(windows, seq_len, batch_size, shard_index, shard_count, epochs))
+    return _eval_packed(windows, seq_len, batching)
+  return iter(_eval_rows(windows, seq_len, batching))
 
 
-def _train(
-  examples,
-  to_tokens,
-  seq_len,
-  crop,
-  do_pack,
-  batch_size,
-  seed,
-  shard_index,
-  shard_count,
-  num_epochs,
-  name,
-  num_workers=0,
-) -> grain.IterDataset:
-  shard = examples[shard_index::shard_count]
+def _train(tokens, seq_len, crop, do_pack, batching: Batching, name) -> grain.IterDataset:
+  shard = tokens[batching.shard_index :: batching.shard_count]
   if len(shard) == 0:
     raise errors.DataFileError(
-      f'{name or "dataset"}: train shard {shard_index}/{shard_count} is empty '
-      f'({len(examples)} train examples for {shard_count} shards)'
+      f'{name}: train shard {batching.shard_index}/{batching.shard_count} is empty '
+      f'({len(tokens)} train examples for {batching.shard_count} shards)'
     )
   shuffle_seed, crop_seed, pack_seed = (
-    int(s) for s in np.random.SeedSequence(seed).generate_state(3)
+    int(s) for s in np.random.SeedSequence(batching.seed).generate_state(3)
   )
-  ds = shard.shuffle(seed=shuffle_seed).repeat(num_epochs).map(to_tokens)
+  ds = shard.shuffle(seed=shuffle_seed).repeat(batching.num_epochs)
   if crop == 'random':
     ds = ds.random_map(functools.partial(window_random, seq_len=seq_len), seed=crop_seed)
   else:
     ds = ds.map(functools.partial(window_start, seq_len=seq_len))
+  size = batching.batch_size
   if do_pack:
-    it = pack(ds.to_iter_dataset(READ_OPTIONS), seq_len, batch_size, pack_seed, shuffle=True)
-    it = it.batch(batch_size, drop_remainder=True)
-  else:
-    ds = ds.map(functools.partial(pad_row, seq_len=seq_len))
-    it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(READ_OPTIONS)
-  return _with_workers(it, num_workers)
+    it = pack(ds.to_iter_dataset(READ_OPTIONS), seq_len, size, pack_seed, shuffle=True)
+    return it.batch(size, drop_remainder=True)
+  ds = ds.map(functools.partial(pad_row, seq_len=seq_len))
+  return ds.batch(size, drop_remainder=True).to_iter_dataset(READ_OPTIONS)
 
 
 def _with_workers(it: grain.IterDataset, num_workers: int) -> grain.IterDataset:
@@ -183,19 +168,16 @@ def _with_workers(it: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   )
 
 
-def _eval_rows(
-  windows, seq_len, batch_size, shard_index, shard_count, num_epochs
-) -> grain.IterDataset:
-  n = len(windows)
-  per_shard = math.ceil(n / shard_count)
-  padded = math.ceil(per_shard / batch_size) * batch_size
+def _eval_rows(windows, seq_len, batching: Batching) -> grain.IterDataset:
+  n, size = len(windows), batching.batch_size
+  padded = math.ceil(math.ceil(n / batching.shard_count) / size) * size
   empty = pad_row(None, seq_len)
 
   def row(j):
-    i = shard_index + j * shard_count
+    i = batching.shard_index + j * batching.shard_count
     return pad_row(windows[i], seq_len) if i < n else empty
 
-  ds = grain.MapDataset.range(padded).map(row).repeat(num_epochs).batch(batch_size)
+  ds = grain.MapDataset.range(padded).map(row).repeat(batching.num_epochs or 1).batch(size)
   return ds.to_iter_dataset(READ_OPTIONS)
 
 
@@ -203,23 +185,34 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _eval_packed(
-  windows, seq_len, batch_size, shard_index, shard_count, num_epochs
-) -> Iterator[dict[str, np.ndarray]]:
+def _eval_packed(windows, seq_len, batching: Batching) -> Iterator[dict[str, np.ndarray]]:
   """Packs the whole split in order and keeps this shard's rows; the number of
   filler rows is known only at the end, when every host has seen the same total."""
+  size, shard_index, shard_count = batching.batch_size, batching.shard_index, batching.shard_count
   empty = pad_row(None, seq_len)
-  for _ in range(num_epochs):
-    rows = pack(windows.to_iter_dataset(READ_OPTIONS), seq_len, batch_size, 0, shuffle=False)
+  for _ in range(batching.num_epochs or 1):
+    rows = pack(windows.to_iter_dataset(READ_OPTIONS), seq_len, size, 0, shuffle=False)
     buf, total, mine = [], 0, 0
     for total, r in enumerate(rows, 1):
       if (total - 1) % shard_count == shard_index:
         buf.append(r)
         mine += 1
-        if len(buf) == batch_size:
+        if len(buf) == size:
           yield _stack(buf)
           buf = []
-    padded = math.ceil(math.ceil(total / shard_count) / batch_size) * batch_size
+    padded = math.ceil(math.ceil(total / shard_count) / size) * size
     buf += [empty] * (padded - mine)
-    for i in range(0, len(buf), batch_size):
-      yield _stack(buf[i : i + batch_size])
+    for i in range(0, len(buf), size):
+      yield _stack(buf[i : i + size])
+
+
+def unigram_scores(log_p: np.ndarray, counts: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+  """Cross-entropy (nats) and perplexity of a unigram model `log_p` on `targets`, and
+  the majority-class accuracy of always predicting the most frequent train token."""
+  ce = float(-log_p[targets].mean())
+  return {
+    'cross_entropy': ce,
+    'perplexity': math.exp(ce),
+    'accuracy': float(np.mean(targets == int(np.argmax(counts)))),
+    'num_tokens': int(targets.size),
+  }

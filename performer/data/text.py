@@ -1,4 +1,5 @@
-"""A user's own text file as a language-modelling dataset: ``data.name='text'``.
+"""Text files, one example per line: a user's own file (``data.name='text'``) and the
+stdlib's English corpora (english.py) read the same way.
 
     python train.py --config=configs/lm1b_transformer.py --workdir=/tmp/mytext \\
         --config.data.name=text --config.data.path=/path/to/corpus.txt
@@ -6,7 +7,7 @@
 * Each non-blank line is one example (a sentence, a paragraph, a document:
   whatever the file's lines are); UTF-8, a trailing newline is stripped.
 * Splits: a line goes to train / validation / test (90/5/5) by an MD5 hash of
-  its text (protein.split_of), so duplicate lines never straddle splits and
+  its text (dataset.split_of), so duplicate lines never straddle splits and
   the split does not change when the file is reordered or grows.
 * Tokenizer: ``config.data.tokenizer`` = 'gguf:PATH' | 'hf:DIR' encodes with a
   pretrained model's own tokenizer (pretrained_vocab.py). Otherwise a
@@ -19,7 +20,8 @@
 * Examples are ``[BOS] + ids + [EOS]``, cropped or packed by sequences.py.
 
 The same helpers count words for per-word perplexity (:func:`word_counts`),
-used by lm1b.py too.
+used by lm1b.py too; :data:`SPM_MAX_CHARS` and :func:`vocab_size_for` are shared
+with it.
 """
 
 from __future__ import annotations
@@ -27,36 +29,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from performer import errors
 from performer.data import sequences, tokenizer
-from performer.data.protein import split_of
+from performer.data.dataset import SPLITS, Dataset, check_split, split_of, user_file
 
-SPLITS = ('train', 'validation', 'test')
 DEFAULT_VOCAB_SIZE = 8000
 # Characters of training text the tokenizer sees (Flax's lm1b example uses 10M).
 SPM_MAX_CHARS = 10_000_000
-
-
-def path_for(cfg) -> str:
-  """config.data.path, absolute; a DataFileError if it is missing, a directory or unreadable.
-  'english_sample' and 'english_docs' read the stdlib's English prose instead (english.py)."""
-  name = getattr(cfg, 'name', '')
-  if name in ('english_sample', 'english_docs'):
-    from performer.data import english  # pylint: disable=g-import-not-at-top
-
-    return english.path_for(name)
-  path = getattr(cfg, 'path', '') or ''
-  if not path:
-    raise errors.UserInputError(
-      "config.data.path must name a UTF-8 text file when config.data.name == 'text'"
-    )
-  return errors.require_file(path, 'text file (config.data.path)', errors.DataFileError)
 
 
 def vocab_size_for(cfg, default: int = DEFAULT_VOCAB_SIZE) -> int:
@@ -113,55 +97,6 @@ def _first_non_utf8_line(path: str) -> int:
   return 0
 
 
-def split_lines(cfg, split: str) -> tuple[str, ...]:
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  path = path_for(cfg)
-  st = os.stat(path)
-  splits = _lines(path, st.st_mtime_ns, st.st_size)
-  if not splits[split]:
-    total = sum(len(v) for v in splits.values())
-    raise errors.DataFileError(
-      f'{path}: the {split!r} split is empty ({total} lines; the 90/5/5 hash '
-      f'split needs a few dozen lines or more)'
-    )
-  return splits[split]
-
-
-def spm_path_for(cfg) -> str:
-  """Where the file's tokenizer is cached (see the module docstring)."""
-  explicit = getattr(cfg, 'spm_path', '') or ''
-  if explicit:
-    return os.path.abspath(os.path.expanduser(explicit))
-  path, size = path_for(cfg), vocab_size_for(cfg)
-  beside = f'{path}.spm{size}.model'
-  if os.access(os.path.dirname(path), os.W_OK) or os.path.exists(beside):
-    return beside
-  digest = hashlib.md5(path.encode('utf-8')).hexdigest()[:12]
-  return os.path.join(
-    os.path.expanduser('~/.cache/performer_zoo'),
-    f'{os.path.basename(path)}-{digest}.spm{size}.model',
-  )
-
-
-def vocab_for(cfg):
-  """The file's sentencepiece vocabulary, trained on its train lines on first use; or
-  a pretrained model's own tokenizer when `config.data.tokenizer` names one."""
-  source = getattr(cfg, 'tokenizer', '') or ''
-  if source:
-    return _pretrained_vocab(source, path_for(cfg))
-
-  def texts():
-    total = 0
-    for line in split_lines(cfg, 'train'):
-      yield line
-      total += len(line)
-      if total >= SPM_MAX_CHARS:
-        return
-
-  return tokenizer.load_or_train(spm_path_for(cfg), texts, vocab_size_for(cfg))
-
-
 @functools.lru_cache(maxsize=4)
 def _pretrained_vocab(source: str, data_path: str):
   from performer.data.pretrained_vocab import PretrainedVocab  # pylint: disable=g-import-not-at-top
@@ -169,29 +104,116 @@ def _pretrained_vocab(source: str, data_path: str):
   return PretrainedVocab(source, data_path)
 
 
-def build_dataset(
-  cfg,
-  *,
-  split: str,
-  batch_size: int,
-  seed: int = 0,
-  shard_index: int = 0,
-  shard_count: int = 1,
-  num_epochs: int | None = None,
-) -> Iterator[dict[str, Any]]:
-  vocab = vocab_for(cfg)
-  return sequences.build(
-    split_lines(cfg, split),
-    vocab.encode_example,
-    cfg,
-    split=split,
-    batch_size=batch_size,
-    seed=seed,
-    shard_index=shard_index,
-    shard_count=shard_count,
-    num_epochs=num_epochs,
-    name=path_for(cfg),
-  )
+class TextLines(Dataset):
+  """A UTF-8 text file, one example per non-blank line: `bundled()` builds and names it
+  (english.py), else config.data.path."""
+
+  prepare_flags = ('vocab_size', 'spm_path')
+
+  def __init__(self, bundled: Callable[[], str] | None = None):
+    self.bundled = bundled
+    self.needs_path = bundled is None
+
+  def path(self, cfg) -> str:
+    """The file, absolute; a DataFileError if it is missing, a directory or unreadable."""
+    if self.bundled is not None:
+      return self.bundled()
+    return user_file(cfg, 'a UTF-8 text file', 'text file')
+
+  def label(self, cfg) -> str:
+    return self.path(cfg)
+
+  def source(self, cfg, split: str) -> tuple[str, ...]:
+    """The split's lines, in file order; a DataFileError if there are none."""
+    check_split(split)
+    path = self.path(cfg)
+    st = os.stat(path)
+    splits = _lines(path, st.st_mtime_ns, st.st_size)
+    if not splits[split]:
+      total = sum(len(v) for v in splits.values())
+      raise errors.DataFileError(
+        f'{path}: the {split!r} split is empty ({total} lines; the 90/5/5 hash '
+        f'split needs a few dozen lines or more)'
+      )
+    return splits[split]
+
+  def check(self, cfg, splits=SPLITS) -> None:
+    for split in splits:
+      self.source(cfg, split)
+
+  def spm_path(self, cfg) -> str:
+    """Where the file's tokenizer is cached (see the module docstring)."""
+    explicit = getattr(cfg, 'spm_path', '') or ''
+    if explicit:
+      return os.path.abspath(os.path.expanduser(explicit))
+    path, size = self.path(cfg), vocab_size_for(cfg)
+    beside = f'{path}.spm{size}.model'
+    if os.access(os.path.dirname(path), os.W_OK) or os.path.exists(beside):
+      return beside
+    digest = hashlib.md5(path.encode('utf-8')).hexdigest()[:12]
+    return os.path.join(
+      os.path.expanduser('~/.cache/performer_zoo'),
+      f'{os.path.basename(path)}-{digest}.spm{size}.model',
+    )
+
+  def vocab(self, cfg):
+    """The file's sentencepiece vocabulary, trained on its train lines on first use; or
+    a pretrained model's own tokenizer when `config.data.tokenizer` names one."""
+    source = getattr(cfg, 'tokenizer', '') or ''
+    if source:
+      return _pretrained_vocab(source, self.path(cfg))
+
+    def texts():
+      total = 0
+      for line in self.source(cfg, 'train'):
+        yield line
+        total += len(line)
+        if total >= SPM_MAX_CHARS:
+          return
+
+    return tokenizer.load_or_train(self.spm_path(cfg), texts, vocab_size_for(cfg))
+
+  def encoder(self, cfg):
+    return self.vocab(cfg).encode_example
+
+  def space_gb(self, cfg) -> dict[str, float]:
+    del cfg  # only a sentencepiece model (~1 MB) next to the file
+    return {'download': 0.0, 'prepared': 0.001, 'scratch': 0.0, 'total': 0.001}
+
+  def prepare(self, cfg) -> str:
+    vocab = self.vocab(cfg)
+    return f'{cfg.name} tokenizer ready: {vocab.path} ({vocab.size} pieces)'
+
+  def word_counts(self, cfg, split: str) -> dict[str, Any]:
+    """Word and token counts of `split` for per-word perplexity (see word_counts)."""
+    seq_len, _, _ = sequences.check_options(cfg)
+    path, vocab = self.path(cfg), self.vocab(cfg)
+    st = os.stat(path)
+    key = {
+      'file': path,
+      'mtime_ns': st.st_mtime_ns,
+      'spm': os.path.basename(vocab.path),
+      'split': split,
+      'seq_len': seq_len,
+    }
+    return cached_word_counts(
+      f'{vocab.path}.{split}.L{seq_len}.words.json',
+      key,
+      lambda: word_counts(self.source(cfg, split), vocab, seq_len),
+    )
+
+  def unigram_baseline(self, cfg, split: str) -> dict[str, Any]:
+    """Cross-entropy of a token-frequency model fitted on train (add-one smoothed), and
+    the accuracy of always predicting its most frequent token."""
+    seq_len, _, _ = sequences.check_options(cfg)
+    vocab = self.vocab(cfg)
+    counts = np.ones(vocab.size, np.float64)
+    counts[: vocab.num_special] = 0.0
+    for line in self.source(cfg, 'train'):
+      counts += np.bincount(vocab.encode_example(line)[1:], minlength=vocab.size)
+    log_p = np.log(np.maximum(counts, 1e-30) / counts.sum())
+    targets = np.concatenate([vocab.encode_example(t)[1:seq_len] for t in self.source(cfg, split)])
+    return {**sequences.unigram_scores(log_p, counts, targets), 'split': split}
 
 
 def word_counts(texts, vocab, seq_len: int) -> dict[str, Any]:
@@ -244,48 +266,4 @@ def cached_word_counts(
   return counts
 
 
-def eval_word_counts(cfg, split: str = 'test') -> dict[str, Any]:
-  """Word and token counts of `split` for per-word perplexity (see word_counts)."""
-  seq_len, _, _ = sequences.check_options(cfg)
-  path, vocab = path_for(cfg), vocab_for(cfg)
-  st = os.stat(path)
-  key = {
-    'file': path,
-    'mtime_ns': st.st_mtime_ns,
-    'spm': os.path.basename(vocab.path),
-    'split': split,
-    'seq_len': seq_len,
-  }
-  return cached_word_counts(
-    f'{vocab.path}.{split}.L{seq_len}.words.json',
-    key,
-    lambda: word_counts(split_lines(cfg, split), vocab, seq_len),
-  )
-
-
-def word_perplexity(token_loss: float, counts: dict[str, Any]) -> float:
-  """Per-word perplexity from a per-token cross-entropy (nats) and eval_word_counts()."""
-  return math.exp(min(token_loss / counts['words_per_token'], 700.0))
-
-
-def unigram_baseline(cfg, split: str = 'validation') -> dict[str, Any]:
-  """Cross-entropy of a token-frequency model fitted on train (add-one smoothed), and
-  the accuracy of always predicting its most frequent token."""
-  seq_len, _, _ = sequences.check_options(cfg)
-  vocab = vocab_for(cfg)
-  counts = np.ones(vocab.size, np.float64)
-  counts[: vocab.num_special] = 0.0
-  for line in split_lines(cfg, 'train'):
-    counts += np.bincount(vocab.encode_example(line)[1:], minlength=vocab.size)
-  log_p = np.log(np.maximum(counts, 1e-30) / counts.sum())
-  targets = np.concatenate([vocab.encode_example(t)[1:seq_len] for t in split_lines(cfg, split)])
-  ce = float(-log_p[targets].mean())
-  # Majority-class accuracy: always predicting the most frequent train token.
-  accuracy = float(np.mean(targets == int(np.argmax(counts))))
-  return {
-    'cross_entropy': ce,
-    'perplexity': math.exp(ce),
-    'accuracy': accuracy,
-    'num_tokens': int(targets.size),
-    'split': split,
-  }
+TEXT = TextLines()

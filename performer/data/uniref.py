@@ -12,7 +12,7 @@ The builders (``uniref50``, ``trembl``) need no TensorFlow:
   which is strict: a malformed record is an error naming the file, line and
   record id, and preparation stops (a silently mangled corpus is worse).
 * Splits: a record goes to train / validation / test (90/5/5) by an MD5 hash
-  of its id (protein.split_of, the same rule as the bundled sample), so the
+  of its id (dataset.split_of, the same rule as the bundled sample), so the
   split is stable across releases for records that persist. TFDS generates
   one split per pass, so the file is read three times.
 * Stored features: ``id`` and ``sequence`` (text). The sequence is already
@@ -28,16 +28,21 @@ eval takes the first seq_len tokens; ``config.data.pack=True`` packs instead.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from performer.data import catalog, fasta, sequences
-from performer.data.protein import split_of, with_specials
+from performer.data import catalog, fasta
+from performer.data.dataset import SPLITS, split_of
+from performer.data.protein import with_specials
 from performer.data.vocab import PROTEIN_VOCAB, ProteinVocab
 
-SPLITS = ('train', 'validation', 'test')
+_RELEASES = 'sizes grow with each UniProt release'
+SPECS = {
+  'uniref50': catalog.Spec('uniref50', SPLITS, 12.0, 20.0, note=_RELEASES),
+  'trembl': catalog.Spec('trembl', SPLITS, 60.0, 110.0, note=_RELEASES),
+}
+_GZ_RATIO = 2.5  # rough uncompressed/gzip size ratio of protein FASTA
 FASTA_SUFFIXES = ('.fasta', '.fasta.gz', '.fa', '.fa.gz', '.faa', '.faa.gz', '.fas', '.fas.gz')
 
 
@@ -117,55 +122,51 @@ class Trembl(_FastaBuilder):
 BUILDERS = {'uniref50': Uniref50, 'trembl': Trembl}
 
 
-def _name(cfg) -> str:
-  name = getattr(cfg, 'name', '')
-  if name not in BUILDERS:
-    raise ValueError(f'the uniref pipeline serves {tuple(BUILDERS)}, not data.name {name!r}')
-  return name
-
-
-def _require(cfg) -> tuple[str, str]:
-  name, data_dir = _name(cfg), catalog.data_dir_for(cfg)
-  catalog.require_prepared(name, name, data_dir, SPLITS)
-  return name, data_dir
-
-
-def vocab_for(cfg) -> ProteinVocab:
-  """The protein vocabulary; checks first that the dataset is prepared, so a training
-  run without the data stops before it builds the model."""
-  _require(cfg)
-  return PROTEIN_VOCAB
-
-
 def _record_tokens(record) -> np.ndarray:
   return with_specials(PROTEIN_VOCAB.encode_array(record['sequence']))
 
 
-def build_dataset(
-  cfg,
-  *,
-  split: str,
-  batch_size: int,
-  seed: int = 0,
-  shard_index: int = 0,
-  shard_count: int = 1,
-  num_epochs: int | None = None,
-) -> Iterator[dict[str, Any]]:
-  """Batches of {'tokens','mask','segment_ids'} (see sequences.py for crop/pack/eval)."""
-  name, data_dir = _require(cfg)
-  source = catalog.split_source(name, split, data_dir, has_validation=True)
-  return sequences.build(
-    source,
-    _record_tokens,
-    cfg,
-    split=split,
-    batch_size=batch_size,
-    seed=seed,
-    shard_index=shard_index,
-    shard_count=shard_count,
-    num_epochs=num_epochs,
-    name=name,
-  )
+class UniprotFasta(catalog.Prepared):
+  """uniref50 or trembl, prepared by its builder above."""
+
+  prepare_flags = ('fasta',)
+
+  def __init__(self, name: str):
+    self.name = name  # a key of BUILDERS and SPECS
+
+  def spec(self, cfg) -> catalog.Spec:
+    del cfg
+    return SPECS[self.name]
+
+  def vocab(self, cfg) -> ProteinVocab:
+    """The protein vocabulary; checks first that the dataset is prepared, so a training
+    run without the data stops before it builds the model."""
+    self.require(cfg)
+    return PROTEIN_VOCAB
+
+  def encoder(self, cfg):
+    self.require(cfg)
+    return _record_tokens
+
+  def space_gb(self, cfg) -> dict[str, float]:
+    """The spec's estimate, or from the size of a local FASTA given with --fasta."""
+    path = getattr(cfg, 'fasta', '') or ''
+    if not path:
+      return super().space_gb(cfg)
+    with open(path, 'rb') as f:
+      gz = f.read(2) == b'\x1f\x8b'
+    prepared = os.path.getsize(path) / 1e9 * (_GZ_RATIO if gz else 1.0) * 1.1
+    return {'download': 0.0, 'prepared': prepared, 'scratch': 0.0, 'total': prepared}
+
+  def prepare(self, cfg) -> str:
+    path = prepare(
+      self.name, catalog.data_dir_for(cfg), fasta_path=cfg.fasta, manual_dir=cfg.manual_dir
+    )
+    return f'{self.name} ready in {path}'
+
+
+UNIREF50 = UniprotFasta('uniref50')
+TREMBL = UniprotFasta('trembl')
 
 
 def _stage_fasta(name: str, fasta_path: str, data_dir: str) -> str:
@@ -204,4 +205,4 @@ def prepare(name: str, data_dir: str, *, fasta_path: str = '', manual_dir: str =
   builder = BUILDERS[name](data_dir=data_dir)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None, try_download_gcs=False)
   builder.download_and_prepare(download_config=config, file_format='array_record')
-  return catalog.require_prepared(name, name, data_dir, SPLITS)
+  return catalog.require_prepared(name, SPECS[name], data_dir)

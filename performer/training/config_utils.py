@@ -19,7 +19,6 @@ import ml_collections
 from performer import errors
 
 SCHEDULES = ('cosine', 'constant')
-CROPS = ('random', 'start')
 
 
 class ConfigError(errors.UserInputError):
@@ -198,7 +197,7 @@ def validate(config):
     'model.attention.feature_norms', config.model.attention.feature_norms, attention.FEATURE_NORMS
   )
   _check_choice('data.name', config.data.name, data.NAMES)
-  _check_choice('data.crop', config.data.crop, CROPS)
+  _check_choice('data.crop', config.data.crop, data.CROPS)
   _check_choice('train.schedule', config.train.schedule, SCHEDULES)
   # With a pretrained init_from the architecture comes from the checkpoint, filled in and
   # checked by build.resolve_config.

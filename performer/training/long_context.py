@@ -92,10 +92,10 @@ def check_model(config, settings: Settings):
 
 def english_test_documents():
   """english_docs' test split (documents of stdlib prose the conversions never train on)."""
-  from performer.data import text as text_data  # pylint: disable=g-import-not-at-top
+  from performer.data import english  # pylint: disable=g-import-not-at-top
 
   try:
-    return text_data.split_lines(ml_collections.ConfigDict({'name': 'english_docs'}), 'test')
+    return english.DOCS.source(ml_collections.ConfigDict({'name': 'english_docs'}), 'test')
   except OSError as e:
     raise errors.DataFileError(
       f'english_docs: cannot build or read the cached corpus ({errors.os_error_text(e)}); '
