@@ -87,7 +87,10 @@ from performer.training import objectives, optim
 
 KINDS = ('softmax', 'favor_softmax', 'favor_plus_plus', 'favor_sharp', 'hedgehog', 'linear_elu')
 POWER_A = 0.01  # Zoology's power-law exponent for the query gaps
-STEPS, BATCH = 400, 16  # full mode: what fits ~30 minutes on 2 cores (module docstring)
+STEPS, BATCH = 600, 32  # full mode: what fits ~40 minutes on 2 cores (module docstring)
+# Zoology's MQAR training mix: short sequences with few pairs let the recall circuit form
+# (at L=256 alone, 400 steps left every kind at chance), longer ones teach the evaluated counts.
+TRAIN_MIX = ('64:4', '128:8', '256:16', '256:32', '256:64')
 NUM_FEATURES = 64  # random features unless --attention_option num_features=: M = head_dim
 EMBED_STD = 0.02  # GPT-2's (and Zoology's) init; the family's 1.0 stalls a tied head
 
@@ -108,7 +111,8 @@ def parse_args(argv=None):
   p.add_argument('--kinds', nargs='+', default=list(KINDS))
   p.add_argument('--windows', nargs='+', type=int, default=[0, 64], help='0 = no window')
   p.add_argument('--pairs', nargs='+', type=int, default=None, help='evaluated (16 32 64)')
-  p.add_argument('--train_pairs', nargs='+', type=int, default=None, help='default --pairs')
+  mix_help = 'training mix as length:pairs items (full: Zoology-style 64:4 128:8 256:16 ...)'
+  p.add_argument('--train_mix', nargs='+', default=None, help=mix_help)
   p.add_argument('--length', type=int, default=None, help='tokens per sequence (256)')
   p.add_argument('--vocab', type=int, default=None, help='vocabulary size (8192)')
   p.add_argument('--layers', type=int, default=2)
@@ -147,15 +151,25 @@ def parse_args(argv=None):
       args.kinds = ['softmax', 'favor_softmax']
     if args.windows == [0, 64]:
       args.windows = [0, 8]
-  args.train_pairs = args.train_pairs or args.pairs
+  if args.train_mix is None:
+    args.train_mix = [f'{args.length}:{n}' for n in args.pairs] if quick else list(TRAIN_MIX)
+  try:
+    args.mix = train_mix(args.train_mix)
+  except ValueError as e:
+    p.error(f'--train_mix: {e}')
+  if max(args.mix) > args.length:
+    p.error(f'--train_mix lengths must not exceed --length {args.length}')
+  train_pairs = [n for counts in args.mix.values() for n in counts]
   if args.warmup is None:
     args.warmup = max(1, args.steps // 10)
   if unknown := sorted(set(args.kinds) - set(attention.KINDS)):
     p.error(f'unknown kinds {unknown}; choose from {", ".join(attention.KINDS)}')
-  for n in set(args.pairs) | set(args.train_pairs):
-    if n < 1 or 4 * n > args.length:
-      p.error(f'{n} pairs do not fit {args.length} tokens (need 1 <= 4 * pairs <= length)')
-  if args.vocab < 2 * max(args.pairs + args.train_pairs) + 2:
+  checks = [(args.length, n) for n in args.pairs]
+  checks += [(length, n) for length, counts in args.mix.items() for n in counts]
+  for length, n in checks:
+    if n < 1 or 4 * n > length:
+      p.error(f'{n} pairs do not fit {length} tokens (need 1 <= 4 * pairs <= length)')
+  if args.vocab < 2 * max(args.pairs + train_pairs) + 2:
     p.error(f'--vocab {args.vocab} is too small for {max(args.pairs)} distinct keys and values')
   try:
     args.options = dict(parse_option(text) for text in args.attention_option)
@@ -202,6 +216,17 @@ def mqar_batch(rng, pairs_per_row, length, vocab):
     'positions': positions.astype(np.int32),
     'labels': labels.astype(np.int32),
   }
+
+
+def train_mix(items):
+  """['64:4', '256:16', '256:32'] -> {64: [4], 256: [16, 32]}: the pair counts per length."""
+  mix = {}
+  for item in items:
+    length, sep, pairs = item.partition(':')
+    if not sep or not length.isdigit() or not pairs.isdigit():
+      raise ValueError(f'expected length:pairs, got {item!r}')
+    mix.setdefault(int(length), []).append(int(pairs))
+  return dict(sorted(mix.items()))
 
 
 def row_pairs(train_pairs, batch):
@@ -315,11 +340,12 @@ def run_row(kind, window, args, log):
   train_step, eval_step = make_fns(graphdef, tx)
   opt_state, fixed = tx.init(params), (features, rest)
   rng = np.random.default_rng(args.seed)
-  counts = row_pairs(args.train_pairs, args.batch)
+  lengths = list(args.mix)  # one length a step, in turn: static shapes, one compile each
   losses = []
   start = time.perf_counter()
   for step in range(args.steps):
-    batch = mqar_batch(rng, counts, args.length, args.vocab)
+    length = lengths[step % len(lengths)]
+    batch = mqar_batch(rng, row_pairs(args.mix[length], args.batch), length, args.vocab)
     params, opt_state, stats, loss = train_step(params, opt_state, stats, fixed, batch)
     losses.append(loss)
     if (step + 1) % max(1, args.steps // 4) == 0:
@@ -389,7 +415,7 @@ def main(argv=None):
   info = common.machine_info()
   print(f'# {info}')
   print(
-    f'# MQAR: L={args.length}, vocab {args.vocab}, pairs {args.pairs} (train {args.train_pairs});'
+    f'# MQAR: L={args.length}, vocab {args.vocab}, pairs {args.pairs} (train {" ".join(args.train_mix)});'
     f' {args.layers} layers, d={args.emb_dim}, {args.heads} heads, mlp {args.mlp_dim}, '
     f'short conv {args.short_conv}; '
     f'{args.steps} steps x {args.batch}, lr {args.lr:g}; options {args.options}',

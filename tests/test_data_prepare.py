@@ -68,7 +68,9 @@ def test_missing_dataset_fails_fast_naming_the_command(tmp_path, no_network, nam
     start = time.perf_counter()
     with pytest.raises(data.DatasetNotPreparedError) as info:
       call()
-    assert time.perf_counter() - start < 5.0
+    assert (
+      time.perf_counter() - start < 20.0
+    )  # fast: no download, no build (generous for loaded CI)
     message = str(info.value)
     assert command in message and str(tmp_path / 'empty') in message
     assert '\n' not in message  # train.py prints it as one line
@@ -125,7 +127,7 @@ def test_catalog_prepare_without_tensorflow_says_how_to_install(tmp_path, capsys
     pytest.skip('TensorFlow is installed: this would start a real download')
   start = time.perf_counter()
   assert prepare.main(['lm1b', '--data_dir', str(tmp_path)]) == 1
-  assert time.perf_counter() - start < 5.0
+  assert time.perf_counter() - start < 20.0  # fast: no download, no build (generous for loaded CI)
   err = capsys.readouterr().err
   assert 'needs TensorFlow' in err and 'performer-zoo[prepare]' in err
   assert no_network == []
@@ -156,3 +158,9 @@ def test_train_py_fails_fast_when_lm1b_is_missing(tmp_path):
     result.stderr
   )
   assert elapsed < 60  # process start and imports included; the check itself is instant
+
+
+def test_bad_variant_is_one_line_and_exit_2(tmp_path, capsys, no_network):
+  assert prepare.main(['imagenet64', '--variant', 'nope', '--data_dir', str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error:') and 'variant' in err and '\n' not in err

@@ -151,7 +151,10 @@ def main(argv=None) -> int:
     print(describe(args), flush=True)
     if not args.dry_run:
       print(run(args), flush=True)
-  except (RuntimeError, ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # a value or file the user named: exit 2
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 2
+  except RuntimeError as e:  # the environment (no TensorFlow, a failed download): exit 1
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 1
   return 0

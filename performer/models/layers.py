@@ -133,7 +133,9 @@ class SelfAttention(nnx.Module):
     if self.convs is None:
       return state
     heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
-    history = tuple(c.init_history(batch, h, self.head_dim, dtype) for c, h in zip(self.convs, heads))
+    history = tuple(
+      c.init_history(batch, h, self.head_dim, dtype) for c, h in zip(self.convs, heads)
+    )
     return {'attention': state, 'conv': history}
 
   def _convolve(self, qkv, *, mask, segment_ids, cache):
