@@ -33,7 +33,7 @@ import numpy as np
 
 from performer import data, models
 from performer.convert import pretrained
-from performer.training import build, checkpoints, interrupts, rundir, sharding
+from performer.training import build, checkpoints, interrupts, restore, rundir, sharding
 from performer.training import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,9 @@ def _initial_state(run, manager, workdir):
   run resumes it instead of starting the fine-tuning over.
   """
   config, model = run.config, run.model
-  sh, abstract = model.shardings, model.abstract
+  sh = model.shardings
   items = ('params', 'opt_state', 'features', 'stats')
-  restored = checkpoints.restore_latest(
-    manager, {k: abstract[k] for k in items}, {k: sh[k] for k in items}
-  )
+  restored = restore.restore_trees(manager, model, items, move_corrupt=True)
   if restored is not None:
     step, trees, meta = restored
     log.info('resumed from %s at step %d', manager.directory, step)
@@ -308,28 +306,23 @@ def _train(config, workdir, progress, stop):
 
 
 def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
-  """Evaluates the newest good checkpoint of `workdir` (params, features, statistics)."""
-  run = build.setup(config)
-  config, model = run.config, run.model
-  sh = model.shardings
-  manager = checkpoints.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
-  items = ('params', 'features', 'stats')
-  restored = checkpoints.restore_latest(
-    manager, {k: model.abstract[k] for k in items}, {k: sh[k] for k in items}, move_corrupt=False
-  )
-  manager.close()
-  if restored is None:
-    raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
-  step, trees, _ = restored
-  restored_state = model.train_state(step).replace(**trees)
+  """Evaluates the newest good checkpoint of `workdir` (params, features, statistics):
+  the run restored (restore.py) and the eval step alone, no optimizer."""
+  sharding.maybe_initialize_distributed()
+  config, vocab = build.resolve_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  build.check_batch_size(config, mesh)
+  restored = restore.restore(workdir, config, mesh=mesh)
+  step, model = restored.step, restored.state
+  eval_fn, batch_sh = build.make_eval_fn(config, vocab, mesh, model), sharding.batch_sharding(mesh)
   results = {
     split: evaluate(
-      run.eval_fn,
-      restored_state,
+      eval_fn,
+      model.train_state(step),
       config,
       split,
-      batch_sharding=run.batch_sharding,
-      eval_key=run.keys['eval'],
+      batch_sharding=batch_sh,
+      eval_key=build.rng_streams(config.seed)['eval'],
       num_batches=num_batches,
     )
     for split in splits
