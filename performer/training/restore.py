@@ -142,13 +142,16 @@ def _run_values(config, workdir):
   if not changed:
     return None
   own = config.copy_and_resolve_references()
-  with own.unlocked():
-    for key, old, new in changed:
-      *parents, leaf = key.split('.')
-      node = own
-      for part in parents:
-        node = node[part]
-      node[leaf] = type(new)() if old == rundir.NOT_SET else _tuples(old)
+  try:
+    with own.unlocked():
+      for key, old, new in changed:
+        *parents, leaf = key.split('.')
+        node = own
+        for part in parents:
+          node = node[part]
+        node[leaf] = type(new)() if old == rundir.NOT_SET else _tuples(old)
+  except (KeyError, TypeError, ValueError):  # not the schema's shape: nothing is let through
+    return None
   return own
 
 

@@ -305,9 +305,10 @@ def _train(config, workdir, progress, stop):
   }
 
 
-def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
-  """Evaluates the newest good checkpoint of `workdir` (params, features, statistics):
-  the run restored (restore.py) and the eval step alone, no optimizer."""
+def evaluate_run(config, workdir, splits=('validation', 'test'), num_batches=0):
+  """(resolved config, step, {split: metrics}) of the newest good checkpoint of `workdir`
+  (params, features, statistics): the run restored (restore.py) and the eval step alone,
+  no optimizer and no train step."""
   sharding.maybe_initialize_distributed()
   config, vocab = build.resolve_config(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -315,6 +316,7 @@ def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batc
   restored = restore.restore(workdir, config, mesh=mesh)
   step, model = restored.step, restored.state
   eval_fn, batch_sh = build.make_eval_fn(config, vocab, mesh, model), sharding.batch_sharding(mesh)
+  eval_key = build.rng_streams(config.seed)['eval']
   results = {
     split: evaluate(
       eval_fn,
@@ -322,11 +324,17 @@ def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batc
       config,
       split,
       batch_sharding=batch_sh,
-      eval_key=build.rng_streams(config.seed)['eval'],
+      eval_key=eval_key,
       num_batches=num_batches,
     )
     for split in splits
   }
+  return config, step, results
+
+
+def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
+  """eval.py's held-out evaluation: `evaluate_run`, with the unigram baselines, printed."""
+  config, step, results = evaluate_run(config, workdir, splits, num_batches)
   unigram = held_out_extras(config, results)
   print_summary(config, step, results, unigram)
   return {'step': step, 'final': results, 'unigram': unigram}
