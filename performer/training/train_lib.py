@@ -313,23 +313,12 @@ def evaluate_run(config, workdir, splits=('validation', 'test'), num_batches=0):
   config, vocab = build.resolve_config(config)
   mesh = sharding.make_mesh(config.mesh)
   build.check_batch_size(config, mesh)
-  restored = restore.restore(workdir, config, mesh=mesh)
-  step, model = restored.step, restored.state
-  eval_fn, batch_sh = build.make_eval_fn(config, vocab, mesh, model), sharding.batch_sharding(mesh)
-  eval_key = build.rng_streams(config.seed)['eval']
-  results = {
-    split: evaluate(
-      eval_fn,
-      model.train_state(step),
-      config,
-      split,
-      batch_sharding=batch_sh,
-      eval_key=eval_key,
-      num_batches=num_batches,
-    )
-    for split in splits
-  }
-  return config, step, results
+  run = restore.restore(workdir, config, mesh=mesh)
+  eval_fn = build.make_eval_fn(config, vocab, mesh, run.state)
+  kwargs = dict(batch_sharding=sharding.batch_sharding(mesh), num_batches=num_batches)
+  kwargs['eval_key'] = build.rng_streams(config.seed)['eval']
+  state = run.state.train_state(run.step)
+  return config, run.step, {s: evaluate(eval_fn, state, config, s, **kwargs) for s in splits}
 
 
 def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
