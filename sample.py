@@ -165,8 +165,10 @@ def run(workdir_or_checkpoint, config_path=None):
     data,  # pylint: disable=g-import-not-at-top
     sampling,  # pylint: disable=g-import-not-at-top
   )
+  from performer.training import checkpoints, restore  # pylint: disable=g-import-not-at-top
 
-  workdir, _ = sampling.find_checkpoint(workdir_or_checkpoint)
+  setting = '--workdir' if _WORKDIR.value else '--checkpoint'
+  workdir, _ = checkpoints.locate(workdir_or_checkpoint, setting)
   if config_path:
     from performer.training import (
       build,  # pylint: disable=g-import-not-at-top
@@ -178,7 +180,7 @@ def run(workdir_or_checkpoint, config_path=None):
     hint = "leave out --config: sample.py reads the run's config.json"
     rundir.check_config(config, workdir, hint, rundir.EVAL_KEYS)  # a run's config.json must agree
   else:
-    config = sampling.load_config(workdir)
+    config = restore.run_config(workdir)
   n = _NUM_SAMPLES.value
   if n < 1:
     raise UsageError(f'--num_samples must be >= 1, got {n}')
@@ -199,7 +201,8 @@ def run(workdir_or_checkpoint, config_path=None):
     raise UsageError(
       f'task {task!r} is bidirectional: sampling needs a causal_lm or image_ar checkpoint'
     )
-  model, config, step = sampling.load_model(workdir_or_checkpoint, config)
+  restored = restore.restore(workdir_or_checkpoint, config, setting=setting)
+  model, step = restored.model(), restored.step
   max_new = _MAX_NEW.value or model.max_len - prompt.shape[1]
   if max_new < 1:
     raise UsageError(

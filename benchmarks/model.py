@@ -49,18 +49,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(_HERE))
 import common  # noqa: E402
 from configs import base as base_config  # noqa: E402
-from performer import (
-  data,  # noqa: E402
-  models,  # noqa: E402
-)
-from performer.training import optim, sharding  # noqa: E402
+from performer import data  # noqa: E402
+from performer.training import build, optim, restore, sharding  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
 from performer.training.task import Task  # noqa: E402
 
@@ -153,10 +149,8 @@ def build_step(config, mesh=None):
   annotations, which are no-ops there; with a `mesh` the batch is laid out as the
   training loop lays it out and the state is replicated (benchmarks/context_parallel.py).
   """
-  model = models.build_model(
-    config.model, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-  )
-  graphdef, params, features, stats, rest = models.split(model)
+  # The model as training builds it (no compilation: the values are random anyway).
+  model = build.create_state(config, mesh or restore.one_device_mesh(), init='eager')
   tx, schedule = optim.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
   task = Task.from_config(config.model, config.train, vocab, model.target_offset)
@@ -166,7 +160,7 @@ def build_step(config, mesh=None):
       batch_sharding=sharding.batch_sharding(mesh), replicated=sharding.replicated(mesh)
     )
   train_fn, _ = steps_lib.make_step_fns(
-    graphdef, tx, schedule, task, config.train, use_dropout=False, **placement
+    model.graphdef, tx, schedule, task, config.train, use_dropout=False, **placement
   )
   rng = np.random.RandomState(0)
   shape = (config.train.batch_size, config.data.seq_len)
@@ -175,14 +169,7 @@ def build_step(config, mesh=None):
     'tokens': rng.randint(low, low + 20, shape).astype(np.int32),
     'mask': np.ones(shape, bool),
   }
-  state = steps_lib.TrainState(
-    step=jnp.asarray(1, jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    stats=stats,
-    features=features,
-    rest=rest,
-  )
+  state = model.train_state(1, tx.init(model.params))
   key = jax.random.key(0)
   if mesh is None:
     return train_fn, (state, jax.tree.map(jnp.asarray, batch), key)

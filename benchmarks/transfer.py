@@ -237,10 +237,9 @@ def finetune(config, eval_every):
 
 
 def teacher_accuracy(config, teacher_dir):
-  run = build.setup(config)
-  st = run.model
-  params, _ = checkpoints.load_params_by_name(teacher_dir, st.params, st.shardings['params'])
-  return _evaluate(run, st.train_state(params=params))
+  """(accuracy, loss) of the teacher's run on the validation split, as eval.py scores it."""
+  result = train_lib.evaluate_run(config, teacher_dir, splits=('validation',))[2]['validation']
+  return result['accuracy'], result['loss']
 
 
 def parse_args(argv=None):

@@ -55,10 +55,10 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
-from performer import data, plot, sampling
+from performer import data, plot
 from performer.data import vocab as vocab_lib
 from performer.models import attention_maps
-from performer.training import runs
+from performer.training import restore, runs
 
 # The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
 RUNS = runs.NotebookRuns.from_env()
@@ -76,7 +76,8 @@ softmax_dir = os.environ.get('PERFORMER_PROTEIN_SOFTMAX_WORKDIR') or (
   if os.environ.get('PERFORMER_PROTEIN_WORKDIR')
   else RUNS.train('protein_softmax', 'protein_transformer_uni.py')
 )
-model, config, step = sampling.load_model(performer_dir)
+restored = restore.restore(performer_dir)
+model, config, step = restored.model(), restored.config, restored.step
 vocab = data.vocab_for(config.data)
 print(
   f'Performer: {config.model.num_layers} layers, d={config.model.emb_dim}, '
@@ -248,7 +249,8 @@ print(
 NUM_PROTEINS = 64 if RUNS.quick else 1024
 sims = {'Performer': similarity(model, config, NUM_PROTEINS)}
 if softmax_dir:
-  softmax_model, softmax_config, _ = sampling.load_model(softmax_dir)
+  restored = restore.restore(softmax_dir)
+  softmax_model, softmax_config = restored.model(), restored.config
   sims['Transformer'] = similarity(softmax_model, softmax_config, NUM_PROTEINS)
 similarity_report = {label: compare(sim, label) for label, sim in sims.items()}
 

@@ -53,8 +53,8 @@ import matplotlib.pyplot as plt
 import ml_collections
 from flax import nnx
 
-from performer import data, models, plot, sampling
-from performer.training import metrics, runs, steps
+from performer import data, models, plot
+from performer.training import metrics, restore, runs, steps
 from performer.training.task import Task
 
 # The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
@@ -85,7 +85,8 @@ def evaluate(model, config, split='validation'):
 # %%
 teacher_dir = RUNS.train('protein_softmax', 'protein_transformer_uni.py')
 scratch_dir = RUNS.train('protein_favor', 'default.py')
-teacher, teacher_config, _ = sampling.load_model(teacher_dir)
+restored = restore.restore(teacher_dir)
+teacher, teacher_config = restored.model(), restored.config
 teacher_result = runs.final_metrics(teacher_dir)
 print(f'teacher (softmax): validation accuracy {teacher_result["accuracy"]:.4f}')
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from performer import data, plot, sampling
 from performer.data import vocab as vocab_lib
-from performer.training import runs
+from performer.training import restore, runs
 
 # The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
 RUNS = runs.NotebookRuns.from_env()
@@ -52,7 +52,8 @@ NUM_SAMPLES = 8 if RUNS.quick else 32
 TEMPERATURE, TOP_P = 1.0, 0.95
 
 workdir = os.environ.get('PERFORMER_PROTEIN_WORKDIR') or RUNS.train('protein_favor', 'default.py')
-model, config, step = sampling.load_model(workdir)
+restored = restore.restore(workdir)
+model, config, step = restored.model(), restored.config, restored.step
 vocab = data.vocab_for(config.data)
 print(
   f'{workdir}: {config.model.attention.kind}, {config.model.num_layers} layers, '

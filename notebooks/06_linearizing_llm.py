@@ -66,7 +66,7 @@ from performer import data, models, plot, sampling
 from performer.convert import llama as convert_llama
 from performer.convert import pretrained
 from performer.models import attention_maps
-from performer.training import build, config_utils, runs, sharding, steps, train_lib
+from performer.training import build, config_utils, restore, runs, sharding, steps, train_lib
 from performer.training.task import Task
 
 RUNS = runs.NotebookRuns.from_env()  # PERFORMER_NOTEBOOK_QUICK and _WORKDIR
@@ -291,10 +291,12 @@ print(repr(vocab.decode(tokens[0].tolist())[:300]))
 
 transfer_dir = os.path.join(workdir, 'checkpoints', str(tc.transfer_steps))
 if os.path.isdir(transfer_dir):
-  after_model, _, after_step = sampling.load_model(transfer_dir)
+  restored = restore.restore(transfer_dir)
+  after_model, after_step = restored.model(), restored.step
   after_label = f'after transfer (step {after_step})'
 else:  # a train.py run with keep_checkpoints=1 keeps only its last step
-  after_model, _, after_step = sampling.load_model(workdir)
+  restored = restore.restore(workdir)
+  after_model, after_step = restored.model(), restored.step
   after_label = f'after both stages (step {after_step})'
   print(f'NOTE: no checkpoint at step {tc.transfer_steps}; showing step {after_step}')
 
@@ -348,7 +350,8 @@ print(f'queries 0..{W - 1} (no linear part): max difference to softmax {in_windo
 # over the same sequence.
 
 # %%
-model, _, final_step = sampling.load_model(workdir)
+restored = restore.restore(workdir)
+model, final_step = restored.model(), restored.step
 bos = getattr(vocab, 'bos_id', None)
 prompt = ([bos] if bos is not None else []) + list(vocab.encode(PROMPT))
 out, n = sampling.generate(

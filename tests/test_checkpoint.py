@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_config
-from performer.training import build, checkpoints, train_lib
+from performer.training import build, checkpoints, metrics, restore, train_lib
 from performer.training.metrics import read_metrics
 
 # Long enough (in steps) that a kill right after the first checkpoint lands mid-run.
@@ -189,3 +189,41 @@ def test_data_position_restore():
   it = Stateful()
   train_lib._restore_data_position(it, {'data_state': {'i': 41}}, 3)  # pylint: disable=protected-access
   assert next(it) == 42
+
+
+def _saved_run(workdir, **overrides):
+  """A workdir as training leaves it: config.json and one checkpoint (step 3)."""
+  config, _ = build.resolve_config(tiny_config(**overrides))
+  state = build.create_state(config, restore.one_device_mesh(), init='eager')
+  metrics.write_config(config, workdir)
+  manager = checkpoints.make_manager(workdir, 1)
+  trees = {'params': state.params, 'features': state.features, 'stats': state.stats}
+  checkpoints.save(manager, 3, trees, {'step': 3})
+  manager.wait_until_finished()
+  manager.close()
+  return state
+
+
+def test_restore_keeps_the_init_of_parameters_an_eval_option_adds(tmp_path, capsys):
+  """An existing run evaluated with attention sinks gains their zero-initialised gains,
+  with one line on stderr; any other difference from the run is still a mismatch."""
+  workdir = str(tmp_path)
+  saved = checkpoints.flatten(_saved_run(workdir).params)
+  with_sinks = build.resolve_config(tiny_config(model__attention__sinks=4))[0]
+  run = restore.restore(workdir, with_sinks)
+  assert run.step == 3 and run.config.model.attention.sinks == 4
+  restored = checkpoints.flatten(run.state.params)
+  added = sorted(set(restored) - set(saved))
+  assert added and all(name.endswith('sink_log_gain') for name in added), added
+  for name in added:
+    np.testing.assert_array_equal(restored[name], 0)
+  for name in saved:
+    np.testing.assert_array_equal(restored[name], saved[name])
+  notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')]
+  assert len(notes) == 1 and 'keep their initial values' in notes[0], notes
+  assert 'sink_log_gain' in notes[0]
+  assert len(restore.restore(workdir).state.feature_params) < len(run.state.feature_params)
+  for other in (dict(model__num_layers=3), dict(model__mlp_dim=96)):
+    config = build.resolve_config(tiny_config(model__attention__sinks=4, **other))[0]
+    with pytest.raises(checkpoints.CheckpointMismatchError, match='another model'):
+      restore.restore(workdir, config)

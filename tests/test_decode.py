@@ -316,14 +316,26 @@ def _save_run(workdir, **overrides):
   return model
 
 
-def test_load_model_restores_params_and_features(tmp_path):
+def test_restore_gives_the_saved_model_from_any_run_path(tmp_path):
+  """restore.restore: the workdir, its checkpoints/ and checkpoints/<step> name the same
+  run (checkpoints.locate's rule); anything else is one line naming what is expected."""
+  from performer.training import checkpoints, restore  # pylint: disable=g-import-not-at-top
+
   saved = _save_run(tmp_path)
-  model, config, step = sampling.load_model(str(tmp_path / 'checkpoints' / '7'))
-  assert step == 7 and config.model.attention.kind == 'favor_softmax'
   tokens = jnp.asarray(random_tokens(0, (1, 10), 29))
-  np.testing.assert_allclose(np.asarray(model(tokens)[0]), np.asarray(saved(tokens)[0]), atol=1e-6)
-  with pytest.raises(ValueError, match='no config.json'):
-    sampling.load_model(str(tmp_path / 'checkpoints' / '7' / 'params'))
+  for path in (tmp_path, tmp_path / 'checkpoints', tmp_path / 'checkpoints' / '7'):
+    run = restore.restore(str(path))
+    assert run.step == 7 and run.config.model.attention.kind == 'favor_softmax'
+    np.testing.assert_allclose(
+      np.asarray(run.model()(tokens)[0]), np.asarray(saved(tokens)[0]), atol=1e-6
+    )
+  for path, message in [
+    (tmp_path / 'checkpoints' / '7' / 'params', 'no checkpoints directory'),
+    (tmp_path / 'config.json', 'is a file; expected a workdir'),
+    (tmp_path / 'nope', 'no such directory'),
+  ]:
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+      restore.restore(str(path))
 
 
 def test_sample_cli_protein_fasta_and_errors(tmp_path):

@@ -15,8 +15,8 @@ from test_convert_llama import TINY, jit_forward, numpy_llama, tiny_hf_tensors
 from test_train_pretrained import WORDS, config_for, tiny_files  # noqa: F401 (fixture)
 
 from conftest import ROOT, run_script, tiny_config
-from performer import data, errors, models, sampling
-from performer.training import text_eval, train_lib
+from performer import data, errors, models
+from performer.training import restore, text_eval, train_lib
 
 MAX_TOKENS = 100  # 6 full windows of 16 and one of 4: a padded, masked last window
 
@@ -80,7 +80,7 @@ def test_text_file_perplexity_matches_a_direct_forward_pass(run):
   assert len(rows) == 2 and all(rows), proc.stdout
   assert rows[0][1] == 'favor_softmax, step 2' and rows[1][1] == 'softmax original gguf:tiny.gguf'
 
-  config = sampling.load_config(run['workdir'])
+  config = restore.run_config(run['workdir'])
   ids = data.vocab_for(config.data).encode(open(run['text']).read())
   assert len(ids) > MAX_TOKENS and data.vocab_for(config.data).bos_id is None
   ids = ids[:MAX_TOKENS]

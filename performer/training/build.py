@@ -92,18 +92,17 @@ def rng_streams(seed):
   }
 
 
-def create_state(config, mesh, eager=False):
-  """Builds the model sharded from the start (jitted init with out_shardings), or with
-  `eager` op by op and then placed: no compilation, for a model whose values are all about
-  to be overwritten (a pretrained teacher).
+def create_state(config, mesh, init='jit'):
+  """`config`'s model as a `state.ModelState`, sharded on `mesh` from the start.
 
-  Returns a `state.ModelState`.
+  `init` says how its values come about: 'jit' (the jitted initializer with out_shardings:
+  a fresh run), 'eager' (op by op, then placed: no compilation, for a model whose values
+  are all about to be overwritten, a pretrained teacher) or 'restore' (no values: params,
+  features and stats stay shapes for a checkpoint to fill, only `rest`, the small RNG-stream
+  state, is built; compiling the whole initializer takes 10+ s on a 2-core CPU even for a
+  tiny model); `fresh_params` gives chosen parameters their initial values later.
   """
-  seed = config.seed
-
-  def build():
-    return models.build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-
+  build = _builder(config)
   abstract_model = nnx.eval_shape(build)
   graphdef, a_params, a_features, a_stats, a_rest = models.split(abstract_model)
   shard = {
@@ -114,13 +113,18 @@ def create_state(config, mesh, eager=False):
   }
   pieces = ('params', 'features', 'stats', 'rest')
 
-  def init():
+  def init_values():
     return models.split(build())[1:]
 
-  if eager:
-    trees = jax.device_put(init(), tuple(shard[k] for k in pieces))
+  if init == 'eager':
+    trees = jax.device_put(init_values(), tuple(shard[k] for k in pieces))
+  elif init == 'jit':
+    trees = jax.jit(init_values, out_shardings=tuple(shard[k] for k in pieces))()
+  elif init == 'restore':
+    rest = jax.jit(lambda: models.split(build())[4], out_shardings=shard['rest'])()
+    trees = (a_params, a_features, a_stats, rest)
   else:
-    trees = jax.jit(init, out_shardings=tuple(shard[k] for k in pieces))()
+    raise ValueError(f"init={init!r}: choose from 'jit', 'eager', 'restore'")
   return ModelState(
     graphdef=graphdef,
     **dict(zip(pieces, trees)),
@@ -131,17 +135,31 @@ def create_state(config, mesh, eager=False):
   )
 
 
+def _builder(config):
+  """The model constructor of every run: parameters from seed, dropout from seed + 1."""
+  seed = config.seed
+  return lambda: models.build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def fresh_params(config, state, names):
+  """{dotted name: initial value} of the parameters `names` of `state` (create_state's),
+  placed as the state places them; XLA computes only these (the rest is dead code)."""
+  build, names = _builder(config), sorted(names)
+  flat_sh = checkpoints.flatten(state.shardings['params'])
+
+  def init_values():
+    flat = checkpoints.flatten(models.split(build())[1])
+    return {k: flat[k] for k in names}
+
+  return jax.jit(init_values, out_shardings={k: flat_sh[k] for k in names})()
+
+
 def setup(config, mesh=None):
   """Everything a run needs before the loop; shared by train_and_evaluate, eval.py, tests."""
   sharding.maybe_initialize_distributed()
   config, vocab = resolve_config(config)
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  rows = sharding.batch_devices(mesh)
-  if config.train.batch_size % rows:
-    raise config_utils.ConfigError(
-      f'config.train.batch_size: {config.train.batch_size} is not divisible by the '
-      f'{rows} devices of the mesh that split the batch (mesh.data * mesh.fsdp)'
-    )
+  check_batch_size(config, mesh)
   state = create_state(config, mesh)
   check_stages(config)
   flags = optim.stage_flags(state.abstract['params'], config.train)
@@ -185,6 +203,33 @@ def setup(config, mesh=None):
     redraw_fn=redraw_fn,
     batch_sharding=batch_sh,
     keys=rng_streams(config.seed),
+    teacher=teacher,
+  )
+
+
+def check_batch_size(config, mesh):
+  """ConfigError unless the batch splits evenly over the mesh's batch devices."""
+  rows = sharding.batch_devices(mesh)
+  if config.train.batch_size % rows:
+    raise config_utils.ConfigError(
+      f'config.train.batch_size: {config.train.batch_size} is not divisible by the '
+      f'{rows} devices of the mesh that split the batch (mesh.data * mesh.fsdp)'
+    )
+
+
+def make_eval_fn(config, vocab, mesh, state):
+  """The jitted eval step of `config`'s run over `state` (a `ModelState`), without the
+  optimizer or a train step: eval.py's. Only an encoder, scored against its original,
+  builds the teacher (other tasks' eval steps never read it)."""
+  replicated = sharding.replicated(mesh)
+  task = Task.from_config(config.model, config.train, vocab, state.target_offset)
+  teacher = build_teacher(config, mesh) if config.model.task == 'encoder' else None
+  return steps_lib.make_eval_fn(
+    state.graphdef,
+    task,
+    state_shardings=state.state_shardings(replicated),
+    batch_sharding=sharding.batch_sharding(mesh),
+    replicated=replicated,
     teacher=teacher,
   )
 
@@ -256,7 +301,7 @@ def load_original(config, source, mesh, setting):
   original = config.copy_and_resolve_references()
   original.model.attention.kind = 'softmax'
   original.model.lora_rank = 0  # the original: no adapters
-  state = create_state(original, mesh, eager=True)  # every value is loaded next
+  state = create_state(original, mesh, init='eager')  # every value is loaded next
   if pretrained.is_pretrained(source):
     params, report = load_pretrained_params(source, state)
   else:

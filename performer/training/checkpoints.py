@@ -110,6 +110,36 @@ def make_manager(workdir, keep, read_only=False):
   return manager
 
 
+RUN_PATHS = 'expected a workdir, its checkpoints/ or checkpoints/<step>'
+
+
+def locate(path, setting='--workdir', error=None):
+  """(workdir, step or None): the one rule for a path that names a run's checkpoint.
+
+  `path` is a run's workdir or a checkpoint directory inside it: `workdir/checkpoints`
+  (like the workdir: its newest good step) or `workdir/checkpoints/<step>` (that step).
+  Anything else is a one-line `error` (default CheckpointError) naming `setting`.
+  """
+  error = error or CheckpointError
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise error(f'{setting}: {path!r} is a file; {RUN_PATHS}')
+  if not os.path.isdir(path):
+    raise error(f'{setting}: no such directory {path!r}')
+  parent, base = os.path.split(path)
+  if os.path.isdir(os.path.join(path, 'params')):
+    if not base.isdigit() or os.path.basename(parent) != 'checkpoints':
+      raise error(
+        f'{setting}: {path!r} has a params/ folder but is not a step directory; {RUN_PATHS}'
+      )
+    return os.path.dirname(parent), int(base)
+  if base == 'checkpoints' and not os.path.isdir(os.path.join(path, 'checkpoints')):
+    return parent, None
+  if not os.path.isdir(os.path.join(path, 'checkpoints')):
+    raise error(f'{setting}: no checkpoints directory in {path!r}; {RUN_PATHS}')
+  return path, None
+
+
 def save(manager, step, trees, meta):
   """Starts an (async) save of the training state at `step`.
 
@@ -130,7 +160,7 @@ class CheckpointMismatchError(CheckpointError):
   """A readable checkpoint of another model (names or shapes differ): left where it is."""
 
 
-def _saved_shapes(manager, step):
+def saved_shapes(manager, step):
   """{item: {name: shape}} from a step's metadata; raises if the metadata is unreadable."""
   composite = manager.item_metadata(step)
   saved = {}
@@ -144,11 +174,15 @@ def _saved_shapes(manager, step):
   return saved
 
 
-def _check_structure(manager, step, templates):
-  """CheckpointMismatchError if the step's saved names and shapes are not the templates'."""
-  saved, problems = _saved_shapes(manager, step), []
+def _check_structure(manager, step, templates, new_params=()):
+  """CheckpointMismatchError if the step's saved names and shapes are not the templates'
+  (parameters named in `new_params` may be missing from it). Returns the missing ones."""
+  saved, problems = saved_shapes(manager, step), []
+  absent = sorted(set(new_params) - set(saved.get('params', {})))
   for name, tree in templates.items():
     want = {k: tuple(v.shape) for k, v in flatten(tree).items()}
+    if name == 'params':
+      want = {k: v for k, v in want.items() if k not in absent}
     have = saved.get(name, {})
     if want == have:
       continue
@@ -164,6 +198,7 @@ def _check_structure(manager, step, templates):
       f'model: {", ".join(problems)}; it was left in place: use the config it was trained '
       "with (the run's config.json)"
     )
+  return absent
 
 
 def _quarantine(manager, step, error, move=True):
@@ -201,24 +236,28 @@ def _quarantine(manager, step, error, move=True):
   manager.reload()
 
 
-def restore_step(manager, step, templates, shardings):
+def restore_step(manager, step, templates, shardings, new_params=()):
   """Restores the items named in `templates` (plus meta) of one step; raises on damage,
-  and CheckpointMismatchError if the step holds another model."""
-  _check_structure(manager, step, templates)
+  and CheckpointMismatchError if the step holds another model. Parameters named in
+  `new_params` that the step lacks keep the template's values (arrays, not shapes)."""
+  absent = _check_structure(manager, step, templates, new_params)
+  stored = {name: flatten(tree) for name, tree in templates.items()}
+  if absent:
+    stored['params'] = {k: v for k, v in stored['params'].items() if k not in absent}
   targets = {
-    name: ocp.args.StandardRestore(_abstract(flatten(tree), flatten(shardings[name])))
-    for name, tree in templates.items()
-    if flatten(tree)
+    name: ocp.args.StandardRestore(_abstract(stored[name], flatten(shardings[name])))
+    for name in templates
+    if stored[name]
   }
   restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **targets))
   trees = {
-    name: unflatten(tree, restored[name]) if name in targets else tree
+    name: unflatten(tree, {**flatten(tree), **restored[name]}) if name in targets else tree
     for name, tree in templates.items()
   }
   return trees, dict(restored['meta'])
 
 
-def restore_latest(manager, templates, shardings, move_corrupt=True):
+def restore_latest(manager, templates, shardings, move_corrupt=True, new_params=()):
   """Restores the newest good checkpoint into the structures of the given templates.
 
   Args:
@@ -227,6 +266,7 @@ def restore_latest(manager, templates, shardings, move_corrupt=True):
       or ShapeDtypeStructs; they fix the structure). eval.py skips the optimizer state.
     shardings: {item: matching tree of shardings}.
     move_corrupt: move damaged steps to checkpoints_corrupt/ (training); eval only skips.
+    new_params: parameters a step may lack (see restore_step).
   Returns:
     (step, {item: restored tree}, meta), or None when there is no usable checkpoint.
   Raises:
@@ -234,7 +274,7 @@ def restore_latest(manager, templates, shardings, move_corrupt=True):
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      trees, meta = restore_step(manager, step, templates, shardings)
+      trees, meta = restore_step(manager, step, templates, shardings, new_params)
       if int(meta['step']) != step:
         raise ValueError(f'meta says step {meta["step"]}')
     except CheckpointMismatchError:
@@ -253,31 +293,6 @@ class InitFromError(CheckpointError):
   """The init_from checkpoint cannot be mapped onto this model (e.g. a shape differs)."""
 
 
-def _find_checkpoint(path):
-  """Resolves a workdir, a checkpoints dir or a single step dir to (directory, step)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, 'params')):
-    if not os.path.basename(path).isdigit():
-      raise InitFromError(
-        f'config.train.init_from: {path!r} has a params/ folder but is not a step '
-        'directory; expected a workdir, its checkpoints/ or checkpoints/<step>'
-      )
-    return os.path.dirname(path), [int(os.path.basename(path))]
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise InitFromError(
-      f'config.train.init_from: {path!r} is a file; expected a workdir, its checkpoints/ '
-      'or checkpoints/<step>'
-    )
-  if not os.path.isdir(path):
-    raise InitFromError(f'config.train.init_from: no such directory {path!r}')
-  steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True)
-  if not steps:
-    raise InitFromError(f'config.train.init_from: no checkpoint steps under {path!r}')
-  return path, steps
-
-
 def load_params_by_name(path, params, shardings, expected_missing=()):
   """Loads PARAMETERS ONLY from another run into the structure of `params`.
 
@@ -293,7 +308,15 @@ def load_params_by_name(path, params, shardings, expected_missing=()):
     (new params, report) where report = {'step', 'only_in_checkpoint', 'only_in_model',
     'expected_missing', 'loaded'}.
   """
-  directory, steps = _find_checkpoint(path)
+  workdir, step = locate(path, 'config.train.init_from', InitFromError)
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = (
+    [step]
+    if step is not None
+    else sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
+  )
+  if not steps:
+    raise InitFromError(f'config.train.init_from: no checkpoint steps under {directory!r}')
   manager = ocp.CheckpointManager(
     directory,
     options=ocp.CheckpointManagerOptions(read_only=True),

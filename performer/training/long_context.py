@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from performer import errors
-from performer.training import build, sharding, text_eval
+from performer.training import build, restore, sharding, text_eval
 from performer.training import recall_prompts as prompts
 
 BUCKET_EDGES = (0, 512, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -305,7 +305,8 @@ def run(config, workdir, settings: Settings, teacher=False):
   mesh = sharding.make_mesh(config.mesh)
   if int(config.mesh.seq) > 1:
     raise errors.UserInputError('--long_context: reads with one device; set config.mesh.seq=1')
-  step, graphdef, trees = text_eval.restore_model(config, mesh, workdir)
+  run = restore.restore(workdir, config, mesh=mesh)
+  step, graphdef, trees = run.step, run.state.graphdef, run.trees
   att = config.model.attention
   name = f'{att.kind}' + (f'+window{att.window}' if att.window else '')
   name += ' (window off)' if att.get('window_off') else ''

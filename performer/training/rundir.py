@@ -41,10 +41,13 @@ SCHEDULE_KEYS = frozenset(
     'train.time_limit_minutes',
   }
 )
-# Inference-time switches that add no variable: they change how eval.py and sample.py run
-# a checkpoint, never what it holds, so those two accept them on top of the run's config
-# (train.py does not): the window ablation, and LoLA's sparse cache (needs no retraining).
-EVAL_KEYS = frozenset({'model.attention.window_off', 'model.attention.sparse_cache'})
+# Inference-time switches: they change how eval.py and sample.py run a checkpoint, never
+# what it holds, so those two accept them on top of the run's config (train.py does not):
+# the window ablation, LoLA's sparse cache (needs no retraining) and attention sinks, whose
+# one new parameter starts neutral (restore.py keeps it at its zero init).
+EVAL_KEYS = frozenset(
+  {'model.attention.window_off', 'model.attention.sparse_cache', 'model.attention.sinks'}
+)
 # A key added to the schema after a run was written is missing from its config.json; new
 # keys arrive with a neutral default (off, 0), which is what the old run did.
 _NEUTRAL = (0, False, '', None)
@@ -116,7 +119,7 @@ def _flat(config, prefix=''):
   return out
 
 
-_MISSING = '<not set>'
+NOT_SET = '<not set>'
 
 
 def differences(stored, config):
@@ -127,8 +130,8 @@ def differences(stored, config):
   order = ('model', 'data', 'seed', 'train')  # the model's keys named first
   rank = lambda key: (order.index(key.split('.')[0]) if key.split('.')[0] in order else 9, key)
   for key in sorted(set(old) | set(new), key=rank):
-    a, b = old.get(key, _MISSING), new.get(key, _MISSING)
-    if a == _MISSING and b in _NEUTRAL:  # 0.0 and False compare equal to 0
+    a, b = old.get(key, NOT_SET), new.get(key, NOT_SET)
+    if a == NOT_SET and b in _NEUTRAL:  # 0.0 and False compare equal to 0
       continue
     if a != b:
       (schedule if key in SCHEDULE_KEYS else changed).append((key, a, b))

@@ -134,10 +134,32 @@ def model_state(model):
   )
 
 
-def make_eval_fn(graphdef, task):
-  """The jitted eval step alone (no teacher): notebooks and tools that hold a model."""
-  program = StepProgram(graphdef=graphdef, tx=None, schedule=None, task=task, objective=None)
-  return jax.jit(functools.partial(eval_step, program=program))
+def make_eval_fn(
+  graphdef, task, *, state_shardings=None, batch_sharding=None, replicated=None, teacher=None
+):
+  """The jitted eval step alone, no optimizer: evaluate(state, batch, mask_key) -> token
+  sums, for a state without optimizer state. eval.py, notebooks and tools that hold a
+  model, and `make_step_fns` (same arguments) use it. `teacher`: a `state.Teacher`, bound
+  (an encoder is scored against it)."""
+  program = StepProgram(
+    graphdef=graphdef,
+    tx=None,
+    schedule=None,
+    task=task,
+    objective=None,
+    teacher_graphdef=None if teacher is None else teacher.graphdef,
+  )
+  kwargs = {}
+  if state_shardings is not None:  # the batch keeps global_batch's layout
+    in_sh = (state_shardings.replace(opt_state=None), None, replicated)
+    in_sh += () if teacher is None else (teacher.shardings,)
+    kwargs.update(in_shardings=in_sh, out_shardings=replicated)
+  mesh = None if batch_sharding is None else batch_sharding.mesh
+  evaluate = jax.jit(_traced_in(functools.partial(eval_step, program=program), mesh), **kwargs)
+  if teacher is None:
+    return evaluate
+  trees = tuple(teacher.trees)
+  return lambda state, batch, mask_key: evaluate(state, batch, mask_key, trees)
 
 
 def _traced_in(fn, mesh):
@@ -194,25 +216,29 @@ def make_step_fns(
     )
 
   mesh = None if batch_sharding is None else batch_sharding.mesh
-  train_kwargs, eval_kwargs = {'donate_argnums': (0,)}, {}
-  if state_shardings is not None:
-    # the batch keeps global_batch's layout; eval takes a state without optimizer state
+  train_kwargs = {'donate_argnums': (0,)}
+  if state_shardings is not None:  # the batch keeps global_batch's layout
     in_sh = (state_shardings, None, replicated)
-    eval_sh = (state_shardings.replace(opt_state=None), None, replicated)
-    if teacher is not None:
-      in_sh += (teacher.shardings,)
-      eval_sh += (teacher.shardings,)
+    in_sh += () if teacher is None else (teacher.shardings,)
     train_kwargs.update(in_shardings=in_sh, out_shardings=(state_shardings, replicated))
-    eval_kwargs.update(in_shardings=eval_sh, out_shardings=replicated)
 
-  def jitted(step_fn, stage, **kwargs):
-    return jax.jit(_traced_in(functools.partial(step_fn, program=program(stage)), mesh), **kwargs)
+  def jitted(stage):
+    return jax.jit(
+      _traced_in(functools.partial(train_step, program=program(stage)), mesh), **train_kwargs
+    )
 
-  train = jitted(train_step, 'train', **train_kwargs)
-  evaluate = jitted(eval_step, 'train', **eval_kwargs)
+  train = jitted('train')
+  evaluate = make_eval_fn(
+    graphdef,
+    task,
+    state_shardings=state_shardings,
+    batch_sharding=batch_sharding,
+    replicated=replicated,
+    teacher=teacher,
+  )
   transfer_steps = train_config.get('transfer_steps', 0)
   if transfer_steps:
-    transfer, stage_2 = jitted(train_step, 'transfer', **train_kwargs), train
+    transfer, stage_2 = jitted('transfer'), train
 
     def train(state, batch, key, *teacher_trees):
       fn = transfer if int(state.step) < transfer_steps else stage_2
@@ -221,7 +247,4 @@ def make_step_fns(
   if teacher is None:
     return train, evaluate
   trees = tuple(teacher.trees)
-  return (
-    lambda state, batch, key: train(state, batch, key, trees),
-    lambda state, batch, mask_key: evaluate(state, batch, mask_key, trees),
-  )
+  return lambda state, batch, key: train(state, batch, key, trees), evaluate

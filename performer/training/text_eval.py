@@ -27,7 +27,7 @@ from flax import nnx
 
 from performer import errors, models
 from performer.data import vocab as vocab_lib
-from performer.training import build, checkpoints, config_utils, sharding
+from performer.training import build, config_utils, restore, sharding
 from performer.training import task as task_lib
 
 _EXPECTED = 'expected a UTF-8 text file'
@@ -140,41 +140,6 @@ def _short(source: str) -> str:
   return f'{fmt}{sep}{os.path.basename(path.rstrip("/")) or path}'
 
 
-def abstract_state(config, mesh):
-  """graphdef, abstract (params, features, stats), their shardings and a concrete `rest`.
-
-  Restoring needs only shapes: create_state's jitted init compiles the whole initializer
-  (10+ s on a 2-core CPU even for a tiny model), here only the small RNG-stream state is
-  built (its jit keeps nothing else).
-  """
-  seed = config.seed
-
-  def build():
-    return models.build_model(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-
-  graphdef, params, features, stats, _ = models.split(nnx.eval_shape(build))
-  rest = jax.jit(lambda: models.split(build())[4], out_shardings=sharding.replicated(mesh))()
-  shardings = {
-    'params': sharding.param_shardings(mesh, params),
-    'features': sharding.replicated_shardings(mesh, features),
-    'stats': sharding.replicated_shardings(mesh, stats),
-  }
-  return graphdef, {'params': params, 'features': features, 'stats': stats}, shardings, rest
-
-
-def restore_model(config, mesh, workdir):
-  """(step, graphdef, trees) of the newest good checkpoint of `workdir`; trees are the
-  loss function's (params, features, stats, rest)."""
-  graphdef, abstract, shardings, rest = abstract_state(config, mesh)
-  manager = checkpoints.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
-  restored = checkpoints.restore_latest(manager, abstract, shardings, move_corrupt=False)
-  manager.close()
-  if restored is None:
-    raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
-  step, trees, _ = restored
-  return step, graphdef, (trees['params'], trees['features'], trees['stats'], rest)
-
-
 def load_original(config, mesh, source):
   """(graphdef, trees) of the original model, exactly as distillation's teacher is built
   (build.load_original)."""
@@ -233,8 +198,9 @@ def score_text(config, workdir, path, teacher=False, max_tokens=0):
   rows = sharding.batch_devices(mesh)
   batch_size = -(-int(config.train.batch_size) // rows) * rows
   batch_sh = sharding.batch_sharding(mesh)
-  step, graphdef, trees = restore_model(config, mesh, workdir)
-  models_to_score = [(f'{config.model.attention.kind}, step {step}', graphdef, trees)]
+  run = restore.restore(workdir, config, mesh=mesh)
+  step = run.step
+  models_to_score = [(f'{config.model.attention.kind}, step {step}', run.state.graphdef, run.trees)]
   if teacher:
     models_to_score.append(
       (f'softmax original {_short(source)}', *load_original(config, mesh, source))

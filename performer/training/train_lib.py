@@ -33,7 +33,7 @@ import numpy as np
 
 from performer import data, models
 from performer.convert import pretrained
-from performer.training import build, checkpoints, interrupts, rundir, sharding
+from performer.training import build, checkpoints, interrupts, restore, rundir, sharding
 from performer.training import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
@@ -135,11 +135,9 @@ def _initial_state(run, manager, workdir):
   run resumes it instead of starting the fine-tuning over.
   """
   config, model = run.config, run.model
-  sh, abstract = model.shardings, model.abstract
+  sh = model.shardings
   items = ('params', 'opt_state', 'features', 'stats')
-  restored = checkpoints.restore_latest(
-    manager, {k: abstract[k] for k in items}, {k: sh[k] for k in items}
-  )
+  restored = restore.restore_trees(manager, model, items, move_corrupt=True)
   if restored is not None:
     step, trees, meta = restored
     log.info('resumed from %s at step %d', manager.directory, step)
@@ -307,33 +305,25 @@ def _train(config, workdir, progress, stop):
   }
 
 
+def evaluate_run(config, workdir, splits=('validation', 'test'), num_batches=0):
+  """(resolved config, step, {split: metrics}) of the newest good checkpoint of `workdir`
+  (params, features, statistics): the run restored (restore.py) and the eval step alone,
+  no optimizer and no train step."""
+  sharding.maybe_initialize_distributed()
+  config, vocab = build.resolve_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  build.check_batch_size(config, mesh)
+  run = restore.restore(workdir, config, mesh=mesh)
+  eval_fn = build.make_eval_fn(config, vocab, mesh, run.state)
+  kwargs = dict(batch_sharding=sharding.batch_sharding(mesh), num_batches=num_batches)
+  kwargs['eval_key'] = build.rng_streams(config.seed)['eval']
+  state = run.state.train_state(run.step)
+  return config, run.step, {s: evaluate(eval_fn, state, config, s, **kwargs) for s in splits}
+
+
 def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batches=0):
-  """Evaluates the newest good checkpoint of `workdir` (params, features, statistics)."""
-  run = build.setup(config)
-  config, model = run.config, run.model
-  sh = model.shardings
-  manager = checkpoints.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
-  items = ('params', 'features', 'stats')
-  restored = checkpoints.restore_latest(
-    manager, {k: model.abstract[k] for k in items}, {k: sh[k] for k in items}, move_corrupt=False
-  )
-  manager.close()
-  if restored is None:
-    raise checkpoints.CheckpointError(f'--workdir: no usable checkpoint under {manager.directory}')
-  step, trees, _ = restored
-  restored_state = model.train_state(step).replace(**trees)
-  results = {
-    split: evaluate(
-      run.eval_fn,
-      restored_state,
-      config,
-      split,
-      batch_sharding=run.batch_sharding,
-      eval_key=run.keys['eval'],
-      num_batches=num_batches,
-    )
-    for split in splits
-  }
+  """eval.py's held-out evaluation: `evaluate_run`, with the unigram baselines, printed."""
+  config, step, results = evaluate_run(config, workdir, splits, num_batches)
   unigram = held_out_extras(config, results)
   print_summary(config, step, results, unigram)
   return {'step': step, 'final': results, 'unigram': unigram}
