@@ -25,13 +25,13 @@ from performer.models.config import DTYPES, POSITIONS, TASKS, AttentionSpec, Mod
 from performer.models.families import FAMILIES, build_model, model_config
 from performer.models.layers import capture_intermediates
 from performer.models.lora import LoraParam, merge_lora
-from performer.models.short_conv import ConvParam
 from performer.models.positions import (
   POSITION_KINDS,
   apply_rope,
   positions_from_segments,
   sinusoidal,
 )
+from performer.models.short_conv import ConvParam
 from performer.models.transformer import Transformer, check_tokens, shift_right
 
 
