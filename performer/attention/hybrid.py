@@ -3,11 +3,13 @@
 The exact parts are softmax over a sliding window (``window.py``), over the first
 tokens of each segment (``sinks.py``) and over LoLA's sparse cache of evicted window
 keys (``sparse_cache.py``); the feature map covers every other key. The registry
-picks this class once, from the options (``attention_class``), so plain linear
-attention carries none of this and models never branch on it. A subclass rather
-than a wrapper: the feature map and the gains keep their parameter paths
-(``attend.feature_map.*``, ``attend.window_log_gain``, ``attend.sink_log_gain``),
-so checkpoints of earlier hybrids restore.
+picks the class once, from the options (``attention_class``): ``HybridAttention``,
+``SparseCacheAttention`` (its forward pass is a chunked prefill) or, for the
+``window_off`` ablation, ``WindowOffAttention``; so plain linear attention carries
+none of this and models never branch on it. Subclasses rather than wrappers: the
+feature map and the gains keep their parameter paths (``attend.feature_map.*``,
+``attend.window_log_gain``, ``attend.sink_log_gain``), so checkpoints of earlier
+hybrids restore.
 
 The decoding state, a fixed size whatever the context:
 
@@ -33,9 +35,13 @@ from performer.attention.layers import LinearAttention, check_inputs, repeat_kv,
 
 
 def attention_class(options: Options) -> type[LinearAttention]:
-  """The class a feature-map kind builds with ``options``: plain, hybrid, or (the
-  ``window_off`` ablation with no sinks) plain with the hybrid's window gain kept."""
-  if options.sinks or (options.window and not options.window_off):
+  """The class a feature-map kind builds with ``options``: plain, hybrid (with a
+  sparse cache), or (the ``window_off`` ablation with no sinks) plain with the
+  hybrid's window gain kept."""
+  window = options.window and not options.window_off
+  if window and options.sparse_cache:
+    return SparseCacheAttention
+  if window or options.sinks:
     return HybridAttention
   return WindowOffAttention if options.window else LinearAttention
 
@@ -72,8 +78,6 @@ class HybridAttention(LinearAttention):
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids):
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    if self.cache_size:
-      return self._cached_forward(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     num, den = self._hybrid(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
     return self._output(num, den, v)
@@ -91,13 +95,10 @@ class HybridAttention(LinearAttention):
     return state
 
   def prefill(self, state, q, k, v, *, mask=None):
-    """Causal pass continuing from ``state``; with a sparse cache in chunks of
-    ``chunk_size`` (a ``lax.scan``, then the remainder), the cache updated after each."""
+    """Causal pass continuing from ``state``: the ring's keys precede q."""
     check_inputs(q, k, v, mask, None)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    if not self.cache_size:
-      return self._prefill_chunk(state, q, k, v, mask)
-    return self._prefill_chunks(state, q, k, v, mask)
+    return self._prefill_chunk(state, q, k, v, mask)
 
   def step(self, state, q, k, v, *, mask=None):
     """One token: it joins the sinks while they are not full, else the ring, whose
@@ -134,9 +135,7 @@ class HybridAttention(LinearAttention):
     return linear.normalise(num, den, self.options.eps).astype(v.dtype), new
 
   def _scores(self, q, k, *, causal, mask, segment_ids):
-    """window.scores with the sinks; a sparse cache's choice is no fixed matrix."""
-    if self.cache_size:
-      raise ValueError('weights(): a sparse cache depends on the update schedule, no matrix')
+    """window.scores with the sinks."""
     fmap = self.feature_map
     ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     qf, q_r = fmap.query_parts(q, ctx)
@@ -250,9 +249,35 @@ class HybridAttention(LinearAttention):
     kf, kr = self.feature_map.key(k, ctx)
     return sparse_cache.update(cache, state['linear'], k, v, valid, kf, kr)
 
+
+class SparseCacheAttention(HybridAttention):
+  """A window hybrid with LoLA's sparse cache (``sparse_cache.py``): every pass,
+  the forward one included, is a prefill in chunks of ``chunk_size`` run in order
+  (a ``lax.scan``, then the remainder), the cache updated after each."""
+
+  def _attend(self, q, k, v, *, causal, mask, segment_ids):
+    """The forward pass: a prefill from an empty state."""
+    if not causal:
+      raise ValueError('attention.sparse_cache is a causal decoding cache: not bidirectional')
+    if segment_ids is not None:
+      raise ValueError(
+        'attention.sparse_cache runs its chunks in order over one sequence: packed '
+        'segment_ids are not supported'
+      )
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    state = self.init_state(q.shape[0], v.shape[-1], dtype=k.dtype)
+    return self._prefill_chunks(state, q, k, v, mask)[0]
+
+  def prefill(self, state, q, k, v, *, mask=None):
+    check_inputs(q, k, v, mask, None)
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    return self._prefill_chunks(state, q, k, v, mask)
+
+  def _scores(self, q, k, *, causal, mask, segment_ids):
+    raise ValueError('weights(): a sparse cache depends on the update schedule, no matrix')
+
   def _prefill_chunks(self, state, q, k, v, mask):
-    """``_prefill_chunk`` over chunks of ``chunk_size`` in order (the sparse cache's
-    schedule, see ``sparse_cache.py``)."""
+    """``_prefill_chunk`` over chunks of ``chunk_size`` in order."""
     if context_parallel.active():
       raise ValueError(
         'attention.sparse_cache runs its chunks in order on one device: no mesh.seq split'
@@ -275,15 +300,3 @@ class HybridAttention(LinearAttention):
       out, state = self._prefill_chunk(state, rest(q), rest(k), rest(v), rest(mask), ctx=ctx)
       outs.append(out)
     return jnp.concatenate(outs, axis=1), state
-
-  def _cached_forward(self, q, k, v, *, causal, mask, segment_ids):
-    """The forward pass with a sparse cache: a prefill from an empty state."""
-    if not causal:
-      raise ValueError('attention.sparse_cache is a causal decoding cache: not bidirectional')
-    if segment_ids is not None:
-      raise ValueError(
-        'attention.sparse_cache runs its chunks in order over one sequence: packed '
-        'segment_ids are not supported'
-      )
-    state = self.init_state(q.shape[0], v.shape[-1], dtype=k.dtype)
-    return self._prefill_chunks(state, q, k, v, mask)[0]
