@@ -164,3 +164,46 @@ def test_window_weights_match_the_dense_reference():
   ref = dense_reference('favor_softmax', q, k, v, w, window=3, causal=True)
   out = np.einsum('bhls,bshd->blhd', np.asarray(weights, np.float64), np.asarray(v, np.float64))
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_hybrid_parameter_paths_are_those_of_saved_checkpoints():
+  """A llama-family hybrid keeps the variable paths its checkpoints were saved under
+  (e.g. workdirs/linearize_smollm2, Hedgehog + window 64): the feature map and the gains
+  directly under `attend`; window_off and a sparse cache change none of them."""
+  import ml_collections
+  from flax import nnx
+
+  from performer import models
+
+  def attend_paths(**options):
+    config = ml_collections.ConfigDict(
+      dict(
+        family='llama', vocab_size=13, num_layers=1, num_heads=2, num_kv_heads=1, emb_dim=16,
+        mlp_dim=32, max_len=32, positions='rotary',
+        attention=dict(kind='hedgehog', chunk_size=4, **options),
+      )
+    )  # fmt: skip
+    model = models.build_model(config, rngs=nnx.Rngs(params=0, dropout=1))
+    flat = nnx.to_flat_state(nnx.state(model))
+    return {
+      '.'.join(map(str, path[3:])): (type(var).__name__, var.shape)
+      for path, var in flat
+      if path[:3] == ('layers', 0, 'attn') and path[3] == 'attend'
+    }
+
+  hedgehog = {
+    f'attend.feature_map.{side}_{name}': ('FeatureParam', shape)
+    for side in ('query', 'key')
+    for name, shape in (('weight', (2, 8, 8)), ('bias', (2, 8)))
+  }
+  gains = {
+    'attend.window_log_gain': ('FeatureParam', (2,)),
+    'attend.sink_log_gain': ('FeatureParam', (2,)),
+  }
+  assert attend_paths() == hedgehog
+  assert attend_paths(window=4, sinks=2) == {**hedgehog, **gains}
+  assert attend_paths(window=4, sinks=2, window_off=True) == {**hedgehog, **gains}
+  window_only = {**hedgehog, 'attend.window_log_gain': gains['attend.window_log_gain']}
+  assert attend_paths(window=4) == window_only
+  assert attend_paths(window=4, window_off=True) == window_only
+  assert attend_paths(window=4, sparse_cache=2) == window_only

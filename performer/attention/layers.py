@@ -8,7 +8,8 @@ random matrix, trainable parameters or running statistics) and keeps the
 kind's numerics behind ``__call__`` and the three decoding calls
 (``init_state``, ``prefill``, ``step``), so a model holds one and never
 branches on the kind. ``LinearAttention`` runs any feature map through the
-pure functions of ``linear.py``.
+pure functions of ``linear.py``; ``hybrid.HybridAttention`` adds exact parts
+(a window, sinks, a sparse cache) to it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import context_parallel, exact_parts, linear
+from performer.attention import context_parallel, linear
 from performer.attention import softmax as softmax_lib
-from performer.attention.feature_map import FeatureParam, Options
+from performer.attention.feature_map import Options
 
 
 def check_inputs(q, k, v, mask, segment_ids):
@@ -57,7 +58,11 @@ def repeat_kv(x, num_heads):
   return x if groups == 1 else jnp.repeat(x, groups, axis=-2)
 
 
-_zero_padded_queries = exact_parts.zero_padded_queries
+def zero_padded_queries(out, mask):
+  """out [B, L, H, D] with the rows of padded queries (mask False) set to zero."""
+  if mask is None:
+    return out
+  return jnp.where(mask[..., None, None], out, jnp.zeros((), out.dtype))
 
 
 def _allowed(length, causal, mask, segment_ids):
@@ -87,7 +92,7 @@ class Attention(nnx.Module):
 
   def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None):
     check_inputs(q, k, v, mask, segment_ids)
-    return _zero_padded_queries(
+    return zero_padded_queries(
       self._attend(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids), mask
     )
 
@@ -170,7 +175,7 @@ class SoftmaxAttention(Attention):
     implementation = self.options.implementation
     implementation = None if implementation == 'reference' else implementation
     out, state = softmax_lib.cache_prefill(state, q, k, v, mask, implementation)
-    return _zero_padded_queries(out.astype(v.dtype), mask), state
+    return zero_padded_queries(out.astype(v.dtype), mask), state
 
   def step(self, state, q, k, v, *, mask=None):
     mask = jnp.ones(q.shape[:1], bool) if mask is None else mask
@@ -194,16 +199,16 @@ class IdentityAttention(Attention):
     return {}
 
   def prefill(self, state, q, k, v, *, mask=None):
-    return _zero_padded_queries(repeat_kv(v, q.shape[2]), mask), state
+    return zero_padded_queries(repeat_kv(v, q.shape[2]), mask), state
 
   def step(self, state, q, k, v, *, mask=None):
     return repeat_kv(v, q.shape[1]), state
 
 
-class LinearAttention(exact_parts.ExactParts, Attention):
+class LinearAttention(Attention):
   """Feature-map attention: ``feature_map`` (a module of its own, see
-  ``feature_map.py``) through the pure functions of ``linear.py``; with a window,
-  sinks or a sparse cache, through ``exact_parts.py``."""
+  ``feature_map.py``) through the pure functions of ``linear.py``. A window, sinks
+  or a sparse cache make it a ``hybrid.HybridAttention``, chosen by the registry."""
 
   def __init__(self, map_class, name, head_dim, num_heads, options, *, rngs=None, projection=None):
     super().__init__(head_dim, num_heads, options)
@@ -211,16 +216,6 @@ class LinearAttention(exact_parts.ExactParts, Attention):
     if options.causal_impl not in ('chunked', 'scan'):
       raise ValueError(f"causal_impl must be 'chunked' or 'scan', got {options.causal_impl!r}")
     self.feature_map = map_class(head_dim, num_heads, options, rngs=rngs, projection=projection)
-    if options.window:  # exact softmax over the last W keys (window.py): its gain per head
-      self.window_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
-    if options.sinks:  # exact softmax over the first s tokens (sinks.py): a gain of their own
-      self.sink_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
-    # window_off (an evaluation ablation) keeps the gain, so a hybrid's checkpoint loads,
-    # but runs the linear branch over every key: what the linear part carries on its own
-    # (the sparse cache, a store of evicted window keys, goes with the window).
-    self.window = 0 if options.window_off else options.window
-    self.sinks = options.sinks
-    self.cache_size = 0 if options.window_off else options.sparse_cache
 
   def _split(self, q, k, *, causal, mask, segment_ids):
     """Heads-major q~ [B, H, L, M], masked k~ and its log-scale [B, H, L]."""
@@ -237,13 +232,6 @@ class LinearAttention(exact_parts.ExactParts, Attention):
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     fmap, chunk = self.feature_map, self.options.chunk_size
-    if self.cache_size:
-      return self._cached_forward(
-        q, k, v.swapaxes(1, 2), causal=causal, mask=mask, segment_ids=segment_ids
-      )
-    if self.window or self.sinks:
-      num, den = self._hybrid(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
-      return self._output(num, den, v)
     if not causal and segment_ids is None:
       ctx = fmap.calibrate(q, k, causal=False, mask=mask)
       kw = fmap.shared_key(k, mask, ctx)  # one shift for the whole sequence
@@ -269,15 +257,11 @@ class LinearAttention(exact_parts.ExactParts, Attention):
     return (fmap.exact_query(q, ctx).swapaxes(1, 2), fmap.exact_key(k, ctx).swapaxes(1, 2))
 
   def _scores(self, q, k, *, causal, mask, segment_ids):
-    if self.window or self.sinks:
-      return self._exact_scores(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     phi_q, phi_k = self.features(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     return jnp.einsum('bqhm,bkhm->bhqk', phi_q, phi_k)
 
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
-    del num_kv_heads, max_length  # one (S, z) per query head, whatever the context
-    if self.window or self.sinks:
-      return self._exact_state(batch, value_dim, dtype)
+    del num_kv_heads, max_length, dtype  # one (S, z) per query head, whatever the context
     return linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
 
   def prefill(self, state, q, k, v, *, mask=None):
@@ -286,8 +270,6 @@ class LinearAttention(exact_parts.ExactParts, Attention):
     the state after the last token."""
     check_inputs(q, k, v, mask, None)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    if self.window or self.sinks:
-      return self._exact_prefill(state, q, k, v, mask)
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
     core = functools.partial(
@@ -300,12 +282,10 @@ class LinearAttention(exact_parts.ExactParts, Attention):
     num, den, state = context_parallel.over_length(
       continued, (qf, kf, kr, v.swapaxes(1, 2), seg, state), (2, 2, 2, 2, 1, None), (2, 2, None)
     )
-    return _zero_padded_queries(self._output(num, den, v), mask), state
+    return zero_padded_queries(self._output(num, den, v), mask), state
 
   def step(self, state, q, k, v, *, mask=None):
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    if self.window or self.sinks:
-      return self._exact_step(state, q, k, v, mask)
     qf, kf, kr = self._split(
       q[:, None],
       k[:, None],

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 NEG = -1e30  # log-scale of a key that must not count; finite to keep grads clean
 
 
-def _safe_exp(x):
+def safe_exp(x):
   """exp(min(x, 0)): every call site has x <= 0 where the value is used; the
   clamp keeps the unused (masked) entries finite."""
   return jnp.exp(jnp.minimum(x, 0.0))
@@ -107,7 +107,7 @@ def merge(parts):
   top = jax.lax.stop_gradient(jnp.max(jnp.stack([p[2] for p in parts]), axis=0))
   num = den = 0.0
   for p_num, p_den, shift in parts:
-    scale = _safe_exp(shift - top)
+    scale = safe_exp(shift - top)
     num = num + p_num * scale[..., None]
     den = den + p_den * scale
   return num, den
@@ -140,8 +140,8 @@ def combine_states(earlier, later):
   joined = earlier['seg'] == later['seg']
   joined = joined.reshape(joined.shape + (1,) * (later['M'].ndim - joined.ndim))
   new_max = jnp.maximum(jnp.where(joined, earlier['M'], NEG), later['M'])
-  old = jnp.where(joined, _safe_exp(earlier['M'] - new_max), 0.0)
-  own = _safe_exp(later['M'] - new_max)
+  old = jnp.where(joined, safe_exp(earlier['M'] - new_max), 0.0)
+  own = safe_exp(later['M'] - new_max)
   return {
     'S': old[..., None, None] * earlier['S'] + own[..., None, None] * later['S'],
     'z': old[..., None] * earlier['z'] + own[..., None] * later['z'],
@@ -185,7 +185,8 @@ def _pad_length(x, pad, axis, value):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _chunk(x, c, axis):
+def to_chunks(x, c, axis):
+  """x with its length `axis` cut into chunks of c: [..., L, ...] -> [..., L / c, c, ...]."""
   return x.reshape(x.shape[:axis] + (x.shape[axis] // c, c) + x.shape[axis + 1 :])
 
 
@@ -227,12 +228,14 @@ def causal_chunked(
   d = v.shape[-1]
   c = max(1, min(chunk_size, length))
   pad = -length % c
-  qf, kf, v = (_chunk(_pad_length(x, pad, 2, 0.0), c, 2) for x in (qf, kf, v.astype(jnp.float32)))
-  kr = _chunk(_pad_length(kr, pad, 2, NEG), c, 2)  # [B, H, N, C]
-  seg = _chunk(_pad_length(segment_ids, pad, 1, None), c, 1)  # [B, N, C] (queries)
-  kseg = (
-    seg if key_segment_ids is None else _chunk(_pad_length(key_segment_ids, pad, 1, None), c, 1)
+  qf, kf, v = (
+    to_chunks(_pad_length(x, pad, 2, 0.0), c, 2) for x in (qf, kf, v.astype(jnp.float32))
   )
+  kr = to_chunks(_pad_length(kr, pad, 2, NEG), c, 2)  # [B, H, N, C]
+  seg = to_chunks(_pad_length(segment_ids, pad, 1, None), c, 1)  # [B, N, C] (queries)
+  kseg = seg
+  if key_segment_ids is not None:
+    kseg = to_chunks(_pad_length(key_segment_ids, pad, 1, None), c, 1)
   n = qf.shape[2]
 
   # Each chunk's own state, seen from its last key (that key's segment only);
@@ -240,7 +243,7 @@ def causal_chunked(
   seg_last = kseg[:, :, -1]  # [B, N]
   in_last = (kseg == seg_last[..., None])[:, None]  # [B, 1, N, C]
   own_max = jnp.max(jnp.where(in_last, kr, NEG), axis=3)  # [B, H, N]
-  own_w = jnp.where(in_last, _safe_exp(kr - own_max[..., None]), 0.0)
+  own_w = jnp.where(in_last, safe_exp(kr - own_max[..., None]), 0.0)
   kw = kf * own_w[..., None]
   own = {
     'S': jnp.einsum('bhncm,bhncd->nbhmd', kw, v),
@@ -270,9 +273,9 @@ def causal_chunked(
   key_r = kr[..., None, :]  # [B, H, N, 1, Cs]
   intra_max = jnp.max(jnp.where(visible, key_r, NEG), axis=-1)
   q_max = jnp.maximum(intra_max, jnp.where(carry_ok, prev_max[..., None], NEG))
-  weights = jnp.where(visible, _safe_exp(key_r - q_max[..., None]), 0.0)
+  weights = jnp.where(visible, safe_exp(key_r - q_max[..., None]), 0.0)
   scores = jnp.einsum('bhntm,bhnsm->bhnts', qf, kf) * weights
-  carry_w = jnp.where(carry_ok, _safe_exp(prev_max[..., None] - q_max), 0.0)
+  carry_w = jnp.where(carry_ok, safe_exp(prev_max[..., None] - q_max), 0.0)
   num = (
     jnp.einsum('bhnts,bhnsd->bhntd', scores, v)
     + jnp.einsum('bhntm,bhnmd->bhntd', qf, prev_s) * carry_w[..., None]
@@ -302,7 +305,7 @@ def add_key(state, kf, kr, v):
   """The state with one more key: a rank-1 update of (S, z) with online
   rescaling. kf [B, H, M]; kr [B, H] (NEG: the key does not count); v [B, H, D]."""
   new_max = jnp.maximum(state['M'], kr)
-  old, own = _safe_exp(state['M'] - new_max), _safe_exp(kr - new_max)
+  old, own = safe_exp(state['M'] - new_max), safe_exp(kr - new_max)
   s = old[..., None, None] * state['S'] + own[..., None, None] * kf[..., :, None] * v[..., None, :]
   z = old[..., None] * state['z'] + own[..., None] * kf
   return {'S': s, 'z': z, 'M': new_max}

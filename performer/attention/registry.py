@@ -24,7 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import layers
+from performer.attention import hybrid, layers
 from performer.attention import projection as projection_lib
 from performer.attention.favor_hyperbolic import FavorHyperbolic
 from performer.attention.favor_plus_plus import FavorPlusPlus
@@ -39,10 +39,11 @@ from performer.attention.linear_elu import LinearElu
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-  """How to build one kind: an attention class and, for linear attention,
-  its feature-map class."""
+  """How to build one kind: an attention class, or a feature-map class, which
+  builds a ``LinearAttention`` or, with exact parts in the options, a
+  ``HybridAttention`` (``hybrid.attention_class``)."""
 
-  attention: type
+  attention: type | None = None
   feature_map: type | None = None
 
   @property
@@ -54,21 +55,21 @@ class Kind:
   ) -> layers.Attention:
     if self.feature_map is None:
       return self.attention(head_dim, num_heads, options)
-    return self.attention(
+    return hybrid.attention_class(options)(
       self.feature_map, name, head_dim, num_heads, options, rngs=rngs, projection=projection
     )
 
 
 REGISTRY = {
   'softmax': Kind(layers.SoftmaxAttention),
-  'favor_softmax': Kind(layers.LinearAttention, FavorSoftmax),
-  'favor_hyperbolic': Kind(layers.LinearAttention, FavorHyperbolic),
-  'favor_trig': Kind(layers.LinearAttention, FavorTrig),
-  'favor_relu': Kind(layers.LinearAttention, FavorRelu),
-  'linear_elu': Kind(layers.LinearAttention, LinearElu),
-  'favor_plus_plus': Kind(layers.LinearAttention, FavorPlusPlus),
-  'favor_sharp': Kind(layers.LinearAttention, FavorSharp),
-  'hedgehog': Kind(layers.LinearAttention, Hedgehog),
+  'favor_softmax': Kind(feature_map=FavorSoftmax),
+  'favor_hyperbolic': Kind(feature_map=FavorHyperbolic),
+  'favor_trig': Kind(feature_map=FavorTrig),
+  'favor_relu': Kind(feature_map=FavorRelu),
+  'linear_elu': Kind(feature_map=LinearElu),
+  'favor_plus_plus': Kind(feature_map=FavorPlusPlus),
+  'favor_sharp': Kind(feature_map=FavorSharp),
+  'hedgehog': Kind(feature_map=Hedgehog),
   'identity': Kind(layers.IdentityAttention),
 }
 KINDS = tuple(REGISTRY)

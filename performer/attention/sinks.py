@@ -222,5 +222,5 @@ def _weighted(logits, allowed, values, spec):
   """(num, den, shift) of the allowed logits [B, H, L, s] over their values."""
   logits = jnp.where(allowed, logits, NEG)
   shift = sg(jnp.max(logits, axis=-1))
-  weights = jnp.where(allowed, linear._safe_exp(logits - shift[..., None]), 0.0)  # pylint: disable=protected-access
+  weights = jnp.where(allowed, linear.safe_exp(logits - shift[..., None]), 0.0)
   return jnp.einsum(spec, weights, values), jnp.sum(weights, axis=-1), shift

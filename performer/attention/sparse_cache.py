@@ -65,7 +65,7 @@ def read(cache, q):
   valid = jnp.swapaxes(cache['valid'], 1, 2)[:, :, None, :]  # [B, H, 1, lambda]
   s = jnp.where(valid, s * q.shape[-1] ** -0.5, NEG)
   shift = sg(jnp.max(s, axis=-1))
-  weights = jnp.where(valid, linear._safe_exp(s - shift[..., None]), 0.0)  # pylint: disable=protected-access
+  weights = jnp.where(valid, linear.safe_exp(s - shift[..., None]), 0.0)
   num = jnp.einsum('bhlj,bjhd->bhld', weights, cache['v'].astype(jnp.float32))
   return num, jnp.sum(weights, axis=-1), shift
 
@@ -85,8 +85,8 @@ def add_keys(state, kf, kr, v):
   """The linear state with N more keys (kf [B, H, N, M], kr [B, H, N], v [B, H, N, D];
   kf = 0 and kr = NEG for a key that must not count), rescaled online."""
   new_max = jnp.maximum(state['M'], jnp.max(kr, axis=-1))
-  old = linear._safe_exp(state['M'] - new_max)  # pylint: disable=protected-access
-  own = linear._safe_exp(kr - new_max[..., None])[..., None] * kf  # pylint: disable=protected-access
+  old = linear.safe_exp(state['M'] - new_max)
+  own = linear.safe_exp(kr - new_max[..., None])[..., None] * kf
   return {
     'S': old[..., None, None] * state['S'] + jnp.einsum('bhnm,bhnd->bhmd', own, v),
     'z': old[..., None] * state['z'] + jnp.sum(own, axis=2),

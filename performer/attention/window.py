@@ -105,7 +105,7 @@ def band(q, k, v, segment_ids, mask, window, causal, axis_name=None, context=Non
     return jnp.pad(jnp.concatenate(parts, axis=axis), widths, constant_values=fill)
 
   heads_major = lambda x: jnp.swapaxes(x, 1, 2).astype(jnp.float32)
-  qb = linear._chunk(blocks(heads_major(q), 0, 0, 0.0), w, 2)  # pylint: disable=protected-access
+  qb = linear.to_chunks(blocks(heads_major(q), 0, 0, 0.0), w, 2)
   ctx_k = None if 'k' not in ctx else heads_major(ctx['k'])
   kp = blocks(heads_major(k), before, after, 0.0, ctx_k)
   vp = blocks(v.astype(jnp.float32), before, after, 0.0, ctx.get('v'))
@@ -121,7 +121,7 @@ def band(q, k, v, segment_ids, mask, window, causal, axis_name=None, context=Non
   k_pos = starts[:, None] - before + jnp.arange(span)[None, :]  # [N, span]
   gap = q_pos[:, :, None] - k_pos[:, None, :]  # [N, w, span]
   near = (gap >= 0) & (gap < window) if causal else (jnp.abs(gap) < w)
-  seg_q = linear._chunk(jnp.pad(segment_ids, ((0, 0), (0, pad))), w, 1)  # pylint: disable=protected-access
+  seg_q = linear.to_chunks(jnp.pad(segment_ids, ((0, 0), (0, pad))), w, 1)
   padded_seg = blocks(segment_ids, before, after, -1, ctx.get('seg'))
   valid = jnp.ones((b, length), bool) if mask is None else mask
   padded_valid = blocks(valid, before, after, False, ctx.get('valid'))  # False outside
@@ -133,7 +133,7 @@ def band(q, k, v, segment_ids, mask, window, causal, axis_name=None, context=Non
   allowed = allowed[:, None]  # [B, 1, N, w, span]
   logits = jnp.where(allowed, logits, NEG)
   shift = sg(jnp.max(logits, axis=-1))
-  weights = jnp.where(allowed, linear._safe_exp(logits - shift[..., None]), 0.0)  # pylint: disable=protected-access
+  weights = jnp.where(allowed, linear.safe_exp(logits - shift[..., None]), 0.0)
   num = jnp.einsum('bhnts,bhnsd->bhntd', weights, vb).reshape(b, h, n * w, -1)[:, :, :length]
   den = jnp.sum(weights, axis=-1).reshape(b, h, n * w)[:, :, :length]
   return num, den, shift.reshape(b, h, n * w)[:, :, :length]
@@ -319,8 +319,8 @@ def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain, sink_cols=None, s
   top = sg(jnp.max(jnp.where(visible, log_like, NEG), axis=-1, keepdims=True))
   return jnp.where(
     exact,
-    linear._safe_exp(exact_log - top),  # pylint: disable=protected-access
-    lin * linear._safe_exp(lin_log - top),  # pylint: disable=protected-access
+    linear.safe_exp(exact_log - top),
+    lin * linear.safe_exp(lin_log - top),
   )
 
 
@@ -379,6 +379,6 @@ def ring_read(ring, q):
   s = jnp.einsum('bhd,bwhd->bhw', q.astype(jnp.float32), ring['k'].astype(jnp.float32))
   s = jnp.where(ring['valid'][:, None, :], s * q.shape[-1] ** -0.5, NEG)
   shift = sg(jnp.max(s, axis=-1))
-  weights = jnp.where(ring['valid'][:, None, :], linear._safe_exp(s - shift[..., None]), 0.0)  # pylint: disable=protected-access
+  weights = jnp.where(ring['valid'][:, None, :], linear.safe_exp(s - shift[..., None]), 0.0)
   num = jnp.einsum('bhw,bwhd->bhd', weights, ring['v'].astype(jnp.float32))
   return num, jnp.sum(weights, axis=-1), shift

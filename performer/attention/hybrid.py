@@ -1,0 +1,302 @@
+"""Hybrid attention: a ``LinearAttention`` plus exact parts under one normaliser.
+
+The exact parts are softmax over a sliding window (``window.py``), over the first
+tokens of each segment (``sinks.py``) and over LoLA's sparse cache of evicted window
+keys (``sparse_cache.py``); the feature map covers every other key. The registry
+picks the class once, from the options (``attention_class``): ``HybridAttention``,
+``SparseCacheAttention`` (its forward pass is a chunked prefill) or, for the
+``window_off`` ablation, ``WindowOffAttention``; so plain linear attention carries
+none of this and models never branch on it. Subclasses rather than wrappers: the
+feature map and the gains keep their parameter paths (``attend.feature_map.*``,
+``attend.window_log_gain``, ``attend.sink_log_gain``), so checkpoints of earlier
+hybrids restore.
+
+The decoding state, a fixed size whatever the context:
+
+    {'linear': (S, z, M), 'ring': W recent pairs, 'sinks': s pairs, 'cache': lambda pairs}
+
+(each key present when its part is on). A sink never enters the ring or the linear
+state; a key leaves the ring into the sparse cache's candidates (with a cache) or
+into the linear state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from performer.attention import context_parallel, linear, sparse_cache
+from performer.attention import sinks as sinks_lib
+from performer.attention import window as window_lib
+from performer.attention.feature_map import FeatureParam, Options
+from performer.attention.layers import LinearAttention, check_inputs, repeat_kv, zero_padded_queries
+
+
+def attention_class(options: Options) -> type[LinearAttention]:
+  """The class a feature-map kind builds with ``options``: plain, hybrid (with a
+  sparse cache), or (the ``window_off`` ablation with no sinks) plain with the
+  hybrid's window gain kept."""
+  window = options.window and not options.window_off
+  if window and options.sparse_cache:
+    return SparseCacheAttention
+  if window or options.sinks:
+    return HybridAttention
+  return WindowOffAttention if options.window else LinearAttention
+
+
+class WindowOffAttention(LinearAttention):
+  """A window hybrid with its window removed (``window_off``, an evaluation
+  ablation): linear attention over every key, what the linear part carries on its
+  own. It keeps the gain, so the hybrid's checkpoint restores."""
+
+  def __init__(self, map_class, name, head_dim, num_heads, options, *, rngs=None, projection=None):
+    super().__init__(
+      map_class, name, head_dim, num_heads, options, rngs=rngs, projection=projection
+    )
+    self.window_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
+
+
+class HybridAttention(LinearAttention):
+  """Linear attention with a window, sinks and/or a sparse cache (see the module
+  docstring); each part's gain is a ``FeatureParam`` per head, log-scale, 0 at init."""
+
+  def __init__(self, map_class, name, head_dim, num_heads, options, *, rngs=None, projection=None):
+    super().__init__(
+      map_class, name, head_dim, num_heads, options, rngs=rngs, projection=projection
+    )
+    if options.window:  # exact softmax over the last W keys (window.py): its gain per head
+      self.window_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
+    if options.sinks:  # exact softmax over the first s tokens (sinks.py): a gain of their own
+      self.sink_log_gain = FeatureParam(jnp.zeros((num_heads,), jnp.float32))
+    # window_off (with sinks) keeps the window's gain but not the window, nor the
+    # sparse cache, a store of evicted window keys.
+    self.window = 0 if options.window_off else options.window
+    self.sinks = options.sinks
+    self.cache_size = 0 if options.window_off else options.sparse_cache
+
+  def _attend(self, q, k, v, *, causal, mask, segment_ids):
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
+    num, den = self._hybrid(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
+    return self._output(num, den, v)
+
+  def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
+    del num_kv_heads, max_length  # a fixed size per query head, whatever the context
+    heads, head_dim = self.num_heads, self.head_dim
+    state = {'linear': linear.init_state(batch, heads, self.feature_map.num_features, value_dim)}
+    if self.window:
+      state['ring'] = window_lib.init_ring(batch, self.window, heads, head_dim, value_dim, dtype)
+    if self.sinks:
+      state['sinks'] = sinks_lib.init(batch, self.sinks, heads, head_dim, value_dim, dtype)
+    if self.cache_size:
+      state['cache'] = sparse_cache.init(batch, self.cache_size, heads, head_dim, value_dim, dtype)
+    return state
+
+  def prefill(self, state, q, k, v, *, mask=None):
+    """Causal pass continuing from ``state``: the ring's keys precede q."""
+    check_inputs(q, k, v, mask, None)
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    return self._prefill_chunk(state, q, k, v, mask)
+
+  def step(self, state, q, k, v, *, mask=None):
+    """One token: it joins the sinks while they are not full, else the ring, whose
+    evicted key joins the cache's candidates (with a cache) or the linear state."""
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    valid = jnp.ones(q.shape[:1], bool) if mask is None else mask
+    fmap = self.feature_map
+    ctx = fmap.calibrate(q[:, None], k[:, None], causal=True, mask=valid[:, None])
+    window_gain, sink_gain = self._gains()
+    new, parts, key_valid = dict(state), [], valid
+    if self.sinks:
+      is_sink = valid & (jnp.sum(state['sinks']['valid'], axis=1) < self.sinks)
+      new['sinks'] = sinks_lib.push(state['sinks'], k, v, is_sink)
+      key_valid = valid & ~is_sink
+    enter = (k, v, key_valid)  # what leaves the exact parts now
+    if self.window:
+      new['ring'], enter = window_lib.ring_push(state['ring'], k, v, key_valid)
+      w_num, w_den, w_shift = window_lib.ring_read(new['ring'], q)
+      parts.append((w_num, w_den, w_shift + window_gain))
+    if self.sinks:
+      s_num, s_den, s_shift = window_lib.ring_read(new['sinks'], q)
+      parts.append((s_num, s_den, s_shift + sink_gain))
+    kf, kr = fmap.masked_key(enter[0][:, None], enter[2][:, None], ctx)
+    lin = linear.add_key(state['linear'], kf[:, :, 0], kr[:, :, 0], enter[1].astype(jnp.float32))
+    new['linear'] = lin
+    if self.cache_size:
+      c_num, c_den, c_shift = sparse_cache.read(state['cache'], q[:, None])
+      parts.append((c_num[:, :, 0], c_den[:, :, 0], c_shift[:, :, 0] + window_gain))
+      new['cache'], new['linear'] = self._recache(state, *(x[:, None] for x in enter), ctx)
+    qf, q_r = fmap.query_parts(q[:, None], ctx)
+    l_num, l_den = linear.read_state(lin, qf[:, :, 0])
+    parts.append((l_num, l_den, q_r[:, :, 0] + lin['M']))
+    num, den = linear.merge(parts)
+    return linear.normalise(num, den, self.options.eps).astype(v.dtype), new
+
+  def _scores(self, q, k, *, causal, mask, segment_ids):
+    """window.scores with the sinks."""
+    fmap = self.feature_map
+    ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+    qf, q_r = fmap.query_parts(q, ctx)
+    kf, kr = fmap.key(k, ctx)
+    sink_cols = None
+    if self.sinks:
+      valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
+      seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+      sink_cols = sinks_lib.flags(valid, seg, self.sinks)
+    window_gain, sink_gain = self._gains()
+    return window_lib.scores(
+      q,
+      k,
+      qf,
+      q_r,
+      kf,
+      kr,
+      window=self.window,
+      causal=causal,
+      log_gain=window_gain,
+      sink_cols=sink_cols,
+      sink_log_gain=sink_gain,
+    )
+
+  def _gains(self):
+    """(window gain or None, sink gain or None), log-scale [H]."""
+    window = self.window_log_gain[...] if self.window else None
+    return window, (self.sink_log_gain[...] if self.sinks else None)
+
+  def _hybrid(self, q, k, v, *, causal, mask, segment_ids, state=None, ctx=None):
+    """window.hybrid with this module's feature map; k, v already repeated, v
+    heads-major. Without a state: (num, den). With a decoding ``state`` (a causal
+    prefill: the ring's keys precede q, the linear state holds everything before
+    them, the sinks and the cache are the state's): (num, den, linear state, sink
+    state or None, key_valid [B, L]: the keys that may enter the ring)."""
+    fmap = self.feature_map
+    if ctx is None:
+      ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+    qf, q_r = fmap.query_parts(q, ctx)
+    valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
+    seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    key_mask, is_sink, sinks_in, context, initial, cache = mask, None, None, None, None, None
+    if self.sinks:  # the sinks leave the window and the linear part
+      held = None if state is None else jnp.sum(state['sinks']['valid'], axis=1)
+      is_sink = sinks_lib.flags(valid, seg, self.sinks, held)
+      key_mask = valid & ~is_sink
+    kf, kr = fmap.masked_key(k, key_mask, ctx)
+    if state is not None:
+      initial, cache = state['linear'], state.get('cache')
+      if self.sinks:
+        sinks_in = sinks_lib.from_buffer(state['sinks'], seg[:, 0])
+      if self.window:
+        ring_k, ring_v, ring_valid = window_lib.ring_ordered(state['ring'])
+        ring_kf, ring_kr = fmap.masked_key(ring_k, ring_valid, ctx)
+        context = {
+          'k': ring_k,
+          'v': ring_v.swapaxes(1, 2),
+          'valid': ring_valid,
+          'seg': jnp.zeros(ring_valid.shape, seg.dtype),
+          'kf': ring_kf,
+          'kr': ring_kr,
+        }
+    core = functools.partial(
+      window_lib.hybrid,
+      window=self.window,
+      causal=causal,
+      chunk_size=self.options.chunk_size,
+      sinks=self.sinks,
+      packed=segment_ids is not None,
+      return_state=state is not None,
+    )
+    window_gain, sink_gain = self._gains()
+    args = (q, k, v, qf, q_r, kf, kr, seg, key_mask, window_gain, context, initial)
+    args += (is_sink, sink_gain, sinks_in, cache)
+    rep = context_parallel.REPLICATED
+    in_axes = (1, 1, 2, 2, 2, 2, 2, 1, 1, rep, None, None, 1, rep, None, None)
+    if state is None:
+      return context_parallel.over_length(core, args, in_axes, (2, 2))
+    out_axes = (2, 2, None) + ((None,) if self.sinks else ())
+    num, den, lin, *sink_state = context_parallel.over_length(core, args, in_axes, out_axes)
+    key_valid = valid if key_mask is None else key_mask
+    return num, den, lin, (sink_state or [None])[0], key_valid
+
+  def _prefill_chunk(self, state, q, k, v, mask, ctx=None):
+    """One causal pass continuing from ``state`` (k, v repeated, [B, L, H, .]); with a
+    sparse cache, the cache is updated once, from the keys the pass evicted."""
+    num, den, lin, sink_state, key_valid = self._hybrid(
+      q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
+    )
+    new = dict(state, linear=lin)
+    if self.sinks:
+      new['sinks'] = sinks_lib.to_buffer(sink_state, state['sinks'])
+    if self.window:
+      new['ring'] = window_lib.ring_append(state['ring'], k, v, key_valid)
+    if self.cache_size:  # the first L of ring + chunk have left the window
+      ring = window_lib.ring_ordered(state['ring'])
+      gone = lambda old, x: jnp.concatenate([old, x.astype(old.dtype)], axis=1)[:, : k.shape[1]]
+      evicted = [gone(old, x) for old, x in zip(ring, (k, v, key_valid))]
+      new['cache'], new['linear'] = self._recache(state, *evicted, ctx)
+    return zero_padded_queries(self._output(num, den, v), mask), new
+
+  def _recache(self, state, k, v, valid, ctx):
+    """``sparse_cache.update`` from the state's cache and the evicted keys k [B, N, H, d],
+    v [B, N, H, D], valid [B, N], against the state's linear part (which holds
+    neither)."""
+    cache = state['cache']
+    join = lambda old, x: jnp.concatenate([old, x.astype(old.dtype)], axis=1)
+    heads = cache['valid'].shape[2]
+    valid = jnp.broadcast_to(valid[:, :, None], valid.shape + (heads,))
+    k, v, valid = join(cache['k'], k), join(cache['v'], v), join(cache['valid'], valid)
+    kf, kr = self.feature_map.key(k, ctx)
+    return sparse_cache.update(cache, state['linear'], k, v, valid, kf, kr)
+
+
+class SparseCacheAttention(HybridAttention):
+  """A window hybrid with LoLA's sparse cache (``sparse_cache.py``): every pass,
+  the forward one included, is a prefill in chunks of ``chunk_size`` run in order
+  (a ``lax.scan``, then the remainder), the cache updated after each."""
+
+  def _attend(self, q, k, v, *, causal, mask, segment_ids):
+    """The forward pass: a prefill from an empty state."""
+    if not causal:
+      raise ValueError('attention.sparse_cache is a causal decoding cache: not bidirectional')
+    if segment_ids is not None:
+      raise ValueError(
+        'attention.sparse_cache runs its chunks in order over one sequence: packed '
+        'segment_ids are not supported'
+      )
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    state = self.init_state(q.shape[0], v.shape[-1], dtype=k.dtype)
+    return self._prefill_chunks(state, q, k, v, mask)[0]
+
+  def prefill(self, state, q, k, v, *, mask=None):
+    check_inputs(q, k, v, mask, None)
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    return self._prefill_chunks(state, q, k, v, mask)
+
+  def _scores(self, q, k, *, causal, mask, segment_ids):
+    raise ValueError('weights(): a sparse cache depends on the update schedule, no matrix')
+
+  def _prefill_chunks(self, state, q, k, v, mask):
+    """``_prefill_chunk`` over chunks of ``chunk_size`` in order."""
+    if context_parallel.active():
+      raise ValueError(
+        'attention.sparse_cache runs its chunks in order on one device: no mesh.seq split'
+      )
+    b, length = q.shape[:2]
+    ctx = self.feature_map.calibrate(q, k, causal=True, mask=mask)
+    mask = jnp.ones((b, length), bool) if mask is None else mask
+    c = min(self.options.chunk_size, length)
+    n = length // c
+    split = lambda x: jnp.moveaxis(x[:, : n * c].reshape((b, n, c) + x.shape[2:]), 1, 0)
+
+    def body(carry, xs):
+      out, carry = self._prefill_chunk(carry, *xs, ctx=ctx)
+      return carry, out
+
+    state, out = jax.lax.scan(body, state, tuple(split(x) for x in (q, k, v, mask)))
+    outs = [jnp.moveaxis(out, 0, 1).reshape((b, n * c) + out.shape[3:])]
+    if length > n * c:
+      rest = lambda x: x[:, n * c :]
+      out, state = self._prefill_chunk(state, rest(q), rest(k), rest(v), rest(mask), ctx=ctx)
+      outs.append(out)
+    return jnp.concatenate(outs, axis=1), state
