@@ -59,10 +59,10 @@ from configs import base as base_config  # noqa: E402
 from performer import (
   data,  # noqa: E402
   models,  # noqa: E402
+  tasks,  # noqa: E402
 )
 from performer.training import optim, sharding  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
-from performer.training.task import Task  # noqa: E402
 
 KINDS = ('softmax', 'favor_softmax', 'favor_relu', 'identity')
 MODES = {'causal': 'causal_lm', 'bidirectional': 'mlm'}
@@ -159,7 +159,7 @@ def build_step(config, mesh=None):
   graphdef, params, features, stats, rest = models.split(model)
   tx, schedule = optim.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
-  task = Task.from_config(config.model, config.train, vocab, model.target_offset)
+  task = tasks.for_run(config.model, config.train, vocab)
   placement = {}
   if mesh is not None:
     placement = dict(

@@ -15,6 +15,8 @@ import os
 
 import ml_collections
 
+from performer.models import families
+
 
 def get_config():
   """Returns the default config; every field of the schema is present."""
@@ -41,14 +43,16 @@ def get_config():
   config.model.rope_theta = 10000.0  # rotary base (positions='rotary')
   config.model.norm_eps = 0.0  # 0 = the family's default
   config.model.tie_embeddings = False  # output head = embedding matrix transposed
-  config.model.type_vocab_size = 2  # bert
-  config.model.pooler = False  # bert: tanh(dense([CLS])), unused by the loss
   config.model.dtype = 'float32'  # compute dtype; parameters always stay float32
   config.model.image_shape = (0, 0, 0)  # (H, W, C), image_ar only
   # LoRA on the attention projections q, k, v, o (performer/models/lora.py): W + (alpha / r) A B
   # with B = 0 at init, so the model starts as the one without LoRA; 0 = off.
   config.model.lora_rank = 0
   config.model.lora_alpha = 16.0  # the update's scale is lora_alpha / lora_rank
+  # The families' own settings, with their defaults (bert: type_vocab_size, pooler); each
+  # family declares them in its config class (performer/models/families.py).
+  for key, default in families.family_fields().items():
+    config.model[key] = default
   config.model.attention = ml_collections.ConfigDict()
   config.model.attention.kind = 'favor_softmax'  # one of performer.attention.KINDS
   config.model.attention.num_features = 256

@@ -115,11 +115,12 @@ class Transformer(nnx.Module):
     self.vocab_size = cfg.vocab_size
     self.max_len = cfg.max_len
     self.causal = cfg.causal
-    self.target_offset = 1 if cfg.task == 'causal_lm' else 0
-    self.start_id = cfg.vocab_size if cfg.task == 'image_ar' else None
+    task = cfg.task_spec
+    self.target_offset = task.target_offset
+    self.start_id = cfg.vocab_size if task.start_token else None  # one extra embedding row
     self.dtype = dtype = cfg.compute_dtype
     self.embed = nnx.Embed(
-      cfg.vocab_size + (1 if cfg.task == 'image_ar' else 0),
+      cfg.vocab_size + int(task.start_token),
       cfg.emb_dim,
       dtype=dtype,
       embedding_init=nnx.initializers.normal(cfg.embed_init_std),

@@ -6,7 +6,7 @@ stats, rest -- and is rebuilt with `nnx.merge` inside the step (objectives.forwa
 splitting once outside the loop and merging inside the trace costs nothing at run time,
 while `nnx.jit` in the hot loop would re-walk the object graph on every call. What the
 step minimises is an objective of pluggable loss terms (objectives.py); what it predicts
-is the `Task`'s (task.py).
+and how it is scored is the `Task`'s (performer/tasks.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from performer import models
+from performer import models, tasks
 from performer.attention import context_parallel
 from performer.training import objectives, optim
 from performer.training.state import TrainState
-from performer.training.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +32,22 @@ class StepProgram:
   graphdef: Any
   tx: Any
   schedule: Any
-  task: Task
+  task: tasks.Task
   objective: Any  # objectives.Supervised or objectives.AttentionTransfer
   grad_accum_steps: int = 1
   use_dropout: bool = False
   trainable: Any = None  # one bool per params leaf (optim.stage_flags); None: all
   teacher_graphdef: Any = None
+
+
+# The per-token metrics a step logs, from the sums its objective returns: the task's
+# (tasks.py), distillation's and attention transfer's (whose output cosine reads as accuracy).
+SUM_METRICS = {
+  'loss_sum': 'loss',
+  'correct_sum': 'accuracy',
+  'cosine_sum': 'cosine',
+  'distill_sum': 'distill_loss',
+}
 
 
 def train_step(state, batch, base_key, teacher=None, *, program):
@@ -91,15 +100,12 @@ def train_step(state, batch, base_key, teacher=None, *, program):
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = p.tx.update(grads, state.opt_state, state.params)
   params = optim.keep_frozen(optax.apply_updates(state.params, updates), state.params, p.trainable)
-  metrics = {
-    'loss': sums['loss_sum'] / total_weight,
-    'accuracy': sums['correct_sum'] / total_weight,
-    'tokens': sums['weight_sum'],
-    'grad_norm': optax.global_norm(grads),
-    'learning_rate': p.schedule(state.step),
-  }
-  if 'distill_sum' in sums:
-    metrics['distill_loss'] = sums['distill_sum'] / total_weight
+  metrics = {name: sums[key] / total_weight for key, name in SUM_METRICS.items() if key in sums}
+  metrics.update(
+    tokens=sums['weight_sum'],
+    grad_norm=optax.global_norm(grads),
+    learning_rate=p.schedule(state.step),
+  )
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
   return new_state, metrics
 
@@ -114,11 +120,10 @@ def eval_step(state, batch, mask_key, teacher=None, *, program):
   p = program
   inputs, targets, weights = p.task.targets(batch, mask_key, evaluating=True)
   out, _ = objectives.forward(p.graphdef, state.trees, inputs, batch)
-  if p.task.name == 'encoder':
+  t_out = None
+  if p.task.needs_teacher:
     t_out, _ = objectives.forward(p.teacher_graphdef, teacher, inputs, batch)
-    sums = objectives.encoder_sums(out, t_out, weights)
-    return {**sums, **objectives.sentence_sums(out, t_out, weights, batch.get('segment_ids'))}
-  return objectives.token_sums(out, targets, weights)
+  return p.task.eval_sums(out, t_out, targets, weights, batch)
 
 
 def model_state(model):
