@@ -11,7 +11,7 @@ from test_train_pretrained import config_for, flat, tiny_files  # noqa: F401
 
 from performer import models
 from performer.convert import attention_transfer
-from performer.training import build, train_lib
+from performer.training import build, config_utils, train_lib
 
 
 def layer_mse(config, params, features, stats, rest):
@@ -66,10 +66,10 @@ def test_attention_transfer_lowers_layer_mse_and_trains_only_the_attention(
 
 
 def test_transfer_needs_a_teacher(tiny_files):  # noqa: F811
+  """A config check: it fails in config_utils.validate, before anything is built."""
   source = f'gguf:{tiny_files["gguf"]}'
-  config = config_for(tiny_files, source, **{'train.transfer_steps': 2})
-  with pytest.raises(Exception, match='distill_from'):
-    build.setup(config)
+  with pytest.raises(config_utils.ConfigError, match='distill_from'):
+    config_for(tiny_files, source, **{'train.transfer_steps': 2})
 
 
 def test_lora_stage_leaves_frozen_weights_bitwise_unchanged(tiny_files, tmp_path):  # noqa: F811
