@@ -51,11 +51,11 @@ def _fill_from_pretrained(config):
 
 
 def resolve_config(config):
-  """Validates the config (config_utils.validate) and fills checkpoint- and data-dependent
-  settings on a copy: a gguf:/hf: init_from's architecture (its model settings checked
-  then), the family's fixed task and positions, vocab_size=0 -> the data vocabulary.
-  Reads metadata only; raises ConfigError (or a UserInputError naming a file)."""
-  config = config_utils.validate(config.copy_and_resolve_references())
+  """Fills checkpoint- and data-dependent settings on a copy: a gguf:/hf: init_from's
+  architecture (whose model settings config_utils.validate leaves to this point), the
+  family's fixed task and positions, vocab_size=0 -> the data vocabulary. Reads metadata
+  only; raises ConfigError (or a UserInputError naming a file)."""
+  config = config.copy_and_resolve_references()
   if pretrained.is_pretrained(config.train.init_from):
     _fill_from_pretrained(config)
     config_utils.validate_model(config)
@@ -124,9 +124,10 @@ def create_state(config, mesh, eager=False):
 
 
 def setup(config, mesh=None):
-  """Everything a run needs before the loop; shared by train_and_evaluate, eval.py, tests."""
+  """Everything a run needs before the loop; shared by train_and_evaluate, eval.py, tests.
+  The config is validated first (config_utils.validate), before anything is built."""
   sharding.maybe_initialize_distributed()
-  config, vocab = resolve_config(config)
+  config, vocab = resolve_config(config_utils.validate(config))
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   rows = sharding.batch_devices(mesh)
   if config.train.batch_size % rows:
