@@ -40,14 +40,10 @@ class StepProgram:
   teacher_graphdef: Any = None
 
 
-# The per-token metrics a step logs, from the sums its objective returns: the task's
-# (tasks.py), distillation's and attention transfer's (whose output cosine reads as accuracy).
-SUM_METRICS = {
-  'loss_sum': 'loss',
-  'correct_sum': 'accuracy',
-  'cosine_sum': 'cosine',
-  'distill_sum': 'distill_loss',
-}
+# A step logs each summed term of its objective per token: 'x_sum' as 'x' (an encoder's
+# 'cosine_sum' as 'cosine'), these three under the names the records have always used
+# (attention transfer's output cosine travels as 'correct_sum', so it reads as accuracy).
+METRIC_NAMES = {'loss_sum': 'loss', 'correct_sum': 'accuracy', 'distill_sum': 'distill_loss'}
 
 
 def train_step(state, batch, base_key, teacher=None, *, program):
@@ -100,7 +96,11 @@ def train_step(state, batch, base_key, teacher=None, *, program):
   grads = jax.tree.map(lambda g: g / total_weight, grads)
   updates, opt_state = p.tx.update(grads, state.opt_state, state.params)
   params = optim.keep_frozen(optax.apply_updates(state.params, updates), state.params, p.trainable)
-  metrics = {name: sums[key] / total_weight for key, name in SUM_METRICS.items() if key in sums}
+  metrics = {
+    METRIC_NAMES.get(key, key.removesuffix('_sum')): value / total_weight
+    for key, value in sums.items()
+    if key.endswith('_sum') and key != 'weight_sum'
+  }
   metrics.update(
     tokens=sums['weight_sum'],
     grad_norm=optax.global_norm(grads),
