@@ -28,7 +28,7 @@ def get_config():
   # positions and task; with train.init_from=gguf:PATH | hf:DIR the architecture fields
   # below that are 0 are read from the checkpoint (performer/models/families.py).
   config.model.family = 'transformer'
-  config.model.task = 'causal_lm'  # 'causal_lm' | 'mlm' | 'image_ar' | 'encoder' (bert)
+  config.model.task = 'causal_lm'  # one of performer.tasks.TASKS: causal_lm, mlm, image_ar, encoder
   # 0 means "the data's vocabulary size" (data.vocab_for(config.data).size), filled in at start.
   config.model.vocab_size = 0
   config.model.num_layers = 2

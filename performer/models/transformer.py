@@ -14,8 +14,9 @@ checkpoint's parameters mean the same thing in each and any attention kind:
 | mlm        | bidirectional | tokens[t] (masked upstream) | original tokens[t] |
 | image_ar   | causal        | tokens[t-1] (START at t=0)  | tokens[t]         |
 
-`target_offset` on the model records the last column (1 or 0), so a loss
-can align targets without knowing the task.
+The switches are the task's (`performer/tasks.py`: `causal`, `target_offset`,
+`start_token`); `target_offset` on the model records the last column (1 or 0),
+so a loss can align targets without knowing the task.
 
 Image AR shift: the image is flattened in raster order (row, column,
 channel) to H*W*C sub-pixel tokens in [0, 256). The model prepends a START
