@@ -175,7 +175,7 @@ def run(workdir_or_checkpoint, config_path=None):
       rundir,  # pylint: disable=g-import-not-at-top
     )
 
-    config, _ = build.resolve_config(config_utils.load_config(config_path))
+    config, _ = build.resolve_config(config_utils.validate(config_utils.load_config(config_path)))
     hint = "leave out --config: sample.py reads the run's config.json"
     rundir.check_config(config, workdir, hint, rundir.EVAL_KEYS)  # a run's config.json must agree
   else:
