@@ -164,6 +164,7 @@ def run(workdir_or_checkpoint, config_path=None):
   from performer import (
     data,  # pylint: disable=g-import-not-at-top
     sampling,  # pylint: disable=g-import-not-at-top
+    tasks,  # pylint: disable=g-import-not-at-top
   )
   from performer.training import checkpoints, restore  # pylint: disable=g-import-not-at-top
 
@@ -176,7 +177,7 @@ def run(workdir_or_checkpoint, config_path=None):
       rundir,  # pylint: disable=g-import-not-at-top
     )
 
-    config, _ = build.resolve_config(config_utils.load_config(config_path))
+    config, _ = build.resolve_config(config_utils.validate(config_utils.load_config(config_path)))
     hint = "leave out --config: sample.py reads the run's config.json"
     rundir.check_config(config, workdir, hint, rundir.EVAL_KEYS)  # a run's config.json must agree
   else:
@@ -186,20 +187,21 @@ def run(workdir_or_checkpoint, config_path=None):
     raise UsageError(f'--num_samples must be >= 1, got {n}')
   sampling.check_sampling_options(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   # Check the prompt against the config before paying for the restore.
-  task, max_len = config.model.task, int(config.model.max_len)
-  if task == 'image_ar':
+  samples, max_len = tasks.TASKS[config.model.task].samples, int(config.model.max_len)
+  if samples == 'image':
     if not _OUTPUT.value:
       raise UsageError('image models need --output=PATH.png')
     prompt, rows = image_prompt(config, _PROMPT.value, n, _IMAGE.value)
     eos_id, pad_id = None, 0
-  elif task == 'causal_lm':
+  elif samples == 'text':
     vocab = data.vocab_for(config.data)
     ids = encode_text_prompt(vocab, _PROMPT.value, max_len)
     prompt, _ = sampling.pad_prompts([ids] * n, vocab.pad_id)
     eos_id, pad_id = getattr(vocab, 'eos_id', None), vocab.pad_id
   else:
+    decodable = ' or '.join(name for name, task in tasks.TASKS.items() if task.samples)
     raise UsageError(
-      f'task {task!r} is bidirectional: sampling needs a causal_lm or image_ar checkpoint'
+      f'task {config.model.task!r} is bidirectional: sampling needs a {decodable} checkpoint'
     )
   restored = restore.restore(workdir_or_checkpoint, config, setting=setting)
   model, step = restored.model(), restored.step
@@ -221,7 +223,7 @@ def run(workdir_or_checkpoint, config_path=None):
     pad_id=pad_id,
   )
   tokens, lengths = jax.device_get((tokens, lengths))
-  if model.task == 'image_ar':
+  if samples == 'image':
     write_images(_OUTPUT.value, tokens, tuple(int(s) for s in config.model.image_shape))
     print(
       f'wrote {n} image(s) from step {step} (conditioned on {rows} rows) to {_OUTPUT.value}',

@@ -55,10 +55,9 @@ sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(_HERE))
 import common  # noqa: E402
 from configs import base as base_config  # noqa: E402
-from performer import data  # noqa: E402
+from performer import data, tasks  # noqa: E402
 from performer.training import build, optim, restore, sharding  # noqa: E402
 from performer.training import steps as steps_lib  # noqa: E402
-from performer.training.task import Task  # noqa: E402
 
 KINDS = ('softmax', 'favor_softmax', 'favor_relu', 'identity')
 MODES = {'causal': 'causal_lm', 'bidirectional': 'mlm'}
@@ -153,7 +152,7 @@ def build_step(config, mesh=None):
   model = build.create_state(config, mesh or restore.one_device_mesh(), init='eager')
   tx, schedule = optim.make_optimizer(config.train)
   vocab = data.vocab_for(config.data)
-  task = Task.from_config(config.model, config.train, vocab, model.target_offset)
+  task = tasks.for_run(config.model, config.train, vocab)
   placement = {}
   if mesh is not None:
     placement = dict(

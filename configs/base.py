@@ -15,6 +15,8 @@ import os
 
 import ml_collections
 
+from performer.models import families
+
 
 def get_config():
   """Returns the default config; every field of the schema is present."""
@@ -26,7 +28,7 @@ def get_config():
   # positions and task; with train.init_from=gguf:PATH | hf:DIR the architecture fields
   # below that are 0 are read from the checkpoint (performer/models/families.py).
   config.model.family = 'transformer'
-  config.model.task = 'causal_lm'  # 'causal_lm' | 'mlm' | 'image_ar' | 'encoder' (bert)
+  config.model.task = 'causal_lm'  # one of performer.tasks.TASKS: causal_lm, mlm, image_ar, encoder
   # 0 means "the data's vocabulary size" (data.vocab_for(config.data).size), filled in at start.
   config.model.vocab_size = 0
   config.model.num_layers = 2
@@ -41,8 +43,6 @@ def get_config():
   config.model.rope_theta = 10000.0  # rotary base (positions='rotary')
   config.model.norm_eps = 0.0  # 0 = the family's default
   config.model.tie_embeddings = False  # output head = embedding matrix transposed
-  config.model.type_vocab_size = 2  # bert
-  config.model.pooler = False  # bert: tanh(dense([CLS])), unused by the loss
   config.model.dtype = 'float32'  # compute dtype; parameters always stay float32
   config.model.image_shape = (0, 0, 0)  # (H, W, C), image_ar only
   # LoRA on the attention projections q, k, v, o (performer/models/lora.py): W + (alpha / r) A B
@@ -52,6 +52,10 @@ def get_config():
   # A causal depthwise convolution of this width on q, k and v, SiLU after it
   # (performer/models/short_conv.py; Based / GLA / Zoology's recall models use 4); 0 = off.
   config.model.short_conv = 0
+  # The families' own settings, with their defaults (bert: type_vocab_size, pooler); each
+  # family declares them in its config class (performer/models/families.py).
+  for key, default in families.family_fields().items():
+    config.model[key] = default
   config.model.attention = ml_collections.ConfigDict()
   config.model.attention.kind = 'favor_softmax'  # one of performer.attention.KINDS
   config.model.attention.num_features = 256

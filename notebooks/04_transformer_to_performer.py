@@ -53,9 +53,8 @@ import matplotlib.pyplot as plt
 import ml_collections
 from flax import nnx
 
-from performer import data, models, plot
-from performer.training import metrics, restore, runs, steps
-from performer.training.task import Task
+from performer import data, models, plot, tasks
+from performer.training import restore, runs, steps
 
 # The same settings (from the environment) in notebooks 3, 4 and 5, so their runs are shared.
 RUNS = runs.NotebookRuns.from_env()
@@ -65,7 +64,7 @@ print(f'workdir {RUNS.work}; quick={RUNS.quick}')
 def evaluate(model, config, split='validation'):
   """Held-out metrics of `model` with the training code's own eval step."""
   vocab = data.vocab_for(config.data)
-  task = Task.from_config(config.model, config.train, vocab, model.target_offset)
+  task = tasks.for_run(config.model, config.train, vocab)
   eval_fn, state = steps.make_eval_fn(models.split(model)[0], task), steps.model_state(model)
   totals = None
   for i, batch in enumerate(
@@ -75,7 +74,7 @@ def evaluate(model, config, split='validation'):
   ):
     sums = eval_fn(state, batch, jax.random.fold_in(jax.random.key(0), i))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  return metrics.summarize(jax.device_get(totals), config.model.task)
+  return task.summary(jax.device_get(totals))
 
 
 # %% [markdown]

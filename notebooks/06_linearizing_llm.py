@@ -62,12 +62,11 @@ import numpy as np
 from flax import nnx
 from matplotlib import colors
 
-from performer import data, models, plot, sampling
+from performer import data, models, plot, sampling, tasks
 from performer.convert import llama as convert_llama
 from performer.convert import pretrained
 from performer.models import attention_maps
 from performer.training import build, config_utils, restore, runs, sharding, steps, train_lib
-from performer.training.task import Task
 
 RUNS = runs.NotebookRuns.from_env()  # PERFORMER_NOTEBOOK_QUICK and _WORKDIR
 PROMPT = 'The capital of France is'
@@ -190,7 +189,7 @@ def imported(model_config):
 
 def evaluate(model, split='validation'):
   """The training loop's own eval (train_lib.evaluate) of `model`."""
-  task = Task.from_config(cfg.model, cfg.train, vocab, model.target_offset)
+  task = tasks.for_run(cfg.model, cfg.train, vocab)
   eval_fn = steps.make_eval_fn(models.split(model)[0], task)
   return train_lib.evaluate(
     eval_fn,

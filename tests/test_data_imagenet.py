@@ -82,10 +82,10 @@ def test_bits_per_dim_on_known_distributions():
   total = nats * len(targets)
   assert imagenet64.bits_per_dim_from_total(total, 1, dims=len(targets)) == pytest.approx(1.75)
   # The training loop's metric agrees (bits_per_dim = loss / ln 2).
-  from performer.training import metrics  # pylint: disable=g-import-not-at-top
+  from performer import tasks  # pylint: disable=g-import-not-at-top
 
   sums = {'loss_sum': total, 'correct_sum': 4.0, 'weight_sum': float(len(targets))}
-  assert metrics.summarize(sums, 'image_ar')['bits_per_dim'] == pytest.approx(1.75)
+  assert tasks.TASKS['image_ar'].summary(sums)['bits_per_dim'] == pytest.approx(1.75)
 
 
 @pytest.mark.parametrize('variant', ['downsampled_imagenet', 'imagenet_resized'])

@@ -11,7 +11,7 @@ from test_train_pretrained import config_for, flat, tiny_files  # noqa: F401
 
 from performer import models
 from performer.convert import attention_transfer
-from performer.training import build, train_lib
+from performer.training import build, config_utils, train_lib
 
 
 def layer_mse(config, params, features, stats, rest):
@@ -66,10 +66,10 @@ def test_attention_transfer_lowers_layer_mse_and_trains_only_the_attention(
 
 
 def test_transfer_needs_a_teacher(tiny_files):  # noqa: F811
+  """A config check: it fails in config_utils.validate, before anything is built."""
   source = f'gguf:{tiny_files["gguf"]}'
-  config = config_for(tiny_files, source, **{'train.transfer_steps': 2})
-  with pytest.raises(Exception, match='distill_from'):
-    build.setup(config)
+  with pytest.raises(config_utils.ConfigError, match='distill_from'):
+    config_for(tiny_files, source, **{'train.transfer_steps': 2})
 
 
 def test_lora_stage_leaves_frozen_weights_bitwise_unchanged(tiny_files, tmp_path):  # noqa: F811
@@ -99,17 +99,17 @@ def test_lora_stage_leaves_frozen_weights_bitwise_unchanged(tiny_files, tmp_path
 
 
 def test_sentence_cosine_pools_each_sentence_and_packed_segment():
-  from performer.training import objectives
+  from performer import tasks
 
   rng = np.random.default_rng(0)
   teacher = jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32)
   seg = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
   mask = seg > 0
-  same = objectives.sentence_sums(teacher, teacher, mask, seg)
+  same = tasks.sentence_sums(teacher, teacher, mask, seg)
   assert float(same['sentences']) == 3 and np.isclose(float(same['sentence_cosine_sum']), 3.0)
   # Flipping one token's sign in sentence (0, 2) lowers only that sentence's cosine.
   student = teacher.at[0, 3].multiply(-1.0)
-  sums = objectives.sentence_sums(student, teacher, mask, seg)
+  sums = tasks.sentence_sums(student, teacher, mask, seg)
   pooled = lambda x: np.asarray(x[0, 3:5]).sum(0)
   want = np.dot(pooled(student), pooled(teacher)) / (
     np.linalg.norm(pooled(student)) * np.linalg.norm(pooled(teacher))

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import kind_params, run_script, tiny_config
-from performer import attention, data
+from performer import attention, data, tasks
 from performer.training import build, checkpoints, config_utils, optim, sharding, train_lib
-from performer.training import task as task_lib
 
 
 def _fixed_batch(config, split='train'):
@@ -253,7 +252,7 @@ def test_mlm_masking_rule():
   batch = {k: jnp.tile(v, (16, 1)) for k, v in batch.items()}  # 64 rows: enough statistics
   vocab = data.vocab_for(config.data)
   special = (vocab.pad_id, vocab.bos_id, vocab.eos_id, vocab.mask_id)
-  inputs, targets, picked = task_lib.mlm_targets(
+  inputs, targets, picked = tasks.mlm_targets(
     batch,
     jax.random.key(0),
     rate=0.15,
@@ -272,7 +271,7 @@ def test_mlm_masking_rule():
   frac_kept = np.mean(inputs[picked] == tokens[picked])
   assert 0.75 < frac_mask < 0.85 and 0.06 < frac_kept < 0.16
   assert not np.isin(inputs[picked & (inputs != vocab.mask_id)], special).any()
-  again = task_lib.mlm_targets(
+  again = tasks.mlm_targets(
     batch,
     jax.random.key(0),
     rate=0.15,
@@ -282,7 +281,7 @@ def test_mlm_masking_rule():
   )
   np.testing.assert_array_equal(np.asarray(again[0]), inputs)
   # Eval: the same positions, every one of them MASK.
-  ev_inputs, _, ev_picked = task_lib.mlm_targets(
+  ev_inputs, _, ev_picked = tasks.mlm_targets(
     batch,
     jax.random.key(0),
     rate=0.15,
@@ -301,7 +300,7 @@ def test_causal_targets_respect_segments():
     'mask': jnp.array([[1, 1, 1, 1, 1, 1, 1, 0]], bool),
     'segment_ids': jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]]),
   }
-  _, targets, weights = task_lib.causal_targets(batch)
+  _, targets, weights = tasks.causal_targets(batch)
   np.testing.assert_array_equal(np.asarray(targets)[0, :6], [5, 6, 2, 1, 7, 2])
   np.testing.assert_array_equal(np.asarray(weights)[0], [1, 1, 1, 0, 1, 1, 0, 0])
 

@@ -24,8 +24,6 @@ from performer import models
 from performer.errors import WeightsFileError
 
 FORMATS = ('gguf', 'hf')
-# GGUF general.architecture / HF model_type -> family.
-ARCHITECTURES = {'llama': 'llama', 'bert': 'bert'}
 
 
 def is_pretrained(source: str) -> bool:
@@ -69,11 +67,12 @@ def open_pretrained(source: str) -> Pretrained:
   if not os.path.exists(path):
     raise WeightsFileError(f'{source}: no such file or directory')
   arch = _architecture(fmt, path)
-  if arch not in ARCHITECTURES:
+  family = models.family_of_architecture(arch)  # GGUF general.architecture / HF model_type
+  if family is None:
     raise WeightsFileError(
-      f'{source}: architecture {arch!r} has no importer; supported: {", ".join(ARCHITECTURES)}'
+      f'{source}: architecture {arch!r} has no importer; supported: '
+      f'{", ".join(models.architectures())}'
     )
-  family = ARCHITECTURES[arch]
   importer = importlib.import_module(models.FAMILIES[family].importer)
   try:
     fields = importer.read_config(fmt, path)

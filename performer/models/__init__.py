@@ -21,8 +21,14 @@ import jax
 from flax import nnx
 
 from performer import attention
-from performer.models.config import DTYPES, POSITIONS, TASKS, AttentionSpec, ModelConfig
-from performer.models.families import FAMILIES, build_model, model_config
+from performer.models.config import DTYPES, POSITIONS, AttentionSpec, ModelConfig, ModelConfigError
+from performer.models.families import (
+  FAMILIES,
+  architectures,
+  build_model,
+  family_of_architecture,
+  model_config,
+)
 from performer.models.layers import capture_intermediates
 from performer.models.lora import LoraParam, merge_lora
 from performer.models.positions import (
@@ -87,15 +93,17 @@ __all__ = [
   'NEW_PARAMS',
   'POSITIONS',
   'POSITION_KINDS',
-  'TASKS',
   'AttentionSpec',
   'LoraParam',
   'ModelConfig',
+  'ModelConfigError',
   'Transformer',
   'apply_rope',
+  'architectures',
   'build_model',
   'capture_intermediates',
   'check_tokens',
+  'family_of_architecture',
   'feature_params',
   'merge_lora',
   'model_config',

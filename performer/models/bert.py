@@ -15,6 +15,8 @@ output is the final hidden states, trained by hidden-state distillation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,6 +30,18 @@ FIXED = dict(
   embed_init_std=0.02,
 )  # fmt: skip
 DEFAULTS = dict(norm_eps=1e-12)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertConfig(ModelConfig):
+  """BERT's own settings on top of the shared ones (config keys of the same names).
+
+  type_vocab_size: rows of the token-type (segment A/B) embedding.
+  pooler: build HF's tanh(dense([CLS])) head (`pooled`); unused by the loss.
+  """
+
+  type_vocab_size: int = 2
+  pooler: bool = False
 
 
 class PostNormBlock(nnx.Module):
@@ -58,12 +72,10 @@ class BertEncoder(nnx.Module):
   padded positions are not meaningful; pool with `mean_pool`, which ignores them.
   """
 
-  task = 'encoder'
-  causal = False
-  target_offset = 0
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     self.config = cfg
+    self.task, self.causal = cfg.task, cfg.causal
+    self.target_offset = cfg.task_spec.target_offset
     self.vocab_size = cfg.vocab_size
     self.max_len = cfg.max_len
     dtype = cfg.compute_dtype

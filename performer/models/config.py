@@ -1,13 +1,15 @@
-"""The typed model config every family shares, and the one list of choices.
+"""The typed model config every family shares, and the one copy of its checks.
 
 `config.model` (an ml_collections ConfigDict, or a plain dict) becomes a frozen
-`ModelConfig` once, here, so modules get plain Python values and a bad config
-fails at build time with a message naming the key. The choice lists below are
-the only copies: `training/config_utils.py` imports them.
+`ModelConfig` once, here, so modules get plain Python values. These checks are
+the only ones of the model settings: `config_utils.validate` runs them on the
+config before anything is built, and a failure is a `ModelConfigError` naming
+the key under config.model.
 
 A family fixes the parts of the architecture that define it (Llama: RMSNorm,
 SwiGLU, rotary positions, no biases; BERT: post-LN with token types) through
-its `FIXED` fields in `families.py`; the config supplies the sizes.
+its `FIXED` fields in `families.py`; the config supplies the sizes. A family
+with settings of its own subclasses `ModelConfig` (bert.BertConfig).
 """
 
 from __future__ import annotations
@@ -18,13 +20,24 @@ import math
 
 import jax.numpy as jnp
 
-from performer import attention
+from performer import attention, tasks
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-TASKS = ('causal_lm', 'mlm', 'image_ar', 'encoder')
 POSITIONS = ('learned', 'sinusoidal', 'rotary', 'axial', 'none')
 NORMS = ('layer', 'rms')
 MLPS = ('gelu', 'gelu_exact', 'swiglu')
+
+
+class ModelConfigError(ValueError):
+  """A bad model setting; the message starts with its key under config.model."""
+
+  def __init__(self, key, message):
+    super().__init__(f'{key}: {message}')
+    self.key = key
+
+
+def choice_error(key, value, choices):
+  return ModelConfigError(key, f'unknown value {value!r}; choose from {", ".join(choices)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +56,11 @@ class AttentionSpec:
     kind = att.pop('kind', 'softmax') or 'softmax'
     per_head = bool(att.pop('per_head_features', False))
     options = tuple(sorted((k, v) for k, v in att.items() if v is not None))
-    attention.make_options(kind, per_head_features=per_head, **dict(options))
+    try:
+      attention.make_options(kind, per_head_features=per_head, **dict(options))
+    except ValueError as e:
+      key = 'attention.kind' if kind not in attention.KINDS else 'attention'
+      raise ModelConfigError(key, e) from e
     return cls(kind, options, per_head)
 
   def build(self, *, head_dim: int, num_heads: int, rngs):
@@ -90,8 +107,6 @@ class ModelConfig:
   embed_init_std: float = 1.0
   tie_embeddings: bool = False
   image_shape: tuple | None = None
-  type_vocab_size: int = 2
-  pooler: bool = False
   lora_rank: int = 0
   lora_alpha: float = 16.0
   short_conv: int = 0
@@ -101,52 +116,71 @@ class ModelConfig:
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
     for key, choices in (
-      ('task', TASKS),
+      ('task', tuple(tasks.TASKS)),
       ('positions', POSITIONS),
       ('norm', NORMS),
       ('mlp', MLPS),
       ('dtype', tuple(DTYPES)),
     ):
       if getattr(self, key) not in choices:
-        raise ValueError(f'unknown {key} {getattr(self, key)!r}; valid: {choices}')
+        raise choice_error(key, getattr(self, key), choices)
     for key in ('vocab_size', 'num_layers', 'num_heads', 'emb_dim', 'mlp_dim', 'max_len'):
       if not getattr(self, key) or getattr(self, key) < 1:
-        raise ValueError(f'{key} must be a positive integer, got {getattr(self, key)}')
+        raise ModelConfigError(key, f'must be a positive integer, got {getattr(self, key)}')
+    for key in ('num_kv_heads', 'head_dim', 'dropout_rate', 'norm_eps'):
+      if getattr(self, key) < 0:
+        raise ModelConfigError(key, f'must be >= 0, got {getattr(self, key)}')
     if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-      raise ValueError(f'lora_rank must be an integer >= 0 (0 = off), got {self.lora_rank!r}')
+      raise ModelConfigError(
+        'lora_rank', f'must be an integer >= 0 (0 = off), got {self.lora_rank!r}'
+      )
     if not isinstance(self.short_conv, int) or self.short_conv < 0:
-      raise ValueError(f'short_conv must be an integer >= 0 (0 = off), got {self.short_conv!r}')
+      raise ModelConfigError(
+        'short_conv', f'must be an integer >= 0 (0 = off), got {self.short_conv!r}'
+      )
     if self.lora_rank and not self.lora_alpha > 0:
-      raise ValueError(f'lora_alpha must be > 0, got {self.lora_alpha!r}')
+      raise ModelConfigError('lora_alpha', f'must be > 0, got {self.lora_alpha!r}')
     if not self.head_dim:
       if self.emb_dim % self.num_heads:
-        raise ValueError(f'emb_dim {self.emb_dim} is not divisible by num_heads {self.num_heads}')
+        raise ModelConfigError(
+          'emb_dim', f'{self.emb_dim} is not divisible by num_heads {self.num_heads}'
+        )
       set_('head_dim', self.emb_dim // self.num_heads)
     set_('num_kv_heads', self.num_kv_heads or self.num_heads)
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-        f'num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}'
+      raise ModelConfigError(
+        'num_kv_heads', f'num_heads {self.num_heads} is not a multiple of {self.num_kv_heads}'
       )
     if self.positions == 'rotary' and self.head_dim % 2:
-      raise ValueError(f'rotary positions need an even head_dim, got {self.head_dim}')
-    if self.task == 'image_ar':
+      raise ModelConfigError('head_dim', f'rotary positions need it even, got {self.head_dim}')
+    if self.task_spec.image:
       shape = tuple(int(s) for s in (self.image_shape or ()))
       if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f'image_ar needs image_shape (height, width, channels), got {shape}')
+        raise ModelConfigError(
+          'image_shape', f'{self.task} needs (height, width, channels), got {shape}'
+        )
       if self.max_len != math.prod(shape):
-        raise ValueError(
-          f'image_ar max_len ({self.max_len}) must equal the number of sub-pixels '
-          f'{shape} -> {math.prod(shape)}'
+        raise ModelConfigError(
+          'max_len',
+          f'{self.task} max_len ({self.max_len}) must equal the number of sub-pixels '
+          f'{shape} -> {math.prod(shape)}',
         )
       set_('image_shape', shape)
     else:
       set_('image_shape', None)
       if self.positions == 'axial':
-        raise ValueError("positions='axial' is only valid for task 'image_ar'")
+        raise ModelConfigError(
+          'positions', f"'axial' is only valid for task {' or '.join(tasks.names(image=True))!r}"
+        )
+
+  @property
+  def task_spec(self) -> tasks.Task:
+    """The `tasks.Task` of `task`: what the model predicts and how (causal, start token)."""
+    return tasks.TASKS[self.task]
 
   @property
   def causal(self) -> bool:
-    return self.task in ('causal_lm', 'image_ar')
+    return self.task_spec.causal
 
   @property
   def compute_dtype(self):

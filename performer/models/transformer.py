@@ -14,8 +14,9 @@ checkpoint's parameters mean the same thing in each and any attention kind:
 | mlm        | bidirectional | tokens[t] (masked upstream) | original tokens[t] |
 | image_ar   | causal        | tokens[t-1] (START at t=0)  | tokens[t]         |
 
-`target_offset` on the model records the last column (1 or 0), so a loss
-can align targets without knowing the task.
+The switches are the task's (`performer/tasks.py`: `causal`, `target_offset`,
+`start_token`); `target_offset` on the model records the last column (1 or 0),
+so a loss can align targets without knowing the task.
 
 Image AR shift: the image is flattened in raster order (row, column,
 channel) to H*W*C sub-pixel tokens in [0, 256). The model prepends a START
@@ -115,11 +116,12 @@ class Transformer(nnx.Module):
     self.vocab_size = cfg.vocab_size
     self.max_len = cfg.max_len
     self.causal = cfg.causal
-    self.target_offset = 1 if cfg.task == 'causal_lm' else 0
-    self.start_id = cfg.vocab_size if cfg.task == 'image_ar' else None
+    task = cfg.task_spec
+    self.target_offset = task.target_offset
+    self.start_id = cfg.vocab_size if task.start_token else None  # one extra embedding row
     self.dtype = dtype = cfg.compute_dtype
     self.embed = nnx.Embed(
-      cfg.vocab_size + (1 if cfg.task == 'image_ar' else 0),
+      cfg.vocab_size + int(task.start_token),
       cfg.emb_dim,
       dtype=dtype,
       embedding_init=nnx.initializers.normal(cfg.embed_init_std),

@@ -14,21 +14,13 @@ import logging
 import jax
 from flax import nnx
 
-from performer import attention, data, models
-from performer.convert import attention_transfer, pretrained
+from performer import attention, data, models, tasks
+from performer.convert import pretrained
 from performer.training import checkpoints, config_utils, optim, sharding
 from performer.training import steps as steps_lib
 from performer.training.state import ModelState, Run, Teacher
-from performer.training.task import Task
 
 log = logging.getLogger(__name__)
-
-
-# Architecture fields a pretrained checkpoint decides (convert/pretrained.py).
-PRETRAINED_FIELDS = (
-  'vocab_size', 'num_layers', 'num_heads', 'num_kv_heads', 'emb_dim', 'mlp_dim', 'head_dim',
-  'max_len', 'rope_theta', 'norm_eps', 'tie_embeddings', 'type_vocab_size', 'pooler',
-)  # fmt: skip
 
 
 def _fill_from_pretrained(config):
@@ -44,7 +36,7 @@ def _fill_from_pretrained(config):
       f'config.model.family: {model.family!r}, but config.train.init_from '
       f'{config.train.init_from} is a {pre.family!r} checkpoint'
     )
-  for key in PRETRAINED_FIELDS:
+  for key in models.FAMILIES[pre.family].pretrained_fields:
     if key not in pre.fields:
       continue
     value, ours = pre.fields[key], model[key]
@@ -60,16 +52,17 @@ def _fill_from_pretrained(config):
 
 def resolve_config(config):
   """Fills checkpoint- and data-dependent settings on a copy: a gguf:/hf: init_from's
-  architecture, the family's fixed task and positions, vocab_size=0 -> the data
-  vocabulary. Raises ConfigError (or a UserInputError naming a file)."""
+  architecture (whose model settings config_utils.validate leaves to this point), the
+  family's fixed task and positions, vocab_size=0 -> the data vocabulary. Reads metadata
+  only; raises ConfigError (or a UserInputError naming a file)."""
   config = config.copy_and_resolve_references()
   if pretrained.is_pretrained(config.train.init_from):
     _fill_from_pretrained(config)
+    config_utils.validate_model(config)
   fixed = models.FAMILIES[config.model.family].fixed
   for key in ('task', 'positions'):
     if key in fixed:
       config.model[key] = fixed[key]
-  config_utils._validate_model(config.model)  # pylint: disable=protected-access
   vocab = data.vocab_for(config.data)
   if config.model.vocab_size == 0:
     config.model.vocab_size = int(vocab.size)
@@ -131,7 +124,6 @@ def create_state(config, mesh, init='jit'):
     shardings=shard,
     abstract={'params': a_params, 'features': a_features, 'stats': a_stats},
     feature_params=tuple(models.new_params(abstract_model)),  # never in a softmax checkpoint
-    target_offset=int(getattr(abstract_model, 'target_offset', 1)),
   )
 
 
@@ -155,16 +147,16 @@ def fresh_params(config, state, names):
 
 
 def setup(config, mesh=None):
-  """Everything a run needs before the loop; shared by train_and_evaluate, eval.py, tests."""
+  """Everything a run needs before the loop; shared by train_and_evaluate, eval.py, tests.
+  The config is validated first (config_utils.validate), before anything is built."""
   sharding.maybe_initialize_distributed()
-  config, vocab = resolve_config(config)
+  config, vocab = resolve_config(config_utils.validate(config))
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   check_batch_size(config, mesh)
   state = create_state(config, mesh)
-  check_stages(config)
   flags = optim.stage_flags(state.abstract['params'], config.train)
   tx, schedule = optim.make_optimizer(config.train, flags)
-  task = Task.from_config(config.model, config.train, vocab, state.target_offset)
+  task = tasks.for_run(config.model, config.train, vocab)
   a_opt = jax.eval_shape(tx.init, state.abstract['params'])
   state = dataclasses.replace(
     state,
@@ -172,11 +164,6 @@ def setup(config, mesh=None):
     abstract={**state.abstract, 'opt_state': a_opt},
   )
   replicated, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  if config.model.task == 'encoder' and not config.train.distill_from:
-    raise config_utils.ConfigError(
-      'config.train.distill_from: an encoder trains by distillation from its softmax '
-      'original; name it (e.g. the same hf:DIR as init_from)'
-    )
   teacher = build_teacher(config, mesh) if config.train.distill_from else None
   train_fn, eval_fn = steps_lib.make_step_fns(
     state.graphdef,
@@ -219,11 +206,11 @@ def check_batch_size(config, mesh):
 
 def make_eval_fn(config, vocab, mesh, state):
   """The jitted eval step of `config`'s run over `state` (a `ModelState`), without the
-  optimizer or a train step: eval.py's. Only an encoder, scored against its original,
-  builds the teacher (other tasks' eval steps never read it)."""
+  optimizer or a train step: eval.py's. Only a task scored against the original (an
+  encoder) builds the teacher; other tasks' eval steps never read it."""
   replicated = sharding.replicated(mesh)
-  task = Task.from_config(config.model, config.train, vocab, state.target_offset)
-  teacher = build_teacher(config, mesh) if config.model.task == 'encoder' else None
+  task = tasks.for_run(config.model, config.train, vocab)
+  teacher = build_teacher(config, mesh) if task.needs_teacher else None
   return steps_lib.make_eval_fn(
     state.graphdef,
     task,
@@ -234,32 +221,6 @@ def make_eval_fn(config, vocab, mesh, state):
   )
 
 
-DISTILL_TARGETS = ('logits', 'hidden')
-
-
-def check_stages(config):
-  """One-line ConfigErrors for the transfer stage and `train.trainable`."""
-  tc, error = config.train, config_utils.ConfigError
-  if tc.trainable not in optim.TRAINABLE:
-    raise error(
-      f'config.train.trainable: {tc.trainable!r}; choose from {", ".join(optim.TRAINABLE)}'
-    )
-  if tc.trainable == 'lora' and not config.model.lora_rank:
-    raise error('config.train.trainable=lora needs config.model.lora_rank > 0')
-  if not 0 <= tc.transfer_steps <= tc.num_steps:
-    raise error(f'config.train.transfer_steps: {tc.transfer_steps} is not in [0, num_steps]')
-  if tc.transfer_steps and not tc.distill_from:
-    raise error(
-      'config.train.transfer_steps: attention transfer learns from a softmax teacher; set '
-      'config.train.distill_from (e.g. the same source as init_from)'
-    )
-  if tc.transfer_loss not in attention_transfer.LOSSES:
-    raise error(
-      f'config.train.transfer_loss: {tc.transfer_loss!r}; choose from '
-      f'{", ".join(attention_transfer.LOSSES)}'
-    )
-
-
 def build_teacher(config, mesh):
   """The frozen distillation teacher: this model with 'softmax' attention, params loaded
   from `config.train.distill_from` by name (every name must match: same architecture).
@@ -268,15 +229,6 @@ def build_teacher(config, mesh):
   outside the optimizer.
   """
   tc = config.train
-  if tc.distill_target not in DISTILL_TARGETS:
-    raise config_utils.ConfigError(
-      f'config.train.distill_target: unknown value '
-      f'{tc.distill_target!r}; choose from logits, hidden'
-    )
-  if not tc.distill_temperature > 0 or tc.distill_weight < 0:
-    raise config_utils.ConfigError(
-      'config.train.distill_temperature must be > 0 and config.train.distill_weight >= 0'
-    )
   tstate, params, report = load_original(config, tc.distill_from, mesh, 'config.train.distill_from')
   log.info(
     'distilling from %s (step %d, softmax teacher, %s, weight %g)',

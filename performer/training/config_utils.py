@@ -19,6 +19,7 @@ import ml_collections
 from performer import errors
 
 SCHEDULES = ('cosine', 'constant')
+DISTILL_TARGETS = ('logits', 'hidden')
 
 
 class ConfigError(errors.UserInputError):
@@ -171,41 +172,35 @@ def _check_positive(config, keys, allow_zero=False):
       raise ConfigError(f'config.{key}: must be {">= 0" if allow_zero else "> 0"}, got {value}')
 
 
-def _validate_model(model_config):
-  """The models' own checks (e.g. image_ar max_len vs image_shape), as a ConfigError.
-  A data-derived vocab_size of 0 is checked as 1."""
+def validate_model(config):
+  """config.model through the models' own checks (families.model_config: choices, sizes,
+  the task's image shape, attention options), as a ConfigError naming the key. A
+  data-derived vocab_size of 0 is checked as 1."""
   from performer import models  # pylint: disable=g-import-not-at-top
 
-  fields = model_config.to_dict()
+  fields = config.model.to_dict()
   fields['vocab_size'] = fields['vocab_size'] or 1
   try:
     models.model_config(fields)
+  except models.ModelConfigError as e:
+    raise ConfigError(f'config.model.{_one_line(e)}') from e
   except ValueError as e:
     raise ConfigError(f'config.model: {_one_line(e)}') from e
 
 
 def validate(config):
-  """Checks values that types alone cannot: names, ranges, divisibility. Raises ConfigError."""
-  from performer import attention, data, models  # pylint: disable=g-import-not-at-top
+  """The one pass over a config, before anything is built: names, ranges, divisibility,
+  the model (unless a gguf:/hf: init_from decides it: build.resolve_config checks it once
+  filled in) and the training stages. Raises ConfigError; returns `config`."""
+  from performer import data  # pylint: disable=g-import-not-at-top
+  from performer.convert.pretrained import is_pretrained  # pylint: disable=g-import-not-at-top
 
-  _check_choice('model.family', config.model.family, tuple(models.FAMILIES))
-  _check_choice('model.task', config.model.task, models.TASKS)
-  _check_choice('model.attention.kind', config.model.attention.kind, attention.KINDS)
-  _check_choice('model.positions', config.model.positions, models.POSITIONS)
-  _check_choice('model.dtype', config.model.dtype, tuple(models.DTYPES))
-  _check_choice(
-    'model.attention.feature_norms', config.model.attention.feature_norms, attention.FEATURE_NORMS
-  )
   _check_choice('data.name', config.data.name, data.NAMES)
   _check_choice('data.crop', config.data.crop, data.CROPS)
   _check_choice('train.schedule', config.train.schedule, SCHEDULES)
-  # With a pretrained init_from the architecture comes from the checkpoint, filled in and
-  # checked by build.resolve_config.
-  from performer.convert.pretrained import is_pretrained  # pylint: disable=g-import-not-at-top
-
   pretrained = is_pretrained(config.train.init_from)
-  sizes = ['model.num_layers', 'model.num_heads', 'model.emb_dim', 'model.mlp_dim', 'model.max_len']
-  _check_positive(config, sizes, allow_zero=pretrained)
+  if not pretrained:
+    validate_model(config)
   _check_positive(
     config,
     [
@@ -222,7 +217,6 @@ def validate(config):
   _check_positive(
     config,
     [
-      'model.vocab_size',
       'train.warmup_steps',
       'train.time_limit_minutes',
       'train.weight_decay',
@@ -230,12 +224,8 @@ def validate(config):
       'train.redraw_every',
       'train.eval_every',
       'train.checkpoint_every',
-      'model.dropout_rate',
       'model.attention.num_features',
       'model.attention.chunk_size',
-      'model.num_kv_heads',
-      'model.head_dim',
-      'model.norm_eps',
     ],
     allow_zero=True,
   )
@@ -257,14 +247,52 @@ def validate(config):
       f'config.model.max_len: {config.model.max_len} < config.data.seq_len='
       f'{config.data.seq_len} with learned positions'
     )
-  if config.model.task == 'image_ar' and len(config.model.image_shape) != 3:
-    raise ConfigError('config.model.image_shape: image_ar needs (height, width, channels)')
-  if not pretrained:
-    _validate_model(config.model)
   if config.mesh.data == 0 or config.mesh.data < -1:
     raise ConfigError(f'config.mesh.data: must be -1 (all devices) or > 0, got {config.mesh.data}')
   _check_sequence_split(config)
+  _check_stages(config)
+  _check_teacher(config)
   return config
+
+
+def _check_stages(config):
+  """`train.trainable` and the attention-transfer stage."""
+  from performer.convert import attention_transfer  # pylint: disable=g-import-not-at-top
+  from performer.training import optim  # pylint: disable=g-import-not-at-top
+
+  tc = config.train
+  _check_choice('train.trainable', tc.trainable, optim.TRAINABLE)
+  if tc.trainable == 'lora' and not config.model.lora_rank:
+    raise ConfigError('config.train.trainable=lora needs config.model.lora_rank > 0')
+  if not 0 <= tc.transfer_steps <= tc.num_steps:
+    raise ConfigError(f'config.train.transfer_steps: {tc.transfer_steps} is not in [0, num_steps]')
+  if tc.transfer_steps and not tc.distill_from:
+    raise ConfigError(
+      'config.train.transfer_steps: attention transfer learns from a softmax teacher; set '
+      'config.train.distill_from (e.g. the same source as init_from)'
+    )
+  _check_choice('train.transfer_loss', tc.transfer_loss, attention_transfer.LOSSES)
+
+
+def _check_teacher(config):
+  """A task that learns from a teacher names one; a teacher's distillation settings."""
+  from performer import models, tasks  # pylint: disable=g-import-not-at-top
+
+  tc = config.train
+  family = models.FAMILIES.get(config.model.family)  # unknown: a pretrained init_from says so
+  task = tasks.TASKS.get(family.fixed.get('task', config.model.task) if family else None)
+  if task is not None and task.needs_teacher and not tc.distill_from:
+    raise ConfigError(
+      f'config.train.distill_from: the {task.name} task learns from its softmax original; '
+      'name it (e.g. the same hf:DIR as init_from)'
+    )
+  if not tc.distill_from:
+    return
+  _check_choice('train.distill_target', tc.distill_target, DISTILL_TARGETS)
+  if not tc.distill_temperature > 0 or tc.distill_weight < 0:
+    raise ConfigError(
+      'config.train.distill_temperature must be > 0 and config.train.distill_weight >= 0'
+    )
 
 
 def _check_sequence_split(config):

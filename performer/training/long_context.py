@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from performer import errors
+from performer import errors, tasks
 from performer.training import build, restore, sharding, text_eval
 from performer.training import recall_prompts as prompts
 
@@ -75,10 +75,10 @@ def check_settings(settings: Settings):
 def check_model(config, settings: Settings):
   """The run must be a causal LM that can represent the longest length (rotary and
   position-free models extrapolate: their max_len is raised here)."""
-  if config.model.task != 'causal_lm':
+  if tasks.TASKS[config.model.task].samples != 'text':
     raise errors.UserInputError(
-      f"--long_context: needs a causal_lm run (prompts and greedy answers); this run's task "
-      f'is {config.model.task!r}'
+      f'--long_context: needs a {" or ".join(tasks.names(samples="text"))} run (prompts and '
+      f"greedy answers); this run's task is {config.model.task!r}"
     )
   longest = max(settings.lengths) + 16  # room for the answer
   if longest > config.model.max_len:

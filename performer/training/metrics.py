@@ -7,38 +7,10 @@ a terminal, so logs and test output stay clean.
 """
 
 import json
-import math
 import os
 import sys
 
 import jax
-
-
-def summarize(sums, task):
-  """Turns eval token sums into metrics: loss, accuracy, perplexity (+ bits per dim);
-  an encoder's squared error and cosine similarity to its teacher."""
-  weight = max(float(sums['weight_sum']), 1.0)
-  loss = float(sums['loss_sum']) / weight
-  if task == 'encoder':  # distance to the teacher's hidden states (objectives.encoder_sums)
-    out = {
-      'loss': loss,
-      'cosine': float(sums['correct_sum']) / weight,
-      'tokens': float(sums['weight_sum']),
-    }
-    if 'sentences' in sums:  # eval: mean-pooled sentence embeddings (objectives.sentence_sums)
-      out['sentence_cosine'] = float(sums['sentence_cosine_sum']) / max(
-        float(sums['sentences']), 1.0
-      )
-    return out
-  out = {
-    'loss': loss,
-    'accuracy': float(sums['correct_sum']) / weight,
-    'perplexity': math.exp(min(loss, 50.0)),
-    'tokens': float(sums['weight_sum']),
-  }
-  if task == 'image_ar':
-    out['bits_per_dim'] = loss / math.log(2.0)
-  return out
 
 
 class MetricWriter:

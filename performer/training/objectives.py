@@ -2,10 +2,10 @@
 
 An objective maps (model pieces, micro-batch, dropout key, teacher pieces) to (loss,
 (sums, new statistics)). `Supervised` runs the student once (and the frozen teacher once,
-if a term needs it) and adds its terms: the task's cross-entropy, distillation from the
-teacher's logits or hidden states, or an encoder's hidden-state match. `AttentionTransfer`
-is the first stage of linearizing (convert/attention_transfer.py). A new loss is a new term,
-not a branch in the step.
+if a term needs it) and adds its terms: the task's own (tasks.py: cross-entropy, or an
+encoder's hidden-state match) and distillation from the teacher's logits or hidden states.
+`AttentionTransfer` is the first stage of linearizing (convert/attention_transfer.py). A new
+loss is a new term, not a branch in the step.
 
 Everything is returned as SUMS (loss, correct, weight, ...) so that micro-batches, devices
 and eval batches add up and are divided once: gradient accumulation equals one big batch.
@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from performer import models
@@ -53,20 +52,7 @@ def forward(graphdef, trees, inputs, batch, *, dropout_key=None, hidden=False, t
   return out, nnx.state(model, FeatureStats)
 
 
-# ------------------------------------------------------------------------------- sums
-
-
-def token_sums(logits, targets, weights):
-  """Summed cross-entropy, correct predictions and weight over the weighted tokens."""
-  logits = logits.astype(jnp.float32)
-  w = weights.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return {
-    'loss_sum': jnp.sum(loss * w),
-    'correct_sum': jnp.sum(correct * w),
-    'weight_sum': jnp.sum(w),
-  }
+# ------------------------------------------------------------------------ distillation
 
 
 def distill_sum(student, teacher, weights, *, target, temperature):
@@ -86,70 +72,6 @@ def distill_sum(student, teacher, weights, *, target, temperature):
     s_logp = jax.nn.log_softmax(student / temperature, axis=-1)
     per_token = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * temperature**2
   return jnp.sum(per_token * w)
-
-
-def encoder_sums(student, teacher, weights):
-  """An encoder's task: the per-token squared error to the frozen teacher's hidden
-  states (as 'loss_sum') and their cosine similarity (as 'correct_sum')."""
-  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
-  student = student.astype(jnp.float32)
-  w = weights.astype(jnp.float32)
-  cosine = jnp.sum(student * teacher, -1) / jnp.maximum(
-    jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1), 1e-9
-  )
-  return {
-    'loss_sum': distill_sum(student, teacher, weights, target='hidden', temperature=1.0),
-    'correct_sum': jnp.sum(cosine * w),
-    'weight_sum': jnp.sum(w),
-  }
-
-
-def sentence_sums(student, teacher, weights, segment_ids=None):
-  """Cosine of mean-pooled sentence embeddings (sentence-transformers' pooling) per
-  sentence: a row, or a packed segment of one. {'sentence_cosine_sum', 'sentences'}."""
-  b, length, _ = student.shape
-  w = weights.astype(jnp.float32)[..., None]
-  seg = jnp.zeros((b, length), jnp.int32) if segment_ids is None else segment_ids
-  ids = (jnp.arange(b)[:, None] * length + seg).reshape(-1)
-  pool = lambda x: jax.ops.segment_sum(
-    (x.astype(jnp.float32) * w).reshape(b * length, -1), ids, b * length
-  )
-  s_emb, t_emb = pool(student), pool(jax.lax.stop_gradient(teacher))
-  count = jax.ops.segment_sum(w.reshape(-1), ids, b * length)
-  norms = jnp.linalg.norm(s_emb, axis=-1) * jnp.linalg.norm(t_emb, axis=-1)
-  cosine = jnp.sum(s_emb * t_emb, -1) / jnp.maximum(norms, 1e-12)
-  real = count > 0
-  return {
-    'sentence_cosine_sum': jnp.sum(jnp.where(real, cosine, 0.0)),
-    'sentences': jnp.sum(real.astype(jnp.float32)),
-  }
-
-
-# ------------------------------------------------------------------------------ terms
-
-
-@dataclasses.dataclass(frozen=True)
-class CrossEntropy:
-  """The task's own loss on its targets."""
-
-  needs_teacher = False
-  needs_hidden = False
-
-  def __call__(self, student, teacher, micro):
-    sums = token_sums(student[0], micro['targets'], micro['weights'])
-    return sums['loss_sum'], sums
-
-
-@dataclasses.dataclass(frozen=True)
-class HiddenStateMatch:
-  """An encoder's task: its hidden states (the model's output) against the teacher's."""
-
-  needs_teacher = True
-  needs_hidden = False
-
-  def __call__(self, student, teacher, micro):
-    sums = encoder_sums(student[0], teacher[0], micro['weights'])
-    return sums['loss_sum'], sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,13 +154,11 @@ class AttentionTransfer:
 
 def for_config(task, train_config, teacher_graphdef=None, stage='train'):
   """The objective of a run's `stage` ('transfer' or 'train'): attention transfer, or the
-  task's loss plus distillation when the run has a teacher."""
+  task's loss terms plus distillation when the run has a teacher its task does not use."""
   if stage == 'transfer':
     return AttentionTransfer(teacher_graphdef, train_config.get('transfer_loss', 'mse'))
-  if task.name == 'encoder':
-    return Supervised((HiddenStateMatch(),), teacher_graphdef)
-  terms = (CrossEntropy(),)
-  if teacher_graphdef is not None:
+  terms = task.loss_terms()
+  if teacher_graphdef is not None and not task.needs_teacher:
     terms += (
       Distillation(
         float(train_config.distill_weight),

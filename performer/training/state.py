@@ -52,7 +52,6 @@ class ModelState:
   shardings: dict
   abstract: dict
   feature_params: tuple = ()
-  target_offset: int = 1
 
   def train_state(self, step=0, opt_state=None, params=None):
     """The `TrainState` of these pieces (optionally other params) at `step`."""

@@ -6,7 +6,7 @@ stats, rest -- and is rebuilt with `nnx.merge` inside the step (objectives.forwa
 splitting once outside the loop and merging inside the trace costs nothing at run time,
 while `nnx.jit` in the hot loop would re-walk the object graph on every call. What the
 step minimises is an objective of pluggable loss terms (objectives.py); what it predicts
-is the `Task`'s (task.py).
+and how it is scored is the `Task`'s (performer/tasks.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from performer import models
+from performer import models, tasks
 from performer.attention import context_parallel
 from performer.training import objectives, optim
 from performer.training.state import TrainState
-from performer.training.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +32,18 @@ class StepProgram:
   graphdef: Any
   tx: Any
   schedule: Any
-  task: Task
+  task: tasks.Task
   objective: Any  # objectives.Supervised or objectives.AttentionTransfer
   grad_accum_steps: int = 1
   use_dropout: bool = False
   trainable: Any = None  # one bool per params leaf (optim.stage_flags); None: all
   teacher_graphdef: Any = None
+
+
+# A step logs each summed term of its objective per token: 'x_sum' as 'x' (an encoder's
+# 'cosine_sum' as 'cosine'), these three under the names the records have always used
+# (attention transfer's output cosine travels as 'correct_sum', so it reads as accuracy).
+METRIC_NAMES = {'loss_sum': 'loss', 'correct_sum': 'accuracy', 'distill_sum': 'distill_loss'}
 
 
 def train_step(state, batch, base_key, teacher=None, *, program):
@@ -92,14 +97,15 @@ def train_step(state, batch, base_key, teacher=None, *, program):
   updates, opt_state = p.tx.update(grads, state.opt_state, state.params)
   params = optim.keep_frozen(optax.apply_updates(state.params, updates), state.params, p.trainable)
   metrics = {
-    'loss': sums['loss_sum'] / total_weight,
-    'accuracy': sums['correct_sum'] / total_weight,
-    'tokens': sums['weight_sum'],
-    'grad_norm': optax.global_norm(grads),
-    'learning_rate': p.schedule(state.step),
+    METRIC_NAMES.get(key, key.removesuffix('_sum')): value / total_weight
+    for key, value in sums.items()
+    if key.endswith('_sum') and key != 'weight_sum'
   }
-  if 'distill_sum' in sums:
-    metrics['distill_loss'] = sums['distill_sum'] / total_weight
+  metrics.update(
+    tokens=sums['weight_sum'],
+    grad_norm=optax.global_norm(grads),
+    learning_rate=p.schedule(state.step),
+  )
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
   return new_state, metrics
 
@@ -114,11 +120,10 @@ def eval_step(state, batch, mask_key, teacher=None, *, program):
   p = program
   inputs, targets, weights = p.task.targets(batch, mask_key, evaluating=True)
   out, _ = objectives.forward(p.graphdef, state.trees, inputs, batch)
-  if p.task.name == 'encoder':
+  t_out = None
+  if p.task.needs_teacher:
     t_out, _ = objectives.forward(p.teacher_graphdef, teacher, inputs, batch)
-    sums = objectives.encoder_sums(out, t_out, weights)
-    return {**sums, **objectives.sentence_sums(out, t_out, weights, batch.get('segment_ids'))}
-  return objectives.token_sums(out, targets, weights)
+  return p.task.eval_sums(out, t_out, targets, weights, batch)
 
 
 def model_state(model):

@@ -25,10 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from performer import errors, models
+from performer import errors, models, tasks
 from performer.data import vocab as vocab_lib
 from performer.training import build, config_utils, restore, sharding
-from performer.training import task as task_lib
 
 _EXPECTED = 'expected a UTF-8 text file'
 NOT_SCORED_NOTE = 'the first token of each window has no context and is not scored'
@@ -101,7 +100,7 @@ def make_loss_fn(graphdef):
   def token_losses(params, features, stats, rest, tokens, mask):
     model = nnx.merge(graphdef, params, features, stats, rest, copy=True)
     logits, _ = model(tokens, mask=mask, deterministic=True)
-    _, targets, weights = task_lib.causal_targets({'tokens': tokens, 'mask': mask})
+    _, targets, weights = tasks.causal_targets({'tokens': tokens, 'mask': mask})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     return loss, weights
 
@@ -170,10 +169,10 @@ def score_text(config, workdir, path, teacher=False, max_tokens=0):
   if max_tokens < 0:
     raise errors.UserInputError(f'--max_tokens: must be >= 0 (0 = all), got {max_tokens}')
   config, vocab = build.resolve_config(config)
-  if config.model.task != 'causal_lm':
+  if tasks.TASKS[config.model.task].samples != 'text':
     raise errors.UserInputError(
       f"--text_file: scores next-token prediction, but this model's task is "
-      f'{config.model.task!r}; it needs a causal_lm run'
+      f'{config.model.task!r}; it needs a {" or ".join(tasks.names(samples="text"))} run'
     )
   source = teacher_source(config) if teacher else None
   seq_len = int(config.data.seq_len)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from performer import data, models
+from performer import data, models, tasks
 from performer.convert import pretrained
 from performer.training import build, checkpoints, interrupts, restore, rundir, sharding
 from performer.training import metrics as metrics_lib
@@ -103,7 +103,7 @@ def evaluate(eval_fn, state, config, split, *, batch_sharding, eval_key, num_bat
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError(f'the {split!r} split produced no batches')
-  return metrics_lib.summarize(jax.device_get(totals), config.model.task)
+  return tasks.TASKS[config.model.task].summary(jax.device_get(totals))
 
 
 def _data_state(it):
@@ -246,12 +246,19 @@ def _train(config, workdir, progress, stop):
       writer.write(step, 'train', summary)
       bar.set_rates(rate, rate * tokens_per_step)
       log.info(
-        'step %d%s: loss %.5g accuracy %.4f%s | %.2f steps/s %.0f tokens/s',
+        'step %d%s: loss %.5g%s | %.2f steps/s %.0f tokens/s',
         step,
         ' (attention transfer: layer MSE, output cosine)' if step <= tc.transfer_steps else '',
         summary['loss'],
-        summary['accuracy'],
-        f' distill {summary["distill_loss"]:.4f}' if 'distill_loss' in summary else '',
+        ''.join(
+          f' {name} {summary[key]:.4f}'
+          for key, name in (
+            ('accuracy', 'accuracy'),
+            ('cosine', 'cosine'),
+            ('distill_loss', 'distill'),
+          )
+          if key in summary
+        ),
         rate,
         rate * tokens_per_step,
       )
@@ -357,35 +364,6 @@ def print_summary(config, step, final, unigram, progress_write=print):
     f'== {config.model.task} / {config.model.attention.kind} / {config.data.name} '
     f'after {step} steps ==',
   ]
-  if config.model.task == 'encoder':
-    lines.append(f'{"":18s}{"split":>12s}{"hidden mse":>12s}{"cosine":>10s}{"sentence cos":>14s}')
-    for split, result in final.items():
-      lines.append(
-        f'{"vs teacher":18s}{split:>12s}{result["loss"]:12.5f}{result["cosine"]:10.4f}'
-        f'{result.get("sentence_cosine", float("nan")):14.4f}'
-      )
-    for line in lines:
-      progress_write(line)
-    return
-  lines.append(f'{"":18s}{"split":>12s}{"loss":>10s}{"accuracy":>10s}{"perplexity":>12s}')
-  for split, result in final.items():
-    lines.append(
-      f'{"model":18s}{split:>12s}{result["loss"]:10.4f}{result["accuracy"]:10.4f}'
-      f'{result["perplexity"]:12.3f}'
-      + (f'   bits/dim {result["bits_per_dim"]:.4f}' if 'bits_per_dim' in result else '')
-      + (
-        f'   per-word perplexity {result["word_perplexity"]:.2f}'
-        if 'word_perplexity' in result
-        else ''
-      )
-    )
-    if split in unigram:
-      base = unigram[split]
-      acc = base.get('accuracy')
-      acc = f'{acc:10.4f}' if acc is not None else f'{"-":>10s}'
-      lines.append(
-        f'{"unigram baseline":18s}{split:>12s}{base["cross_entropy"]:10.4f}{acc}'
-        f'{base["perplexity"]:12.3f}'
-      )
+  lines += tasks.TASKS[config.model.task].summary_table(final, unigram)
   for line in lines:
     progress_write(line)
