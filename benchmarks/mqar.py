@@ -31,7 +31,7 @@ v (model.short_conv; Zoology's and Based's recall models have one), no dropout, 
 head tied to the embedding with init std 0.02 (as Zoology's model; with the family's 1.0,
 400 steps at L=64 reached 0.06 instead of 0.16 at 4 pairs), applied at the queried
 positions only. AdamW, global-norm clip 1, 10% linear warmup then cosine decay
-(`performer.training.optim`), lr 3e-3 (Zoology's MQAR sweeps span 1e-3 .. 3e-2). Random features are drawn once, never redrawn; FAVOR++/FAVOR#'s
+(`performer.training.optim`), lr 3e-3 (Zoology's MQAR sweeps span 1e-3 .. 3e-2). Random projections are drawn once, never redrawn; FAVOR++/FAVOR#'s
 running statistics update in the train steps as in `train.py`. FAVOR kinds use
 num_features=64 (= head_dim, so their state matches linear_elu's) unless
 `--attention_option num_features=M` says otherwise.
@@ -273,7 +273,7 @@ def model_dict(kind, window, args):
 def query_logits(graphdef, trees, batch, training):
   """(logits [Q, V] at the queried positions, the running statistics after the call).
 
-  `trees` = (params, features, stats, rest). The model's own logits at every position
+  `trees` = (params, projections, stats, rest). The model's own logits at every position
   are unused, so XLA drops them; the tied head is applied to the queried positions."""
   (_, hidden), stats = objectives.forward(
     graphdef, trees, batch['tokens'], {'mask': None}, hidden=True, training=training
@@ -286,7 +286,7 @@ def query_logits(graphdef, trees, batch, training):
 def make_fns(graphdef, tx):
   """(train_step, eval_step), jitted. train_step(params, opt_state, stats, fixed, batch)
   -> (params, opt_state, stats, loss); eval_step(params, stats, fixed, batch) -> [Q]
-  correct (1.0) or not; `fixed` = (features, rest): never trained, never redrawn."""
+  correct (1.0) or not; `fixed` = (projections, rest): never trained, never redrawn."""
 
   def loss_fn(params, stats, fixed, batch):
     logits, stats = query_logits(graphdef, (params, fixed[0], stats, fixed[1]), batch, True)
@@ -346,10 +346,10 @@ def run_row(kind, window, args, log):
   )
   row['state_bytes'] = state_bytes(model, args.length)
   row['state_kib'] = row['state_bytes'] / 1024
-  graphdef, params, features, stats, rest = models.split(model)
+  graphdef, params, projections, stats, rest = models.split(model)
   tx, _ = optim.make_optimizer(train_config(args))
   train_step, eval_step = make_fns(graphdef, tx)
-  opt_state, fixed = tx.init(params), (features, rest)
+  opt_state, fixed = tx.init(params), (projections, rest)
   rng = np.random.default_rng(args.seed)
   stage_of_step = curriculum(list(args.mix), args.steps)
   losses = []

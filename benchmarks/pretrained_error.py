@@ -73,7 +73,7 @@ def capture(config_path, length):
   mesh = sharding.make_mesh(config.mesh)
   source = config.train.distill_from or config.train.init_from
   state, params, _ = build.load_original(config, source, mesh, '--config init_from')
-  model = nnx.merge(state.graphdef, params, state.features, state.stats, state.rest)
+  model = nnx.merge(state.graphdef, params, state.projections, state.stats, state.rest)
   tokens = jnp.asarray(held_out_tokens(config.data, vocab, length))[None]
   _, sown = models.capture_intermediates(model, tokens, deterministic=True)
   layers = {}

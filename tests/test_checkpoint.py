@@ -76,7 +76,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   assert resumed['step'] == reference['step'] == KILL_ARGS['train__num_steps']
   for a, b in zip(_leaves(resumed['params']), _leaves(reference['params'])):
     assert a.dtype == b.dtype and np.array_equal(a, b)
-  for a, b in zip(_leaves(resumed['features']), _leaves(reference['features'])):
+  for a, b in zip(_leaves(resumed['projections']), _leaves(reference['projections'])):
     assert np.array_equal(a, b)
   assert resumed['final'] == reference['final']
   # The record reads like one run: rows the killed process logged after its checkpoint
@@ -140,7 +140,7 @@ def test_init_from_across_attention_kinds(tmp_path, caplog):
   assert report['only_in_checkpoint'] == [] and report['only_in_model'] == []
   for a, b in zip(_leaves(params), _leaves(src['params'])):
     assert np.array_equal(a, b)
-  assert jax.tree.leaves(run.model.features), 'favor_relu draws its own features'
+  assert jax.tree.leaves(run.model.projections), 'favor_relu draws its own features'
 
   # A deeper model: the extra layer is named, keeps its fresh init, and a warning says so.
   deeper = tiny_config(model__attention__kind='favor_softmax', model__num_layers=3, **base)
@@ -197,7 +197,7 @@ def _saved_run(workdir, **overrides):
   state = build.create_state(config, restore.one_device_mesh(), init='eager')
   metrics.write_config(config, workdir)
   manager = checkpoints.make_manager(workdir, 1)
-  trees = {'params': state.params, 'features': state.features, 'stats': state.stats}
+  trees = {'params': state.params, 'projections': state.projections, 'stats': state.stats}
   checkpoints.save(manager, 3, trees, {'step': 3})
   manager.wait_until_finished()
   manager.close()
@@ -222,7 +222,7 @@ def test_restore_keeps_the_init_of_parameters_an_eval_option_adds(tmp_path, caps
   notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')]
   assert len(notes) == 1 and 'keep their initial values' in notes[0], notes
   assert 'sink_log_gain' in notes[0]
-  assert len(restore.restore(workdir).state.feature_params) < len(run.state.feature_params)
+  assert len(restore.restore(workdir).state.new_params) < len(run.state.new_params)
   for other in (dict(model__num_layers=3), dict(model__mlp_dim=96)):
     config = build.resolve_config(tiny_config(model__attention__sinks=4, **other))[0]
     with pytest.raises(checkpoints.CheckpointMismatchError, match='another model'):

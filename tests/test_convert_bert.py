@@ -209,7 +209,7 @@ def test_imports_into_adaptive_and_learned_maps(one_layer_dir, batch, kind, capl
   _, ids, mask = batch
   emb = np.asarray(bert_lib.sentence_embedding(model(ids, mask=mask)[0], mask))
   assert np.isfinite(emb).all()
-  missing = convert.feature_params(model)
+  missing = convert.feature_map_params(model)
   assert missing == (
     [
       'layers.0.attn.attend.feature_map.' + n

@@ -339,7 +339,7 @@ def test_tiny_loads_into_performer_kinds(tmp_path, caplog):
       )
     assert np.isfinite(np.asarray(model(TOKENS[None])[0])).all()
     # Hedgehog's maps are not in any checkpoint: initialised and reported, not an error.
-    missing = convert.feature_params(model)
+    missing = convert.feature_map_params(model)
     assert bool(missing) == (kind == 'hedgehog')
     assert ('feature-map parameters are not in the checkpoint' in caplog.text) == bool(missing)
 

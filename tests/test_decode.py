@@ -308,7 +308,7 @@ def _save_run(workdir, **overrides):
   checkpoints.save(
     manager,
     7,
-    {'params': params, 'opt_state': {'mu': params}, 'features': feats, 'stats': stats},
+    {'params': params, 'opt_state': {'mu': params}, 'projections': feats, 'stats': stats},
     {'step': 7},
   )
   manager.wait_until_finished()

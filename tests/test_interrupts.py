@@ -79,7 +79,7 @@ def _resume_and_compare(workdir, reference, saved_step=None):
     assert max(_steps(workdir)) == saved_step
   resumed = train_lib.train_and_evaluate(tiny_config(**ARGS), workdir)
   assert resumed['step'] == reference['step'] == ARGS['train__num_steps']
-  for name in ('params', 'features'):
+  for name in ('params', 'projections'):
     for a, b in zip(jax.tree.leaves(resumed[name]), jax.tree.leaves(reference[name])):
       assert np.array_equal(np.asarray(a), np.asarray(b)), name
   assert resumed['final'] == reference['final']

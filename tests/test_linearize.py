@@ -14,14 +14,14 @@ from performer.convert import attention_transfer
 from performer.training import build, config_utils, train_lib
 
 
-def layer_mse(config, params, features, stats, rest):
+def layer_mse(config, params, projections, stats, rest):
   """Mean per-token transfer loss of the student trees against the teacher, on a
   fixed random batch."""
   run = build.setup(config)
   teacher = nnx.merge(run.teacher.graphdef, *run.teacher.trees)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 16), 0, config.model.vocab_size or 64)
   _, captured = models.capture_intermediates(teacher, tokens, deterministic=True)
-  student = nnx.merge(run.model.graphdef, params, features, stats, rest)
+  student = nnx.merge(run.model.graphdef, params, projections, stats, rest)
   sums = attention_transfer.transfer_sums(student, captured, None, None)
   return float(sums['loss_sum'] / sums['weight_sum'])
 
@@ -53,7 +53,7 @@ def test_attention_transfer_lowers_layer_mse_and_trains_only_the_attention(
   )
   still = config_for(tiny_files, source, **{**overrides, 'train.transfer_learning_rate': 0.0})
   before = train_lib.train_and_evaluate(still, str(tmp_path / 'b'), progress=False)
-  trees = lambda r: (r['params'], r['features'], r['stats'], r['rest'])
+  trees = lambda r: (r['params'], r['projections'], r['stats'], r['rest'])
   config = config_for(tiny_files, source, **overrides)
   mse_before, mse_after = layer_mse(config, *trees(before)), layer_mse(config, *trees(trained))
   assert mse_after < ratio * mse_before, (mse_before, mse_after)

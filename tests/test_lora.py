@@ -77,7 +77,7 @@ def test_lora_params_are_the_four_projections():
     f'layers.{i}.attn.{p}.lora_{ab}' for i in range(2) for p in PROJECTIONS for ab in 'ab'
   )
   assert models.new_params(model) == expected
-  assert models.feature_params(model) == []
+  assert models.feature_map_params(model) == []
   selected = nnx.state(model, models.LoraParam)  # what a LoRA fine-tune trains
   assert sorted('.'.join(map(str, k)) for k, _ in nnx.to_flat_state(selected)) == expected
   attn = model.layers[0].attn

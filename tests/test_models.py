@@ -152,7 +152,7 @@ def test_random_features_are_variables_not_params(kind):
   params = nnx.state(model, nnx.Param)
   param_leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   assert not any(isinstance(p, attention.RandomProjection) for p in param_leaves)
-  assert 'features' not in str(jax.tree_util.tree_structure(params))
+  assert 'projection' not in str(jax.tree_util.tree_structure(params))
   if kind in FEATURE_KINDS:
     assert len(feats) == 2 and feats[0].shape == (16, 16)  # one per layer
   else:

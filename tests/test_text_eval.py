@@ -87,7 +87,7 @@ def test_text_file_perplexity_matches_a_direct_forward_pass(run):
   # The state training ended with (= its last checkpoint), not eval.py's restore of it.
   build = lambda: models.build_model(config.model, rngs=nnx.Rngs(0))
   graphdef = models.split(nnx.eval_shape(build))[0]
-  trained = [run['trained'][k] for k in ('params', 'features', 'stats', 'rest')]
+  trained = [run['trained'][k] for k in ('params', 'projections', 'stats', 'rest')]
   fine_tuned = jit_forward(nnx.merge(graphdef, *trained))
   tensors = tiny_hf_tensors()
   references = [

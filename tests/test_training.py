@@ -221,13 +221,15 @@ def test_redraw_schedule(tmp_path):
   )
   train_lib.train_and_evaluate(config, str(tmp_path))
   run = build.setup(config)
-  initial = run.model.features
+  initial = run.model.projections
   manager = checkpoints.make_manager(str(tmp_path), 10)
-  sh = run.model.shardings['features']
+  sh = run.model.shardings['projections']
   feats = {}
   for step in range(1, 8):
-    trees, _ = checkpoints.restore_step(manager, step, {'features': initial}, {'features': sh})
-    feats[step] = checkpoints.flatten(trees['features'])
+    trees, _ = checkpoints.restore_step(
+      manager, step, {'projections': initial}, {'projections': sh}
+    )
+    feats[step] = checkpoints.flatten(trees['projections'])
   manager.close()
   init_flat = {k: np.asarray(v) for k, v in checkpoints.flatten(initial).items()}
   assert init_flat, 'favor_softmax must have random features'

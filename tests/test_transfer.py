@@ -67,7 +67,7 @@ def sources(tmp_path_factory):
         {
           'params': state.params,
           'opt_state': run.tx.init(state.params),
-          'features': state.features,
+          'projections': state.projections,
           'stats': state.stats,
         },
         {'step': 2, 'data_state': None},
@@ -75,7 +75,7 @@ def sources(tmp_path_factory):
       manager.wait_until_finished()
     finally:
       manager.close()
-    out[kind] = (workdir, _flat(state.params), _flat(state.features))
+    out[kind] = (workdir, _flat(state.params), _flat(state.projections))
   return out
 
 
@@ -97,7 +97,7 @@ def _load_via_init_from(run, source, workdir):
 def test_transfer_every_pair(target, sources, tmp_path):
   run = build.setup(tiny_config(model__attention__kind=target, **SMALL))
   fresh_params = _flat(run.model.params)
-  fresh_features = _flat(run.model.features)
+  fresh_features = _flat(run.model.projections)
   assert bool(fresh_features) == attention.get_attention(target).uses_projection
   for source, (src_dir, src_params, src_features) in sources.items():
     workdir = str(tmp_path / f'{source}_to_{target}')
@@ -126,7 +126,7 @@ def test_transfer_every_pair(target, sources, tmp_path):
       ), f'{name} kept its fresh init'
       # (hedgehog's map starts at the identity whatever the seed)
     # Features: the target's own fresh draw, untouched by the load (and not the source's).
-    features = _flat(state.features)
+    features = _flat(state.projections)
     assert features.keys() == fresh_features.keys()
     for name, value in features.items():
       np.testing.assert_array_equal(value, fresh_features[name])

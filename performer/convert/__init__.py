@@ -31,7 +31,7 @@ from performer.convert.pretrained import (
   load_tokenizer,
   open_pretrained,
 )
-from performer.models import feature_params
+from performer.models import feature_map_params
 
 __all__ = [
   'Entry',
@@ -47,7 +47,7 @@ __all__ = [
   'check_keymap',
   'config_from_gguf',
   'config_from_hf',
-  'feature_params',
+  'feature_map_params',
   'import_bert',
   'import_llama_gguf',
   'import_llama_safetensors',

@@ -157,7 +157,7 @@ def apply_keymap(
     if e.transpose:
       arr = arr.T
     param.value = jnp.asarray(arr.reshape(param.shape), dtype=param.dtype)
-  features = models.feature_params(model)
+  features = models.feature_map_params(model)
   lora = sorted(set(models.new_params(model)) - set(features))
   for kind, missing in (('feature-map', features), ('LoRA', lora)):
     if missing:

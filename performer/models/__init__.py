@@ -9,7 +9,7 @@
 
 `config.model.family` picks the family (families.py), the attention kind is a
 config string, and no model branches on it (see `layers.py`). `split(model)` separates what training treats differently:
-parameters (feature-map parameters included), random features (redrawn),
+parameters (feature-map parameters included), random projections (redrawn),
 running statistics (updated by train steps) and the rest. With `lora_rank` > 0 the
 attention projections carry LoRA factors (`LoraParam`, lora.py); `merge_lora` folds them
 back into the kernels.
@@ -42,19 +42,22 @@ from performer.models.transformer import Transformer, check_tokens, shift_right
 
 
 def split(model: nnx.Module):
-  """(graphdef, params, features, stats, rest) of `model`:
+  """(graphdef, params, projections, stats, rest) of `model`:
 
-  params    nnx.Param (attention.FeatureParam, LoraParam included)  -> trained
-  features  attention.RandomProjection  -> redrawn, never trained
-  stats     attention.FeatureStats                       -> updated by train steps
-  rest      everything else (RNG streams)
+  params       nnx.Param (attention.FeatureParam, LoraParam, ConvParam included) -> trained
+  projections  attention.RandomProjection: the random matrices -> redrawn, never trained
+  stats        attention.FeatureStats                          -> updated by train steps
+  rest         everything else (RNG streams)
 
-  `nnx.merge(graphdef, params, features, stats, rest)` rebuilds the model.
+  "Features" means one thing in the zoo: phi(x), the feature vectors a feature map makes
+  (`LinearAttention.features`); the random matrices that make them are projections.
+
+  `nnx.merge(graphdef, params, projections, stats, rest)` rebuilds the model.
   """
   return nnx.split(model, nnx.Param, attention.RandomProjection, attention.FeatureStats, ...)
 
 
-def feature_params(model: nnx.Module) -> list[str]:
+def feature_map_params(model: nnx.Module) -> list[str]:
   """Dotted paths of the feature-map parameters (`attention.FeatureParam`, e.g.
   'layers.0.attn.attend.feature_map.query_weight'): no pretrained or softmax
   checkpoint holds them, so importers and init_from expect them missing (with the
@@ -72,7 +75,7 @@ NEW_PARAMS = (attention.FeatureParam, LoraParam, ConvParam)
 
 def new_params(model: nnx.Module) -> list[str]:
   """Dotted paths of every parameter no pretrained or softmax checkpoint holds:
-  feature-map parameters (`feature_params`), LoRA factors ('layers.0.attn.query.lora_a')
+  feature-map parameters (`feature_map_params`), LoRA factors ('layers.0.attn.query.lora_a')
   and short-convolution kernels.
   Importers and init_from keep their initial values and report them as expected-missing."""
   return sorted(
@@ -104,7 +107,7 @@ __all__ = [
   'capture_intermediates',
   'check_tokens',
   'family_of_architecture',
-  'feature_params',
+  'feature_map_params',
   'merge_lora',
   'model_config',
   'new_params',

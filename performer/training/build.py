@@ -97,14 +97,14 @@ def create_state(config, mesh, init='jit'):
   """
   build = _builder(config)
   abstract_model = nnx.eval_shape(build)
-  graphdef, a_params, a_features, a_stats, a_rest = models.split(abstract_model)
+  graphdef, a_params, a_projections, a_stats, a_rest = models.split(abstract_model)
   shard = {
     'params': sharding.param_shardings(mesh, a_params),
-    'features': sharding.replicated_shardings(mesh, a_features),
+    'projections': sharding.replicated_shardings(mesh, a_projections),
     'stats': sharding.replicated_shardings(mesh, a_stats),
     'rest': sharding.replicated_shardings(mesh, a_rest),
   }
-  pieces = ('params', 'features', 'stats', 'rest')
+  pieces = ('params', 'projections', 'stats', 'rest')
 
   def init_values():
     return models.split(build())[1:]
@@ -115,15 +115,15 @@ def create_state(config, mesh, init='jit'):
     trees = jax.jit(init_values, out_shardings=tuple(shard[k] for k in pieces))()
   elif init == 'restore':
     rest = jax.jit(lambda: models.split(build())[4], out_shardings=shard['rest'])()
-    trees = (a_params, a_features, a_stats, rest)
+    trees = (a_params, a_projections, a_stats, rest)
   else:
     raise ValueError(f"init={init!r}: choose from 'jit', 'eager', 'restore'")
   return ModelState(
     graphdef=graphdef,
     **dict(zip(pieces, trees)),
     shardings=shard,
-    abstract={'params': a_params, 'features': a_features, 'stats': a_stats},
-    feature_params=tuple(models.new_params(abstract_model)),  # never in a softmax checkpoint
+    abstract={'params': a_params, 'projections': a_projections, 'stats': a_stats},
+    new_params=tuple(models.new_params(abstract_model)),  # never in a softmax checkpoint
   )
 
 
@@ -178,7 +178,7 @@ def setup(config, mesh=None):
     teacher=teacher,
     flags=flags,
   )
-  redraw_fn = jax.jit(attention.redraw_projections, out_shardings=state.shardings['features'])
+  redraw_fn = jax.jit(attention.redraw_projections, out_shardings=state.shardings['projections'])
   return Run(
     config=config,
     vocab=vocab,
@@ -240,8 +240,8 @@ def build_teacher(config, mesh):
   sh = tstate.shardings
   return Teacher(
     graphdef=tstate.graphdef,
-    trees=(params, tstate.features, tstate.stats, tstate.rest),
-    shardings=(sh['params'], sh['features'], sh['stats'], sh['rest']),
+    trees=(params, tstate.projections, tstate.stats, tstate.rest),
+    shardings=(sh['params'], sh['projections'], sh['stats'], sh['rest']),
     report=report,
   )
 
@@ -276,7 +276,7 @@ def load_pretrained_params(source, state):
   """Params of `state` (create_state's) overwritten by a gguf:/hf: checkpoint through its
   family's key map; returns (params, report) like checkpoints.load_params_by_name."""
   pre = pretrained.open_pretrained(source)
-  host = jax.device_get((state.params, state.features, state.stats, state.rest))
+  host = jax.device_get((state.params, state.projections, state.stats, state.rest))
   model = nnx.merge(state.graphdef, *host)
   if models.model_config(model.config).family != pre.family:
     raise config_utils.ConfigError(f'{source} is a {pre.family!r} checkpoint, not this family')

@@ -1,6 +1,7 @@
 """Checkpoints: orbax CheckpointManager, resume with fallback, and params-only init_from.
 
-Layout: `workdir/checkpoints/<step>/{params,opt_state,features,stats,meta}` (an item with
+Layout: `workdir/checkpoints/<step>/{params,opt_state,features,stats,meta}`, `features`
+holding the random projections (`ON_DISK`; an item with
 nothing in it, e.g. no random features with softmax attention, is not written). Trees are stored as
 FLAT dicts keyed by dotted paths ('layers.0.attn.query.kernel') rather than as nnx.State
 objects: the names are readable, independent of the Python classes that produced them,
@@ -29,7 +30,14 @@ from performer import errors
 
 log = logging.getLogger(__name__)
 
-ITEMS = ('params', 'opt_state', 'features', 'stats', 'meta')
+ITEMS = ('params', 'opt_state', 'projections', 'stats', 'meta')
+# The random-projection trees are 'projections' in memory; on disk their item keeps the name
+# 'features' it was first saved under, so every run saved before the rename restores.
+ON_DISK = {'projections': 'features'}
+
+
+def _disk(name):
+  return ON_DISK.get(name, name)
 
 
 # ---------------------------------------------------------------------------- flat trees
@@ -81,7 +89,7 @@ def _abstract(flat_template, flat_shardings):
 
 
 def _handlers():
-  handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS if name != 'meta'}
+  handlers = {_disk(name): ocp.StandardCheckpointHandler() for name in ITEMS if name != 'meta'}
   return {**handlers, 'meta': ocp.JsonCheckpointHandler()}
 
 
@@ -143,7 +151,7 @@ def locate(path, setting='--workdir', error=None):
 def save(manager, step, trees, meta):
   """Starts an (async) save of the training state at `step`.
 
-  `trees` maps item names of ITEMS (params, opt_state, features, stats) to pytrees. Orbax
+  `trees` maps item names of ITEMS (params, opt_state, projections, stats) to pytrees. Orbax
   copies the arrays to host memory before `save` returns, so the caller may donate the
   device buffers to the next train step right away.
   """
@@ -152,7 +160,7 @@ def save(manager, step, trees, meta):
     raise ValueError(f'unknown checkpoint items {unknown}; valid: {ITEMS[:-1]}')
   flat_trees = {name: flatten(tree) for name, tree in trees.items()}
   # Orbax refuses empty items (e.g. no random features with softmax attention): skip them.
-  items = {name: ocp.args.StandardSave(flat) for name, flat in flat_trees.items() if flat}
+  items = {_disk(name): ocp.args.StandardSave(flat) for name, flat in flat_trees.items() if flat}
   manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
 
@@ -165,9 +173,9 @@ def saved_shapes(manager, step):
   composite = manager.item_metadata(step)
   saved = {}
   for name in ITEMS[:-1]:
-    if name not in composite.keys():
+    if _disk(name) not in composite.keys():
       continue
-    meta = composite[name]
+    meta = composite[_disk(name)]
     if meta is None:
       raise ValueError(f'unreadable metadata of item {name!r}')
     saved[name] = {k: tuple(v.shape) for k, v in getattr(meta, 'tree', meta).items()}
@@ -245,13 +253,15 @@ def restore_step(manager, step, templates, shardings, new_params=()):
   if absent:
     stored['params'] = {k: v for k, v in stored['params'].items() if k not in absent}
   targets = {
-    name: ocp.args.StandardRestore(_abstract(stored[name], flatten(shardings[name])))
+    _disk(name): ocp.args.StandardRestore(_abstract(stored[name], flatten(shardings[name])))
     for name in templates
     if stored[name]
   }
   restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **targets))
   trees = {
-    name: unflatten(tree, {**flatten(tree), **restored[name]}) if name in targets else tree
+    name: unflatten(tree, {**flatten(tree), **restored[_disk(name)]})
+    if _disk(name) in targets
+    else tree
     for name, tree in templates.items()
   }
   return trees, dict(restored['meta'])
@@ -262,7 +272,7 @@ def restore_latest(manager, templates, shardings, move_corrupt=True, new_params=
 
   Args:
     manager: from make_manager.
-    templates: {item: tree} for some of 'params', 'opt_state', 'features', 'stats' (arrays
+    templates: {item: tree} for some of 'params', 'opt_state', 'projections', 'stats' (arrays
       or ShapeDtypeStructs; they fix the structure). eval.py skips the optimizer state.
     shardings: {item: matching tree of shardings}.
     move_corrupt: move damaged steps to checkpoints_corrupt/ (training); eval only skips.

@@ -27,7 +27,7 @@ from performer.convert import attention_transfer
 
 def forward(graphdef, trees, inputs, batch, *, dropout_key=None, hidden=False, training=False):
   """The model's outputs (logits, or (logits, final hidden states) with `hidden`) and its
-  running statistics after the call. `trees` = (params, features, stats, rest).
+  running statistics after the call. `trees` = (params, projections, stats, rest).
 
   `training` lets feature maps update their statistics and, with a `dropout_key`, turns
   dropout on; eval and the teacher are deterministic with frozen statistics.

@@ -28,7 +28,7 @@ from performer import models
 from performer.training import build, checkpoints, rundir, sharding
 from performer.training.state import ModelState
 
-MODEL_ITEMS = ('params', 'features', 'stats')  # what inference needs: no optimizer state
+MODEL_ITEMS = ('params', 'projections', 'stats')  # what inference needs: no optimizer state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +42,9 @@ class Restored:
 
   @property
   def trees(self):
-    """(params, features, stats, rest): what `nnx.merge(state.graphdef, ...)` takes."""
+    """(params, projections, stats, rest): what `nnx.merge(state.graphdef, ...)` takes."""
     s = self.state
-    return s.params, s.features, s.stats, s.rest
+    return s.params, s.projections, s.stats, s.rest
 
   def model(self):
     """The nnx model (stored random features and statistics)."""
@@ -120,7 +120,7 @@ def restore(path, config=None, *, mesh=None, setting='--workdir'):
 
 
 def added_params(config, workdir, state):
-  """The new parameters (`state.feature_params`: feature maps, gains, LoRA factors, whose
+  """The new parameters (`state.new_params`: feature maps, gains, LoRA factors, whose
   initial values are meaningful untrained) of `state`, the model of `config`, that the
   run's own model, built from its config.json, does not have: what eval-time options add.
   () without config.json. A layer or width the config adds is not among them."""
@@ -129,7 +129,7 @@ def added_params(config, workdir, state):
     return ()
   abstract = nnx.eval_shape(lambda: models.build_model(own.model, rngs=nnx.Rngs(0)))
   theirs = checkpoints.flatten(models.split(abstract)[1])
-  return tuple(sorted(set(state.feature_params) - set(theirs)))
+  return tuple(sorted(set(state.new_params) - set(theirs)))
 
 
 def _run_values(config, workdir):

@@ -26,32 +26,32 @@ class TrainState:
   params: Any
   opt_state: Any
   stats: Any
-  features: Any
+  projections: Any
   rest: Any
 
   @property
   def trees(self):
-    """(params, features, stats, rest): the pieces `nnx.merge` takes after graphdef."""
-    return self.params, self.features, self.stats, self.rest
+    """(params, projections, stats, rest): the pieces `nnx.merge` takes after graphdef."""
+    return self.params, self.projections, self.stats, self.rest
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelState:
   """A model as `models.split` pieces, placed on the mesh.
 
-  `shardings` and `abstract` map piece names ('params', 'features', 'stats', 'rest', and
+  `shardings` and `abstract` map piece names ('params', 'projections', 'stats', 'rest', and
   after `build.setup` 'opt_state') to trees of shardings and of shapes: the names
-  checkpoints store them under. `feature_params` names the parameters no softmax
+  checkpoints store them under. `new_params` names the parameters no softmax
   checkpoint has (feature maps, window gains, LoRA factors)."""
 
   graphdef: Any
   params: Any
-  features: Any
+  projections: Any
   stats: Any
   rest: Any
   shardings: dict
   abstract: dict
-  feature_params: tuple = ()
+  new_params: tuple = ()
 
   def train_state(self, step=0, opt_state=None, params=None):
     """The `TrainState` of these pieces (optionally other params) at `step`."""
@@ -60,7 +60,7 @@ class ModelState:
       params=self.params if params is None else params,
       opt_state=opt_state,
       stats=self.stats,
-      features=self.features,
+      projections=self.projections,
       rest=self.rest,
     )
 
@@ -72,7 +72,7 @@ class ModelState:
       params=sh['params'],
       opt_state=sh.get('opt_state'),
       stats=sh['stats'],
-      features=sh['features'],
+      projections=sh['projections'],
       rest=sh['rest'],
     )
 
@@ -83,7 +83,7 @@ class Teacher:
   donated, never in the optimizer)."""
 
   graphdef: Any
-  trees: tuple  # (params, features, stats, rest)
+  trees: tuple  # (params, projections, stats, rest)
   shardings: tuple
   report: dict
 

@@ -1,7 +1,7 @@
 """The pure train and eval steps over one `TrainState`.
 
 Everything here is a plain function of arrays so it can be `jax.jit`-ed with a donated
-state. The model travels as `models.split` pieces inside the state -- params, features,
+state. The model travels as `models.split` pieces inside the state -- params, projections,
 stats, rest -- and is rebuilt with `nnx.merge` inside the step (objectives.forward):
 splitting once outside the loop and merging inside the trace costs nothing at run time,
 while `nnx.jit` in the hot loop would re-walk the object graph on every call. What the
@@ -55,7 +55,7 @@ def train_step(state, batch, base_key, teacher=None, *, program):
   statistics are updated by every micro-batch in turn (carried through the scan).
   Parameters outside `trainable` stay bitwise unchanged.
 
-  `teacher` = (params, features, stats, rest) of a frozen model (distillation, attention
+  `teacher` = (params, projections, stats, rest) of a frozen model (distillation, attention
   transfer, an encoder's target), passed as an ARGUMENT: never donated, never in the
   optimizer, no gradient, so the step stays a pure function.
   """
@@ -67,7 +67,7 @@ def train_step(state, batch, base_key, teacher=None, *, program):
 
   def loss_fn(params, stats, micro, key):
     params = optim.freeze(params, p.trainable)
-    trees = (params, state.features, stats, state.rest)
+    trees = (params, state.projections, stats, state.rest)
     return p.objective(p.graphdef, trees, micro, key if p.use_dropout else None, teacher)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -128,13 +128,13 @@ def eval_step(state, batch, mask_key, teacher=None, *, program):
 
 def model_state(model):
   """A `TrainState` (step 0, no optimizer state) of an nnx model, for `evaluate`."""
-  _, params, features, stats, rest = models.split(model)
+  _, params, projections, stats, rest = models.split(model)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=None,
     stats=stats,
-    features=features,
+    projections=projections,
     rest=rest,
   )
 

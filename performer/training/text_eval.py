@@ -94,11 +94,11 @@ def scored_count(mask: np.ndarray) -> int:
 
 
 def make_loss_fn(graphdef):
-  """Jitted (params, features, stats, rest, tokens, mask) -> (per-token loss, weight), both
+  """Jitted (params, projections, stats, rest, tokens, mask) -> (per-token loss, weight), both
   [B, L]: the eval forward pass (stored features and statistics, no dropout)."""
 
-  def token_losses(params, features, stats, rest, tokens, mask):
-    model = nnx.merge(graphdef, params, features, stats, rest, copy=True)
+  def token_losses(params, projections, stats, rest, tokens, mask):
+    model = nnx.merge(graphdef, params, projections, stats, rest, copy=True)
     logits, _ = model(tokens, mask=mask, deterministic=True)
     _, targets, weights = tasks.causal_targets({'tokens': tokens, 'mask': mask})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
@@ -145,7 +145,7 @@ def load_original(config, mesh, source):
   field = 'distill_from' if config.train.distill_from else 'init_from'
   setting = f'--teacher: config.train.{field}'
   state, params, _ = build.load_original(config, source, mesh, setting)
-  return state.graphdef, (params, state.features, state.stats, state.rest)
+  return state.graphdef, (params, state.projections, state.stats, state.rest)
 
 
 def _row(name, total, count):

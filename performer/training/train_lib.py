@@ -7,7 +7,7 @@ evaluation. The model lives as `nnx.split` pieces for the whole run:
   graphdef  static structure, closed over by the jitted steps
   params    nnx.Param           -> optimized, FSDP-sharded, donated to the step
                                    (feature-map parameters, attention.FeatureParam, too)
-  features  RandomProjection      -> redrawn every `train.redraw_every` steps, checkpointed
+  projections  RandomProjection   -> redrawn every `train.redraw_every` steps, checkpointed
   stats     FeatureStats        -> running statistics, updated and returned by the step,
                                    frozen in eval, checkpointed
   rest      everything else     -> (dropout RNG streams) reseeded inside the step
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def redraw_key(seed, step):
-  """The key for the features used from `step` on (a function of seed and step only)."""
+  """The key for the random projections used from `step` on (a function of seed and step only)."""
   return jax.random.fold_in(build.rng_streams(seed)['redraw'], step)
 
 
@@ -136,7 +136,7 @@ def _initial_state(run, manager, workdir):
   """
   config, model = run.config, run.model
   sh = model.shardings
-  items = ('params', 'opt_state', 'features', 'stats')
+  items = ('params', 'opt_state', 'projections', 'stats')
   restored = restore.restore_trees(manager, model, items, move_corrupt=True)
   if restored is not None:
     step, trees, meta = restored
@@ -148,7 +148,7 @@ def _initial_state(run, manager, workdir):
     params, report = build.load_pretrained_params(config.train.init_from, model)
   elif config.train.init_from:
     params, report = checkpoints.load_params_by_name(
-      config.train.init_from, params, sh['params'], expected_missing=model.feature_params
+      config.train.init_from, params, sh['params'], expected_missing=model.new_params
     )
   if report is not None:
     if jax.process_index() == 0:  # a record of exactly what was (not) transferred
@@ -171,7 +171,7 @@ def train_and_evaluate(config, workdir, *, progress=None):
   `config` matches its config.json up to the schedule keys (else rundir.RunConfigError).
   On SIGINT / SIGTERM: saves at the current step and raises `interrupts.Interrupted`.
 
-  Returns a dict: 'step', 'params', 'features', 'final' ({split: metrics}), 'unigram'
+  Returns a dict: 'step', 'params', 'projections', 'final' ({split: metrics}), 'unigram'
   (when the data module has a baseline) and 'init_report' (with train.init_from).
   """
   sharding.maybe_initialize_distributed()  # before the lock: process 0 alone takes it
@@ -184,7 +184,12 @@ def _save(manager, ts, step, train_it):
   checkpoints.save(
     manager,
     step,
-    {'params': ts.params, 'opt_state': ts.opt_state, 'features': ts.features, 'stats': ts.stats},
+    {
+      'params': ts.params,
+      'opt_state': ts.opt_state,
+      'projections': ts.projections,
+      'stats': ts.stats,
+    },
     {'step': step, 'data_state': _data_state(train_it)},
   )
 
@@ -226,8 +231,8 @@ def _train(config, workdir, progress, stop):
   deadline = time.perf_counter() + 60 * tc.time_limit_minutes if tc.time_limit_minutes else None
 
   while step < tc.num_steps and not stop.at_step(manager, step):
-    if should_redraw(step, tc.redraw_every) and jax.tree.leaves(ts.features):
-      ts = ts.replace(features=run.redraw_fn(ts.features, redraw_key(config.seed, step)))
+    if should_redraw(step, tc.redraw_every) and jax.tree.leaves(ts.projections):
+      ts = ts.replace(projections=run.redraw_fn(ts.projections, redraw_key(config.seed, step)))
     batch = next(train_it)
     models.check_tokens(batch['tokens'], config.model.vocab_size)
     batch = sharding.global_batch(model_batch(batch, config.data), run.batch_sharding)
@@ -303,7 +308,7 @@ def _train(config, workdir, progress, stop):
   return {
     'step': step,
     'params': ts.params,
-    'features': ts.features,
+    'projections': ts.projections,
     'stats': ts.stats,
     'rest': ts.rest,
     'final': final,
@@ -314,7 +319,7 @@ def _train(config, workdir, progress, stop):
 
 def evaluate_run(config, workdir, splits=('validation', 'test'), num_batches=0):
   """(resolved config, step, {split: metrics}) of the newest good checkpoint of `workdir`
-  (params, features, statistics): the run restored (restore.py) and the eval step alone,
+  (params, projections, statistics): the run restored (restore.py) and the eval step alone,
   no optimizer and no train step."""
   sharding.maybe_initialize_distributed()
   config, vocab = build.resolve_config(config)
