@@ -68,6 +68,8 @@ def curves(workdir, path=None, title=None):
   transfer = _transfer_steps(workdir)
   last = max(r['step'] for r in rows)
   score = 'cosine' if any('cosine' in r for r in rows) else 'accuracy'
+  # the transfer stage's attention-output cosine shares the score panel (shaded there)
+  rows = [{score: r['output_cosine'], **r} if 'output_cosine' in r else r for r in rows]
   panels = [
     ('loss', 'loss'),
     (score, score),

@@ -161,6 +161,7 @@ class Task:
   start_token: ClassVar[bool] = False  # the model shifts its input right behind an extra id
   image: ClassVar[bool] = False  # needs model.image_shape; axial positions; bits per dim
   needs_teacher: ClassVar[bool] = False  # its own loss is against a frozen teacher
+  predicts_tokens: ClassVar[bool] = True  # its loss is a token cross-entropy (word ppl, unigram)
   samples: ClassVar[str | None] = None  # what sample.py writes: 'text', 'image' or None
 
   def bind(self, model_config, train_config, vocab) -> Task:
@@ -286,6 +287,7 @@ class Encoder(Task):
 
   name = 'encoder'
   needs_teacher = True
+  predicts_tokens = False
 
   def loss_terms(self):
     return (HiddenStateMatch(),)

@@ -50,9 +50,9 @@ def transfer_sums(
   teacher's `captured` ({path: value} of capture_intermediates).
 
   'loss_sum': per token, the sum over layers of the mean squared error of the
-  attention output (plus, with 'xent', the weight cross-entropy); 'correct_sum': the
-  per-token cosine of student and teacher outputs, averaged over layers (reported as
-  'accuracy'); 'weight_sum': the real tokens, or the task's `weights` when given (so the
+  attention output (plus, with 'xent', the weight cross-entropy); 'output_cosine_sum':
+  the per-token cosine of student and teacher outputs, averaged over layers (logged as
+  'output_cosine'); 'weight_sum': the real tokens, or the task's `weights` when given (so the
   train step's per-token averages match its other metrics).
   """
   if loss not in LOSSES:
@@ -78,6 +78,6 @@ def transfer_sums(
     cosine = cosine + dot / jnp.maximum(norms, 1e-9)
   return {
     'loss_sum': jnp.sum(per_token * w),
-    'correct_sum': jnp.sum(cosine / len(layers) * w),
+    'output_cosine_sum': jnp.sum(cosine / len(layers) * w),
     'weight_sum': jnp.sum(w),
   }

@@ -41,8 +41,8 @@ class StepProgram:
 
 
 # A step logs each summed term of its objective per token: 'x_sum' as 'x' (an encoder's
-# 'cosine_sum' as 'cosine'), these three under the names the records have always used
-# (attention transfer's output cosine travels as 'correct_sum', so it reads as accuracy).
+# 'cosine_sum' as 'cosine', attention transfer's 'output_cosine_sum' as 'output_cosine'),
+# these three under the names the records have always used.
 METRIC_NAMES = {'loss_sum': 'loss', 'correct_sum': 'accuracy', 'distill_sum': 'distill_loss'}
 
 

@@ -260,6 +260,7 @@ def _train(config, workdir, progress, stop):
           for key, name in (
             ('accuracy', 'accuracy'),
             ('cosine', 'cosine'),
+            ('output_cosine', 'output cosine'),
             ('distill_loss', 'distill'),
           )
           if key in summary
@@ -343,7 +344,10 @@ def evaluate_checkpoint(config, workdir, splits=('validation', 'test'), num_batc
 
 def held_out_extras(config, results):
   """Adds per-word perplexity to text results (the unit of published LM1B numbers) and
-  returns the unigram baselines of the datasets that define one."""
+  returns the unigram baselines of the datasets that define one; neither means anything
+  for a task that predicts no tokens (an encoder's hidden states)."""
+  if not tasks.TASKS[config.model.task].predicts_tokens:
+    return {}
   for split, result in results.items():
     try:
       counts = data.eval_word_counts(config.data, split)
