@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 from flax import nnx  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from benchmarks import model as model_bench  # noqa: E402  pylint: disable=g-import-not-at-top
-from benchmarks import mqar  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import mqar, mqar_data  # noqa: E402  pylint: disable=g-import-not-at-top
 from performer import models  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -246,10 +246,10 @@ def test_protein_long_trains_both_for_the_time_limit(tmp_path):
 def test_mqar_data_follows_zoology():
   """Keys and values from disjoint halves, every key queried once after the pairs, the
   target its own value, queries mostly soon after the pairs (power law), one stream per seed."""
-  counts = mqar.row_pairs([4, 16], 64)
-  batch = mqar.mqar_batch(np.random.default_rng(0), counts, 128, 512)
-  again = mqar.mqar_batch(np.random.default_rng(0), counts, 128, 512)
-  other = mqar.mqar_batch(np.random.default_rng(1), counts, 128, 512)
+  counts = mqar_data.row_pairs([4, 16], 64)
+  batch = mqar_data.mqar_batch(np.random.default_rng(0), counts, 128, 512)
+  again = mqar_data.mqar_batch(np.random.default_rng(0), counts, 128, 512)
+  other = mqar_data.mqar_batch(np.random.default_rng(1), counts, 128, 512)
   assert all(np.array_equal(batch[k], again[k]) for k in batch)
   assert not np.array_equal(batch['tokens'], other['tokens'])
   assert len(batch['rows']) == counts.sum()
@@ -296,10 +296,13 @@ def test_mqar_benchmark_quick(tmp_path):
     assert row['train_s'] > 0 and row['eval_queries'] == {str(n): 64 * n for n in pairs}
   chance = 2 / args['vocab']
   assert np.mean([rows['softmax'][f'acc_{n}'] for n in pairs]) > 3 * chance
-  # Softmax: K and V of every position, valid flags, an index; FAVOR: S, z and the max.
-  assert rows['softmax']['state_bytes'] == 2 * length * heads * head_dim * floats + length + 4
+  # Softmax: K and V of every position, valid flags, an index; FAVOR: S, z and the max;
+  # both: the short convolution's last K - 1 inputs of q, k and v.
+  conv = 3 * (args['short_conv'] - 1) * heads * head_dim * floats
+  softmax = 2 * length * heads * head_dim * floats + length + 4
+  assert rows['softmax']['state_bytes'] == softmax + conv
   m = mqar.NUM_FEATURES
-  assert rows['favor_softmax']['state_bytes'] == heads * (m * head_dim + m + 1) * floats
+  assert rows['favor_softmax']['state_bytes'] == heads * (m * head_dim + m + 1) * floats + conv
   header = proc.stdout.splitlines()
   assert any(all(c in line for c in ('acc 2', 'acc 4', 'state KiB', 'train s')) for line in header)
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -310,3 +313,12 @@ def test_mqar_benchmark_quick(tmp_path):
   ring = 2 * 8 * heads * head_dim * floats + 8 + 4
   assert mqar.state_bytes(model, length) == rows['favor_softmax']['state_bytes'] + ring
   assert mqar.run_row('softmax', 8, quick, print)['skipped'].startswith('n/a')
+
+
+def test_mqar_curriculum_is_shortest_first_with_equal_tokens():
+  assert mqar_data.train_mix(['256:16', '64:4', '256:32']) == {64: [4], 256: [16, 32]}
+  with pytest.raises(ValueError, match='length:pairs'):
+    mqar_data.train_mix(['64-4'])
+  stages = mqar_data.curriculum([64, 128, 256], 700)
+  assert stages == sorted(stages) and len(stages) == 700
+  assert [stages.count(n) * n for n in (64, 128, 256)] == [25600] * 3
