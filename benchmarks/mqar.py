@@ -49,9 +49,8 @@ sequence, measured from `model.init_cache(1, --length)`: (S, z, max) for a featu
 --length tokens for softmax; `train s` wall time of training, compilation included;
 `eval s` the evaluation; `loss` mean training loss over the last 10% of steps.
 
-Runtime: the full table trains 10 models; softmax took 878 s (train) on 2 CPU cores
-shared with other jobs at 900 steps; the default 700 steps cost about half of that per
-model on idle cores. --quick trains 3 tiny models in ~30 CPU-s.
+Runtime: 3,149 s for the full table (10 models) on 2 CPU cores shared with the test
+suite for most of it: 130-400 s a model. --quick trains 3 tiny models in ~30 CPU-s.
 
 Why the curriculum and the convolution (measured): without a short convolution a model
 must learn a previous-token head and an induction head from the loss alone; 400 steps of
