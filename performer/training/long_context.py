@@ -309,6 +309,8 @@ def run(config, workdir, settings: Settings, teacher=False):
   step, graphdef, trees = run.step, run.state.graphdef, run.trees
   att = config.model.attention
   name = f'{att.kind}' + (f'+window{att.window}' if att.window else '')
+  name += f'+sinks{att.sinks}' if att.get('sinks') else ''
+  name += f'+cache{att.sparse_cache}' if att.get('sparse_cache') else ''
   name += ' (window off)' if att.get('window_off') else ''
   readers = [Reader(f'{name}, step {step}', graphdef, trees, settings.prefill_chunk)]
   if teacher:
