@@ -44,14 +44,10 @@ def _disk(name):
 
 
 def _key_name(key):
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
+  """A path entry's name: DictKey and FlattenedIndexKey .key, SequenceKey .idx, GetAttrKey .name."""
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
   return str(key)
 
 
@@ -320,11 +316,8 @@ def load_params_by_name(path, params, shardings, expected_missing=()):
   """
   workdir, step = locate(path, 'config.train.init_from', InitFromError)
   directory = os.path.join(workdir, 'checkpoints')
-  steps = (
-    [step]
-    if step is not None
-    else sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
-  )
+  found = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
+  steps = [step] if step is not None else found
   if not steps:
     raise InitFromError(f'config.train.init_from: no checkpoint steps under {directory!r}')
   manager = ocp.CheckpointManager(
