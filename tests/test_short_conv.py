@@ -45,7 +45,7 @@ def test_prefill_and_steps_equal_forward_with_right_padding():
   c, x = conv(), inputs(length=9)
   lengths = jnp.asarray([9, 5])
   mask = jnp.arange(9)[None] < lengths[:, None]
-  history = c.init_history(2, 2, 3)
+  history = c.init_history(2)
   out, history = c.prefill(history, x[:, :7], mask=mask[:, :7])
   np.testing.assert_allclose(out[0], c(x[:1, :7])[0], rtol=1e-6)
   np.testing.assert_allclose(out[1, :5], c(x[1:, :5])[0], rtol=1e-6)

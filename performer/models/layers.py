@@ -132,11 +132,7 @@ class SelfAttention(nnx.Module):
     )
     if self.convs is None:
       return state
-    heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
-    history = tuple(
-      c.init_history(batch, h, self.head_dim, dtype) for c, h in zip(self.convs, heads)
-    )
-    return {'attention': state, 'conv': history}
+    return {'attention': state, 'conv': tuple(c.init_history(batch, dtype) for c in self.convs)}
 
   def _convolve(self, qkv, *, mask, segment_ids, cache):
     """(q, k, v) through the short convolutions: (q, k, v, cache with new history)."""

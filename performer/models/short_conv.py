@@ -36,8 +36,9 @@ class ShortConv(nnx.Module):
       jax.random.uniform(rngs.params(), (size, heads, head_dim), jnp.float32, -bound, bound)
     )
 
-  def init_history(self, batch: int, heads: int, head_dim: int, dtype=jnp.float32):
-    return jnp.zeros((batch, self.size - 1, heads, head_dim), dtype)
+  def init_history(self, batch: int, dtype=jnp.float32):
+    """The decoding state before any token: K - 1 zero inputs [B, K-1, heads, head_dim]."""
+    return jnp.zeros((batch, self.size - 1) + self.kernel.shape[1:], dtype)
 
   def _mix(self, x, kept):
     """sum_i w_i x[:, t - i] over the last L rows of x [B, P + L, H, D] (P = K - 1 of
