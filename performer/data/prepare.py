@@ -151,12 +151,10 @@ def main(argv=None) -> int:
     print(describe(args), flush=True)
     if not args.dry_run:
       print(run(args), flush=True)
-  except (ValueError, FileNotFoundError) as e:  # a value or file the user named: exit 2
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    return 2
-  except RuntimeError as e:  # the environment (no TensorFlow, a failed download): exit 1
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    return 1
+    # a value or file the user named: 2; the environment (no TensorFlow, a download): 1
+    return 1 if isinstance(e, RuntimeError) else 2
   return 0
 
 
