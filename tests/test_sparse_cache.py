@@ -194,7 +194,11 @@ def test_sparse_cache_options_and_refusals():
   'options, prompts',
   [
     (dict(window=2, sinks=1, sparse_cache=2, chunk_size=1), (6, 6)),
-    (dict(sinks=2, chunk_size=4), (3, 8)),  # no ring: right-padded prompts are fine
+    (dict(sinks=2, chunk_size=4), (3, 8)),
+    # right-padded prompts of mixed lengths: the ring keeps each row's own last W keys
+    (dict(window=2, chunk_size=4), (3, 8)),
+    (dict(window=4, sinks=1, chunk_size=4), (2, 9)),
+    (dict(window=2, sinks=1, sparse_cache=2, chunk_size=1), (3, 8)),
   ],
 )
 def test_model_decode_matches_forward(options, prompts):

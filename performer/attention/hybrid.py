@@ -221,7 +221,10 @@ class HybridAttention(LinearAttention):
 
   def _prefill_chunk(self, state, q, k, v, mask, ctx=None):
     """One causal pass continuing from ``state`` (k, v repeated, [B, L, H, .]); with a
-    sparse cache, the cache is updated once, from the keys the pass evicted."""
+    sparse cache, the cache is updated once, from the keys the pass evicted. The ring
+    keeps each row's last W valid keys (``window.ring_append``), so a right-padded
+    prompt's own recent keys stay exact; the rest of ring + chunk joins the linear
+    state (or the cache's candidates)."""
     num, den, lin, sink_state, key_valid = self._hybrid(
       q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
     )
@@ -230,11 +233,14 @@ class HybridAttention(LinearAttention):
       new['sinks'] = sinks_lib.to_buffer(sink_state, state['sinks'])
     if self.window:
       new['ring'] = window_lib.ring_append(state['ring'], k, v, key_valid)
-    if self.cache_size:  # the first L of ring + chunk have left the window
-      ring = window_lib.ring_ordered(state['ring'])
-      gone = lambda old, x: jnp.concatenate([old, x.astype(old.dtype)], axis=1)[:, : k.shape[1]]
-      evicted = [gone(old, x) for old, x in zip(ring, (k, v, key_valid))]
-      new['cache'], new['linear'] = self._recache(state, *evicted, ctx)
+      (k_all, v_all, valid_all), keep = window_lib.ring_entries(state['ring'], k, v, key_valid)
+      leaving = valid_all & ~keep
+      if self.cache_size:
+        new['cache'], new['linear'] = self._recache(state, k_all, v_all, leaving, ctx)
+      else:
+        kf, kr = self.feature_map.masked_key(k_all, leaving, ctx)
+        v_all = v_all.swapaxes(1, 2).astype(jnp.float32)
+        new['linear'] = linear.add_keys(state['linear'], kf, kr, v_all)
     return zero_padded_queries(self._output(num, den, v), mask), new
 
   def _recache(self, state, k, v, valid, ctx):

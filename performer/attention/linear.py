@@ -311,6 +311,16 @@ def add_key(state, kf, kr, v):
   return {'S': s, 'z': z, 'M': new_max}
 
 
+def add_keys(state, kf, kr, v):
+  """The state with N more keys at once (their order does not matter to a sum):
+  kf [B, H, N, M]; kr [B, H, N] (NEG: the key does not count); v [B, H, N, D]."""
+  new_max = jnp.maximum(state['M'], jnp.max(kr, axis=-1))
+  old, own = safe_exp(state['M'] - new_max), safe_exp(kr - new_max[..., None])
+  weighted = own[..., None] * kf
+  s = old[..., None, None] * state['S'] + jnp.einsum('bhnm,bhnd->bhmd', weighted, v)
+  return {'S': s, 'z': old[..., None] * state['z'] + jnp.sum(weighted, axis=2), 'M': new_max}
+
+
 def read_state(state, qf):
   """(num [B, H, D], den [B, H]) of query features qf [B, H, M], relative to exp(-M)."""
   return jnp.einsum('bhm,bhmd->bhd', qf, state['S']), jnp.einsum('bhm,bhm->bh', qf, state['z'])

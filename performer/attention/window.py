@@ -342,19 +342,37 @@ def ring_ordered(ring):
   return ring['k'][:, slots], ring['v'][:, slots], ring['valid'][:, slots]
 
 
+def last_valid(valid, window):
+  """valid [B, N] -> [B, N]: the last ``window`` valid entries of each row (what a ring
+  that counts keys, not positions, holds: a right-padded prompt keeps its own last W)."""
+  after = jnp.cumsum(valid[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1]
+  return valid & (after <= window)
+
+
+def ring_entries(ring, k, v, valid):
+  """The ring's keys in order, then L more tokens k, v [B, L, H, .] (valid [B, L]):
+  (k, v, valid) [B, W + L, ...], and which of them the ring keeps (``last_valid``)."""
+  join = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)
+  entries = tuple(join(old, new) for old, new in zip(ring_ordered(ring), (k, v, valid)))
+  return entries, last_valid(entries[2], ring['k'].shape[1])
+
+
 def ring_append(ring, k, v, valid):
-  """The ring after L more tokens k, v [B, L, H, .] (valid [B, L]): the last W of
-  everything, position p in slot p mod W."""
+  """The ring after L more tokens k, v [B, L, H, .] (valid [B, L]): each row's last W
+  valid keys, oldest first from slot pos mod W (so ``ring_push`` evicts the oldest),
+  behind invalid slots where a row has fewer."""
   window = ring['k'].shape[1]
-  old_k, old_v, old_valid = ring_ordered(ring)
-  last = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)[:, -window:]
+  entries, keep = ring_entries(ring, k, v, valid)
+  # a stable sort puts the kept entries last, in their order
+  order = jnp.argsort(keep, axis=1, stable=True)[:, -window:]
+  pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
   pos = ring['pos'] + k.shape[1]
   slots = jnp.mod(pos + jnp.arange(window), window)
-  place = lambda old, new: jnp.zeros_like(old).at[:, slots].set(last(old, new))
+  place = lambda old, new: jnp.zeros_like(old).at[:, slots].set(new)
   return {
-    'k': place(old_k, k),
-    'v': place(old_v, v),
-    'valid': place(old_valid, valid),
+    'k': place(ring['k'], pick(entries[0])),
+    'v': place(ring['v'], pick(entries[1])),
+    'valid': place(ring['valid'], pick(keep)),
     'pos': pos,
   }
 
