@@ -34,6 +34,8 @@ REGISTRY = {
   'text': 'performer.data.text:TEXT',  # config.data.path: a user's text file
   'english_sample': 'performer.data.english:SAMPLE',  # stdlib English prose (offline)
   'english_docs': 'performer.data.english:DOCS',  # stdlib docs, whole documents (long contexts)
+  'english_mix': 'performer.data.english_mix:MIX',  # 4 registers from PyPI packages (conversion)
+  'english_news': 'performer.data.english_mix:NEWS',  # news articles: a domain held out of the mix
   'lm1b': 'performer.data.lm1b:LM1B',  # TFDS lm1b + sentencepiece
   'imagenet64': 'performer.data.imagenet64:IMAGENET64',  # TFDS downsampled/resized ImageNet
   'uniref50': 'performer.data.uniref:UNIREF50',  # our TFDS builder over the UniRef50 FASTA

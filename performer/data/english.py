@@ -53,7 +53,7 @@ def english_sentences(min_words: int = 8, max_words: int = 40) -> list[str]:
   return out
 
 
-def _one_line(text: str) -> str | None:
+def one_line(text: str) -> str | None:
   """`text` on one line (runs of whitespace, newlines included, become one space); None
   if it cannot be a line of the UTF-8 cache file (control characters, lone surrogates)."""
   text = ' '.join(text.split())
@@ -92,18 +92,18 @@ def english_documents(min_words: int = 40, root: str | None = None) -> list[str]
   (files that fail to parse are skipped), one line each, deduplicated, in a fixed order."""
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
 
-  docs = [_one_line(topics.topics[name]) for name in sorted(topics.topics)]
+  docs = [one_line(topics.topics[name]) for name in sorted(topics.topics)]
   for path in stdlib_sources(root):
     try:
       with open(path, 'rb') as f:
         tree = ast.parse(f.read(), path)
     except (SyntaxError, ValueError, OSError, RecursionError, MemoryError):
       continue
-    docs += [d for d in map(_one_line, _docstrings(tree)) if d and len(d.split()) >= min_words]
+    docs += [d for d in map(one_line, _docstrings(tree)) if d and len(d.split()) >= min_words]
   return list(dict.fromkeys(d for d in docs if d))
 
 
-def _cached(name: str, build: Callable[[], list[str]], folder: str | None) -> str:
+def cached(name: str, build: Callable[[], list[str]], folder: str | None) -> str:
   """`folder`/`name`: the lines of `build()`, written on first use (atomically)."""
   folder = os.path.expanduser(folder or CACHE_DIR)
   path = os.path.join(folder, name)
@@ -132,12 +132,12 @@ def _cached(name: str, build: Callable[[], list[str]], folder: str | None) -> st
 
 def sample_path(folder: str | None = None) -> str:
   """The cached file of `english_sentences()`, one per line."""
-  return _cached('english_sample.txt', english_sentences, folder)
+  return cached('english_sample.txt', english_sentences, folder)
 
 
 def docs_path(folder: str | None = None) -> str:
   """The cached file of `english_documents()`, one per line."""
-  return _cached('english_docs.txt', english_documents, folder)
+  return cached('english_docs.txt', english_documents, folder)
 
 
 # The two datasets: the ordinary text pipeline over the cache files.
