@@ -77,6 +77,11 @@ def test_newer_keys_and_evaluation_ablations(tmp_path):
   assert rundir.check_config(ablated, str(tmp_path), 'hint', rundir.EVAL_KEYS) == []
   with pytest.raises(rundir.RunConfigError, match='window_off'):
     rundir.check_config(ablated, str(tmp_path), 'hint')
+  # the context held-out text is scored at is an evaluation choice too
+  shorter = build.resolve_config(tiny_config(model__attention__window=4, data__seq_len=8))[0]
+  assert rundir.check_config(shorter, str(tmp_path), 'hint', rundir.EVAL_KEYS) == []
+  with pytest.raises(rundir.RunConfigError, match='seq_len'):
+    rundir.check_config(shorter, str(tmp_path), 'hint')
 
 
 def _write_config(folder, config, drop):

@@ -44,9 +44,15 @@ SCHEDULE_KEYS = frozenset(
 # Inference-time switches: they change how eval.py and sample.py run a checkpoint, never
 # what it holds, so those two accept them on top of the run's config (train.py does not):
 # the window ablation, LoLA's sparse cache (needs no retraining) and attention sinks, whose
-# one new parameter starts neutral (restore.py keeps it at its zero init).
+# one new parameter starts neutral (restore.py keeps it at its zero init); and the context
+# held-out text is scored at (`data.seq_len`: `eval.py --text_file` at 256 and 512 tokens).
 EVAL_KEYS = frozenset(
-  {'model.attention.window_off', 'model.attention.sparse_cache', 'model.attention.sinks'}
+  {
+    'model.attention.window_off',
+    'model.attention.sparse_cache',
+    'model.attention.sinks',
+    'data.seq_len',
+  }
 )
 # A key added to the schema after a run was written is missing from its config.json; new
 # keys arrive with a neutral default (off, 0), which is what the old run did.
