@@ -152,7 +152,7 @@ def test_update_keeps_what_the_state_recalls_worst():
   nothing of e1: with room for one pair, (e1, b) stays and (e0, a) is folded."""
   e = jnp.eye(3)
   a, b = jnp.array([1.0, 2.0]), jnp.array([-3.0, 0.5])
-  state = sparse_cache.add_keys(
+  state = linear.add_keys(
     linear.init_state(1, 1, 3, 2), e[None, None, :1], jnp.zeros((1, 1, 1)), a[None, None, None]
   )
   cache = sparse_cache.init(1, 1, 1, 3, 2)
@@ -198,6 +198,7 @@ def test_sparse_cache_options_and_refusals():
     # right-padded prompts of mixed lengths: the ring keeps each row's own last W keys
     (dict(window=2, chunk_size=4), (3, 8)),
     (dict(window=4, sinks=1, chunk_size=4), (2, 9)),
+    (dict(kind='favor_plus_plus', window=2, chunk_size=4), (3, 8)),  # a calibrated map
     (dict(window=2, sinks=1, sparse_cache=2, chunk_size=1), (3, 8)),
   ],
 )

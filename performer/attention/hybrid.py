@@ -225,22 +225,22 @@ class HybridAttention(LinearAttention):
     keeps each row's last W valid keys (``window.ring_append``), so a right-padded
     prompt's own recent keys stay exact; the rest of ring + chunk joins the linear
     state (or the cache's candidates)."""
+    if ctx is None:  # once: calibrating may update the map's statistics
+      ctx = self.feature_map.calibrate(q, k, causal=True, mask=mask)
     num, den, lin, sink_state, key_valid = self._hybrid(
       q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
     )
     new = dict(state, linear=lin)
     if self.sinks:
       new['sinks'] = sinks_lib.to_buffer(sink_state, state['sinks'])
-    if self.window:
-      new['ring'] = window_lib.ring_append(state['ring'], k, v, key_valid)
-      (k_all, v_all, valid_all), keep = window_lib.ring_entries(state['ring'], k, v, key_valid)
-      leaving = valid_all & ~keep
+    if self.window:  # the linear state: the old one plus what leaves the ring
+      new['ring'], (k_out, v_out, leaving) = window_lib.ring_append(state['ring'], k, v, key_valid)
       if self.cache_size:
-        new['cache'], new['linear'] = self._recache(state, k_all, v_all, leaving, ctx)
+        new['cache'], new['linear'] = self._recache(state, k_out, v_out, leaving, ctx)
       else:
-        kf, kr = self.feature_map.masked_key(k_all, leaving, ctx)
-        v_all = v_all.swapaxes(1, 2).astype(jnp.float32)
-        new['linear'] = linear.add_keys(state['linear'], kf, kr, v_all)
+        kf, kr = self.feature_map.masked_key(k_out, leaving, ctx)
+        v_out = v_out.swapaxes(1, 2).astype(jnp.float32)
+        new['linear'] = linear.add_keys(state['linear'], kf, kr, v_out)
     return zero_padded_queries(self._output(num, den, v), mask), new
 
   def _recache(self, state, k, v, valid, ctx):

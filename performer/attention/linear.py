@@ -312,8 +312,9 @@ def add_key(state, kf, kr, v):
 
 
 def add_keys(state, kf, kr, v):
-  """The state with N more keys at once (their order does not matter to a sum):
-  kf [B, H, N, M]; kr [B, H, N] (NEG: the key does not count); v [B, H, N, D]."""
+  """The state with N more keys at once, rescaled online (their order does not matter to
+  a sum): kf [B, H, N, M]; kr [B, H, N] (kf = 0, kr = NEG: the key does not count);
+  v [B, H, N, D]."""
   new_max = jnp.maximum(state['M'], jnp.max(kr, axis=-1))
   old, own = safe_exp(state['M'] - new_max), safe_exp(kr - new_max[..., None])
   weighted = own[..., None] * kf

@@ -24,8 +24,10 @@ The update schedule, which every pass shares so that they agree:
   each chunk's queries see the cache as it was at the chunk's start and a linear
   part holding every other key out of their window (the state at the chunk's start
   plus the keys evicted within the chunk so far), and the cache is updated once, at
-  the chunk's end, from the cache and the chunk's C evicted keys;
-* a decoding step is a chunk of one token;
+  the chunk's end, from the cache and the keys that left the ring in the chunk (each
+  row's valid keys older than its last W, ``window.ring_append``);
+* a decoding step is a chunk of one valid token (a masked token still takes a ring
+  slot, as it takes a position in the forward pass's window);
 * the training / evaluation forward pass (``__call__``) *is* such a prefill, from an
   empty state: forward == prefill == decode whenever the chunks coincide (a chunked
   or multi-turn prefill whose turns are multiples of ``chunk_size``; decoding after
@@ -81,19 +83,6 @@ def self_recall_error(state, kf, v):
   return jnp.sum(jnp.square(predicted - v), axis=-1)
 
 
-def add_keys(state, kf, kr, v):
-  """The linear state with N more keys (kf [B, H, N, M], kr [B, H, N], v [B, H, N, D];
-  kf = 0 and kr = NEG for a key that must not count), rescaled online."""
-  new_max = jnp.maximum(state['M'], jnp.max(kr, axis=-1))
-  old = linear.safe_exp(state['M'] - new_max)
-  own = linear.safe_exp(kr - new_max[..., None])[..., None] * kf
-  return {
-    'S': old[..., None, None] * state['S'] + jnp.einsum('bhnm,bhnd->bhmd', own, v),
-    'z': old[..., None] * state['z'] + jnp.sum(own, axis=2),
-    'M': new_max,
-  }
-
-
 def update(cache, state, k, v, valid, kf, kr):
   """(new cache, new linear state) from N candidates: the cache's own pairs and the
   keys just evicted from the window, k [B, N, H, d], v [B, N, H, D], valid [B, N, H],
@@ -107,7 +96,7 @@ def update(cache, state, k, v, valid, kf, kr):
   _, top = jax.lax.top_k(jnp.where(valid_heads, error, -1.0), size)  # [B, H, lambda]
   kept = jnp.any(top[..., None] == jnp.arange(k.shape[1]), axis=-2)  # [B, H, N]
   fold = valid_heads & ~kept
-  state = add_keys(state, kf * fold[..., None], jnp.where(fold, kr, NEG), v_heads)
+  state = linear.add_keys(state, kf * fold[..., None], jnp.where(fold, kr, NEG), v_heads)
   take = lambda x: jnp.take_along_axis(jnp.swapaxes(x, 1, 2), top[..., None], axis=2)
   new = {
     'k': jnp.swapaxes(take(k), 1, 2).astype(cache['k'].dtype),

@@ -227,8 +227,8 @@ def hybrid(
   ``masked_key``); log_gain [H]. ``axis_name``: inside ``shard_map`` with the
   sequence split over that axis (each device's span at least W long); the W keys
   next to each end of a span come from the neighbouring device. Causal
-  continuation (a prefill after earlier tokens): ``context`` holds the W keys
-  before the first position ({'k' [B, W, H, d], 'v' [B, H, W, D], 'valid',
+  continuation (a prefill after earlier tokens): ``context`` holds the ring (the W
+  keys before the first position, or for a right-padded row its last W valid keys) ({'k' [B, W, H, d], 'v' [B, H, W, D], 'valid',
   'seg' [B, W], 'kf' [B, H, W, M], 'kr' [B, H, W]}) and ``initial_state`` the
   linear state of every key before those.
 
@@ -337,7 +337,8 @@ def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32):
 
 
 def ring_ordered(ring):
-  """(k, v, valid) of the ring oldest first: positions pos - W .. pos - 1."""
+  """(k, v, valid) of the ring oldest first (after a prefill, each row's last W valid
+  keys, behind invalid slots where it has fewer)."""
   slots = jnp.mod(ring['pos'] + jnp.arange(ring['k'].shape[1]), ring['k'].shape[1])
   return ring['k'][:, slots], ring['v'][:, slots], ring['valid'][:, slots]
 
@@ -349,37 +350,36 @@ def last_valid(valid, window):
   return valid & (after <= window)
 
 
-def ring_entries(ring, k, v, valid):
-  """The ring's keys in order, then L more tokens k, v [B, L, H, .] (valid [B, L]):
-  (k, v, valid) [B, W + L, ...], and which of them the ring keeps (``last_valid``)."""
-  join = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)
-  entries = tuple(join(old, new) for old, new in zip(ring_ordered(ring), (k, v, valid)))
-  return entries, last_valid(entries[2], ring['k'].shape[1])
-
-
 def ring_append(ring, k, v, valid):
-  """The ring after L more tokens k, v [B, L, H, .] (valid [B, L]): each row's last W
-  valid keys, oldest first from slot pos mod W (so ``ring_push`` evicts the oldest),
-  behind invalid slots where a row has fewer."""
+  """(new ring, (k, v, valid) [B, W + L, ...] of what leaves it) after L more tokens
+  k, v [B, L, H, .] (valid [B, L]). The ring keeps each row's last W valid keys
+  (``last_valid``: it counts keys, not positions, so a right-padded prompt keeps its
+  own), oldest first from slot pos mod W so that ``ring_push`` evicts the oldest,
+  behind invalid slots where a row has fewer; every other valid key of ring + chunk
+  leaves (``valid`` marks them)."""
   window = ring['k'].shape[1]
-  entries, keep = ring_entries(ring, k, v, valid)
+  join = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)
+  k_all, v_all, valid_all = (join(a, b) for a, b in zip(ring_ordered(ring), (k, v, valid)))
+  keep = last_valid(valid_all, window)
   # a stable sort puts the kept entries last, in their order
   order = jnp.argsort(keep, axis=1, stable=True)[:, -window:]
   pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
   pos = ring['pos'] + k.shape[1]
   slots = jnp.mod(pos + jnp.arange(window), window)
   place = lambda old, new: jnp.zeros_like(old).at[:, slots].set(new)
-  return {
-    'k': place(ring['k'], pick(entries[0])),
-    'v': place(ring['v'], pick(entries[1])),
+  new = {
+    'k': place(ring['k'], pick(k_all)),
+    'v': place(ring['v'], pick(v_all)),
     'valid': place(ring['valid'], pick(keep)),
     'pos': pos,
   }
+  return new, (k_all, v_all, valid_all & ~keep)
 
 
 def ring_push(ring, k, v, valid):
-  """(new ring, (k, v, valid) of the entry it evicts): the token at position pos
-  takes slot pos mod W, which held position pos - W."""
+  """(new ring, (k, v, valid) of the entry it evicts): the token takes slot pos mod W,
+  which holds the ring's oldest entry (a masked token takes a slot too, as it takes a
+  position in the forward pass's window)."""
   slot = jnp.mod(ring['pos'], ring['k'].shape[1])
   old = (ring['k'][:, slot], ring['v'][:, slot], ring['valid'][:, slot])
   new = {
