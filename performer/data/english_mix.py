@@ -30,8 +30,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import importlib.util
-import io
 import os
 import re
 
@@ -47,12 +45,11 @@ _NEWS = 'test/test_data/lee_background.cor'
 
 
 def package_file(package: str, relative: str) -> str:
-  """A data file of an installed package, found without importing it; a one-line
-  DataFileError naming the install command if the package or file is missing."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or not spec.submodule_search_locations:
+  """A data file of an installed package; a one-line DataFileError naming the install
+  command if the package or file is missing."""
+  path = errors.installed_file(package, relative)
+  if path is None:
     raise errors.DataFileError(f'english_mix needs the package {package!r}: {INSTALL}')
-  path = os.path.join(list(spec.submodule_search_locations)[0], relative)
   if not os.path.isfile(path):
     raise errors.DataFileError(f'{path}: missing from the installed {package!r}; reinstall it')
   return path
@@ -105,7 +102,7 @@ def dialogues() -> list[str]:
   for name in sorted(os.listdir(folder)):
     if not name.endswith('.yml'):
       continue
-    with io.open(os.path.join(folder, name), encoding='utf-8') as f:
+    with open(os.path.join(folder, name), encoding='utf-8') as f:
       turns = _yaml_turns(f.read())
     text = english.one_line(' '.join(turns))
     if text and len(text.split()) >= 40:
