@@ -161,7 +161,8 @@ def test_update_keeps_what_the_state_recalls_worst():
   kf, kr = jnp.swapaxes(k, 1, 2), jnp.zeros((1, 1, 2))
   error = sparse_cache.self_recall_error(state, kf, jnp.swapaxes(v, 1, 2))
   np.testing.assert_allclose(error[0, 0], [0.0, float(jnp.sum(b * b))], atol=1e-6)
-  new, state = sparse_cache.update(cache, state, k, v, jnp.ones((1, 2, 1), bool), kf, kr)
+  candidates = {'k': k, 'v': v, 'valid': jnp.ones((1, 2, 1), bool)}
+  new, state = sparse_cache.update(cache, state, candidates, kf, kr)
   np.testing.assert_array_equal(new['k'][0, 0, 0], e[1])
   np.testing.assert_allclose(state['S'][0, 0], 2.0 * e[:, :1] * a[None])  # e0 -> a, twice
 
@@ -200,13 +201,19 @@ def test_sparse_cache_options_and_refusals():
     (dict(window=4, sinks=1, chunk_size=4), (2, 9)),
     (dict(kind='favor_plus_plus', window=2, chunk_size=4), (3, 8)),  # a calibrated map
     (dict(window=2, sinks=1, sparse_cache=2, chunk_size=1), (3, 8)),
+    # the feature map sees q, k before rotary positions; the ring and cache keep both
+    (
+      dict(kind='hedgehog', window=2, sinks=1, sparse_cache=2, chunk_size=1, linear_rope=False),
+      (3, 8),
+    ),
+    (dict(kind='hedgehog', window=4, sinks=1, chunk_size=4, linear_rope=False), (2, 9)),
   ],
 )
 def test_model_decode_matches_forward(options, prompts):
   """A tiny causal LM through config.model.attention: its cache carries the ring, the
   sinks and the sparse cache; decoding equals the forward pass (a sparse cache with
   chunk_size 1, where the two schedules coincide)."""
-  cfg = make_config()
+  cfg = make_config(positions='rotary' if 'linear_rope' in options else 'learned')
   cfg.attention = ml_collections.ConfigDict(dict(cfg.attention.to_dict(), **options))
   model = models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
   check_decode_matches_forward(model, length=12, prompt_lengths=prompts)

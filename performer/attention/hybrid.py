@@ -17,7 +17,10 @@ The decoding state, a fixed size whatever the context:
 
 (each key present when its part is on). A sink never enters the ring or the linear
 state; a key leaves the ring into the sparse cache's candidates (with a cache) or
-into the linear state.
+into the linear state. With ``linear_rope=False`` the feature map sees q, k before
+rotary positions (``linear_qk``) while the exact parts score the rotated ones, so
+the ring and the cache also keep each key unrotated ('k_linear'), for the features
+it gets when it leaves them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ from performer.attention import context_parallel, linear, sparse_cache
 from performer.attention import sinks as sinks_lib
 from performer.attention import window as window_lib
 from performer.attention.feature_map import FeatureParam, Options
-from performer.attention.layers import LinearAttention, check_inputs, repeat_kv, zero_padded_queries
+from performer.attention.layers import (
+  LinearAttention,
+  check_inputs,
+  linear_inputs,
+  repeat_kv,
+  zero_padded_queries,
+)
 
 
 def attention_class(options: Options) -> type[LinearAttention]:
@@ -76,70 +85,94 @@ class HybridAttention(LinearAttention):
     self.sinks = options.sinks
     self.cache_size = 0 if options.window_off else options.sparse_cache
 
-  def _attend(self, q, k, v, *, causal, mask, segment_ids):
+  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
+    lin = linear_inputs(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
-    num, den = self._hybrid(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
+    num, den = self._hybrid(q, k, v, lin, causal=causal, mask=mask, segment_ids=segment_ids)
     return self._output(num, den, v)
+
+  @property
+  def _linear_keys(self) -> bool:
+    """The ring and cache also hold each key as the feature map saw it."""
+    return not self.options.linear_rope
 
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     del num_kv_heads, max_length  # a fixed size per query head, whatever the context
-    heads, head_dim = self.num_heads, self.head_dim
+    heads, head_dim, both = self.num_heads, self.head_dim, self._linear_keys
     state = {'linear': linear.init_state(batch, heads, self.feature_map.num_features, value_dim)}
     if self.window:
-      state['ring'] = window_lib.init_ring(batch, self.window, heads, head_dim, value_dim, dtype)
+      state['ring'] = window_lib.init_ring(
+        batch, self.window, heads, head_dim, value_dim, dtype, linear_keys=both
+      )
     if self.sinks:
       state['sinks'] = sinks_lib.init(batch, self.sinks, heads, head_dim, value_dim, dtype)
     if self.cache_size:
-      state['cache'] = sparse_cache.init(batch, self.cache_size, heads, head_dim, value_dim, dtype)
+      state['cache'] = sparse_cache.init(
+        batch, self.cache_size, heads, head_dim, value_dim, dtype, linear_keys=both
+      )
     return state
 
-  def prefill(self, state, q, k, v, *, mask=None):
+  def _entries(self, k, v, valid, k_lin):
+    """A ring or cache entry: {'k', 'v', 'valid'} and, when kept, 'k_linear'."""
+    entries = {'k': k, 'v': v, 'valid': valid}
+    return dict(entries, k_linear=k_lin) if self._linear_keys else entries
+
+  def _feature_keys(self, entries, valid, ctx):
+    """(kf, kr) of ring or cache entries: what the feature map sees of each key."""
+    return self.feature_map.masked_key(entries.get('k_linear', entries['k']), valid, ctx)
+
+  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     """Causal pass continuing from ``state``: the ring's keys precede q."""
     check_inputs(q, k, v, mask, None)
+    lin = linear_inputs(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    return self._prefill_chunk(state, q, k, v, mask)
+    return self._prefill_chunk(state, q, k, v, lin, mask)
 
-  def step(self, state, q, k, v, *, mask=None):
+  def step(self, state, q, k, v, *, mask=None, linear_qk=None):
     """One token: it joins the sinks while they are not full, else the ring, whose
     evicted key joins the cache's candidates (with a cache) or the linear state."""
+    q_lin, k_lin = linear_inputs(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     valid = jnp.ones(q.shape[:1], bool) if mask is None else mask
     fmap = self.feature_map
-    ctx = fmap.calibrate(q[:, None], k[:, None], causal=True, mask=valid[:, None])
+    ctx = fmap.calibrate(q_lin[:, None], k_lin[:, None], causal=True, mask=valid[:, None])
     window_gain, sink_gain = self._gains()
     new, parts, key_valid = dict(state), [], valid
     if self.sinks:
       is_sink = valid & (jnp.sum(state['sinks']['valid'], axis=1) < self.sinks)
       new['sinks'] = sinks_lib.push(state['sinks'], k, v, is_sink)
       key_valid = valid & ~is_sink
-    enter = (k, v, key_valid)  # what leaves the exact parts now
+    enter = self._entries(k, v, key_valid, k_lin)  # what leaves the exact parts now
     if self.window:
-      new['ring'], enter = window_lib.ring_push(state['ring'], k, v, key_valid)
+      new['ring'], enter = window_lib.ring_push(state['ring'], enter)
       w_num, w_den, w_shift = window_lib.ring_read(new['ring'], q)
       parts.append((w_num, w_den, w_shift + window_gain))
     if self.sinks:
       s_num, s_den, s_shift = window_lib.ring_read(new['sinks'], q)
       parts.append((s_num, s_den, s_shift + sink_gain))
-    kf, kr = fmap.masked_key(enter[0][:, None], enter[2][:, None], ctx)
-    lin = linear.add_key(state['linear'], kf[:, :, 0], kr[:, :, 0], enter[1].astype(jnp.float32))
+    enter = {name: x[:, None] for name, x in enter.items()}  # a time axis of one
+    kf, kr = self._feature_keys(enter, enter['valid'], ctx)
+    lin = linear.add_key(
+      state['linear'], kf[:, :, 0], kr[:, :, 0], enter['v'][:, 0].astype(jnp.float32)
+    )
     new['linear'] = lin
     if self.cache_size:
       c_num, c_den, c_shift = sparse_cache.read(state['cache'], q[:, None])
       parts.append((c_num[:, :, 0], c_den[:, :, 0], c_shift[:, :, 0] + window_gain))
-      new['cache'], new['linear'] = self._recache(state, *(x[:, None] for x in enter), ctx)
-    qf, q_r = fmap.query_parts(q[:, None], ctx)
+      new['cache'], new['linear'] = self._recache(state, enter, ctx)
+    qf, q_r = fmap.query_parts(q_lin[:, None], ctx)
     l_num, l_den = linear.read_state(lin, qf[:, :, 0])
     parts.append((l_num, l_den, q_r[:, :, 0] + lin['M']))
     num, den = linear.merge(parts)
     return linear.normalise(num, den, self.options.eps).astype(v.dtype), new
 
-  def _scores(self, q, k, *, causal, mask, segment_ids):
+  def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     """window.scores with the sinks."""
-    fmap = self.feature_map
-    ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
-    qf, q_r = fmap.query_parts(q, ctx)
-    kf, kr = fmap.key(k, ctx)
+    fmap, (q_lin, k_lin) = self.feature_map, linear_inputs(q, k, linear_qk)
+    ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
+    qf, q_r = fmap.query_parts(q_lin, ctx)
+    kf, kr = fmap.key(k_lin, ctx)
     sink_cols = None
     if self.sinks:
       valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
@@ -165,16 +198,17 @@ class HybridAttention(LinearAttention):
     window = self.window_log_gain[...] if self.window else None
     return window, (self.sink_log_gain[...] if self.sinks else None)
 
-  def _hybrid(self, q, k, v, *, causal, mask, segment_ids, state=None, ctx=None):
+  def _hybrid(self, q, k, v, lin, *, causal, mask, segment_ids, state=None, ctx=None):
     """window.hybrid with this module's feature map; k, v already repeated, v
-    heads-major. Without a state: (num, den). With a decoding ``state`` (a causal
-    prefill: the ring's keys precede q, the linear state holds everything before
-    them, the sinks and the cache are the state's): (num, den, linear state, sink
-    state or None, key_valid [B, L]: the keys that may enter the ring)."""
-    fmap = self.feature_map
+    heads-major, ``lin`` the (q, k) the feature map sees. Without a state: (num,
+    den). With a decoding ``state`` (a causal prefill: the ring's keys precede q, the
+    linear state holds everything before them, the sinks and the cache are the
+    state's): (num, den, linear state, sink state or None, key_valid [B, L]: the
+    keys that may enter the ring)."""
+    fmap, (q_lin, k_lin) = self.feature_map, lin
     if ctx is None:
-      ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
-    qf, q_r = fmap.query_parts(q, ctx)
+      ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
+    qf, q_r = fmap.query_parts(q_lin, ctx)
     valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
     seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
     key_mask, is_sink, sinks_in, context, initial, cache = mask, None, None, None, None, None
@@ -182,19 +216,19 @@ class HybridAttention(LinearAttention):
       held = None if state is None else jnp.sum(state['sinks']['valid'], axis=1)
       is_sink = sinks_lib.flags(valid, seg, self.sinks, held)
       key_mask = valid & ~is_sink
-    kf, kr = fmap.masked_key(k, key_mask, ctx)
+    kf, kr = fmap.masked_key(k_lin, key_mask, ctx)
     if state is not None:
       initial, cache = state['linear'], state.get('cache')
       if self.sinks:
         sinks_in = sinks_lib.from_buffer(state['sinks'], seg[:, 0])
       if self.window:
-        ring_k, ring_v, ring_valid = window_lib.ring_ordered(state['ring'])
-        ring_kf, ring_kr = fmap.masked_key(ring_k, ring_valid, ctx)
+        ring = window_lib.ring_ordered(state['ring'])
+        ring_kf, ring_kr = self._feature_keys(ring, ring['valid'], ctx)
         context = {
-          'k': ring_k,
-          'v': ring_v.swapaxes(1, 2),
-          'valid': ring_valid,
-          'seg': jnp.zeros(ring_valid.shape, seg.dtype),
+          'k': ring['k'],
+          'v': ring['v'].swapaxes(1, 2),
+          'valid': ring['valid'],
+          'seg': jnp.zeros(ring['valid'].shape, seg.dtype),
           'kf': ring_kf,
           'kr': ring_kr,
         }
@@ -219,41 +253,44 @@ class HybridAttention(LinearAttention):
     key_valid = valid if key_mask is None else key_mask
     return num, den, lin, (sink_state or [None])[0], key_valid
 
-  def _prefill_chunk(self, state, q, k, v, mask, ctx=None):
-    """One causal pass continuing from ``state`` (k, v repeated, [B, L, H, .]); with a
-    sparse cache, the cache is updated once, from the keys the pass evicted. The ring
-    keeps each row's last W valid keys (``window.ring_append``), so a right-padded
-    prompt's own recent keys stay exact; the rest of ring + chunk joins the linear
-    state (or the cache's candidates)."""
+  def _prefill_chunk(self, state, q, k, v, lin, mask, ctx=None):
+    """One causal pass continuing from ``state`` (k, v repeated, [B, L, H, .]; ``lin``
+    the feature map's (q, k)); with a sparse cache, the cache is updated once, from
+    the keys the pass evicted. The ring keeps each row's last W valid keys
+    (``window.ring_append``), so a right-padded prompt's own recent keys stay exact;
+    the rest of ring + chunk joins the linear state (or the cache's candidates)."""
     if ctx is None:  # once: calibrating may update the map's statistics
-      ctx = self.feature_map.calibrate(q, k, causal=True, mask=mask)
-    num, den, lin, sink_state, key_valid = self._hybrid(
-      q, k, v.swapaxes(1, 2), causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
+      ctx = self.feature_map.calibrate(*lin, causal=True, mask=mask)
+    num, den, linear_state, sink_state, key_valid = self._hybrid(
+      q, k, v.swapaxes(1, 2), lin, causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
     )
-    new = dict(state, linear=lin)
+    new = dict(state, linear=linear_state)
     if self.sinks:
       new['sinks'] = sinks_lib.to_buffer(sink_state, state['sinks'])
     if self.window:  # the linear state: the old one plus what leaves the ring
-      new['ring'], (k_out, v_out, leaving) = window_lib.ring_append(state['ring'], k, v, key_valid)
+      entries = self._entries(k, v, key_valid, lin[1])
+      new['ring'], leaving = window_lib.ring_append(state['ring'], entries)
       if self.cache_size:
-        new['cache'], new['linear'] = self._recache(state, k_out, v_out, leaving, ctx)
+        new['cache'], new['linear'] = self._recache(state, leaving, ctx)
       else:
-        kf, kr = self.feature_map.masked_key(k_out, leaving, ctx)
-        v_out = v_out.swapaxes(1, 2).astype(jnp.float32)
+        kf, kr = self._feature_keys(leaving, leaving['valid'], ctx)
+        v_out = leaving['v'].swapaxes(1, 2).astype(jnp.float32)
         new['linear'] = linear.add_keys(state['linear'], kf, kr, v_out)
     return zero_padded_queries(self._output(num, den, v), mask), new
 
-  def _recache(self, state, k, v, valid, ctx):
-    """``sparse_cache.update`` from the state's cache and the evicted keys k [B, N, H, d],
-    v [B, N, H, D], valid [B, N], against the state's linear part (which holds
-    neither)."""
+  def _recache(self, state, evicted, ctx):
+    """``sparse_cache.update`` from the state's cache and the ``evicted`` entries
+    ({'k' [B, N, H, d], 'v', 'valid' [B, N][, 'k_linear']}), against the state's
+    linear part (which holds neither)."""
     cache = state['cache']
-    join = lambda old, x: jnp.concatenate([old, x.astype(old.dtype)], axis=1)
     heads = cache['valid'].shape[2]
-    valid = jnp.broadcast_to(valid[:, :, None], valid.shape + (heads,))
-    k, v, valid = join(cache['k'], k), join(cache['v'], v), join(cache['valid'], valid)
-    kf, kr = self.feature_map.key(k, ctx)
-    return sparse_cache.update(cache, state['linear'], k, v, valid, kf, kr)
+    valid = evicted['valid']
+    evicted = dict(evicted, valid=jnp.broadcast_to(valid[:, :, None], valid.shape + (heads,)))
+    candidates = {
+      name: jnp.concatenate([x, evicted[name].astype(x.dtype)], axis=1) for name, x in cache.items()
+    }
+    kf, kr = self.feature_map.key(candidates.get('k_linear', candidates['k']), ctx)
+    return sparse_cache.update(cache, state['linear'], candidates, kf, kr)
 
 
 class SparseCacheAttention(HybridAttention):
@@ -261,7 +298,7 @@ class SparseCacheAttention(HybridAttention):
   the forward one included, is a prefill in chunks of ``chunk_size`` run in order
   (a ``lax.scan``, then the remainder), the cache updated after each."""
 
-  def _attend(self, q, k, v, *, causal, mask, segment_ids):
+  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
     """The forward pass: a prefill from an empty state."""
     if not causal:
       raise ValueError('attention.sparse_cache is a causal decoding cache: not bidirectional')
@@ -270,39 +307,43 @@ class SparseCacheAttention(HybridAttention):
         'attention.sparse_cache runs its chunks in order over one sequence: packed '
         'segment_ids are not supported'
       )
+    lin = linear_inputs(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     state = self.init_state(q.shape[0], v.shape[-1], dtype=k.dtype)
-    return self._prefill_chunks(state, q, k, v, mask)[0]
+    return self._prefill_chunks(state, q, k, v, lin, mask)[0]
 
-  def prefill(self, state, q, k, v, *, mask=None):
+  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     check_inputs(q, k, v, mask, None)
+    lin = linear_inputs(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    return self._prefill_chunks(state, q, k, v, mask)
+    return self._prefill_chunks(state, q, k, v, lin, mask)
 
-  def _scores(self, q, k, *, causal, mask, segment_ids):
+  def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     raise ValueError('weights(): a sparse cache depends on the update schedule, no matrix')
 
-  def _prefill_chunks(self, state, q, k, v, mask):
+  def _prefill_chunks(self, state, q, k, v, lin, mask):
     """``_prefill_chunk`` over chunks of ``chunk_size`` in order."""
     if context_parallel.active():
       raise ValueError(
         'attention.sparse_cache runs its chunks in order on one device: no mesh.seq split'
       )
     b, length = q.shape[:2]
-    ctx = self.feature_map.calibrate(q, k, causal=True, mask=mask)
+    ctx = self.feature_map.calibrate(*lin, causal=True, mask=mask)
     mask = jnp.ones((b, length), bool) if mask is None else mask
     c = min(self.options.chunk_size, length)
     n = length // c
     split = lambda x: jnp.moveaxis(x[:, : n * c].reshape((b, n, c) + x.shape[2:]), 1, 0)
 
     def body(carry, xs):
-      out, carry = self._prefill_chunk(carry, *xs, ctx=ctx)
+      q, k, v, q_lin, k_lin, mask = xs
+      out, carry = self._prefill_chunk(carry, q, k, v, (q_lin, k_lin), mask, ctx=ctx)
       return carry, out
 
-    state, out = jax.lax.scan(body, state, tuple(split(x) for x in (q, k, v, mask)))
+    state, out = jax.lax.scan(body, state, tuple(split(x) for x in (q, k, v, *lin, mask)))
     outs = [jnp.moveaxis(out, 0, 1).reshape((b, n * c) + out.shape[3:])]
     if length > n * c:
       rest = lambda x: x[:, n * c :]
-      out, state = self._prefill_chunk(state, rest(q), rest(k), rest(v), rest(mask), ctx=ctx)
+      chunk = (rest(q), rest(k), rest(v), (rest(lin[0]), rest(lin[1])), rest(mask))
+      out, state = self._prefill_chunk(state, *chunk, ctx=ctx)
       outs.append(out)
     return jnp.concatenate(outs, axis=1), state

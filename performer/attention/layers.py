@@ -3,6 +3,10 @@
     attn = attention.build("favor_softmax", head_dim=64, num_heads=8, rngs=rngs)
     out = attn(q, k, v, causal=True, mask=None, segment_ids=None)
 
+``linear_qk`` (every call takes it): the (q, k) the feature maps see when they differ
+from the exact parts' (``attention.linear_rope=False``: q, k before rotary positions);
+kinds without a feature map ignore it.
+
 An attention module owns whatever its kind needs (a feature map with its
 random matrix, trainable parameters or running statistics) and keeps the
 kind's numerics behind ``__call__`` and the three decoding calls
@@ -51,6 +55,12 @@ def check_inputs(q, k, v, mask, segment_ids):
       raise ValueError(f'segment_ids must be integers, got {segment_ids.dtype}')
 
 
+def linear_inputs(q, k, linear_qk):
+  """(q, k with q's heads) for the feature map: ``linear_qk`` when given, else q, k."""
+  q_lin, k_lin = (q, k) if linear_qk is None else linear_qk
+  return q_lin, repeat_kv(k_lin, q.shape[-2])
+
+
 def repeat_kv(x, num_heads):
   """[..., K, D] key/value heads -> [..., num_heads, D]: query head h reads kv head
   h // (num_heads // K), HF's `repeat_kv` order."""
@@ -90,19 +100,24 @@ class Attention(nnx.Module):
     self.head_dim, self.num_heads = head_dim, num_heads
     self.options = options
 
-  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None):
+  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None, linear_qk=None):
     check_inputs(q, k, v, mask, segment_ids)
-    return zero_padded_queries(
-      self._attend(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids), mask
+    if linear_qk is not None:
+      check_inputs(*linear_qk, v, mask, segment_ids)
+    out = self._attend(
+      q, k, v, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
     )
+    return zero_padded_queries(out, mask)
 
-  def weights(self, q, k, *, causal, mask=None, segment_ids=None):
+  def weights(self, q, k, *, causal, mask=None, segment_ids=None, linear_qk=None):
     """The [B, H, L, L] attention matrix this kind implies (analysis only):
     out = weights @ v. Rows of padded queries are zero."""
     allowed = _allowed(q.shape[1], causal, mask, segment_ids)
     k = repeat_kv(k, q.shape[2])
     scores = jnp.where(
-      allowed, self._scores(q, k, causal=causal, mask=mask, segment_ids=segment_ids), 0.0
+      allowed,
+      self._scores(q, k, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk),
+      0.0,
     )
     total = jnp.sum(scores, axis=-1, keepdims=True)
     return scores / jnp.where(total == 0, 1.0, total)
@@ -113,11 +128,11 @@ class Attention(nnx.Module):
     """The empty decoding state; a KV cache holds `num_kv_heads` (default: all) heads."""
     raise NotImplementedError
 
-  def prefill(self, state, q, k, v, *, mask=None):
+  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     """Causal pass over a prompt; returns (out, state for the next token)."""
     raise NotImplementedError
 
-  def step(self, state, q, k, v, *, mask=None):
+  def step(self, state, q, k, v, *, mask=None, linear_qk=None):
     """One token, q/k [B, H, D], v [B, H, Dv]; returns (out, new state)."""
     raise NotImplementedError
 
@@ -127,7 +142,8 @@ class SoftmaxAttention(Attention):
 
   name = 'softmax'
 
-  def _attend(self, q, k, v, *, causal, mask, segment_ids):
+  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
+    del linear_qk  # no feature map
     if context_parallel.active():  # K and V gathered over the `seq` axis
       attend = functools.partial(
         softmax_lib.attend_masked,
@@ -154,7 +170,7 @@ class SoftmaxAttention(Attention):
       implementation=self.options.implementation,
     )
 
-  def _scores(self, q, k, *, causal, mask, segment_ids):
+  def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     logits = (
       jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
       * q.shape[-1] ** -0.5
@@ -169,7 +185,7 @@ class SoftmaxAttention(Attention):
     heads = num_kv_heads or self.num_heads
     return softmax_lib.init_cache(batch, heads, self.head_dim, value_dim, max_length, dtype)
 
-  def prefill(self, state, q, k, v, *, mask=None):
+  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     check_inputs(q, k, v, mask, None)
     mask = jnp.ones(q.shape[:2], bool) if mask is None else mask
     implementation = self.options.implementation
@@ -177,7 +193,7 @@ class SoftmaxAttention(Attention):
     out, state = softmax_lib.cache_prefill(state, q, k, v, mask, implementation)
     return zero_padded_queries(out.astype(v.dtype), mask), state
 
-  def step(self, state, q, k, v, *, mask=None):
+  def step(self, state, q, k, v, *, mask=None, linear_qk=None):
     mask = jnp.ones(q.shape[:1], bool) if mask is None else mask
     out, state = softmax_lib.cache_step(state, q, k, v, mask)
     return out.astype(v.dtype), state
@@ -188,7 +204,7 @@ class IdentityAttention(Attention):
 
   name = 'identity'
 
-  def _attend(self, q, k, v, *, causal, mask, segment_ids):
+  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
     return repeat_kv(v, q.shape[2])
 
   def _scores(self, q, k, **unused):
@@ -198,10 +214,10 @@ class IdentityAttention(Attention):
   def init_state(self, *args, **kwargs):
     return {}
 
-  def prefill(self, state, q, k, v, *, mask=None):
+  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     return zero_padded_queries(repeat_kv(v, q.shape[2]), mask), state
 
-  def step(self, state, q, k, v, *, mask=None):
+  def step(self, state, q, k, v, *, mask=None, linear_qk=None):
     return repeat_kv(v, q.shape[1]), state
 
 
@@ -228,9 +244,9 @@ class LinearAttention(Attention):
     eps = self.options.eps
     return linear.normalise(num, den, eps).swapaxes(1, 2).astype(v.dtype)
 
-  def _attend(self, q, k, v, *, causal, mask, segment_ids):
-    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
+  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
+    q, k = linear_inputs(q, k, linear_qk)  # no exact part: the feature map sees all
+    v = repeat_kv(v, q.shape[2]).swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     fmap, chunk = self.feature_map, self.options.chunk_size
     if not causal and segment_ids is None:
       ctx = fmap.calibrate(q, k, causal=False, mask=mask)
@@ -249,27 +265,30 @@ class LinearAttention(Attention):
     )
     return self._output(num, den, v)
 
-  def features(self, q, k, *, causal, mask=None, segment_ids=None):
+  def features(self, q, k, *, causal, mask=None, segment_ids=None, linear_qk=None):
     """(phi(q), phi(k)) [B, L, H, M] with their true scale, calibrated as the
     attention call would be: phi(q).phi(k) estimates the kind's kernel."""
-    fmap, k = self.feature_map, repeat_kv(k, q.shape[2])
+    fmap, (q, k) = self.feature_map, linear_inputs(q, k, linear_qk)
     ctx = fmap.calibrate(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
     return (fmap.exact_query(q, ctx).swapaxes(1, 2), fmap.exact_key(k, ctx).swapaxes(1, 2))
 
-  def _scores(self, q, k, *, causal, mask, segment_ids):
-    phi_q, phi_k = self.features(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+  def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
+    phi_q, phi_k = self.features(
+      q, k, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+    )
     return jnp.einsum('bqhm,bkhm->bhqk', phi_q, phi_k)
 
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     del num_kv_heads, max_length, dtype  # one (S, z) per query head, whatever the context
     return linear.init_state(batch, self.num_heads, self.feature_map.num_features, value_dim)
 
-  def prefill(self, state, q, k, v, *, mask=None):
+  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     """Chunked causal pass that continues from ``state`` (fresh from ``init_state``,
     or an earlier prefill's or step's: multi-turn or chunked prefill) and returns
     the state after the last token."""
     check_inputs(q, k, v, mask, None)
-    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
+    q, k = linear_inputs(q, k, linear_qk)
+    v = repeat_kv(v, q.shape[2])
     qf, kf, kr = self._split(q, k, causal=True, mask=mask, segment_ids=None)
     seg = jnp.zeros(q.shape[:2], jnp.int32)
     core = functools.partial(
@@ -284,8 +303,9 @@ class LinearAttention(Attention):
     )
     return zero_padded_queries(self._output(num, den, v), mask), state
 
-  def step(self, state, q, k, v, *, mask=None):
-    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+  def step(self, state, q, k, v, *, mask=None, linear_qk=None):
+    q, k = linear_inputs(q, k, linear_qk)
+    v = repeat_kv(v, q.shape[1])
     qf, kf, kr = self._split(
       q[:, None],
       k[:, None],

@@ -94,9 +94,10 @@ def make_options(kind: str, **options) -> Options:
   window = options.get('window', 0)
   if not isinstance(window, int) or isinstance(window, bool) or window < 0:
     raise ValueError(f'window must be an integer >= 0 (0: no exact window), got {window!r}')
+  for name in ('window_off', 'linear_rope'):
+    if not isinstance(options.get(name, False), bool):
+      raise ValueError(f'{name} must be True or False, got {options[name]!r}')
   window_off = options.get('window_off', False)
-  if not isinstance(window_off, bool):
-    raise ValueError(f'window_off must be True or False, got {window_off!r}')
   if window_off and not window:
     raise ValueError('window_off removes the window branch of a hybrid; this attention has none')
   for name, meaning in (('sinks', 'no sinks'), ('sparse_cache', 'no sparse cache')):
@@ -160,9 +161,13 @@ class FunctionalAttention:
   def _module(self, q, projection):
     return self.bind(q.shape[-1], q.shape[-2], projection)
 
-  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None, projection=None):
+  def __call__(
+    self, q, k, v, *, causal, mask=None, segment_ids=None, projection=None, linear_qk=None
+  ):
     layers.check_inputs(q, k, v, mask, segment_ids)
-    return self._module(q, projection)(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids)
+    return self._module(q, projection)(
+      q, k, v, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+    )
 
   def features(self, q, k, *, causal=False, mask=None, segment_ids=None, projection=None):
     """(phi(q), phi(k)) with their true scale; see LinearAttention.features."""
@@ -185,11 +190,11 @@ class FunctionalAttention:
       batch, value_dim, max_length=max_length, dtype=dtype
     )
 
-  def prefill(self, state, q, k, v, *, projection=None, mask=None):
-    return self._module(q, projection).prefill(state, q, k, v, mask=mask)
+  def prefill(self, state, q, k, v, *, projection=None, mask=None, linear_qk=None):
+    return self._module(q, projection).prefill(state, q, k, v, mask=mask, linear_qk=linear_qk)
 
-  def step(self, state, q, k, v, *, projection=None, mask=None):
-    return self._module(q, projection).step(state, q, k, v, mask=mask)
+  def step(self, state, q, k, v, *, projection=None, mask=None, linear_qk=None):
+    return self._module(q, projection).step(state, q, k, v, mask=mask, linear_qk=linear_qk)
 
 
 def get_attention(kind: str, **options) -> FunctionalAttention:

@@ -51,13 +51,17 @@ from performer.attention.linear import NEG
 sg = jax.lax.stop_gradient
 
 
-def init(batch, size, heads, head_dim, value_dim, dtype=jnp.float32):
-  """The empty cache: slot j of head h holds one pair, valid per head."""
-  return {
+def init(batch, size, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False):
+  """The empty cache: slot j of head h holds one pair, valid per head; ``linear_keys``:
+  each key also as the feature map sees it ('k_linear', ``attention.linear_rope=False``)."""
+  cache = {
     'k': jnp.zeros((batch, size, heads, head_dim), dtype),
     'v': jnp.zeros((batch, size, heads, value_dim), dtype),
     'valid': jnp.zeros((batch, size, heads), bool),
   }
+  if linear_keys:
+    cache['k_linear'] = jnp.zeros_like(cache['k'])
+  return cache
 
 
 def read(cache, q):
@@ -83,24 +87,24 @@ def self_recall_error(state, kf, v):
   return jnp.sum(jnp.square(predicted - v), axis=-1)
 
 
-def update(cache, state, k, v, valid, kf, kr):
-  """(new cache, new linear state) from N candidates: the cache's own pairs and the
-  keys just evicted from the window, k [B, N, H, d], v [B, N, H, D], valid [B, N, H],
-  with their key features kf [B, H, N, M], kr [B, H, N]. ``state`` excludes every
-  candidate; the top lambda by SRE per head stay exact, the other valid ones join
-  the state."""
+def update(cache, state, candidates, kf, kr):
+  """(new cache, new linear state) from N ``candidates``, the cache's own pairs and the
+  keys just evicted from the window: {'k' [B, N, H, d], 'v' [B, N, H, D], 'valid'
+  [B, N, H][, 'k_linear']}, with their key features kf [B, H, N, M], kr [B, H, N].
+  ``state`` excludes every candidate; the top lambda by SRE per head stay exact, the
+  other valid ones join the state."""
   size = cache['valid'].shape[1]
-  v_heads = jnp.swapaxes(v, 1, 2).astype(jnp.float32)  # [B, H, N, D]
-  valid_heads = jnp.swapaxes(valid, 1, 2)  # [B, H, N]
+  v_heads = jnp.swapaxes(candidates['v'], 1, 2).astype(jnp.float32)  # [B, H, N, D]
+  valid_heads = jnp.swapaxes(candidates['valid'], 1, 2)  # [B, H, N]
   error = sg(self_recall_error(state, kf, v_heads))
   _, top = jax.lax.top_k(jnp.where(valid_heads, error, -1.0), size)  # [B, H, lambda]
-  kept = jnp.any(top[..., None] == jnp.arange(k.shape[1]), axis=-2)  # [B, H, N]
+  kept = jnp.any(top[..., None] == jnp.arange(v_heads.shape[2]), axis=-2)  # [B, H, N]
   fold = valid_heads & ~kept
   state = linear.add_keys(state, kf * fold[..., None], jnp.where(fold, kr, NEG), v_heads)
-  take = lambda x: jnp.take_along_axis(jnp.swapaxes(x, 1, 2), top[..., None], axis=2)
-  new = {
-    'k': jnp.swapaxes(take(k), 1, 2).astype(cache['k'].dtype),
-    'v': jnp.swapaxes(take(v), 1, 2).astype(cache['v'].dtype),
-    'valid': jnp.swapaxes(jnp.take_along_axis(valid_heads, top, axis=2), 1, 2),
-  }
-  return new, state
+
+  def take(x):  # [B, N, H, ...] -> the kept [B, lambda, H, ...]
+    heads_first = jnp.swapaxes(x, 1, 2)
+    index = top.reshape(top.shape + (1,) * (x.ndim - 3))
+    return jnp.swapaxes(jnp.take_along_axis(heads_first, index, axis=2), 1, 2)
+
+  return {name: take(x).astype(cache[name].dtype) for name, x in candidates.items()}, state

@@ -327,20 +327,26 @@ def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain, sink_cols=None, s
 # --- decoding: a ring buffer of the last W raw keys and values --------------
 
 
-def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32):
-  return {
+def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False):
+  """The empty ring; ``linear_keys``: it also holds each key as the feature map sees
+  it ('k_linear', the key before rotary positions: ``attention.linear_rope=False``)."""
+  ring = {
     'k': jnp.zeros((batch, window, heads, head_dim), dtype),
     'v': jnp.zeros((batch, window, heads, value_dim), dtype),
     'valid': jnp.zeros((batch, window), bool),
     'pos': jnp.zeros((), jnp.int32),
   }
+  if linear_keys:
+    ring['k_linear'] = jnp.zeros_like(ring['k'])
+  return ring
 
 
 def ring_ordered(ring):
-  """(k, v, valid) of the ring oldest first (after a prefill, each row's last W valid
-  keys, behind invalid slots where it has fewer)."""
-  slots = jnp.mod(ring['pos'] + jnp.arange(ring['k'].shape[1]), ring['k'].shape[1])
-  return ring['k'][:, slots], ring['v'][:, slots], ring['valid'][:, slots]
+  """The ring's entries ({'k', 'v', 'valid'[, 'k_linear']}) oldest first (after a
+  prefill, each row's last W valid keys, behind invalid slots where it has fewer)."""
+  window = ring['k'].shape[1]
+  slots = jnp.mod(ring['pos'] + jnp.arange(window), window)
+  return {name: x[:, slots] for name, x in ring.items() if name != 'pos'}
 
 
 def last_valid(valid, window):
@@ -350,45 +356,38 @@ def last_valid(valid, window):
   return valid & (after <= window)
 
 
-def ring_append(ring, k, v, valid):
-  """(new ring, (k, v, valid) [B, W + L, ...] of what leaves it) after L more tokens
-  k, v [B, L, H, .] (valid [B, L]). The ring keeps each row's last W valid keys
+def ring_append(ring, entries):
+  """(new ring, what leaves it) after L more tokens, ``entries`` {'k', 'v' [B, L, H, .],
+  'valid' [B, L][, 'k_linear']}. The ring keeps each row's last W valid keys
   (``last_valid``: it counts keys, not positions, so a right-padded prompt keeps its
   own), oldest first from slot pos mod W so that ``ring_push`` evicts the oldest,
-  behind invalid slots where a row has fewer; every other valid key of ring + chunk
-  leaves (``valid`` marks them)."""
+  behind invalid slots where a row has fewer. What leaves is ring + chunk
+  [B, W + L, ...] with 'valid' marking every other valid key."""
   window = ring['k'].shape[1]
-  join = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)], axis=1)
-  k_all, v_all, valid_all = (join(a, b) for a, b in zip(ring_ordered(ring), (k, v, valid)))
-  keep = last_valid(valid_all, window)
+  old = ring_ordered(ring)
+  joined = {n: jnp.concatenate([x, entries[n].astype(x.dtype)], axis=1) for n, x in old.items()}
+  keep = last_valid(joined['valid'], window)
   # a stable sort puts the kept entries last, in their order
   order = jnp.argsort(keep, axis=1, stable=True)[:, -window:]
   pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
-  pos = ring['pos'] + k.shape[1]
+  pos = ring['pos'] + entries['k'].shape[1]
   slots = jnp.mod(pos + jnp.arange(window), window)
-  place = lambda old, new: jnp.zeros_like(old).at[:, slots].set(new)
-  new = {
-    'k': place(ring['k'], pick(k_all)),
-    'v': place(ring['v'], pick(v_all)),
-    'valid': place(ring['valid'], pick(keep)),
-    'pos': pos,
-  }
-  return new, (k_all, v_all, valid_all & ~keep)
+  place = lambda x: jnp.zeros((x.shape[0], window) + x.shape[2:], x.dtype).at[:, slots].set(x)
+  kept = dict(joined, valid=keep)
+  new = {n: place(pick(x)) for n, x in kept.items()}
+  return dict(new, pos=pos), dict(joined, valid=joined['valid'] & ~keep)
 
 
-def ring_push(ring, k, v, valid):
-  """(new ring, (k, v, valid) of the entry it evicts): the token takes slot pos mod W,
-  which holds the ring's oldest entry (a masked token takes a slot too, as it takes a
-  position in the forward pass's window)."""
+def ring_push(ring, entries):
+  """(new ring, the entry it evicts) for one token ``entries`` {'k', 'v' [B, H, .],
+  'valid' [B][, 'k_linear']}: the token takes slot pos mod W, which holds the ring's
+  oldest entry (a masked token takes a slot too, as it takes a position in the forward
+  pass's window)."""
   slot = jnp.mod(ring['pos'], ring['k'].shape[1])
-  old = (ring['k'][:, slot], ring['v'][:, slot], ring['valid'][:, slot])
-  new = {
-    'k': ring['k'].at[:, slot].set(k.astype(ring['k'].dtype)),
-    'v': ring['v'].at[:, slot].set(v.astype(ring['v'].dtype)),
-    'valid': ring['valid'].at[:, slot].set(valid),
-    'pos': ring['pos'] + 1,
-  }
-  return new, old
+  names = [n for n in ring if n != 'pos']
+  old = {n: ring[n][:, slot] for n in names}
+  new = {n: ring[n].at[:, slot].set(entries[n].astype(ring[n].dtype)) for n in names}
+  return dict(new, pos=ring['pos'] + 1), old
 
 
 def ring_read(ring, q):

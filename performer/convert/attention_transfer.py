@@ -2,8 +2,9 @@
 reproduce that layer's softmax attention, on the softmax teacher's own inputs.
 
 The teacher runs once under `models.capture_intermediates`; every `SelfAttention`
-sows its (q, k, v) after the projections and rotary positions, and its attention
-output before the output projection. The student's attention module of the same
+sows its (q, k, v) after the projections and rotary positions (and q, k before
+them, which a student with `attention.linear_rope=False` gives its feature maps), and
+its attention output before the output projection. The student's attention module of the same
 layer then attends over the teacher's q, k, v, so the loss sees only what the
 attention module changes (its feature map, its window gain) and the layers are
 trained jointly but independently: one layer's error never reaches the next
@@ -31,14 +32,22 @@ def attention_layers(model: nnx.Module) -> dict[str, model_layers.SelfAttention]
   }
 
 
-def _cross_entropy(student_layer, q, k, mask, segment_ids):
+def linear_inputs_of(layer, captured: dict, path: str):
+  """The `linear_qk` of `layer` from a capture: the unrotated (q, k) when its feature
+  map sees them (`attention.linear_rope=False`), else None (the map sees q, k)."""
+  if layer.attend.options.linear_rope or f'{path}.qk_unrotated' not in captured:
+    return None
+  return tuple(jax.lax.stop_gradient(x) for x in captured[f'{path}.qk_unrotated'])
+
+
+def _cross_entropy(student_layer, q, k, mask, segment_ids, linear_qk=None):
   """Per-query cross-entropy [B, L] from the teacher's softmax weights to the
   student's (Hedgehog's loss); O(L^2), for short training sequences."""
   attend = student_layer.attend
   teacher = attention.build('softmax', head_dim=q.shape[-1], num_heads=q.shape[2])
   causal = student_layer.causal
   p_t = teacher.weights(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
-  p_s = attend.weights(q, k, causal=causal, mask=mask, segment_ids=segment_ids)
+  p_s = attend.weights(q, k, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk)
   per = -jnp.sum(p_t * jnp.log(jnp.maximum(p_s, 1e-30)), axis=-1)  # [B, H, L]
   return jnp.mean(per, axis=1)
 
@@ -66,13 +75,16 @@ def transfer_sums(
   per_token = cosine = 0.0
   for path, layer in layers.items():
     q, k, v = (jax.lax.stop_gradient(x) for x in captured[f'{path}.qkv'])
+    linear_qk = linear_inputs_of(layer, captured, path)
     target = jax.lax.stop_gradient(captured[f'{path}.attended']).astype(jnp.float32)
-    out = layer.attend(q, k, v, causal=layer.causal, mask=mask, segment_ids=segment_ids)
+    out = layer.attend(
+      q, k, v, causal=layer.causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+    )
     out = out.astype(jnp.float32)
     if 'mse' in loss.split('+'):
       per_token = per_token + jnp.mean(jnp.square(out - target), axis=(-2, -1))
     if 'xent' in loss.split('+'):
-      per_token = per_token + _cross_entropy(layer, q, k, mask, segment_ids)
+      per_token = per_token + _cross_entropy(layer, q, k, mask, segment_ids, linear_qk)
     dot = jnp.sum(out * target, axis=(-2, -1))
     norms = jnp.linalg.norm(out, axis=(-2, -1)) * jnp.linalg.norm(target, axis=(-2, -1))
     cosine = cosine + dot / jnp.maximum(norms, 1e-9)

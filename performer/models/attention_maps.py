@@ -43,7 +43,8 @@ def _attention_layers(model):
 def capture_attention_inputs(model, tokens, *, mask=None, segment_ids=None, **call_kwargs):
   """Runs `model(tokens, ...)` under `nnx.capture` and returns (outputs, records):
   one dict per layer with 'q', 'k', 'v' (k, v with the layer's kv heads), 'causal',
-  'mask', 'segment_ids' and 'attend' (the layer's attention module)."""
+  'mask', 'segment_ids', 'attend' (the layer's attention module) and 'linear_qk'
+  (what its feature map sees, when not q, k: `attention.linear_rope=False`)."""
   layers = _attention_layers(model)
   (outputs, _), sown = capture_intermediates(
     model, tokens, mask=mask, segment_ids=segment_ids, **call_kwargs
@@ -60,6 +61,9 @@ def capture_attention_inputs(model, tokens, *, mask=None, segment_ids=None, **ca
         'mask': None if mask is None else jnp.asarray(mask, bool),
         'segment_ids': segment_ids,
         'attend': layer.attend,
+        'linear_qk': None
+        if layer.attend.options.linear_rope
+        else sown.get(f'layers.{i}.attn.qk_unrotated'),
       }
     )
   return outputs, records
@@ -87,7 +91,12 @@ def attention_maps(model, tokens, *, mask=None, segment_ids=None, positions=None
   )
   maps = [
     r['attend'].weights(
-      r['q'], r['k'], causal=r['causal'], mask=r['mask'], segment_ids=r['segment_ids']
+      r['q'],
+      r['k'],
+      causal=r['causal'],
+      mask=r['mask'],
+      segment_ids=r['segment_ids'],
+      linear_qk=r['linear_qk'],
     )
     for r in records
   ]

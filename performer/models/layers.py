@@ -84,7 +84,9 @@ class SelfAttention(nnx.Module):
 
   Projections are `nnx.LinearGeneral` with the head axis explicit, so q comes out as
   [batch, length, heads, head_dim] and k, v as [batch, length, kv_heads, head_dim]
-  without reshapes. Rotary positions rotate q and k here, before any feature map.
+  without reshapes. Rotary positions rotate q and k here, before any feature map
+  (with `attention.linear_rope=False`, the feature map gets them unrotated as
+  `linear_qk` while the exact parts of a hybrid score the rotated ones).
   Kernels are float32 parameters; the compute dtype is the config's. With
   `cfg.lora_rank` > 0 the four projections carry LoRA factors (lora.py) beside
   unchanged kernel paths, so checkpoints and importers see the same model.
@@ -158,18 +160,27 @@ class SelfAttention(nnx.Module):
     if self.convs is not None:
       (q, k, v), outer = self._convolve((q, k, v), mask=mask, segment_ids=segment_ids, cache=cache)
       cache = None if cache is None else outer['attention']
+    linear_qk = None
     if self.rope_theta:
+      sow(self, 'qk_unrotated', (q, k))  # for attention transfer into linear_rope=False
+      if not self.attend.options.linear_rope:  # the feature map sees them unrotated
+        linear_qk = (q, k)
       q = positions_lib.apply_rope(q, positions, base=self.rope_theta)
       k = positions_lib.apply_rope(k, positions, base=self.rope_theta)
     sow(self, 'qkv', (q, k, v))
     if cache is None:
-      y = self.attend(q, k, v, causal=self.causal, mask=mask, segment_ids=segment_ids)
+      y = self.attend(
+        q, k, v, causal=self.causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+      )
     elif x.shape[1] == 1:
       step_mask = None if mask is None else mask[:, 0]
-      y, cache = self.attend.step(cache, q[:, 0], k[:, 0], v[:, 0], mask=step_mask)
+      step_qk = None if linear_qk is None else (linear_qk[0][:, 0], linear_qk[1][:, 0])
+      y, cache = self.attend.step(
+        cache, q[:, 0], k[:, 0], v[:, 0], mask=step_mask, linear_qk=step_qk
+      )
       y = y[:, None]
     else:
-      y, cache = self.attend.prefill(cache, q, k, v, mask=mask)
+      y, cache = self.attend.prefill(cache, q, k, v, mask=mask, linear_qk=linear_qk)
     if outer is not None and cache is not None:
       cache = {**outer, 'attention': cache}
     sow(self, 'attended', y)
