@@ -119,6 +119,10 @@ def test_attention_transfer_feeds_the_student_unrotated_inputs():
   )
 
 
-def test_linear_rope_must_be_a_bool():
+def test_linear_rope_must_be_a_bool_and_needs_rotary_positions():
   with pytest.raises(ValueError, match='linear_rope must be True or False'):
     attention.get_attention('hedgehog', linear_rope='no')
+  cfg = make_config(kind='hedgehog', positions='learned')
+  cfg.attention.linear_rope = False
+  with pytest.raises(ValueError, match="attention.linear_rope: .* positions are 'learned'"):
+    models.build_model(cfg, rngs=nnx.Rngs(params=0))
