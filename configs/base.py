@@ -76,9 +76,9 @@ def get_config():
   # state recalls worst, kept exact; updated once per chunk_size tokens in the forward pass and
   # prefill, once per token in decoding (attention/sparse_cache.py). 0 = off.
   config.model.attention.sparse_cache = 0
-  # False: with rotary positions, the feature maps see q, k before RoPE (position-free linear
-  # part) while the window, sinks and sparse cache score the rotated ones (LAWCAT, Lizard).
-  config.model.attention.linear_rope = True
+  # With rotary positions: the feature maps see q, k before RoPE (a position-free linear part)
+  # while the window, sinks and sparse cache score the rotated ones (LAWCAT, Lizard).
+  config.model.attention.linear_nope = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'protein_sample'

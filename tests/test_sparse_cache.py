@@ -203,17 +203,17 @@ def test_sparse_cache_options_and_refusals():
     (dict(window=2, sinks=1, sparse_cache=2, chunk_size=1), (3, 8)),
     # the feature map sees q, k before rotary positions; the ring and cache keep both
     (
-      dict(kind='hedgehog', window=2, sinks=1, sparse_cache=2, chunk_size=1, linear_rope=False),
+      dict(kind='hedgehog', window=2, sinks=1, sparse_cache=2, chunk_size=1, linear_nope=True),
       (3, 8),
     ),
-    (dict(kind='hedgehog', window=4, sinks=1, chunk_size=4, linear_rope=False), (2, 9)),
+    (dict(kind='hedgehog', window=4, sinks=1, chunk_size=4, linear_nope=True), (2, 9)),
   ],
 )
 def test_model_decode_matches_forward(options, prompts):
   """A tiny causal LM through config.model.attention: its cache carries the ring, the
   sinks and the sparse cache; decoding equals the forward pass (a sparse cache with
   chunk_size 1, where the two schedules coincide)."""
-  cfg = make_config(positions='rotary' if 'linear_rope' in options else 'learned')
+  cfg = make_config(positions='rotary' if 'linear_nope' in options else 'learned')
   cfg.attention = ml_collections.ConfigDict(dict(cfg.attention.to_dict(), **options))
   model = models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
   check_decode_matches_forward(model, length=12, prompt_lengths=prompts)

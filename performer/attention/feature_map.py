@@ -80,7 +80,7 @@ class Options:
   window_off: bool = False  # ablation: drop a hybrid's window branch (and its sparse cache)
   sinks: int = 0  # the first s tokens of each segment attended exactly (0: off; sinks.py)
   sparse_cache: int = 0  # LoLA: up to this many exact pairs beyond the window (sparse_cache.py)
-  linear_rope: bool = True  # False: the feature map sees q, k before rotary positions
+  linear_nope: bool = False  # the feature map sees q, k before rotary positions
 
 
 def draw_projection_for(options: Options, key, head_dim, num_heads=None):

@@ -17,7 +17,7 @@ The decoding state, a fixed size whatever the context:
 
 (each key present when its part is on). A sink never enters the ring or the linear
 state; a key leaves the ring into the sparse cache's candidates (with a cache) or
-into the linear state. With ``linear_rope=False`` the feature map sees q, k before
+into the linear state. With ``linear_nope`` the feature map sees q, k before
 rotary positions (``linear_qk``) while the exact parts score the rotated ones, so
 the ring and the cache also keep each key unrotated ('k_linear'), for the features
 it gets when it leaves them.
@@ -86,7 +86,7 @@ class HybridAttention(LinearAttention):
     self.cache_size = 0 if options.window_off else options.sparse_cache
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
-    lin = linear_inputs(q, k, linear_qk)
+    lin = self._linear_pair(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
     num, den = self._hybrid(q, k, v, lin, causal=causal, mask=mask, segment_ids=segment_ids)
@@ -95,7 +95,17 @@ class HybridAttention(LinearAttention):
   @property
   def _linear_keys(self) -> bool:
     """The ring and cache also hold each key as the feature map saw it."""
-    return not self.options.linear_rope
+    return self.options.linear_nope
+
+  def _linear_pair(self, q, k, linear_qk):
+    """``layers.linear_inputs``; ``linear_qk`` needs ``linear_nope``, which makes the
+    ring and the cache keep what the feature map saw (else decoding would differ)."""
+    if linear_qk is not None and not self._linear_keys:
+      raise ValueError(
+        'linear_qk: a hybrid feeds its feature map other inputs than q, k only with '
+        'attention.linear_nope=True'
+      )
+    return linear_inputs(q, k, linear_qk)
 
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     del num_kv_heads, max_length  # a fixed size per query head, whatever the context
@@ -125,14 +135,14 @@ class HybridAttention(LinearAttention):
   def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     """Causal pass continuing from ``state``: the ring's keys precede q."""
     check_inputs(q, k, v, mask, None)
-    lin = linear_inputs(q, k, linear_qk)
+    lin = self._linear_pair(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     return self._prefill_chunk(state, q, k, v, lin, mask)
 
   def step(self, state, q, k, v, *, mask=None, linear_qk=None):
     """One token: it joins the sinks while they are not full, else the ring, whose
     evicted key joins the cache's candidates (with a cache) or the linear state."""
-    q_lin, k_lin = linear_inputs(q, k, linear_qk)
+    q_lin, k_lin = self._linear_pair(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     valid = jnp.ones(q.shape[:1], bool) if mask is None else mask
     fmap = self.feature_map
@@ -169,7 +179,7 @@ class HybridAttention(LinearAttention):
 
   def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     """window.scores with the sinks."""
-    fmap, (q_lin, k_lin) = self.feature_map, linear_inputs(q, k, linear_qk)
+    fmap, (q_lin, k_lin) = self.feature_map, self._linear_pair(q, k, linear_qk)
     ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
     qf, q_r = fmap.query_parts(q_lin, ctx)
     kf, kr = fmap.key(k_lin, ctx)
@@ -307,14 +317,14 @@ class SparseCacheAttention(HybridAttention):
         'attention.sparse_cache runs its chunks in order over one sequence: packed '
         'segment_ids are not supported'
       )
-    lin = linear_inputs(q, k, linear_qk)
+    lin = self._linear_pair(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     state = self.init_state(q.shape[0], v.shape[-1], dtype=k.dtype)
     return self._prefill_chunks(state, q, k, v, lin, mask)[0]
 
   def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     check_inputs(q, k, v, mask, None)
-    lin = linear_inputs(q, k, linear_qk)
+    lin = self._linear_pair(q, k, linear_qk)
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
     return self._prefill_chunks(state, q, k, v, lin, mask)
 

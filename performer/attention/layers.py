@@ -4,7 +4,7 @@
     out = attn(q, k, v, causal=True, mask=None, segment_ids=None)
 
 ``linear_qk`` (every call takes it): the (q, k) the feature maps see when they differ
-from the exact parts' (``attention.linear_rope=False``: q, k before rotary positions);
+from the exact parts' (``attention.linear_nope``: q, k before rotary positions);
 kinds without a feature map ignore it.
 
 An attention module owns whatever its kind needs (a feature map with its

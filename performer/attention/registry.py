@@ -94,7 +94,7 @@ def make_options(kind: str, **options) -> Options:
   window = options.get('window', 0)
   if not isinstance(window, int) or isinstance(window, bool) or window < 0:
     raise ValueError(f'window must be an integer >= 0 (0: no exact window), got {window!r}')
-  for name in ('window_off', 'linear_rope'):
+  for name in ('window_off', 'linear_nope'):
     if not isinstance(options.get(name, False), bool):
       raise ValueError(f'{name} must be True or False, got {options[name]!r}')
   window_off = options.get('window_off', False)

@@ -53,7 +53,7 @@ sg = jax.lax.stop_gradient
 
 def init(batch, size, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False):
   """The empty cache: slot j of head h holds one pair, valid per head; ``linear_keys``:
-  each key also as the feature map sees it ('k_linear', ``attention.linear_rope=False``)."""
+  each key also as the feature map sees it ('k_linear', ``attention.linear_nope``)."""
   cache = {
     'k': jnp.zeros((batch, size, heads, head_dim), dtype),
     'v': jnp.zeros((batch, size, heads, value_dim), dtype),

@@ -329,7 +329,7 @@ def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain, sink_cols=None, s
 
 def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False):
   """The empty ring; ``linear_keys``: it also holds each key as the feature map sees
-  it ('k_linear', the key before rotary positions: ``attention.linear_rope=False``)."""
+  it ('k_linear', the key before rotary positions: ``attention.linear_nope``)."""
   ring = {
     'k': jnp.zeros((batch, window, heads, head_dim), dtype),
     'v': jnp.zeros((batch, window, heads, value_dim), dtype),

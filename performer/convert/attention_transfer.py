@@ -3,7 +3,7 @@ reproduce that layer's softmax attention, on the softmax teacher's own inputs.
 
 The teacher runs once under `models.capture_intermediates`; every `SelfAttention`
 sows its (q, k, v) after the projections and rotary positions (and q, k before
-them, which a student with `attention.linear_rope=False` gives its feature maps), and
+them, which a student with `attention.linear_nope` gives its feature maps), and
 its attention output before the output projection. The student's attention module of the same
 layer then attends over the teacher's q, k, v, so the loss sees only what the
 attention module changes (its feature map, its window gain) and the layers are
@@ -34,9 +34,14 @@ def attention_layers(model: nnx.Module) -> dict[str, model_layers.SelfAttention]
 
 def linear_inputs_of(layer, captured: dict, path: str):
   """The `linear_qk` of `layer` from a capture: the unrotated (q, k) when its feature
-  map sees them (`attention.linear_rope=False`), else None (the map sees q, k)."""
-  if layer.attend.options.linear_rope or f'{path}.qk_unrotated' not in captured:
+  map sees them (`attention.linear_nope`), else None (the map sees q, k)."""
+  if not layer.attend.options.linear_nope:
     return None
+  if f'{path}.qk_unrotated' not in captured:
+    raise ValueError(
+      f'attention transfer: {path} has attention.linear_nope but the teacher sowed no '
+      'unrotated q, k (it has no rotary positions)'
+    )
   return tuple(jax.lax.stop_gradient(x) for x in captured[f'{path}.qk_unrotated'])
 
 

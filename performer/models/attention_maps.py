@@ -44,7 +44,7 @@ def capture_attention_inputs(model, tokens, *, mask=None, segment_ids=None, **ca
   """Runs `model(tokens, ...)` under `nnx.capture` and returns (outputs, records):
   one dict per layer with 'q', 'k', 'v' (k, v with the layer's kv heads), 'causal',
   'mask', 'segment_ids', 'attend' (the layer's attention module) and 'linear_qk'
-  (what its feature map sees, when not q, k: `attention.linear_rope=False`)."""
+  (what its feature map sees, when not q, k: `attention.linear_nope`)."""
   layers = _attention_layers(model)
   (outputs, _), sown = capture_intermediates(
     model, tokens, mask=mask, segment_ids=segment_ids, **call_kwargs
@@ -61,9 +61,9 @@ def capture_attention_inputs(model, tokens, *, mask=None, segment_ids=None, **ca
         'mask': None if mask is None else jnp.asarray(mask, bool),
         'segment_ids': segment_ids,
         'attend': layer.attend,
-        'linear_qk': None
-        if layer.attend.options.linear_rope
-        else sown.get(f'layers.{i}.attn.qk_unrotated'),
+        'linear_qk': sown.get(f'layers.{i}.attn.qk_unrotated')
+        if layer.attend.options.linear_nope
+        else None,
       }
     )
   return outputs, records

@@ -153,10 +153,10 @@ class ModelConfig:
       )
     if self.positions == 'rotary' and self.head_dim % 2:
       raise ModelConfigError('head_dim', f'rotary positions need it even, got {self.head_dim}')
-    if dict(self.attention.options).get('linear_rope') is False and not self.rotary:
+    if dict(self.attention.options).get('linear_nope') and not self.rotary:
       raise ModelConfigError(
-        'attention.linear_rope',
-        f'False keeps rotary positions out of the feature map; positions are {self.positions!r}',
+        'attention.linear_nope',
+        f'keeps rotary positions out of the feature map; positions are {self.positions!r}',
       )
     if self.task_spec.image:
       shape = tuple(int(s) for s in (self.image_shape or ()))

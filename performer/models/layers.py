@@ -85,7 +85,7 @@ class SelfAttention(nnx.Module):
   Projections are `nnx.LinearGeneral` with the head axis explicit, so q comes out as
   [batch, length, heads, head_dim] and k, v as [batch, length, kv_heads, head_dim]
   without reshapes. Rotary positions rotate q and k here, before any feature map
-  (with `attention.linear_rope=False`, the feature map gets them unrotated as
+  (with `attention.linear_nope`, the feature map gets them unrotated as
   `linear_qk` while the exact parts of a hybrid score the rotated ones).
   Kernels are float32 parameters; the compute dtype is the config's. With
   `cfg.lora_rank` > 0 the four projections carry LoRA factors (lora.py) beside
@@ -162,8 +162,8 @@ class SelfAttention(nnx.Module):
       cache = None if cache is None else outer['attention']
     linear_qk = None
     if self.rope_theta:
-      sow(self, 'qk_unrotated', (q, k))  # for attention transfer into linear_rope=False
-      if not self.attend.options.linear_rope:  # the feature map sees them unrotated
+      sow(self, 'qk_unrotated', (q, k))  # for attention transfer into linear_nope
+      if self.attend.options.linear_nope:  # the feature map sees them unrotated
         linear_qk = (q, k)
       q = positions_lib.apply_rope(q, positions, base=self.rope_theta)
       k = positions_lib.apply_rope(k, positions, base=self.rope_theta)

@@ -311,6 +311,7 @@ def run(config, workdir, settings: Settings, teacher=False):
   name = f'{att.kind}' + (f'+window{att.window}' if att.window else '')
   name += f'+sinks{att.sinks}' if att.get('sinks') else ''
   name += f'+cache{att.sparse_cache}' if att.get('sparse_cache') else ''
+  name += '+nope' if att.get('linear_nope') else ''  # the linear part without RoPE
   name += ' (window off)' if att.get('window_off') else ''
   readers = [Reader(f'{name}, step {step}', graphdef, trees, settings.prefill_chunk)]
   if teacher:

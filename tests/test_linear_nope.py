@@ -1,4 +1,4 @@
-"""attention.linear_rope=False: the feature map sees q, k before rotary positions,
+"""attention.linear_nope: the feature map sees q, k before rotary positions,
 the exact parts (window, sinks, sparse cache) the rotated ones.
 
 * the hybrid's attention matrix is exactly that: beyond the window, ratios of weights
@@ -6,7 +6,7 @@ the exact parts (window, sinks, sparse cache) the rotated ones.
   of the rotated pair; the output is that matrix times v;
 * a model's linear attention without exact parts becomes position-free (NoPE): its
   logits do not move when every position shifts, while with RoPE in the map they do;
-* attention transfer gives a linear_rope=False student the teacher's unrotated q, k;
+* attention transfer gives a linear_nope student the teacher's unrotated q, k;
 * decoding equals the forward pass (tests/test_sparse_cache.py runs the model cases).
 """
 
@@ -33,7 +33,9 @@ def _qk(seed, length=10, heads=2, dim=8):
 def test_hybrid_weights_split_between_rotated_and_unrotated_inputs():
   q, k, v, q0, k0 = _qk(0)
   window, length = 3, q.shape[1]
-  attend = attention.get_attention('favor_softmax', window=window, num_features=32, chunk_size=4)
+  attend = attention.get_attention(
+    'favor_softmax', window=window, num_features=32, chunk_size=4, linear_nope=True
+  )
   w = attend.make_projection(jax.random.PRNGKey(1), q.shape[-1])
   module = attend.bind(q.shape[-1], q.shape[2], w)
   weights = module.weights(q, k, causal=True, linear_qk=(q0, k0))[0]  # [H, L, L]
@@ -61,6 +63,10 @@ def test_hybrid_weights_split_between_rotated_and_unrotated_inputs():
     attend(q, k, v, causal=True, projection=w),
     attend(q, k, v, causal=True, projection=w, linear_qk=(q, k)),
   )
+  # a hybrid whose ring keeps only the rotated keys refuses other inputs for its map
+  rope = attention.get_attention('favor_softmax', window=window, num_features=32, chunk_size=4)
+  with pytest.raises(ValueError, match='linear_nope=True'):
+    rope(q, k, v, causal=True, projection=w, linear_qk=(q0, k0))
 
 
 def _rotary_model(num_layers=2, **attention_options):
@@ -70,25 +76,25 @@ def _rotary_model(num_layers=2, **attention_options):
   return models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1)), cfg
 
 
-@pytest.mark.parametrize('linear_rope', [True, False])
-def test_linear_attention_without_rope_ignores_position_shifts(linear_rope):
-  model, cfg = _rotary_model(linear_rope=linear_rope)
+@pytest.mark.parametrize('linear_nope', [False, True])
+def test_linear_attention_without_rope_ignores_position_shifts(linear_nope):
+  model, cfg = _rotary_model(linear_nope=linear_nope)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12)), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
   logits = model(tokens, positions=positions)[0]
   shifted = model(tokens, positions=positions + 9)[0]
   moved = float(jnp.max(jnp.abs(logits - shifted)))
-  if linear_rope:
+  if not linear_nope:
     assert moved > 1e-3  # the feature map of a rotated vector is not relative
   else:
     assert moved < 1e-5
 
 
 def test_attention_transfer_feeds_the_student_unrotated_inputs():
-  """The transfer loss of a one-layer linear_rope=False student equals the error of
+  """The transfer loss of a one-layer linear_nope student equals the error of
   its own forward pass (the teacher's projections) against the teacher's attention:
   only if the transfer gives its map the unrotated q, k."""
-  student, cfg = _rotary_model(num_layers=1, window=2, sinks=1, linear_rope=False)
+  student, cfg = _rotary_model(num_layers=1, window=2, sinks=1, linear_nope=True)
   teacher_cfg = ml_collections.ConfigDict(cfg.to_dict())
   teacher_cfg.attention = ml_collections.ConfigDict(dict(kind='softmax'))
   teacher = models.build_model(teacher_cfg, rngs=nnx.Rngs(params=0, dropout=1))
@@ -109,20 +115,15 @@ def test_attention_transfer_feeds_the_student_unrotated_inputs():
   )
   np.testing.assert_allclose(float(sums['loss_sum']), float(expected), rtol=1e-4)
   rotated = dict(taught)
-  del rotated['layers.0.attn.qk_unrotated']  # layer 0's map would see rotated q, k
-  assert (
-    abs(
-      float(attention_transfer.transfer_sums(student, rotated, None, None)['loss_sum'])
-      - float(expected)
-    )
-    > 1e-6
-  )
+  del rotated['layers.0.attn.qk_unrotated']  # never silently the rotated pair
+  with pytest.raises(ValueError, match='sowed no unrotated q, k'):
+    attention_transfer.transfer_sums(student, rotated, None, None)
 
 
-def test_linear_rope_must_be_a_bool_and_needs_rotary_positions():
-  with pytest.raises(ValueError, match='linear_rope must be True or False'):
-    attention.get_attention('hedgehog', linear_rope='no')
+def test_linear_nope_must_be_a_bool_and_needs_rotary_positions():
+  with pytest.raises(ValueError, match='linear_nope must be True or False'):
+    attention.get_attention('hedgehog', linear_nope='yes')
   cfg = make_config(kind='hedgehog', positions='learned')
-  cfg.attention.linear_rope = False
-  with pytest.raises(ValueError, match="attention.linear_rope: .* positions are 'learned'"):
+  cfg.attention.linear_nope = True
+  with pytest.raises(ValueError, match="attention.linear_nope: .* positions are 'learned'"):
     models.build_model(cfg, rngs=nnx.Rngs(params=0))
