@@ -102,6 +102,11 @@ def parse_args(argv=None):
     default=0,
     help='linear kinds with --window: LoLA cache of this many exact pairs per head',
   )
+  p.add_argument(
+    '--linear_nope',
+    action='store_true',
+    help='linear kinds: the feature map sees q, k before rotary positions (rotary model)',
+  )
   p.add_argument('--quick', action='store_true', help='tiny model and contexts: a smoke test')
   p.add_argument('--json', default=None, help='write results here')
   args = p.parse_args(argv)
@@ -124,13 +129,14 @@ def exact_options(kind, args):
   """The window / sinks / sparse-cache options a linear kind gets (none for the others)."""
   if kind in ('softmax', 'identity'):
     return {}
-  names = ('window', 'sinks', 'sparse_cache')
+  names = ('window', 'sinks', 'sparse_cache', 'linear_nope')
   return {name: getattr(args, name) for name in names if getattr(args, name)}
 
 
 def label(kind, args):
-  words = {'window': 'window', 'sinks': 'sinks', 'sparse_cache': 'cache'}
-  return kind + ''.join(f'+{words[k]} {v}' for k, v in exact_options(kind, args).items())
+  words = {'window': 'window ', 'sinks': 'sinks ', 'sparse_cache': 'cache ', 'linear_nope': 'nope'}
+  shown = lambda value: '' if value is True else value
+  return kind + ''.join(f'+{words[k]}{shown(v)}' for k, v in exact_options(kind, args).items())
 
 
 def build(kind, args):
@@ -153,7 +159,7 @@ def build(kind, args):
       emb_dim=args.emb_dim,
       mlp_dim=4 * args.emb_dim,
       max_len=max(args.contexts) + args.steps + 1,
-      positions='learned',
+      positions='rotary' if args.linear_nope else 'learned',
       dtype=args.dtype,
       attention=dict(
         kind=kind,
@@ -184,7 +190,7 @@ def random_cache(cache, length, key):
 
   def fill(path, leaf):
     name = getattr(path[-1], 'key', None)
-    if name in ('k', 'v'):
+    if name in ('k', 'v', 'k_linear'):
       return jax.random.normal(
         jax.random.fold_in(key, zlib.crc32(str(path).encode())), leaf.shape, leaf.dtype
       )

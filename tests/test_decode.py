@@ -418,6 +418,11 @@ def test_decode_benchmark_quick(tmp_path):
   kinds = {r['kind'] for r in result['rows']}
   assert kinds == {'favor_softmax', 'softmax'}
   assert all(r['ms_per_token'] > 0 and r['cache_mib'] > 0 for r in result['rows'])
+  # a hybrid whose linear part sees q, k before rotary positions (its ring keeps both)
+  args = ['--kinds', 'hedgehog', '--window', '8', '--sinks', '2', '--sparse_cache', '4']
+  proc = run_script(['benchmarks/decode.py', '--quick', *args, '--linear_nope'], timeout=180)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'hedgehog+window 8+sinks 2+cache 4+nope' in proc.stdout
 
 
 @pytest.mark.parametrize('kind', ['softmax', 'favor_softmax', 'favor_sharp'])
