@@ -1,7 +1,8 @@
 """Run by tests/test_context_parallel.py in a fresh process with 8 forced CPU
 devices: attention outputs and gradients, and decoding after a prefill, with the
 length split over a `seq` mesh axis against one device. argv[1]: kinds, each
-optionally with `:W` for a window of W and `:S` for S sinks; argv[2] 'segments': only
+optionally with `:W` for a window of W, `:S` for S sinks and `:nope` for a feature map
+fed other q, k than the exact parts (`linear_nope`, `linear_qk`); argv[2] 'segments': only
 the cases with packed segments (and padding), not those with padding alone;
 'causal_segments': those, causal only, and check that bidirectional sinks and a sparse
 cache raise under the mesh. Prints RESULT{json}."""
@@ -42,6 +43,11 @@ def mesh_of(data, seq):
   return jax.sharding.Mesh(devices, ('data', 'fsdp', 'seq'), axis_types=auto)
 
 
+def linear_qk(q, k, options):
+  """With `linear_nope`: the (q, k) the feature map sees, unlike the exact parts'."""
+  return (0.5 * q[..., ::-1], k[..., ::-1]) if options.get('linear_nope') else None
+
+
 def run(kind, causal, segments, mesh, chunk, window, **options):
   attend = attention.get_attention(
     kind, num_features=16, chunk_size=chunk, window=window, **options
@@ -52,7 +58,16 @@ def run(kind, causal, segments, mesh, chunk, window, **options):
 
   def loss(q, k, v):
     with context_parallel.sequence_parallel(mesh):
-      out = attend(q, k, v, causal=causal, mask=mask, segment_ids=seg, projection=proj)
+      out = attend(
+        q,
+        k,
+        v,
+        causal=causal,
+        mask=mask,
+        segment_ids=seg,
+        projection=proj,
+        linear_qk=linear_qk(q, k, options),
+      )
     return jnp.sum(out * ct), out
 
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -76,7 +91,8 @@ def decode(kind, mesh, chunk, window, **options):
   def prefill(q, k, v, mask):
     with context_parallel.sequence_parallel(mesh):
       state = attend.init_state(B, H, D, D, projection=proj)
-      return attend.prefill(state, q, k, v, projection=proj, mask=mask)
+      lin = linear_qk(q, k, options)
+      return attend.prefill(state, q, k, v, projection=proj, mask=mask, linear_qk=lin)
 
   first = slice(0, 48)
   args = (q[:, first], k[:, first], v[:, first], mask[:, first])
@@ -87,12 +103,14 @@ def decode(kind, mesh, chunk, window, **options):
   outs = [out]
   if not window:
     more = slice(48, 56)  # continues from the carried state, unsharded
+    lin = linear_qk(q[:, more], k[:, more], options)
     out, state = attend.prefill(
-      state, q[:, more], k[:, more], v[:, more], projection=proj, mask=mask[:, more]
+      state, q[:, more], k[:, more], v[:, more], projection=proj, mask=mask[:, more], linear_qk=lin
     )
     outs.append(out)
   for t in (56, 57):
-    out, state = attend.step(state, q[:, t], k[:, t], v[:, t], projection=proj)
+    lin = linear_qk(q[:, t], k[:, t], options)
+    out, state = attend.step(state, q[:, t], k[:, t], v[:, t], projection=proj, linear_qk=lin)
     outs.append(out)
   return [np.asarray(x) for x in outs]
 
@@ -109,9 +127,9 @@ def main():
   modes = sys.argv[2:]
   with_segments = (True,) if modes in (['segments'], ['causal_segments']) else (False, True)
   directions = (True,) if modes == ['causal_segments'] else (True, False)
-  for spec in sys.argv[1].split(','):  # kind, kind:window or kind:window:sinks
-    kind, window, sinks = (spec.split(':') + ['0', '0'])[:3]
-    window, opts = int(window), {'sinks': int(sinks)}
+  for spec in sys.argv[1].split(','):  # kind, kind:window, kind:window:sinks[:nope]
+    kind, window, sinks, nope = (spec.split(':') + ['0', '0', ''])[:4]
+    window, opts = int(window), {'sinks': int(sinks), 'linear_nope': nope == 'nope'}
     for causal in directions:
       for segments in with_segments:
         mode = f'{"causal" if causal else "bidirectional"}/{"segments" if segments else "mask"}'

@@ -139,6 +139,14 @@ def test_sinks_split_over_eight_devices_equal_one_device():
   assert 'hedgehog:6:4/bidirectional/segments' not in result and len(result['raised']) == 2
 
 
+def test_linear_nope_splits_over_eight_devices_equal_one_device():
+  """The same with the feature map fed other q, k than the window and the sinks
+  (`linear_nope`): forward, gradients through both pairs, and decoding after a sharded
+  prefill (the ring keeps both keys)."""
+  result = _eight_device_parity(['hedgehog:6:4:nope'], modes='causal_segments')
+  assert 'hedgehog:6:4:nope/decode' in result and len(result['raised']) == 2
+
+
 def test_sequence_split_over_eight_devices_equals_one_device():
   """Hedgehog with a window of 6 (the linear part's states folded forward and, for
   the bidirectional model, backward; the window's keys from the neighbouring
