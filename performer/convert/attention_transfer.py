@@ -3,9 +3,9 @@ reproduce that layer's softmax attention, on the softmax teacher's own inputs.
 
 The teacher runs once under `models.capture_intermediates`; every `SelfAttention`
 sows its (q, k, v) after the projections and rotary positions (and q, k before
-them, which a student with `attention.linear_nope` gives its feature maps), and
-its attention output before the output projection. The student's attention module of the same
-layer then attends over the teacher's q, k, v, so the loss sees only what the
+them, which a student with `attention.linear_nope` gives its feature maps), and its
+attention output before the output projection. The student's attention module of the
+same layer then attends over the teacher's q, k, v, so the loss sees only what the
 attention module changes (its feature map, its window gain) and the layers are
 trained jointly but independently: one layer's error never reaches the next
 layer's input. Nothing is patched; the student never runs its projections.
@@ -30,19 +30,6 @@ def attention_layers(model: nnx.Module) -> dict[str, model_layers.SelfAttention]
     for path, node in nnx.iter_graph(model)
     if isinstance(node, model_layers.SelfAttention)
   }
-
-
-def linear_inputs_of(layer, captured: dict, path: str):
-  """The `linear_qk` of `layer` from a capture: the unrotated (q, k) when its feature
-  map sees them (`attention.linear_nope`), else None (the map sees q, k)."""
-  if not layer.attend.options.linear_nope:
-    return None
-  if f'{path}.qk_unrotated' not in captured:
-    raise ValueError(
-      f'attention transfer: {path} has attention.linear_nope but the teacher sowed no '
-      'unrotated q, k (it has no rotary positions)'
-    )
-  return tuple(jax.lax.stop_gradient(x) for x in captured[f'{path}.qk_unrotated'])
 
 
 def _cross_entropy(student_layer, q, k, mask, segment_ids, linear_qk=None):
@@ -80,7 +67,9 @@ def transfer_sums(
   per_token = cosine = 0.0
   for path, layer in layers.items():
     q, k, v = (jax.lax.stop_gradient(x) for x in captured[f'{path}.qkv'])
-    linear_qk = linear_inputs_of(layer, captured, path)
+    linear_qk = layer.captured_linear_qk(captured, path)  # the teacher's, unrotated
+    if linear_qk is not None:
+      linear_qk = tuple(jax.lax.stop_gradient(x) for x in linear_qk)
     target = jax.lax.stop_gradient(captured[f'{path}.attended']).astype(jnp.float32)
     out = layer.attend(
       q, k, v, causal=layer.causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk

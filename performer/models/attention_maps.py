@@ -61,9 +61,7 @@ def capture_attention_inputs(model, tokens, *, mask=None, segment_ids=None, **ca
         'mask': None if mask is None else jnp.asarray(mask, bool),
         'segment_ids': segment_ids,
         'attend': layer.attend,
-        'linear_qk': sown.get(f'layers.{i}.attn.qk_unrotated')
-        if layer.attend.options.linear_nope
-        else None,
+        'linear_qk': layer.captured_linear_qk(sown, f'layers.{i}.attn'),
       }
     )
   return outputs, records

@@ -136,6 +136,19 @@ class SelfAttention(nnx.Module):
       return state
     return {'attention': state, 'conv': tuple(c.init_history(batch, dtype) for c in self.convs)}
 
+  def captured_linear_qk(self, captured: dict, path: str):
+    """What this layer's feature map sees in a capture (`capture_intermediates`, its
+    values keyed '{path}.name') when that is not (q, k): the unrotated pair it sows
+    under `attention.linear_nope`; else None."""
+    if not self.attend.options.linear_nope:
+      return None
+    if f'{path}.qk_unrotated' not in captured:
+      raise ValueError(
+        f'{path} has attention.linear_nope but the capture sowed no unrotated q, k '
+        '(its model has no rotary positions)'
+      )
+    return captured[f'{path}.qk_unrotated']
+
   def _convolve(self, qkv, *, mask, segment_ids, cache):
     """(q, k, v) through the short convolutions: (q, k, v, cache with new history)."""
     if cache is None:
