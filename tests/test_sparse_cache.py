@@ -167,6 +167,54 @@ def test_update_keeps_what_the_state_recalls_worst():
   np.testing.assert_allclose(state['S'][0, 0], 2.0 * e[:, :1] * a[None])  # e0 -> a, twice
 
 
+def test_update_ranks_a_group_by_its_summed_error():
+  """Two query heads share one kv head (grouped-query attention), each with its own
+  state: head 0 knows e0 -> a, head 1 knows e1 -> b. Alone, each would keep the pair the
+  other knows; the group keeps the pair whose summed error is larger, (e1, b) as
+  |b|^2 > |a|^2, and folds (e0, a) into both heads' states."""
+  e = jnp.eye(3)
+  a, b = jnp.array([1.0, 2.0]), jnp.array([-3.0, 0.5])
+  state = linear.add_keys(
+    linear.init_state(1, 2, 3, 2),
+    jnp.stack([e[:1], e[1:2]])[None],
+    jnp.zeros((1, 2, 1)),
+    jnp.stack([a[None], b[None]])[None],
+  )
+  cache = sparse_cache.init(1, 1, 1, 3, 2)
+  k = jnp.stack([e[0], e[1]])[None, :, None]  # [B, N, K=1, d]: the keys double as features
+  v = jnp.stack([a, b])[None, :, None]
+  kf = jnp.repeat(jnp.swapaxes(k, 1, 2), 2, axis=1)  # [B, H=2, N, M]
+  error = sparse_cache.self_recall_error(state, kf, jnp.repeat(jnp.swapaxes(v, 1, 2), 2, axis=1))
+  np.testing.assert_allclose(error[0], [[0.0, 9.25], [5.0, 0.0]], atol=1e-6)
+  candidates = {'k': k, 'v': v, 'valid': jnp.ones((1, 2, 1), bool)}
+  new, state = sparse_cache.update(cache, state, candidates, kf, jnp.zeros((1, 2, 2)))
+  assert new['k'].shape == (1, 1, 1, 3)
+  np.testing.assert_array_equal(new['k'][0, 0, 0], e[1])
+  np.testing.assert_allclose(state['S'][0, 0], 2.0 * e[:, :1] * a[None])
+  np.testing.assert_allclose(state['S'][0, 1], e[:, :1] * a[None] + e[:, 1:2] * b[None])
+
+
+def test_grouped_query_hybrid_stores_kv_heads_and_decodes_as_forward():
+  """A Llama-family hybrid with 4 query heads on 2 kv heads: the ring, the sinks and the
+  cache hold the 2 kv heads, as a KV cache does (the linear state one per query head),
+  and decoding still equals the forward pass."""
+  cfg = ml_collections.ConfigDict(
+    dict(
+      family='llama', vocab_size=50, num_layers=2, num_heads=4, num_kv_heads=2, emb_dim=32,
+      mlp_dim=48, max_len=32, rope_theta=500.0,
+      attention=dict(
+        kind='hedgehog', window=2, sinks=1, sparse_cache=2, chunk_size=1, linear_nope=True
+      ),
+    )
+  )  # fmt: skip
+  model = models.build_model(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  layer = model.init_cache(1, 16)['layers'][0]
+  assert layer['ring']['k'].shape == layer['ring']['k_linear'].shape == (1, 2, 2, 8)
+  assert layer['cache']['k'].shape == (1, 2, 2, 8) and layer['cache']['valid'].shape == (1, 2, 2)
+  assert layer['sinks']['v'].shape == (1, 1, 2, 8) and layer['linear']['S'].shape[1] == 4
+  check_decode_matches_forward(model, length=12, prompt_lengths=(3, 8))
+
+
 def test_sparse_cache_options_and_refusals():
   q, k, v = _qkv(jax.random.PRNGKey(6), length=12)
   w = _features()

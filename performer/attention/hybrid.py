@@ -15,8 +15,10 @@ The decoding state, a fixed size whatever the context:
 
     {'linear': (S, z, M), 'ring': W recent pairs, 'sinks': s pairs, 'cache': lambda pairs}
 
-(each key present when its part is on). A sink never enters the ring or the linear
-state; a key leaves the ring into the sparse cache's candidates (with a cache) or
+(each key present when its part is on). The ring, the sinks and the cache hold kv
+heads, as a KV cache does (a query head reads its group's, ``layers.repeat_kv``); the
+linear state is per query head, each with its own feature map. A sink never enters
+the ring or the linear state; a key leaves the ring into the sparse cache's candidates (with a cache) or
 into the linear state. With ``linear_nope`` the feature map sees q, k before
 rotary positions (``linear_qk``) while the exact parts score the rotated ones, so
 the ring and the cache also keep each key unrotated ('k_linear'), for the features
@@ -37,8 +39,6 @@ from performer.attention.feature_map import FeatureParam, Options
 from performer.attention.layers import (
   LinearAttention,
   check_inputs,
-  linear_inputs,
-  repeat_kv,
   zero_padded_queries,
 )
 
@@ -87,10 +87,17 @@ class HybridAttention(LinearAttention):
 
   def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
     lin = self._linear_pair(q, k, linear_qk)
-    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    v = v.swapaxes(1, 2)  # [B, H, L, D]: small next to the features
+    k, v = self._query_heads(k), self._query_heads(v).swapaxes(1, 2)  # v [B, H, L, D]
     num, den = self._hybrid(q, k, v, lin, causal=causal, mask=mask, segment_ids=segment_ids)
     return self._output(num, den, v)
+
+  def _query_heads(self, x):
+    """[B, N, K, ...] kv heads -> [B, N, H, ...], query head h reading kv head h // (H / K)."""
+    return jnp.repeat(x, self.num_heads // x.shape[2], axis=2)
+
+  def _stored_for_queries(self, entries):
+    """Ring, sink or cache entries, stored per kv head, with the query heads."""
+    return {n: self._query_heads(x) if x.ndim >= 3 else x for n, x in entries.items()}
 
   @property
   def _linear_keys(self) -> bool:
@@ -98,19 +105,25 @@ class HybridAttention(LinearAttention):
     return self.options.linear_nope
 
   def _linear_pair(self, q, k, linear_qk):
-    """``layers.linear_inputs``; ``linear_qk`` needs ``linear_nope``, which makes the
-    ring and the cache keep what the feature map saw (else decoding would differ)."""
+    """What the feature map sees, (q, k) or ``linear_qk``, k with its kv heads (as the
+    ring and the cache store it); ``linear_qk`` needs ``linear_nope``, which makes them
+    keep it (else decoding would differ)."""
     if linear_qk is not None and not self._linear_keys:
       raise ValueError(
         'linear_qk: a hybrid feeds its feature map other inputs than q, k only with '
         'attention.linear_nope=True'
       )
-    return linear_inputs(q, k, linear_qk)
+    return (q, k) if linear_qk is None else linear_qk
+
+  def _calibrate(self, lin, **kwargs):
+    """The feature map's context for ``lin`` (its keys given q's heads)."""
+    return self.feature_map.calibrate(lin[0], self._query_heads(lin[1]), **kwargs)
 
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
-    del num_kv_heads, max_length  # a fixed size per query head, whatever the context
-    heads, head_dim, both = self.num_heads, self.head_dim, self._linear_keys
-    state = {'linear': linear.init_state(batch, heads, self.feature_map.num_features, value_dim)}
+    del max_length  # a fixed size whatever the context
+    heads, head_dim, both = num_kv_heads or self.num_heads, self.head_dim, self._linear_keys
+    features = self.feature_map.num_features
+    state = {'linear': linear.init_state(batch, self.num_heads, features, value_dim)}
     if self.window:
       state['ring'] = window_lib.init_ring(
         batch, self.window, heads, head_dim, value_dim, dtype, linear_keys=both
@@ -129,24 +142,22 @@ class HybridAttention(LinearAttention):
     return dict(entries, k_linear=k_lin) if self._linear_keys else entries
 
   def _feature_keys(self, entries, valid, ctx):
-    """(kf, kr) of ring or cache entries: what the feature map sees of each key."""
-    return self.feature_map.masked_key(entries.get('k_linear', entries['k']), valid, ctx)
+    """(kf, kr) [B, H, N, .] of ring or cache entries: what the feature map sees of each key."""
+    keys = self._query_heads(entries.get('k_linear', entries['k']))
+    return self.feature_map.masked_key(keys, valid, ctx)
 
   def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     """Causal pass continuing from ``state``: the ring's keys precede q."""
     check_inputs(q, k, v, mask, None)
-    lin = self._linear_pair(q, k, linear_qk)
-    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    return self._prefill_chunk(state, q, k, v, lin, mask)
+    return self._prefill_chunk(state, q, k, v, self._linear_pair(q, k, linear_qk), mask)
 
   def step(self, state, q, k, v, *, mask=None, linear_qk=None):
     """One token: it joins the sinks while they are not full, else the ring, whose
     evicted key joins the cache's candidates (with a cache) or the linear state."""
-    q_lin, k_lin = self._linear_pair(q, k, linear_qk)
-    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    q_lin, k_lin = self._linear_pair(q, k, linear_qk)  # k, v [B, K, .]: kv heads
     valid = jnp.ones(q.shape[:1], bool) if mask is None else mask
-    fmap = self.feature_map
-    ctx = fmap.calibrate(q_lin[:, None], k_lin[:, None], causal=True, mask=valid[:, None])
+    fmap, read = self.feature_map, self._stored_for_queries
+    ctx = self._calibrate((q_lin[:, None], k_lin[:, None]), causal=True, mask=valid[:, None])
     window_gain, sink_gain = self._gains()
     new, parts, key_valid = dict(state), [], valid
     if self.sinks:
@@ -156,19 +167,18 @@ class HybridAttention(LinearAttention):
     enter = self._entries(k, v, key_valid, k_lin)  # what leaves the exact parts now
     if self.window:
       new['ring'], enter = window_lib.ring_push(state['ring'], enter)
-      w_num, w_den, w_shift = window_lib.ring_read(new['ring'], q)
+      w_num, w_den, w_shift = window_lib.ring_read(read(new['ring']), q)
       parts.append((w_num, w_den, w_shift + window_gain))
     if self.sinks:
-      s_num, s_den, s_shift = window_lib.ring_read(new['sinks'], q)
+      s_num, s_den, s_shift = window_lib.ring_read(read(new['sinks']), q)
       parts.append((s_num, s_den, s_shift + sink_gain))
     enter = {name: x[:, None] for name, x in enter.items()}  # a time axis of one
     kf, kr = self._feature_keys(enter, enter['valid'], ctx)
-    lin = linear.add_key(
-      state['linear'], kf[:, :, 0], kr[:, :, 0], enter['v'][:, 0].astype(jnp.float32)
-    )
+    v_in = self._query_heads(enter['v'])[:, 0].astype(jnp.float32)
+    lin = linear.add_key(state['linear'], kf[:, :, 0], kr[:, :, 0], v_in)
     new['linear'] = lin
     if self.cache_size:
-      c_num, c_den, c_shift = sparse_cache.read(state['cache'], q[:, None])
+      c_num, c_den, c_shift = sparse_cache.read(read(state['cache']), q[:, None])
       parts.append((c_num[:, :, 0], c_den[:, :, 0], c_shift[:, :, 0] + window_gain))
       new['cache'], new['linear'] = self._recache(state, enter, ctx)
     qf, q_r = fmap.query_parts(q_lin[:, None], ctx)
@@ -180,6 +190,7 @@ class HybridAttention(LinearAttention):
   def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     """window.scores with the sinks."""
     fmap, (q_lin, k_lin) = self.feature_map, self._linear_pair(q, k, linear_qk)
+    k_lin = self._query_heads(k_lin)
     ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
     qf, q_r = fmap.query_parts(q_lin, ctx)
     kf, kr = fmap.key(k_lin, ctx)
@@ -209,13 +220,13 @@ class HybridAttention(LinearAttention):
     return window, (self.sink_log_gain[...] if self.sinks else None)
 
   def _hybrid(self, q, k, v, lin, *, causal, mask, segment_ids, state=None, ctx=None):
-    """window.hybrid with this module's feature map; k, v already repeated, v
-    heads-major, ``lin`` the (q, k) the feature map sees. Without a state: (num,
+    """window.hybrid with this module's feature map; k, v with q's heads, v
+    heads-major, ``lin`` the (q, k) the feature map sees (k's kv heads). Without a state: (num,
     den). With a decoding ``state`` (a causal prefill: the ring's keys precede q, the
     linear state holds everything before them, the sinks and the cache are the
     state's): (num, den, linear state, sink state or None, key_valid [B, L]: the
     keys that may enter the ring)."""
-    fmap, (q_lin, k_lin) = self.feature_map, lin
+    fmap, (q_lin, k_lin) = self.feature_map, (lin[0], self._query_heads(lin[1]))
     if ctx is None:
       ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
     qf, q_r = fmap.query_parts(q_lin, ctx)
@@ -228,11 +239,13 @@ class HybridAttention(LinearAttention):
       key_mask = valid & ~is_sink
     kf, kr = fmap.masked_key(k_lin, key_mask, ctx)
     if state is not None:
-      initial, cache = state['linear'], state.get('cache')
+      initial = state['linear']
+      if self.cache_size:
+        cache = self._stored_for_queries(state['cache'])
       if self.sinks:
-        sinks_in = sinks_lib.from_buffer(state['sinks'], seg[:, 0])
+        sinks_in = sinks_lib.from_buffer(self._stored_for_queries(state['sinks']), seg[:, 0])
       if self.window:
-        ring = window_lib.ring_ordered(state['ring'])
+        ring = self._stored_for_queries(window_lib.ring_ordered(state['ring']))
         ring_kf, ring_kr = self._feature_keys(ring, ring['valid'], ctx)
         context = {
           'k': ring['k'],
@@ -264,19 +277,23 @@ class HybridAttention(LinearAttention):
     return num, den, lin, (sink_state or [None])[0], key_valid
 
   def _prefill_chunk(self, state, q, k, v, lin, mask, ctx=None):
-    """One causal pass continuing from ``state`` (k, v repeated, [B, L, H, .]; ``lin``
+    """One causal pass continuing from ``state`` (k, v [B, L, K, .] kv heads; ``lin``
     the feature map's (q, k)); with a sparse cache, the cache is updated once, from
     the keys the pass evicted. The ring keeps each row's last W valid keys
     (``window.ring_append``), so a right-padded prompt's own recent keys stay exact;
     the rest of ring + chunk joins the linear state (or the cache's candidates)."""
     if ctx is None:  # once: calibrating may update the map's statistics
-      ctx = self.feature_map.calibrate(*lin, causal=True, mask=mask)
+      ctx = self._calibrate(lin, causal=True, mask=mask)
+    v_heads = self._query_heads(v).swapaxes(1, 2)
     num, den, linear_state, sink_state, key_valid = self._hybrid(
-      q, k, v.swapaxes(1, 2), lin, causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
+      q, self._query_heads(k), v_heads, lin, causal=True, mask=mask, segment_ids=None,
+      state=state, ctx=ctx,
     )
     new = dict(state, linear=linear_state)
-    if self.sinks:
-      new['sinks'] = sinks_lib.to_buffer(sink_state, state['sinks'])
+    if self.sinks:  # the heads of a group hold the same sinks: keep one each
+      group = self.num_heads // k.shape[2]
+      buffer = sinks_lib.to_buffer(sink_state, self._stored_for_queries(state['sinks']))
+      new['sinks'] = {n: x[:, :, ::group] if x.ndim >= 3 else x for n, x in buffer.items()}
     if self.window:  # the linear state: the old one plus what leaves the ring
       entries = self._entries(k, v, key_valid, lin[1])
       new['ring'], leaving = window_lib.ring_append(state['ring'], entries)
@@ -284,14 +301,14 @@ class HybridAttention(LinearAttention):
         new['cache'], new['linear'] = self._recache(state, leaving, ctx)
       else:
         kf, kr = self._feature_keys(leaving, leaving['valid'], ctx)
-        v_out = leaving['v'].swapaxes(1, 2).astype(jnp.float32)
+        v_out = self._query_heads(leaving['v']).swapaxes(1, 2).astype(jnp.float32)
         new['linear'] = linear.add_keys(state['linear'], kf, kr, v_out)
-    return zero_padded_queries(self._output(num, den, v), mask), new
+    return zero_padded_queries(self._output(num, den, v_heads), mask), new
 
   def _recache(self, state, evicted, ctx):
     """``sparse_cache.update`` from the state's cache and the ``evicted`` entries
-    ({'k' [B, N, H, d], 'v', 'valid' [B, N][, 'k_linear']}), against the state's
-    linear part (which holds neither)."""
+    ({'k' [B, N, K, d], 'v', 'valid' [B, N][, 'k_linear']}, kv heads), against the
+    state's linear part (which holds neither)."""
     cache = state['cache']
     heads = cache['valid'].shape[2]
     valid = evicted['valid']
@@ -299,7 +316,8 @@ class HybridAttention(LinearAttention):
     candidates = {
       name: jnp.concatenate([x, evicted[name].astype(x.dtype)], axis=1) for name, x in cache.items()
     }
-    kf, kr = self.feature_map.key(candidates.get('k_linear', candidates['k']), ctx)
+    keys = self._query_heads(candidates.get('k_linear', candidates['k']))
+    kf, kr = self.feature_map.key(keys, ctx)
     return sparse_cache.update(cache, state['linear'], candidates, kf, kr)
 
 
@@ -318,15 +336,12 @@ class SparseCacheAttention(HybridAttention):
         'segment_ids are not supported'
       )
     lin = self._linear_pair(q, k, linear_qk)
-    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    state = self.init_state(q.shape[0], v.shape[-1], dtype=k.dtype)
+    state = self.init_state(q.shape[0], v.shape[-1], num_kv_heads=k.shape[2], dtype=k.dtype)
     return self._prefill_chunks(state, q, k, v, lin, mask)[0]
 
   def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     check_inputs(q, k, v, mask, None)
-    lin = self._linear_pair(q, k, linear_qk)
-    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])
-    return self._prefill_chunks(state, q, k, v, lin, mask)
+    return self._prefill_chunks(state, q, k, v, self._linear_pair(q, k, linear_qk), mask)
 
   def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     raise ValueError('weights(): a sparse cache depends on the update schedule, no matrix')
@@ -338,7 +353,7 @@ class SparseCacheAttention(HybridAttention):
         'attention.sparse_cache runs its chunks in order on one device: no mesh.seq split'
       )
     b, length = q.shape[:2]
-    ctx = self.feature_map.calibrate(*lin, causal=True, mask=mask)
+    ctx = self._calibrate(lin, causal=True, mask=mask)
     mask = jnp.ones((b, length), bool) if mask is None else mask
     c = min(self.options.chunk_size, length)
     n = length // c

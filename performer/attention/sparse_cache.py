@@ -5,7 +5,7 @@ A window + linear hybrid forgets a key's exact value once it leaves the window:
 the linear state (S, z) superimposes it on every other key ("memory collisions"),
 and LoLCATs-style conversions score 0.6% on single-needle retrieval at 4k. LoLA
 keeps, beside the W-token window and (S, z), up to lambda exact (k, v) pairs per
-head, chosen by how badly the state would recall them:
+kv head, chosen by how badly the state would recall them:
 
     SRE(k, v) = || phi(k)^T S / phi(k)^T z - v ||^2,
 
@@ -13,10 +13,12 @@ with (S, z) the state that excludes the cached pairs and the candidates (phi the
 key feature map; an empty state predicts 0). The candidates are the cache plus the
 keys just evicted from the window; the top lambda by SRE stay (``jax.lax.top_k``,
 so shapes are static and prefill and decode compile once), the rest are folded
-into (S, z). Queries score the cache exactly, exp(q.k / sqrt(d)) with the window's
+into (S, z). Under grouped-query attention a pair serves its group's query heads, each
+with its own feature map and state: its error is the sum of theirs, and the cache
+holds kv heads, as a KV cache does (a third of the memory in SmolLM2, 9 heads on 3). Queries score the cache exactly, exp(q.k / sqrt(d)) with the window's
 gain (the pairs are evicted window keys), under the one normaliser of
-``window.hybrid``; the state is window + sinks + lambda pairs + (S, z) per head,
-whatever the length.
+``window.hybrid``; the state is window + sinks + lambda pairs per kv head + (S, z)
+per query head, whatever the length.
 
 The update schedule, which every pass shares so that they agree:
 
@@ -89,20 +91,26 @@ def self_recall_error(state, kf, v):
 
 def update(cache, state, candidates, kf, kr):
   """(new cache, new linear state) from N ``candidates``, the cache's own pairs and the
-  keys just evicted from the window: {'k' [B, N, H, d], 'v' [B, N, H, D], 'valid'
-  [B, N, H][, 'k_linear']}, with their key features kf [B, H, N, M], kr [B, H, N].
-  ``state`` excludes every candidate; the top lambda by SRE per head stay exact, the
-  other valid ones join the state."""
-  size = cache['valid'].shape[1]
-  v_heads = jnp.swapaxes(candidates['v'], 1, 2).astype(jnp.float32)  # [B, H, N, D]
-  valid_heads = jnp.swapaxes(candidates['valid'], 1, 2)  # [B, H, N]
-  error = sg(self_recall_error(state, kf, v_heads))
-  _, top = jax.lax.top_k(jnp.where(valid_heads, error, -1.0), size)  # [B, H, lambda]
-  kept = jnp.any(top[..., None] == jnp.arange(v_heads.shape[2]), axis=-2)  # [B, H, N]
-  fold = valid_heads & ~kept
-  state = linear.add_keys(state, kf * fold[..., None], jnp.where(fold, kr, NEG), v_heads)
+  keys just evicted from the window: {'k' [B, N, K, d], 'v' [B, N, K, D], 'valid'
+  [B, N, K][, 'k_linear']} with K kv heads, and their key features kf [B, H, N, M],
+  kr [B, H, N] for each of the H = G K query heads (each its own feature map and
+  state). ``state`` excludes every candidate. A pair is shared by its group's G query
+  heads (the cache holds kv heads, as a KV cache does), so its error is the sum of
+  theirs; the top lambda per kv head stay exact, the other valid ones join the state
+  of every head in the group."""
+  size, kv_heads = cache['valid'].shape[1:]
+  heads = kf.shape[1]
+  to_heads = lambda x: jnp.repeat(x, heads // kv_heads, axis=1)  # [B, K, ...] -> [B, H, ...]
+  v_kv = jnp.swapaxes(candidates['v'], 1, 2).astype(jnp.float32)  # [B, K, N, D]
+  valid = jnp.swapaxes(candidates['valid'], 1, 2)  # [B, K, N]
+  error = sg(self_recall_error(state, kf, to_heads(v_kv)))  # [B, H, N]
+  error = jnp.sum(error.reshape(error.shape[:1] + (kv_heads, -1) + error.shape[2:]), axis=2)
+  _, top = jax.lax.top_k(jnp.where(valid, error, -1.0), size)  # [B, K, lambda]
+  kept = jnp.any(top[..., None] == jnp.arange(v_kv.shape[2]), axis=-2)  # [B, K, N]
+  fold = to_heads(valid & ~kept)
+  state = linear.add_keys(state, kf * fold[..., None], jnp.where(fold, kr, NEG), to_heads(v_kv))
 
-  def take(x):  # [B, N, H, ...] -> the kept [B, lambda, H, ...]
+  def take(x):  # [B, N, K, ...] -> the kept [B, lambda, K, ...]
     heads_first = jnp.swapaxes(x, 1, 2)
     index = top.reshape(top.shape + (1,) * (x.ndim - 3))
     return jnp.swapaxes(jnp.take_along_axis(heads_first, index, axis=2), 1, 2)
