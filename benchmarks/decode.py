@@ -100,12 +100,18 @@ def parse_args(argv=None):
     '--sparse_cache',
     type=int,
     default=0,
-    help='linear kinds with --window: LoLA cache of this many exact pairs per head',
+    help='linear kinds with --window: LoLA cache of this many exact pairs per kv head',
   )
   p.add_argument(
     '--linear_nope',
     action='store_true',
     help='linear kinds: the feature map sees q, k before rotary positions (rotary model)',
+  )
+  p.add_argument(
+    '--linear_half_life',
+    type=int,
+    default=0,
+    help='linear kinds with --window or --sinks: the linear part decays keys by half every N',
   )
   p.add_argument('--quick', action='store_true', help='tiny model and contexts: a smoke test')
   p.add_argument('--json', default=None, help='write results here')
@@ -129,12 +135,18 @@ def exact_options(kind, args):
   """The window / sinks / sparse-cache options a linear kind gets (none for the others)."""
   if kind in ('softmax', 'identity'):
     return {}
-  names = ('window', 'sinks', 'sparse_cache', 'linear_nope')
+  names = ('window', 'sinks', 'sparse_cache', 'linear_nope', 'linear_half_life')
   return {name: getattr(args, name) for name in names if getattr(args, name)}
 
 
 def label(kind, args):
-  words = {'window': 'window ', 'sinks': 'sinks ', 'sparse_cache': 'cache ', 'linear_nope': 'nope'}
+  words = {
+    'window': 'window ',
+    'sinks': 'sinks ',
+    'sparse_cache': 'cache ',
+    'linear_nope': 'nope',
+    'linear_half_life': 'half-life ',
+  }
   shown = lambda value: '' if value is True else value
   return kind + ''.join(f'+{words[k]}{shown(v)}' for k, v in exact_options(kind, args).items())
 

@@ -79,6 +79,9 @@ def get_config():
   # With rotary positions: the feature maps see q, k before RoPE (a position-free linear part)
   # while the window, sinks and sparse cache score the rotated ones (LAWCAT, Lizard).
   config.model.attention.linear_nope = False
+  # A hybrid's linear part weighs a key 0.5^(distance / N) (causal only): its mass stays bounded
+  # at any length instead of diluting the exact parts (attention/hybrid.py). 0 = no decay.
+  config.model.attention.linear_half_life = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'protein_sample'

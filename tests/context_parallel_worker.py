@@ -1,8 +1,9 @@
 """Run by tests/test_context_parallel.py in a fresh process with 8 forced CPU
 devices: attention outputs and gradients, and decoding after a prefill, with the
 length split over a `seq` mesh axis against one device. argv[1]: kinds, each
-optionally with `:W` for a window of W, `:S` for S sinks and `:nope` for a feature map
-fed other q, k than the exact parts (`linear_nope`, `linear_qk`); argv[2] 'segments': only
+optionally with `:W` for a window of W, `:S` for S sinks and flags joined by '+': `nope`
+for a feature map fed other q, k than the exact parts (`linear_nope`, `linear_qk`),
+`decay` for a linear part with a half-life of 8 tokens (`linear_half_life`); argv[2] 'segments': only
 the cases with packed segments (and padding), not those with padding alone;
 'causal_segments': those, causal only, and check that bidirectional sinks and a sparse
 cache raise under the mesh. Prints RESULT{json}."""
@@ -127,9 +128,12 @@ def main():
   modes = sys.argv[2:]
   with_segments = (True,) if modes in (['segments'], ['causal_segments']) else (False, True)
   directions = (True,) if modes == ['causal_segments'] else (True, False)
-  for spec in sys.argv[1].split(','):  # kind, kind:window, kind:window:sinks[:nope]
-    kind, window, sinks, nope = (spec.split(':') + ['0', '0', ''])[:4]
-    window, opts = int(window), {'sinks': int(sinks), 'linear_nope': nope == 'nope'}
+  for spec in sys.argv[1].split(','):  # kind, kind:window, kind:window:sinks[:nope+decay]
+    kind, window, sinks, flags = (spec.split(':') + ['0', '0', ''])[:4]
+    flags = flags.split('+')
+    window, opts = int(window), {'sinks': int(sinks), 'linear_nope': 'nope' in flags}
+    if 'decay' in flags:
+      opts['linear_half_life'] = 8
     for causal in directions:
       for segments in with_segments:
         mode = f'{"causal" if causal else "bidirectional"}/{"segments" if segments else "mask"}'

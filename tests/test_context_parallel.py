@@ -139,12 +139,14 @@ def test_sinks_split_over_eight_devices_equal_one_device():
   assert 'hedgehog:6:4/bidirectional/segments' not in result and len(result['raised']) == 2
 
 
-def test_linear_nope_splits_over_eight_devices_equal_one_device():
+def test_linear_nope_and_decay_split_over_eight_devices_equal_one_device():
   """The same with the feature map fed other q, k than the window and the sinks
-  (`linear_nope`): forward, gradients through both pairs, and decoding after a sharded
-  prefill (the ring keeps both keys)."""
-  result = _eight_device_parity(['hedgehog:6:4:nope'], modes='causal_segments')
-  assert 'hedgehog:6:4:nope/decode' in result and len(result['raised']) == 2
+  (`linear_nope`) and a decaying linear part (`linear_half_life`: each token's index
+  counts the valid tokens before it over the whole row, across devices): forward,
+  gradients through both pairs, and decoding after a sharded prefill (the ring keeps
+  both keys and their indices)."""
+  result = _eight_device_parity(['hedgehog:6:4:nope+decay'], modes='causal_segments')
+  assert 'hedgehog:6:4:nope+decay/decode' in result and len(result['raised']) == 2
 
 
 def test_sequence_split_over_eight_devices_equals_one_device():

@@ -255,6 +255,9 @@ def test_sparse_cache_options_and_refusals():
       (3, 8),
     ),
     (dict(kind='hedgehog', window=4, sinks=1, chunk_size=4, linear_nope=True), (2, 9)),
+    # a decaying linear part: the state counts valid tokens, the ring and cache keep indices
+    (dict(window=2, sinks=1, sparse_cache=2, chunk_size=1, linear_half_life=3), (3, 8)),
+    (dict(window=4, sinks=1, chunk_size=4, linear_half_life=3), (2, 9)),
   ],
 )
 def test_model_decode_matches_forward(options, prompts):

@@ -81,6 +81,7 @@ class Options:
   sinks: int = 0  # the first s tokens of each segment attended exactly (0: off; sinks.py)
   sparse_cache: int = 0  # LoLA: up to this many exact pairs beyond the window (sparse_cache.py)
   linear_nope: bool = False  # the feature map sees q, k before rotary positions
+  linear_half_life: int = 0  # a hybrid's linear part decays keys by half every N tokens (0: off)
 
 
 def draw_projection_for(options: Options, key, head_dim, num_heads=None):

@@ -22,7 +22,9 @@ the ring or the linear state; a key leaves the ring into the sparse cache's cand
 into the linear state. With ``linear_nope`` the feature map sees q, k before
 rotary positions (``linear_qk``) while the exact parts score the rotated ones, so
 the ring and the cache also keep each key unrotated ('k_linear'), for the features
-it gets when it leaves them.
+it gets when it leaves them. With ``linear_half_life`` the linear part decays
+(``decay.py``): the state counts valid tokens ('count') and the ring and the cache keep
+each key's index ('index'), for its decay when it leaves them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from performer.attention import context_parallel, linear, sparse_cache
+from performer.attention import context_parallel, decay, linear, sparse_cache
 from performer.attention import sinks as sinks_lib
 from performer.attention import window as window_lib
 from performer.attention.feature_map import FeatureParam, Options
@@ -122,29 +124,48 @@ class HybridAttention(LinearAttention):
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     del max_length  # a fixed size whatever the context
     heads, head_dim, both = num_kv_heads or self.num_heads, self.head_dim, self._linear_keys
-    features = self.feature_map.num_features
+    features, indexed = self.feature_map.num_features, bool(self._rate)
     state = {'linear': linear.init_state(batch, self.num_heads, features, value_dim)}
+    if indexed:  # valid tokens seen: the next one's index (decay.py)
+      state['count'] = jnp.zeros((batch,), jnp.int32)
     if self.window:
       state['ring'] = window_lib.init_ring(
-        batch, self.window, heads, head_dim, value_dim, dtype, linear_keys=both
+        batch, self.window, heads, head_dim, value_dim, dtype, linear_keys=both, indexed=indexed
       )
     if self.sinks:
       state['sinks'] = sinks_lib.init(batch, self.sinks, heads, head_dim, value_dim, dtype)
     if self.cache_size:
       state['cache'] = sparse_cache.init(
-        batch, self.cache_size, heads, head_dim, value_dim, dtype, linear_keys=both
+        batch, self.cache_size, heads, head_dim, value_dim, dtype, both, indexed
       )
     return state
 
-  def _entries(self, k, v, valid, k_lin):
-    """A ring or cache entry: {'k', 'v', 'valid'} and, when kept, 'k_linear'."""
+  def _entries(self, k, v, valid, k_lin, index):
+    """A ring or cache entry: {'k', 'v', 'valid'} and, when kept, 'k_linear', 'index'."""
     entries = {'k': k, 'v': v, 'valid': valid}
-    return dict(entries, k_linear=k_lin) if self._linear_keys else entries
+    if self._linear_keys:
+      entries['k_linear'] = k_lin
+    return dict(entries, index=index) if self._rate else entries
+
+  @property
+  def _rate(self) -> float:
+    """The linear part's log decay per token (decay.py); 0: none."""
+    half_life = self.options.linear_half_life
+    return decay.log_rate(half_life) if half_life else 0.0
+
+  def _decayed_keys(self, kr, entries):
+    """kr [B, H, N] of ring or cache entries with their decay from 'index'."""
+    if not self._rate:
+      return kr
+    index = entries['index']  # [B, N] (ring) or per kv head [B, N, K] (cache)
+    index = self._query_heads(index).swapaxes(1, 2) if index.ndim == 3 else index
+    return decay.keys(kr, index, self._rate)
 
   def _feature_keys(self, entries, valid, ctx):
     """(kf, kr) [B, H, N, .] of ring or cache entries: what the feature map sees of each key."""
     keys = self._query_heads(entries.get('k_linear', entries['k']))
-    return self.feature_map.masked_key(keys, valid, ctx)
+    kf, kr = self.feature_map.masked_key(keys, valid, ctx)
+    return kf, self._decayed_keys(kr, entries)
 
   def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
     """Causal pass continuing from ``state``: the ring's keys precede q."""
@@ -160,11 +181,14 @@ class HybridAttention(LinearAttention):
     ctx = self._calibrate((q_lin[:, None], k_lin[:, None]), causal=True, mask=valid[:, None])
     window_gain, sink_gain = self._gains()
     new, parts, key_valid = dict(state), [], valid
+    index = state['count'] if self._rate else None
+    if self._rate:
+      new['count'] = index + valid
     if self.sinks:
       is_sink = valid & (jnp.sum(state['sinks']['valid'], axis=1) < self.sinks)
       new['sinks'] = sinks_lib.push(state['sinks'], k, v, is_sink)
       key_valid = valid & ~is_sink
-    enter = self._entries(k, v, key_valid, k_lin)  # what leaves the exact parts now
+    enter = self._entries(k, v, key_valid, k_lin, index)  # what leaves the exact parts now
     if self.window:
       new['ring'], enter = window_lib.ring_push(state['ring'], enter)
       w_num, w_den, w_shift = window_lib.ring_read(read(new['ring']), q)
@@ -182,6 +206,8 @@ class HybridAttention(LinearAttention):
       parts.append((c_num[:, :, 0], c_den[:, :, 0], c_shift[:, :, 0] + window_gain))
       new['cache'], new['linear'] = self._recache(state, enter, ctx)
     qf, q_r = fmap.query_parts(q_lin[:, None], ctx)
+    if self._rate:
+      q_r = decay.queries(q_r, index[:, None], self._rate)
     l_num, l_den = linear.read_state(lin, qf[:, :, 0])
     parts.append((l_num, l_den, q_r[:, :, 0] + lin['M']))
     num, den = linear.merge(parts)
@@ -194,6 +220,10 @@ class HybridAttention(LinearAttention):
     ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
     qf, q_r = fmap.query_parts(q_lin, ctx)
     kf, kr = fmap.key(k_lin, ctx)
+    if self._rate:
+      self._check_causal(causal)
+      index = decay.row_index(jnp.ones(q.shape[:2], bool) if mask is None else mask)
+      q_r, kr = decay.queries(q_r, index, self._rate), decay.keys(kr, index, self._rate)
     sink_cols = None
     if self.sinks:
       valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
@@ -213,6 +243,10 @@ class HybridAttention(LinearAttention):
       sink_cols=sink_cols,
       sink_log_gain=sink_gain,
     )
+
+  def _check_causal(self, causal):
+    if not causal:
+      raise ValueError('attention.linear_half_life decays toward the past: causal attention only')
 
   def _gains(self):
     """(window gain or None, sink gain or None), log-scale [H]."""
@@ -238,6 +272,10 @@ class HybridAttention(LinearAttention):
       is_sink = sinks_lib.flags(valid, seg, self.sinks, held)
       key_mask = valid & ~is_sink
     kf, kr = fmap.masked_key(k_lin, key_mask, ctx)
+    if self._rate:
+      self._check_causal(causal)
+      index = decay.row_index(valid, None if state is None else state['count'])
+      q_r, kr = decay.queries(q_r, index, self._rate), decay.keys(kr, index, self._rate)
     if state is not None:
       initial = state['linear']
       if self.cache_size:
@@ -284,18 +322,21 @@ class HybridAttention(LinearAttention):
     the rest of ring + chunk joins the linear state (or the cache's candidates)."""
     if ctx is None:  # once: calibrating may update the map's statistics
       ctx = self._calibrate(lin, causal=True, mask=mask)
-    v_heads = self._query_heads(v).swapaxes(1, 2)
+    k_heads, v_heads = self._query_heads(k), self._query_heads(v).swapaxes(1, 2)
     num, den, linear_state, sink_state, key_valid = self._hybrid(
-      q, self._query_heads(k), v_heads, lin, causal=True, mask=mask, segment_ids=None,
-      state=state, ctx=ctx,
+      q, k_heads, v_heads, lin, causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
     )
     new = dict(state, linear=linear_state)
+    valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
+    index = decay.row_index(valid, state['count']) if self._rate else None
+    if self._rate:
+      new['count'] = state['count'] + jnp.sum(valid, axis=1, dtype=jnp.int32)
     if self.sinks:  # the heads of a group hold the same sinks: keep one each
       group = self.num_heads // k.shape[2]
       buffer = sinks_lib.to_buffer(sink_state, self._stored_for_queries(state['sinks']))
       new['sinks'] = {n: x[:, :, ::group] if x.ndim >= 3 else x for n, x in buffer.items()}
     if self.window:  # the linear state: the old one plus what leaves the ring
-      entries = self._entries(k, v, key_valid, lin[1])
+      entries = self._entries(k, v, key_valid, lin[1], index)
       new['ring'], leaving = window_lib.ring_append(state['ring'], entries)
       if self.cache_size:
         new['cache'], new['linear'] = self._recache(state, leaving, ctx)
@@ -311,13 +352,16 @@ class HybridAttention(LinearAttention):
     state's linear part (which holds neither)."""
     cache = state['cache']
     heads = cache['valid'].shape[2]
-    valid = evicted['valid']
-    evicted = dict(evicted, valid=jnp.broadcast_to(valid[:, :, None], valid.shape + (heads,)))
+    per_head = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (heads,))  # noqa: E731
+    evicted = dict(evicted, valid=per_head(evicted['valid']))
+    if self._rate:
+      evicted['index'] = per_head(evicted['index'])
     candidates = {
       name: jnp.concatenate([x, evicted[name].astype(x.dtype)], axis=1) for name, x in cache.items()
     }
     keys = self._query_heads(candidates.get('k_linear', candidates['k']))
     kf, kr = self.feature_map.key(keys, ctx)
+    kr = self._decayed_keys(kr, candidates)
     return sparse_cache.update(cache, state['linear'], candidates, kf, kr)
 
 

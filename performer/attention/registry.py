@@ -100,13 +100,22 @@ def make_options(kind: str, **options) -> Options:
   window_off = options.get('window_off', False)
   if window_off and not window:
     raise ValueError('window_off removes the window branch of a hybrid; this attention has none')
-  for name, meaning in (('sinks', 'no sinks'), ('sparse_cache', 'no sparse cache')):
+  for name, meaning in (
+    ('sinks', 'no sinks'),
+    ('sparse_cache', 'no sparse cache'),
+    ('linear_half_life', 'no decay'),
+  ):
     value = options.get(name, 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise ValueError(f'{name} must be an integer >= 0 (0: {meaning}), got {value!r}')
   if options.get('sparse_cache', 0) and not window:
     raise ValueError(
       'sparse_cache keeps keys evicted from the window: it needs attention.window > 0'
+    )
+  if options.get('linear_half_life', 0) and not (window or options.get('sinks', 0)):
+    raise ValueError(
+      'linear_half_life decays the linear part of a hybrid beside its exact parts: it needs '
+      'attention.window or attention.sinks > 0'
     )
   return Options(**options)
 

@@ -53,9 +53,12 @@ from performer.attention.linear import NEG
 sg = jax.lax.stop_gradient
 
 
-def init(batch, size, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False):
-  """The empty cache: slot j of head h holds one pair, valid per head; ``linear_keys``:
-  each key also as the feature map sees it ('k_linear', ``attention.linear_nope``)."""
+def init(
+  batch, size, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False, indexed=False
+):
+  """The empty cache: slot j of kv head h holds one pair, valid per head; ``linear_keys``:
+  each key also as the feature map sees it ('k_linear', ``attention.linear_nope``);
+  ``indexed``: its index in the row ('index', ``attention.linear_half_life``)."""
   cache = {
     'k': jnp.zeros((batch, size, heads, head_dim), dtype),
     'v': jnp.zeros((batch, size, heads, value_dim), dtype),
@@ -63,6 +66,8 @@ def init(batch, size, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys
   }
   if linear_keys:
     cache['k_linear'] = jnp.zeros_like(cache['k'])
+  if indexed:
+    cache['index'] = jnp.zeros((batch, size, heads), jnp.int32)
   return cache
 
 

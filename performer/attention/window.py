@@ -327,9 +327,12 @@ def scores(q, k, qf, q_r, kf, kr, *, window, causal, log_gain, sink_cols=None, s
 # --- decoding: a ring buffer of the last W raw keys and values --------------
 
 
-def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False):
+def init_ring(
+  batch, window, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False, indexed=False
+):
   """The empty ring; ``linear_keys``: it also holds each key as the feature map sees
-  it ('k_linear', the key before rotary positions: ``attention.linear_nope``)."""
+  it ('k_linear', the key before rotary positions: ``attention.linear_nope``);
+  ``indexed``: each key's index in its row ('index', for ``attention.linear_half_life``)."""
   ring = {
     'k': jnp.zeros((batch, window, heads, head_dim), dtype),
     'v': jnp.zeros((batch, window, heads, value_dim), dtype),
@@ -338,6 +341,8 @@ def init_ring(batch, window, heads, head_dim, value_dim, dtype=jnp.float32, line
   }
   if linear_keys:
     ring['k_linear'] = jnp.zeros_like(ring['k'])
+  if indexed:
+    ring['index'] = jnp.zeros((batch, window), jnp.int32)
   return ring
 
 
