@@ -36,8 +36,8 @@ def test_weights_decay_beyond_the_window_only():
   window, length = 3, q.shape[1]
   plain, w = _bound(window=window, sinks=1)
   decayed, _ = _bound(window=window, sinks=1, linear_half_life=HALF_LIFE)
-  a = plain.bind(8, 2, w).weights(q, k, causal=True)[0]  # [H, L, L]
-  b = decayed.bind(8, 2, w).weights(q, k, causal=True)[0]
+  matrix = lambda attend: jax.jit(lambda q, k: attend.bind(8, 2, w).weights(q, k, causal=True))  # noqa: E731
+  a, b = matrix(plain)(q, k)[0], matrix(decayed)(q, k)[0]  # [H, L, L]
   i = length - 1
   ratio = b[:, i] / a[:, i]  # each query's weights rescale by one normaliser
   beyond = np.arange(1, i - window + 1)  # past the sink (key 0), out of the window
@@ -47,7 +47,7 @@ def test_weights_decay_beyond_the_window_only():
   )
   np.testing.assert_allclose(ratio[:, :1] / ratio[:, i : i + 1], 1.0, rtol=1e-5)  # sink
   np.testing.assert_allclose(ratio[:, i - window + 1 :] / ratio[:, i : i + 1], 1.0, rtol=1e-5)
-  out = decayed(q, k, v, causal=True, projection=w)
+  out = jax.jit(lambda q, k, v: decayed(q, k, v, causal=True, projection=w))(q, k, v)
   np.testing.assert_allclose(out, jnp.einsum('hqk,khd->qhd', b, v[0])[None], rtol=1e-4, atol=1e-5)
 
 
@@ -57,8 +57,9 @@ def test_indices_count_valid_tokens():
   attend, w = _bound(window=2, sinks=1, linear_half_life=HALF_LIFE)
   pad = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :3]), x], axis=1)  # noqa: E731
   mask = jnp.ones((1, 13), bool).at[:, :3].set(False)
-  padded = attend(pad(q), pad(k), pad(v), causal=True, mask=mask, projection=w)
-  np.testing.assert_allclose(padded[:, 3:], attend(q, k, v, causal=True, projection=w), atol=1e-5)
+  run = jax.jit(lambda q, k, v, mask: attend(q, k, v, causal=True, mask=mask, projection=w))
+  padded = run(pad(q), pad(k), pad(v), mask)
+  np.testing.assert_allclose(padded[:, 3:], run(q, k, v, jnp.ones((1, 10), bool)), atol=1e-5)
 
 
 @pytest.mark.parametrize('cache', [0, 2])
@@ -78,7 +79,8 @@ def test_linear_mass_stays_bounded():
   def far_share(length, **options):
     q, k = (jnp.broadcast_to(x, (1, length, 1, 8)) for x in (q1, k1))
     attend, w = _bound(window=1, **options)
-    weights = attend.bind(8, 1, w).weights(q, k, causal=True)[0, 0, -1]
+    weights = jax.jit(lambda q, k: attend.bind(8, 1, w).weights(q, k, causal=True))(q, k)
+    weights = weights[0, 0, -1]
     return float(jnp.sum(weights[:-1]) / weights[-1])
 
   plain = {n: far_share(n) for n in (256, 512)}
