@@ -18,8 +18,8 @@ The decoding state, a fixed size whatever the context:
 (each key present when its part is on). The ring, the sinks and the cache hold kv
 heads, as a KV cache does (a query head reads its group's, ``layers.repeat_kv``); the
 linear state is per query head, each with its own feature map. A sink never enters
-the ring or the linear state; a key leaves the ring into the sparse cache's candidates (with a cache) or
-into the linear state. With ``linear_nope`` the feature map sees q, k before
+the ring or the linear state; a key leaves the ring into the sparse cache's
+candidates (with a cache) or into the linear state. With ``linear_nope`` the feature map sees q, k before
 rotary positions (``linear_qk``) while the exact parts score the rotated ones, so
 the ring and the cache also keep each key unrotated ('k_linear'), for the features
 it gets when it leaves them. With ``linear_half_life`` the linear part decays
@@ -220,13 +220,10 @@ class HybridAttention(LinearAttention):
     ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
     qf, q_r = fmap.query_parts(q_lin, ctx)
     kf, kr = fmap.key(k_lin, ctx)
-    if self._rate:
-      self._check_causal(causal)
-      index = decay.row_index(jnp.ones(q.shape[:2], bool) if mask is None else mask)
-      q_r, kr = decay.queries(q_r, index, self._rate), decay.keys(kr, index, self._rate)
+    valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
+    q_r, kr = self._decayed(q_r, kr, valid, causal)
     sink_cols = None
     if self.sinks:
-      valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
       seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
       sink_cols = sinks_lib.flags(valid, seg, self.sinks)
     window_gain, sink_gain = self._gains()
@@ -244,9 +241,15 @@ class HybridAttention(LinearAttention):
       sink_log_gain=sink_gain,
     )
 
-  def _check_causal(self, causal):
+  def _decayed(self, q_r, kr, valid, causal, start=None):
+    """(q_r, kr) [B, H, L] with the linear part's decay (none without
+    ``linear_half_life``); ``start`` [B]: valid tokens a decoding state has seen."""
+    if not self._rate:
+      return q_r, kr
     if not causal:
       raise ValueError('attention.linear_half_life decays toward the past: causal attention only')
+    index = decay.row_index(valid, start)
+    return decay.queries(q_r, index, self._rate), decay.keys(kr, index, self._rate)
 
   def _gains(self):
     """(window gain or None, sink gain or None), log-scale [H]."""
@@ -255,8 +258,8 @@ class HybridAttention(LinearAttention):
 
   def _hybrid(self, q, k, v, lin, *, causal, mask, segment_ids, state=None, ctx=None):
     """window.hybrid with this module's feature map; k, v with q's heads, v
-    heads-major, ``lin`` the (q, k) the feature map sees (k's kv heads). Without a state: (num,
-    den). With a decoding ``state`` (a causal prefill: the ring's keys precede q, the
+    heads-major, ``lin`` the (q, k) the feature map sees (k's kv heads). Without a
+    state: (num, den). With a decoding ``state`` (a causal prefill: the ring's keys precede q, the
     linear state holds everything before them, the sinks and the cache are the
     state's): (num, den, linear state, sink state or None, key_valid [B, L]: the
     keys that may enter the ring)."""
@@ -272,10 +275,8 @@ class HybridAttention(LinearAttention):
       is_sink = sinks_lib.flags(valid, seg, self.sinks, held)
       key_mask = valid & ~is_sink
     kf, kr = fmap.masked_key(k_lin, key_mask, ctx)
-    if self._rate:
-      self._check_causal(causal)
-      index = decay.row_index(valid, None if state is None else state['count'])
-      q_r, kr = decay.queries(q_r, index, self._rate), decay.keys(kr, index, self._rate)
+    start = None if state is None or not self._rate else state['count']
+    q_r, kr = self._decayed(q_r, kr, valid, causal, start)
     if state is not None:
       initial = state['linear']
       if self.cache_size:
