@@ -3,10 +3,10 @@
 The exact parts are softmax over a sliding window (``window.py``), over the first
 tokens of each segment (``sinks.py``) and over LoLA's sparse cache of evicted window
 keys (``sparse_cache.py``); the feature map covers every other key. The registry
-picks the class once, from the options (``attention_class``): ``HybridAttention``,
-``SparseCacheAttention`` (its forward pass is a chunked prefill) or, for the
-``window_off`` ablation, ``WindowOffAttention``; so plain linear attention carries
-none of this and models never branch on it. Subclasses rather than wrappers: the
+picks the class once, from the options (``registry.attention_class``):
+``HybridAttention``, ``SparseCacheAttention`` (``cached.py``: its forward pass is a
+chunked prefill) or, for the ``window_off`` ablation, ``WindowOffAttention``; so plain
+linear attention carries none of this and models never branch on it. Subclasses rather than wrappers: the
 feature map and the gains keep their parameter paths (``attend.feature_map.*``,
 ``attend.window_log_gain``, ``attend.sink_log_gain``), so checkpoints of earlier
 hybrids restore.
@@ -31,30 +31,17 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from performer.attention import context_parallel, decay, linear, sparse_cache
 from performer.attention import sinks as sinks_lib
 from performer.attention import window as window_lib
-from performer.attention.feature_map import FeatureParam, Options
+from performer.attention.feature_map import FeatureParam
 from performer.attention.layers import (
   LinearAttention,
   check_inputs,
   zero_padded_queries,
 )
-
-
-def attention_class(options: Options) -> type[LinearAttention]:
-  """The class a feature-map kind builds with ``options``: plain, hybrid (with a
-  sparse cache), or (the ``window_off`` ablation with no sinks) plain with the
-  hybrid's window gain kept."""
-  window = options.window and not options.window_off
-  if window and options.sparse_cache:
-    return SparseCacheAttention
-  if window or options.sinks:
-    return HybridAttention
-  return WindowOffAttention if options.window else LinearAttention
 
 
 class WindowOffAttention(LinearAttention):
@@ -364,56 +351,3 @@ class HybridAttention(LinearAttention):
     kf, kr = self.feature_map.key(keys, ctx)
     kr = self._decayed_keys(kr, candidates)
     return sparse_cache.update(cache, state['linear'], candidates, kf, kr)
-
-
-class SparseCacheAttention(HybridAttention):
-  """A window hybrid with LoLA's sparse cache (``sparse_cache.py``): every pass,
-  the forward one included, is a prefill in chunks of ``chunk_size`` run in order
-  (a ``lax.scan``, then the remainder), the cache updated after each."""
-
-  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
-    """The forward pass: a prefill from an empty state."""
-    if not causal:
-      raise ValueError('attention.sparse_cache is a causal decoding cache: not bidirectional')
-    if segment_ids is not None:
-      raise ValueError(
-        'attention.sparse_cache runs its chunks in order over one sequence: packed '
-        'segment_ids are not supported'
-      )
-    lin = self._linear_pair(q, k, linear_qk)
-    state = self.init_state(q.shape[0], v.shape[-1], num_kv_heads=k.shape[2], dtype=k.dtype)
-    return self._prefill_chunks(state, q, k, v, lin, mask)[0]
-
-  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
-    check_inputs(q, k, v, mask, None)
-    return self._prefill_chunks(state, q, k, v, self._linear_pair(q, k, linear_qk), mask)
-
-  def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
-    raise ValueError('weights(): a sparse cache depends on the update schedule, no matrix')
-
-  def _prefill_chunks(self, state, q, k, v, lin, mask):
-    """``_prefill_chunk`` over chunks of ``chunk_size`` in order."""
-    if context_parallel.active():
-      raise ValueError(
-        'attention.sparse_cache runs its chunks in order on one device: no mesh.seq split'
-      )
-    b, length = q.shape[:2]
-    ctx = self._calibrate(lin, causal=True, mask=mask)
-    mask = jnp.ones((b, length), bool) if mask is None else mask
-    c = min(self.options.chunk_size, length)
-    n = length // c
-    split = lambda x: jnp.moveaxis(x[:, : n * c].reshape((b, n, c) + x.shape[2:]), 1, 0)
-
-    def body(carry, xs):
-      q, k, v, q_lin, k_lin, mask = xs
-      out, carry = self._prefill_chunk(carry, q, k, v, (q_lin, k_lin), mask, ctx=ctx)
-      return carry, out
-
-    state, out = jax.lax.scan(body, state, tuple(split(x) for x in (q, k, v, *lin, mask)))
-    outs = [jnp.moveaxis(out, 0, 1).reshape((b, n * c) + out.shape[3:])]
-    if length > n * c:
-      rest = lambda x: x[:, n * c :]
-      chunk = (rest(q), rest(k), rest(v), (rest(lin[0]), rest(lin[1])), rest(mask))
-      out, state = self._prefill_chunk(state, *chunk, ctx=ctx)
-      outs.append(out)
-    return jnp.concatenate(outs, axis=1), state

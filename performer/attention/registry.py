@@ -24,7 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import hybrid, layers
+from performer.attention import cached, hybrid, layers
 from performer.attention import projection as projection_lib
 from performer.attention.favor_hyperbolic import FavorHyperbolic
 from performer.attention.favor_plus_plus import FavorPlusPlus
@@ -37,11 +37,23 @@ from performer.attention.hedgehog import Hedgehog
 from performer.attention.linear_elu import LinearElu
 
 
+def attention_class(options: Options) -> type[layers.LinearAttention]:
+  """The class a feature-map kind builds with ``options``: plain, hybrid (with a
+  sparse cache), or (the ``window_off`` ablation with no sinks) plain with the
+  hybrid's window gain kept."""
+  window = options.window and not options.window_off
+  if window and options.sparse_cache:
+    return cached.SparseCacheAttention
+  if window or options.sinks:
+    return hybrid.HybridAttention
+  return hybrid.WindowOffAttention if options.window else layers.LinearAttention
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
   """How to build one kind: an attention class, or a feature-map class, which
   builds a ``LinearAttention`` or, with exact parts in the options, a
-  ``HybridAttention`` (``hybrid.attention_class``)."""
+  ``HybridAttention`` (``attention_class``)."""
 
   attention: type | None = None
   feature_map: type | None = None
@@ -55,7 +67,7 @@ class Kind:
   ) -> layers.Attention:
     if self.feature_map is None:
       return self.attention(head_dim, num_heads, options)
-    return hybrid.attention_class(options)(
+    return attention_class(options)(
       self.feature_map, name, head_dim, num_heads, options, rngs=rngs, projection=projection
     )
 
