@@ -21,7 +21,8 @@ recipe otherwise) perplexity at 4k-8k tokens was 46.3, without 32.4 (docs/recall
 Two evaluation-time keys go with it: LoLA's sparse cache (`attention.sparse_cache=256`, 256
 exact pairs per kv head in 30 MiB of decoding state; it does not train on packed rows) and a
 decay of the linear part (`attention.linear_half_life=512`), which keeps its mass from
-diluting the exact parts past the rows it trained on.
+diluting the exact parts past the rows it trained on (converting with the decay as well
+gained nothing: docs/recall.md).
 
   python train.py --config=configs/linearize_smollm2.py --workdir=/tmp/linearize_smollm2
   python eval.py --workdir=/tmp/linearize_smollm2 --text_file=held_out.txt --teacher \
