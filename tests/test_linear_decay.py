@@ -36,8 +36,10 @@ def test_weights_decay_beyond_the_window_only():
   window, length = 3, q.shape[1]
   plain, w = _bound(window=window, sinks=1)
   decayed, _ = _bound(window=window, sinks=1, linear_half_life=HALF_LIFE)
-  matrix = lambda attend: jax.jit(lambda q, k: attend.bind(8, 2, w).weights(q, k, causal=True))  # noqa: E731
-  a, b = matrix(plain)(q, k)[0], matrix(decayed)(q, k)[0]  # [H, L, L]
+  def matrix(attend):
+    return jax.jit(lambda q, k: attend.bind(8, 2, w).weights(q, k, causal=True))(q, k)[0]
+
+  a, b = matrix(plain), matrix(decayed)  # [H, L, L]
   i = length - 1
   ratio = b[:, i] / a[:, i]  # each query's weights rescale by one normaliser
   beyond = np.arange(1, i - window + 1)  # past the sink (key 0), out of the window

@@ -1,30 +1,30 @@
 """Hybrid attention: a ``LinearAttention`` plus exact parts under one normaliser.
 
-The exact parts are softmax over a sliding window (``window.py``), over the first
-tokens of each segment (``sinks.py``) and over LoLA's sparse cache of evicted window
-keys (``sparse_cache.py``); the feature map covers every other key. The registry
-picks the class once, from the options (``registry.attention_class``):
-``HybridAttention``, ``SparseCacheAttention`` (``cached.py``: its forward pass is a
-chunked prefill) or, for the ``window_off`` ablation, ``WindowOffAttention``; so plain
-linear attention carries none of this and models never branch on it. Subclasses rather than wrappers: the
-feature map and the gains keep their parameter paths (``attend.feature_map.*``,
-``attend.window_log_gain``, ``attend.sink_log_gain``), so checkpoints of earlier
-hybrids restore.
+The exact parts are softmax over a sliding window (``window.py``), over the first tokens
+of each segment (``sinks.py``) and over LoLA's sparse cache of evicted window keys
+(``sparse_cache.py``); the feature map covers every other key. The registry picks the
+class once, from the options (``registry.attention_class``): ``HybridAttention``,
+``SparseCacheAttention`` (``cached.py``: its forward pass is a chunked prefill) or, for
+the ``window_off`` ablation, ``WindowOffAttention``; so plain linear attention carries
+none of this and models never branch on it. Subclasses rather than wrappers: the feature
+map and the gains keep their parameter paths (``attend.feature_map.*``,
+``attend.window_log_gain``, ``attend.sink_log_gain``), so checkpoints of earlier hybrids
+restore.
 
 The decoding state, a fixed size whatever the context:
 
     {'linear': (S, z, M), 'ring': W recent pairs, 'sinks': s pairs, 'cache': lambda pairs}
 
-(each key present when its part is on). The ring, the sinks and the cache hold kv
-heads, as a KV cache does (a query head reads its group's, ``layers.repeat_kv``); the
-linear state is per query head, each with its own feature map. A sink never enters
-the ring or the linear state; a key leaves the ring into the sparse cache's
-candidates (with a cache) or into the linear state. With ``linear_nope`` the feature map sees q, k before
-rotary positions (``linear_qk``) while the exact parts score the rotated ones, so
-the ring and the cache also keep each key unrotated ('k_linear'), for the features
-it gets when it leaves them. With ``linear_half_life`` the linear part decays
-(``decay.py``): the state counts valid tokens ('count') and the ring and the cache keep
-each key's index ('index'), for its decay when it leaves them.
+(each key present when its part is on). The ring, the sinks and the cache hold kv heads,
+as a KV cache does (a query head reads its group's, ``layers.repeat_kv``); the linear
+state is per query head, each with its own feature map. A sink never enters the ring or
+the linear state; a key leaves the ring into the sparse cache's candidates (with a
+cache) or into the linear state. With ``linear_nope`` the feature map sees q, k before
+rotary positions (``linear_qk``) while the exact parts score the rotated ones, so the
+ring and the cache also keep each key unrotated ('k_linear'), for the features it gets
+when it leaves them. With ``linear_half_life`` the linear part decays (``decay.py``):
+the state counts valid tokens ('count') and the ring and the cache keep each key's index
+('index'), for its decay when it leaves them.
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ kv head, chosen by how badly the state would recall them:
 
 with (S, z) the state that excludes the cached pairs and the candidates (phi the
 key feature map; an empty state predicts 0). The candidates are the cache plus the
-keys just evicted from the window; the top lambda by SRE stay (``jax.lax.top_k``,
-so shapes are static and prefill and decode compile once), the rest are folded
-into (S, z). Under grouped-query attention a pair serves its group's query heads, each
-with its own feature map and state: its error is the sum of theirs, and the cache
-holds kv heads, as a KV cache does (a third of the memory in SmolLM2, 9 heads on 3).
-Queries score the cache exactly, exp(q.k / sqrt(d)) with the window's gain (the pairs
-are evicted window keys), under the one normaliser of ``window.hybrid``; the state is window + sinks + lambda pairs per kv head + (S, z)
-per query head, whatever the length.
+keys just evicted from the window; the top lambda by SRE stay (``jax.lax.top_k``, so
+shapes are static and prefill and decode compile once), the rest are folded into (S, z).
+Under grouped-query attention a pair serves its group's query heads, each with its own
+feature map and state: its error is the sum of theirs, and the cache holds kv heads, as
+a KV cache does (a third of the memory in SmolLM2, 9 heads on 3). Queries score the
+cache exactly, exp(q.k / sqrt(d)) with the window's gain (the pairs are evicted window
+keys), under the one normaliser of ``window.hybrid``; the state is window + sinks +
+lambda pairs per kv head + (S, z) per query head, whatever the length.
 
 The update schedule, which every pass shares so that they agree:
 
