@@ -36,6 +36,7 @@ def test_weights_decay_beyond_the_window_only():
   window, length = 3, q.shape[1]
   plain, w = _bound(window=window, sinks=1)
   decayed, _ = _bound(window=window, sinks=1, linear_half_life=HALF_LIFE)
+
   def matrix(attend):
     return jax.jit(lambda q, k: attend.bind(8, 2, w).weights(q, k, causal=True))(q, k)[0]
 
