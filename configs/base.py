@@ -82,6 +82,10 @@ def get_config():
   # A hybrid's linear part weighs a key 0.5^(distance / N) (causal only): its mass stays bounded
   # at any length instead of diluting the exact parts (attention/hybrid.py). 0 = no decay.
   config.model.attention.linear_half_life = 0
+  # With linear_nope and sinks or a sparse cache: those keys, when over N tokens back, are
+  # scored at distance N (ReRoPE's clamp), so rotary distances stay inside the original's
+  # context at any length (attention/rope_clamp.py). 0 = off.
+  config.model.attention.rope_clamp = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'protein_sample'

@@ -82,6 +82,7 @@ class Options:
   sparse_cache: int = 0  # LoLA: up to this many exact pairs beyond the window (sparse_cache.py)
   linear_nope: bool = False  # the feature map sees q, k before rotary positions
   linear_half_life: int = 0  # a hybrid's linear part decays keys by half every N tokens (0: off)
+  rope_clamp: int = 0  # sink and cache keys over N tokens back scored at N (0: off; rope_clamp.py)
 
 
 def draw_projection_for(options: Options, key, head_dim, num_heads=None):

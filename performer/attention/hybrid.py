@@ -34,6 +34,7 @@ import functools
 import jax.numpy as jnp
 
 from performer.attention import context_parallel, decay, linear, sparse_cache
+from performer.attention import rope_clamp as rope_clamp_lib
 from performer.attention import sinks as sinks_lib
 from performer.attention import window as window_lib
 from performer.attention.feature_map import FeatureParam
@@ -73,11 +74,14 @@ class HybridAttention(LinearAttention):
     self.window = 0 if options.window_off else options.window
     self.sinks = options.sinks
     self.cache_size = 0 if options.window_off else options.sparse_cache
+    self.rope_clamp = options.rope_clamp if self.sinks or self.cache_size else 0
 
-  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None):
+  def _attend(self, q, k, v, *, causal, mask, segment_ids, linear_qk=None, far_q=None):
     lin = self._linear_pair(q, k, linear_qk)
     k, v = self._query_heads(k), self._query_heads(v).swapaxes(1, 2)  # v [B, H, L, D]
-    num, den = self._hybrid(q, k, v, lin, causal=causal, mask=mask, segment_ids=segment_ids)
+    num, den = self._hybrid(
+      q, k, v, lin, causal=causal, mask=mask, segment_ids=segment_ids, far_q=far_q
+    )
     return self._output(num, den, v)
 
   def _query_heads(self, x):
@@ -111,7 +115,7 @@ class HybridAttention(LinearAttention):
   def init_state(self, batch, value_dim, *, num_kv_heads=None, max_length=None, dtype=jnp.float32):
     del max_length  # a fixed size whatever the context
     heads, head_dim, both = num_kv_heads or self.num_heads, self.head_dim, self._linear_keys
-    features, indexed = self.feature_map.num_features, bool(self._rate)
+    features, indexed = self.feature_map.num_features, self._indexed
     state = {'linear': linear.init_state(batch, self.num_heads, features, value_dim)}
     if indexed:  # valid tokens seen: the next one's index (decay.py)
       state['count'] = jnp.zeros((batch,), jnp.int32)
@@ -120,7 +124,9 @@ class HybridAttention(LinearAttention):
         batch, self.window, heads, head_dim, value_dim, dtype, linear_keys=both, indexed=indexed
       )
     if self.sinks:
-      state['sinks'] = sinks_lib.init(batch, self.sinks, heads, head_dim, value_dim, dtype)
+      state['sinks'] = sinks_lib.init(
+        batch, self.sinks, heads, head_dim, value_dim, dtype, linear_keys=bool(self.rope_clamp)
+      )
     if self.cache_size:
       state['cache'] = sparse_cache.init(
         batch, self.cache_size, heads, head_dim, value_dim, dtype, both, indexed
@@ -132,7 +138,22 @@ class HybridAttention(LinearAttention):
     entries = {'k': k, 'v': v, 'valid': valid}
     if self._linear_keys:
       entries['k_linear'] = k_lin
-    return dict(entries, index=index) if self._rate else entries
+    return dict(entries, index=index) if self._indexed else entries
+
+  @property
+  def _indexed(self) -> bool:
+    """The state counts valid tokens, the ring and the cache keep each key's index:
+    for the decay and for the clamp's distances."""
+    return bool(self._rate or self.rope_clamp)
+
+  def _far_query(self, far_q):
+    """``far_q`` [B, L, H, d] (the queries rotated to the clamp), required with one."""
+    if self.rope_clamp and far_q is None:
+      raise ValueError(
+        'attention.rope_clamp scores far keys from far_q, the queries rotated to the '
+        'clamp distance; the model passes it (SelfAttention)'
+      )
+    return far_q if self.rope_clamp else None
 
   @property
   def _rate(self) -> float:
@@ -154,12 +175,13 @@ class HybridAttention(LinearAttention):
     kf, kr = self.feature_map.masked_key(keys, valid, ctx)
     return kf, self._decayed_keys(kr, entries)
 
-  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None):
+  def prefill(self, state, q, k, v, *, mask=None, linear_qk=None, far_q=None):
     """Causal pass continuing from ``state``: the ring's keys precede q."""
     check_inputs(q, k, v, mask, None)
-    return self._prefill_chunk(state, q, k, v, self._linear_pair(q, k, linear_qk), mask)
+    lin = self._linear_pair(q, k, linear_qk)
+    return self._prefill_chunk(state, q, k, v, lin, mask, far_q=far_q)
 
-  def step(self, state, q, k, v, *, mask=None, linear_qk=None):
+  def step(self, state, q, k, v, *, mask=None, linear_qk=None, far_q=None):
     """One token: it joins the sinks while they are not full, else the ring, whose
     evicted key joins the cache's candidates (with a cache) or the linear state."""
     q_lin, k_lin = self._linear_pair(q, k, linear_qk)  # k, v [B, K, .]: kv heads
@@ -168,12 +190,15 @@ class HybridAttention(LinearAttention):
     ctx = self._calibrate((q_lin[:, None], k_lin[:, None]), causal=True, mask=valid[:, None])
     window_gain, sink_gain = self._gains()
     new, parts, key_valid = dict(state), [], valid
-    index = state['count'] if self._rate else None
-    if self._rate:
+    index = state['count'] if self._indexed else None
+    if self._indexed:
       new['count'] = index + valid
+    far_q, clamp = self._far_query(far_q), self.rope_clamp
+    far = None if far_q is None else {'q': far_q[:, None], 'index': index[:, None]}
     if self.sinks:
       is_sink = valid & (jnp.sum(state['sinks']['valid'], axis=1) < self.sinks)
-      new['sinks'] = sinks_lib.push(state['sinks'], k, v, is_sink)
+      k_sink = k_lin if clamp else None
+      new['sinks'] = sinks_lib.push(state['sinks'], k, v, is_sink, k_sink)
       key_valid = valid & ~is_sink
     enter = self._entries(k, v, key_valid, k_lin, index)  # what leaves the exact parts now
     if self.window:
@@ -181,7 +206,7 @@ class HybridAttention(LinearAttention):
       w_num, w_den, w_shift = window_lib.ring_read(read(new['ring']), q)
       parts.append((w_num, w_den, w_shift + window_gain))
     if self.sinks:
-      s_num, s_den, s_shift = window_lib.ring_read(read(new['sinks']), q)
+      s_num, s_den, s_shift = sinks_lib.read(read(new['sinks']), q, far, clamp)
       parts.append((s_num, s_den, s_shift + sink_gain))
     enter = {name: x[:, None] for name, x in enter.items()}  # a time axis of one
     kf, kr = self._feature_keys(enter, enter['valid'], ctx)
@@ -189,7 +214,7 @@ class HybridAttention(LinearAttention):
     lin = linear.add_key(state['linear'], kf[:, :, 0], kr[:, :, 0], v_in)
     new['linear'] = lin
     if self.cache_size:
-      c_num, c_den, c_shift = sparse_cache.read(read(state['cache']), q[:, None])
+      c_num, c_den, c_shift = sparse_cache.read(read(state['cache']), q[:, None], far, clamp)
       parts.append((c_num[:, :, 0], c_den[:, :, 0], c_shift[:, :, 0] + window_gain))
       new['cache'], new['linear'] = self._recache(state, enter, ctx)
     qf, q_r = fmap.query_parts(q_lin[:, None], ctx)
@@ -202,6 +227,8 @@ class HybridAttention(LinearAttention):
 
   def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     """window.scores with the sinks."""
+    if self.rope_clamp:
+      raise ValueError('weights(): no attention matrix with attention.rope_clamp')
     fmap, (q_lin, k_lin) = self.feature_map, self._linear_pair(q, k, linear_qk)
     k_lin = self._query_heads(k_lin)
     ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)
@@ -243,7 +270,7 @@ class HybridAttention(LinearAttention):
     window = self.window_log_gain[...] if self.window else None
     return window, (self.sink_log_gain[...] if self.sinks else None)
 
-  def _hybrid(self, q, k, v, lin, *, causal, mask, segment_ids, state=None, ctx=None):
+  def _hybrid(self, q, k, v, lin, *, causal, mask, segment_ids, state=None, ctx=None, far_q=None):
     """window.hybrid with this module's feature map; k, v with q's heads, v
     heads-major, ``lin`` the (q, k) the feature map sees (k's kv heads). Without a
     state: (num, den). With a decoding ``state`` (a causal prefill: the ring's keys precede q, the
@@ -262,8 +289,12 @@ class HybridAttention(LinearAttention):
       is_sink = sinks_lib.flags(valid, seg, self.sinks, held)
       key_mask = valid & ~is_sink
     kf, kr = fmap.masked_key(k_lin, key_mask, ctx)
-    start = None if state is None or not self._rate else state['count']
+    start = None if state is None or not self._indexed else state['count']
     q_r, kr = self._decayed(q_r, kr, valid, causal, start)
+    far, far_q = None, self._far_query(far_q)
+    if far_q is not None:
+      index = rope_clamp_lib.query_index(valid, segment_ids, start)
+      far = rope_clamp_lib.far_inputs(far_q, k_lin, index)
     if state is not None:
       initial = state['linear']
       if self.cache_size:
@@ -288,13 +319,14 @@ class HybridAttention(LinearAttention):
       chunk_size=self.options.chunk_size,
       sinks=self.sinks,
       packed=segment_ids is not None,
+      rope_clamp=self.rope_clamp,
       return_state=state is not None,
     )
     window_gain, sink_gain = self._gains()
     args = (q, k, v, qf, q_r, kf, kr, seg, key_mask, window_gain, context, initial)
-    args += (is_sink, sink_gain, sinks_in, cache)
+    args += (is_sink, sink_gain, sinks_in, cache, far)
     rep = context_parallel.REPLICATED
-    in_axes = (1, 1, 2, 2, 2, 2, 2, 1, 1, rep, None, None, 1, rep, None, None)
+    in_axes = (1, 1, 2, 2, 2, 2, 2, 1, 1, rep, None, None, 1, rep, None, None, 1)
     if state is None:
       return context_parallel.over_length(core, args, in_axes, (2, 2))
     out_axes = (2, 2, None) + ((None,) if self.sinks else ())
@@ -302,7 +334,7 @@ class HybridAttention(LinearAttention):
     key_valid = valid if key_mask is None else key_mask
     return num, den, lin, (sink_state or [None])[0], key_valid
 
-  def _prefill_chunk(self, state, q, k, v, lin, mask, ctx=None):
+  def _prefill_chunk(self, state, q, k, v, lin, mask, ctx=None, far_q=None):
     """One causal pass continuing from ``state`` (k, v [B, L, K, .] kv heads; ``lin``
     the feature map's (q, k)); with a sparse cache, the cache is updated once, from
     the keys the pass evicted. The ring keeps each row's last W valid keys
@@ -312,12 +344,21 @@ class HybridAttention(LinearAttention):
       ctx = self._calibrate(lin, causal=True, mask=mask)
     k_heads, v_heads = self._query_heads(k), self._query_heads(v).swapaxes(1, 2)
     num, den, linear_state, sink_state, key_valid = self._hybrid(
-      q, k_heads, v_heads, lin, causal=True, mask=mask, segment_ids=None, state=state, ctx=ctx
+      q,
+      k_heads,
+      v_heads,
+      lin,
+      causal=True,
+      mask=mask,
+      segment_ids=None,
+      state=state,
+      ctx=ctx,
+      far_q=far_q,
     )
     new = dict(state, linear=linear_state)
     valid = jnp.ones(q.shape[:2], bool) if mask is None else mask
-    index = decay.row_index(valid, state['count']) if self._rate else None
-    if self._rate:
+    index = decay.row_index(valid, state['count']) if self._indexed else None
+    if self._indexed:
       new['count'] = state['count'] + jnp.sum(valid, axis=1, dtype=jnp.int32)
     if self.sinks:  # the heads of a group hold the same sinks: keep one each
       group = self.num_heads // k.shape[2]
@@ -342,7 +383,7 @@ class HybridAttention(LinearAttention):
     heads = cache['valid'].shape[2]
     per_head = lambda x: jnp.broadcast_to(x[:, :, None], x.shape + (heads,))  # noqa: E731
     evicted = dict(evicted, valid=per_head(evicted['valid']))
-    if self._rate:
+    if self._indexed:
       evicted['index'] = per_head(evicted['index'])
     candidates = {
       name: jnp.concatenate([x, evicted[name].astype(x.dtype)], axis=1) for name, x in cache.items()

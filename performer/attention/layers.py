@@ -61,6 +61,11 @@ def linear_inputs(q, k, linear_qk):
   return q_lin, repeat_kv(k_lin, q.shape[-2])
 
 
+def far_kwargs(far_q):
+  """``far_q`` as a keyword for the calls of a kind that takes it (``rope_clamp``)."""
+  return {} if far_q is None else {'far_q': far_q}
+
+
 def repeat_kv(x, num_heads):
   """[..., K, D] key/value heads -> [..., num_heads, D]: query head h reads kv head
   h // (num_heads // K), HF's `repeat_kv` order."""
@@ -100,12 +105,24 @@ class Attention(nnx.Module):
     self.head_dim, self.num_heads = head_dim, num_heads
     self.options = options
 
-  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None, linear_qk=None):
+  # A hybrid with ``attention.rope_clamp`` scores its far exact keys from the queries
+  # rotated to this distance (``rope_clamp.py``), which every call then takes as
+  # ``far_q``; 0: a kind that needs none (and gets none).
+  rope_clamp = 0
+
+  def __call__(self, q, k, v, *, causal, mask=None, segment_ids=None, linear_qk=None, far_q=None):
     check_inputs(q, k, v, mask, segment_ids)
     if linear_qk is not None:
       check_inputs(*linear_qk, v, mask, segment_ids)
     out = self._attend(
-      q, k, v, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+      q,
+      k,
+      v,
+      causal=causal,
+      mask=mask,
+      segment_ids=segment_ids,
+      linear_qk=linear_qk,
+      **far_kwargs(far_q),
     )
     return zero_padded_queries(out, mask)
 

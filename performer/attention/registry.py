@@ -116,6 +116,7 @@ def make_options(kind: str, **options) -> Options:
     ('sinks', 'no sinks'),
     ('sparse_cache', 'no sparse cache'),
     ('linear_half_life', 'no decay'),
+    ('rope_clamp', 'no clamp'),
   ):
     value = options.get(name, 0)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -129,6 +130,16 @@ def make_options(kind: str, **options) -> Options:
       'linear_half_life decays the linear part of a hybrid beside its exact parts: it needs '
       'attention.window or attention.sinks > 0'
     )
+  clamp = options.get('rope_clamp', 0)
+  if clamp and not options.get('linear_nope', False):
+    raise ValueError(
+      'rope_clamp scores far sink and cache keys from their unrotated copies, which the '
+      'hybrid keeps with attention.linear_nope=True'
+    )
+  if clamp and not (options.get('sinks', 0) or options.get('sparse_cache', 0)):
+    raise ValueError('rope_clamp clamps the sinks and the sparse cache: it needs one of them')
+  if clamp and clamp <= window:
+    raise ValueError(f'rope_clamp={clamp} must exceed the window ({window}): its keys stay exact')
   return Options(**options)
 
 
@@ -183,11 +194,21 @@ class FunctionalAttention:
     return self.bind(q.shape[-1], q.shape[-2], projection)
 
   def __call__(
-    self, q, k, v, *, causal, mask=None, segment_ids=None, projection=None, linear_qk=None
+    self,
+    q,
+    k,
+    v,
+    *,
+    causal,
+    mask=None,
+    segment_ids=None,
+    projection=None,
+    linear_qk=None,
+    far_q=None,
   ):
     layers.check_inputs(q, k, v, mask, segment_ids)
     return self._module(q, projection)(
-      q, k, v, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+      q, k, v, causal=causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk, far_q=far_q
     )
 
   def features(self, q, k, *, causal=False, mask=None, segment_ids=None, projection=None):
@@ -211,11 +232,15 @@ class FunctionalAttention:
       batch, value_dim, max_length=max_length, dtype=dtype
     )
 
-  def prefill(self, state, q, k, v, *, projection=None, mask=None, linear_qk=None):
-    return self._module(q, projection).prefill(state, q, k, v, mask=mask, linear_qk=linear_qk)
+  def prefill(self, state, q, k, v, *, projection=None, mask=None, linear_qk=None, far_q=None):
+    module = self._module(q, projection)
+    return module.prefill(
+      state, q, k, v, mask=mask, linear_qk=linear_qk, **layers.far_kwargs(far_q)
+    )
 
-  def step(self, state, q, k, v, *, projection=None, mask=None, linear_qk=None):
-    return self._module(q, projection).step(state, q, k, v, mask=mask, linear_qk=linear_qk)
+  def step(self, state, q, k, v, *, projection=None, mask=None, linear_qk=None, far_q=None):
+    module = self._module(q, projection)
+    return module.step(state, q, k, v, mask=mask, linear_qk=linear_qk, **layers.far_kwargs(far_q))
 
 
 def get_attention(kind: str, **options) -> FunctionalAttention:

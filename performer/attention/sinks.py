@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from performer.attention import linear
+from performer.attention import rope_clamp as rope_clamp_lib
 from performer.attention.linear import NEG
 
 sg = jax.lax.stop_gradient
@@ -53,22 +54,32 @@ def flags(valid, segment_ids, sinks, held=None):
   return valid & (rank <= sinks)
 
 
-def init(batch, sinks, heads, head_dim, value_dim, dtype=jnp.float32):
-  """The empty buffer of a decoding state, laid out like the window's ring."""
-  return {
+def init(batch, sinks, heads, head_dim, value_dim, dtype=jnp.float32, linear_keys=False):
+  """The empty buffer of a decoding state, laid out like the window's ring;
+  ``linear_keys``: each key also unrotated ('k_linear', for ``rope_clamp.py``)."""
+  buffer = {
     'k': jnp.zeros((batch, sinks, heads, head_dim), dtype),
     'v': jnp.zeros((batch, sinks, heads, value_dim), dtype),
     'valid': jnp.zeros((batch, sinks), bool),
   }
+  return dict(buffer, k_linear=jnp.zeros_like(buffer['k'])) if linear_keys else buffer
 
 
-def push(buffer, k, v, is_sink):
-  """The buffer with one token (k [B, H, d], v [B, H, D]) in its first free slot,
-  in the rows where ``is_sink`` [B]."""
+def _key_names(state):
+  """The fields laid out like 'k' ([B, s, H, d]): 'k' and, when kept, 'k_linear'."""
+  return [n for n in ('k', 'k_linear') if n in state]
+
+
+def push(buffer, k, v, is_sink, k_linear=None):
+  """The buffer with one token (k [B, H, d], v [B, H, D][, k_linear]) in its first
+  free slot, in the rows where ``is_sink`` [B]."""
   free = jnp.sum(buffer['valid'], axis=1)
   slot = (jnp.arange(buffer['valid'].shape[1])[None] == free[:, None]) & is_sink[:, None]
   put = lambda old, new: jnp.where(slot[:, :, None, None], new[:, None].astype(old.dtype), old)
-  return {'k': put(buffer['k'], k), 'v': put(buffer['v'], v), 'valid': buffer['valid'] | slot}
+  new = {'k': k, 'v': v, 'k_linear': k_linear}
+  return dict(
+    {n: put(buffer[n], new[n]) for n in buffer if n != 'valid'}, valid=buffer['valid'] | slot
+  )
 
 
 def _searchsorted(counts, targets):
@@ -83,49 +94,44 @@ def _take(x, pos, axis):
   return jnp.take_along_axis(x, pos.reshape(shape), axis=axis)
 
 
-def _empty(batch, size, heads, head_dim, value_dim, seg):
-  """No sinks yet: the identity of ``combine`` from the left."""
-  return {
-    'k': jnp.zeros((batch, size, heads, head_dim), jnp.float32),
-    'v': jnp.zeros((batch, heads, size, value_dim), jnp.float32),
-    'valid': jnp.zeros((batch, size), bool),
-    'seg': seg,
-  }
+def _empty(like, size, value_dim, seg):
+  """No sinks yet: the identity of ``combine`` from the left, with the key fields of
+  ``like`` ({name: k [B, L, H, d]})."""
+  b, _, h, d = like['k'].shape
+  state = {n: jnp.zeros((b, size, h, d), jnp.float32) for n in like}
+  return dict(
+    state,
+    v=jnp.zeros((b, h, size, value_dim), jnp.float32),
+    valid=jnp.zeros((b, size), bool),
+    seg=seg,
+  )
 
 
 def from_buffer(buffer, seg):
   """A decoding buffer as the state ``attend`` continues from (its sinks in segment
   ``seg`` [B]). States hold v heads-major, [B, H, s, D], like the cores' values."""
-  return {
-    'k': buffer['k'].astype(jnp.float32),
-    'v': buffer['v'].swapaxes(1, 2).astype(jnp.float32),
-    'valid': buffer['valid'],
-    'seg': seg,
-  }
+  keys = {n: buffer[n].astype(jnp.float32) for n in _key_names(buffer)}
+  v = buffer['v'].swapaxes(1, 2).astype(jnp.float32)
+  return dict(keys, v=v, valid=buffer['valid'], seg=seg)
 
 
 def to_buffer(state, like):
   """``attend``'s state back in the layout and dtype of the decoding buffer ``like``."""
-  return {
-    'k': state['k'].astype(like['k'].dtype),
-    'v': state['v'].swapaxes(1, 2).astype(like['v'].dtype),
-    'valid': state['valid'],
-  }
+  keys = {n: state[n].astype(like[n].dtype) for n in _key_names(like)}
+  return dict(keys, v=state['v'].swapaxes(1, 2).astype(like['v'].dtype), valid=state['valid'])
 
 
-def compact(k, v, flag, size, seg):
-  """The first ``size`` flagged entries of k [B, N, H, d] and heads-major v
-  [B, H, N, D] as a sink state, valid slots first and in order."""
+def compact(keys, v, flag, size, seg):
+  """The first ``size`` flagged entries of ``keys`` ({name: [B, N, H, d]}) and
+  heads-major v [B, H, N, D] as a sink state, valid slots first and in order."""
+  n = v.shape[2]
   counts = jnp.cumsum(flag.astype(jnp.int32), axis=1)
-  pos = _searchsorted(counts, jnp.broadcast_to(jnp.arange(1, size + 1), (k.shape[0], size)))
-  ok = pos < k.shape[1]
-  pos = jnp.minimum(pos, k.shape[1] - 1)
-  return {
-    'k': jnp.where(ok[:, :, None, None], _take(k, pos, 1), 0.0),
-    'v': jnp.where(ok[:, None, :, None], _take(v, pos, 2), 0.0),
-    'valid': ok,
-    'seg': seg,
-  }
+  pos = _searchsorted(counts, jnp.broadcast_to(jnp.arange(1, size + 1), (v.shape[0], size)))
+  ok = pos < n
+  pos = jnp.minimum(pos, n - 1)
+  state = {name: jnp.where(ok[:, :, None, None], _take(x, pos, 1), 0.0) for name, x in keys.items()}
+  v = jnp.where(ok[:, None, :, None], _take(v, pos, 2), 0.0)
+  return dict(state, v=v, valid=ok, seg=seg)
 
 
 def combine(earlier, later):
@@ -138,12 +144,10 @@ def combine(earlier, later):
   slots = jnp.arange(size)[None]
   late = slots >= held[:, None]  # [B, s]: this slot comes from `later`
   idx = jnp.clip(slots - held[:, None], 0, size - 1)
-  return {
-    'k': jnp.where(late[:, :, None, None], _take(later['k'], idx, 1), earlier['k']),
-    'v': jnp.where(late[:, None, :, None], _take(later['v'], idx, 2), earlier['v']),
-    'valid': jnp.where(late, _take(later['valid'], idx, 1), earlier['valid']),
-    'seg': later['seg'],
-  }
+  pick = lambda n, axis, mask: jnp.where(mask, _take(later[n], idx, axis), earlier[n])  # noqa: E731
+  keys = {n: pick(n, 1, late[:, :, None, None]) for n in _key_names(earlier)}
+  v, valid = pick('v', 2, late[:, None, :, None]), pick('valid', 1, late)
+  return dict(keys, v=v, valid=valid, seg=later['seg'])
 
 
 def _incoming(local, axis_name, base):
@@ -159,7 +163,19 @@ def _incoming(local, axis_name, base):
 
 
 def attend(
-  q, k, v, segment_ids, is_sink, incoming=None, *, size, causal, packed=True, axis_name=None
+  q,
+  k,
+  v,
+  segment_ids,
+  is_sink,
+  incoming=None,
+  far=None,
+  *,
+  size,
+  causal,
+  packed=True,
+  rope_clamp=0,
+  axis_name=None,
 ):
   """The exact sink part, (num [B, H, L, D], den [B, H, L], shift [B, H, L]), and the
   sink state after the span.
@@ -171,13 +187,17 @@ def attend(
   segment's start reaches j + 1, found by a search on that count, so the gathers
   are [B, L, s] whatever the number of segments. ``packed=False`` (no segment ids:
   one segment per row) lets every query share the row's s sinks, gathered once.
+  ``far`` ({'q', 'k' unrotated, 'index'}, ``rope_clamp.py``): the j-th sink of a
+  segment is its token j, scored at distance ``rope_clamp`` from queries further on;
+  the state then keeps each sink unrotated too ('k_linear').
   """
   b, length, h, d = q.shape
   seg = segment_ids
-  own = compact(k, v, is_sink & (seg == seg[:, -1:]), size, seg[:, -1])
+  keys = {'k': k} if far is None else {'k': k, 'k_linear': far['k']}
+  own = compact(keys, v, is_sink & (seg == seg[:, -1:]), size, seg[:, -1])
   base = incoming
   if base is None:
-    base = _empty(b, size, h, d, v.shape[-1], seg[:, 0])
+    base = _empty(keys, size, v.shape[-1], seg[:, 0])
   if axis_name is None:
     before, after = base, combine(base, own)
   elif causal:
@@ -187,21 +207,30 @@ def attend(
       'attention.sinks with bidirectional attention under mesh.seq is not supported '
       '(a query may need sinks from a later device)'
     )
-  ek = jnp.concatenate([before['k'], k.astype(jnp.float32)], axis=1)  # [B, s + L, H, d]
+  ek = {n: jnp.concatenate([before[n], x.astype(jnp.float32)], axis=1) for n, x in keys.items()}
   ev = jnp.concatenate([before['v'], v.astype(jnp.float32)], axis=2)  # [B, H, s + L, D]
   eseg = jnp.concatenate([jnp.broadcast_to(before['seg'][:, None], (b, size)), seg], axis=1)
   esink = jnp.concatenate([before['valid'], is_sink], axis=1).astype(jnp.int32)
   n = size + length
   counts = jnp.cumsum(esink, axis=1)
   query_pos = size + jnp.arange(length)
+
+  def logits(gather, spec):  # [B, H, L, s]: q against the gathered sinks
+    out = jnp.einsum(spec, q.astype(jnp.float32), gather(ek['k'])) * d**-0.5
+    if far is None:
+      return out
+    far_logits = jnp.einsum(spec, far['q'].astype(jnp.float32), gather(ek['k_linear'])) * d**-0.5
+    index = far['index'][:, None, :, None]  # the j-th sink of a segment is its token j
+    return rope_clamp_lib.select(out, far_logits, index, jnp.arange(size), rope_clamp)
+
   if not packed:  # the row's first s sinks, for every query
     pos = _searchsorted(counts, jnp.broadcast_to(jnp.arange(1, size + 1), (b, size)))
     ok = pos < n
     pos = jnp.minimum(pos, n - 1)
     allowed = ok[:, None, :] & ((pos[:, None, :] <= query_pos[None, :, None]) | (not causal))
-    kg, vg = _take(ek, pos, 1), _take(ev, pos, 2)  # [B, s, H, d], [B, H, s, D]
-    logits = jnp.einsum('blhd,bshd->bhls', q.astype(jnp.float32), kg) * d**-0.5
-    return _weighted(logits, allowed[:, None], vg, 'bhls,bhsd->bhld') + (after,)
+    vg = _take(ev, pos, 2)  # [B, H, s, D]
+    scores = logits(lambda x: _take(x, pos, 1), 'blhd,bshd->bhls')
+    return _weighted(scores, allowed[:, None], vg, 'bhls,bhsd->bhld') + (after,)
   start = jnp.concatenate([jnp.ones((b, 1), bool), eseg[:, 1:] != eseg[:, :-1]], axis=1)
   seg_start = jax.lax.cummax(jnp.where(start, jnp.arange(n)[None], 0), axis=1)
   prior = jnp.take_along_axis(counts - esink, seg_start, axis=1)[:, size:]  # [B, L]
@@ -212,10 +241,25 @@ def attend(
   ok &= _take(eseg, pos, 1) == jnp.repeat(seg, size, axis=1)
   if causal:
     ok &= pos <= jnp.repeat(query_pos, size)[None]
-  kg = _take(ek, pos, 1).reshape(b, length, size, h, d)
   vg = _take(ev, pos, 2).reshape(b, h, length, size, -1)
-  logits = jnp.einsum('blhd,blshd->bhls', q.astype(jnp.float32), kg) * d**-0.5
-  return _weighted(logits, ok.reshape(b, 1, length, size), vg, 'bhls,bhlsd->bhld') + (after,)
+  scores = logits(lambda x: _take(x, pos, 1).reshape(b, length, size, h, d), 'blhd,blshd->bhls')
+  return _weighted(scores, ok.reshape(b, 1, length, size), vg, 'bhls,bhlsd->bhld') + (after,)
+
+
+def read(buffer, q, far=None, rope_clamp=0):
+  """The exact part for one decoding query q [B, H, d] over a buffer with q's heads:
+  (num [B, H, D], den [B, H], shift [B, H]); ``far`` ({'q' [B, 1, H, d], 'index'
+  [B, 1]}) as in ``attend``."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum('bhd,bshd->bhs', q.astype(jnp.float32), buffer['k'].astype(jnp.float32))
+  if far is not None:
+    k_far = buffer['k_linear'].astype(jnp.float32)
+    far_logits = jnp.einsum('bhd,bshd->bhs', far['q'][:, 0].astype(jnp.float32), k_far)
+    size = buffer['valid'].shape[1]
+    index = far['index'][:, :, None]  # [B, 1, 1]
+    logits = rope_clamp_lib.select(logits, far_logits, index, jnp.arange(size), rope_clamp)
+  values = buffer['v'].astype(jnp.float32)
+  return _weighted(logits * scale, buffer['valid'][:, None, :], values, 'bhs,bshd->bhd')
 
 
 def _weighted(logits, allowed, values, spec):

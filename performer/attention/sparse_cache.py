@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from performer.attention import linear
+from performer.attention import rope_clamp as rope_clamp_lib
 from performer.attention.linear import NEG
 
 sg = jax.lax.stop_gradient
@@ -71,12 +72,21 @@ def init(
   return cache
 
 
-def read(cache, q):
+def read(cache, q, far=None, rope_clamp=0):
   """Exact part of queries q [B, L, H, d] over the cache (every pair is older than
-  every query): (num [B, H, L, D], den [B, H, L], shift [B, H, L])."""
+  every query): (num [B, H, L, D], den [B, H, L], shift [B, H, L]). ``far`` ({'q',
+  'index'}, ``rope_clamp.py``): a pair ``rope_clamp`` or more valid tokens before its
+  query is scored from its unrotated key ('k_linear') and its 'index'."""
+  scale = q.shape[-1] ** -0.5
   s = jnp.einsum('blhd,bjhd->bhlj', q.astype(jnp.float32), cache['k'].astype(jnp.float32))
+  if far is not None:
+    far_s = jnp.einsum(
+      'blhd,bjhd->bhlj', far['q'].astype(jnp.float32), cache['k_linear'].astype(jnp.float32)
+    )
+    key_index = jnp.swapaxes(cache['index'], 1, 2)[:, :, None, :]  # [B, H, 1, lambda]
+    s = rope_clamp_lib.select(s, far_s, far['index'][:, None, :, None], key_index, rope_clamp)
   valid = jnp.swapaxes(cache['valid'], 1, 2)[:, :, None, :]  # [B, H, 1, lambda]
-  s = jnp.where(valid, s * q.shape[-1] ** -0.5, NEG)
+  s = jnp.where(valid, s * scale, NEG)
   shift = sg(jnp.max(s, axis=-1))
   weights = jnp.where(valid, linear.safe_exp(s - shift[..., None]), 0.0)
   num = jnp.einsum('bhlj,bjhd->bhld', weights, cache['v'].astype(jnp.float32))

@@ -209,12 +209,14 @@ def hybrid(
   sink_log_gain=None,
   sinks_in=None,
   cache=None,
+  far=None,
   *,
   window,
   causal,
   chunk_size,
   sinks=0,
   packed=True,
+  rope_clamp=0,
   return_state=False,
   axis_name=None,
 ):
@@ -238,7 +240,9 @@ def hybrid(
   before the first position (``sinks.attend``; ``packed``: segment ids were given),
   scored with ``sink_log_gain`` [H];
   ``cache`` is a sparse cache (``sparse_cache.read``), its keys older than every
-  query and absent from the linear state, scored with the window's gain.
+  query and absent from the linear state, scored with the window's gain. ``far``:
+  the sinks and the cache score keys ``rope_clamp`` or more back at that distance
+  (``rope_clamp.py``).
   """
   if axis_name is not None and q.shape[1] < window:
     raise ValueError(
@@ -256,14 +260,16 @@ def hybrid(
       segment_ids,
       is_sink,
       sinks_in,
+      far,
       size=sinks,
       causal=causal,
       packed=packed,
+      rope_clamp=rope_clamp,
       axis_name=axis_name,
     )
     parts.append((s_num, s_den, s_shift + sink_log_gain[None, :, None]))
   if cache is not None:
-    c_num, c_den, c_shift = sparse_cache.read(cache, q)
+    c_num, c_den, c_shift = sparse_cache.read(cache, q, far, rope_clamp)
     parts.append((c_num, c_den, c_shift + log_gain[None, :, None]))
   beyond = _beyond_causal(
     qf,

@@ -173,27 +173,38 @@ class SelfAttention(nnx.Module):
     if self.convs is not None:
       (q, k, v), outer = self._convolve((q, k, v), mask=mask, segment_ids=segment_ids, cache=cache)
       cache = None if cache is None else outer['attention']
-    linear_qk = None
+    linear_qk, far = None, {}
     if self.rope_theta:
       sow(self, 'qk_unrotated', (q, k))  # for attention transfer into linear_nope
       if self.attend.options.linear_nope:  # the feature map sees them unrotated
         linear_qk = (q, k)
+      if self.attend.rope_clamp:  # far sink and cache keys: q rotated to the clamp
+        clamped = jnp.full_like(positions, self.attend.rope_clamp)
+        far = {'far_q': positions_lib.apply_rope(q, clamped, base=self.rope_theta)}
       q = positions_lib.apply_rope(q, positions, base=self.rope_theta)
       k = positions_lib.apply_rope(k, positions, base=self.rope_theta)
     sow(self, 'qkv', (q, k, v))
     if cache is None:
       y = self.attend(
-        q, k, v, causal=self.causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+        q,
+        k,
+        v,
+        causal=self.causal,
+        mask=mask,
+        segment_ids=segment_ids,
+        linear_qk=linear_qk,
+        **far,
       )
     elif x.shape[1] == 1:
       step_mask = None if mask is None else mask[:, 0]
       step_qk = None if linear_qk is None else (linear_qk[0][:, 0], linear_qk[1][:, 0])
+      step_far = {name: x[:, 0] for name, x in far.items()}
       y, cache = self.attend.step(
-        cache, q[:, 0], k[:, 0], v[:, 0], mask=step_mask, linear_qk=step_qk
+        cache, q[:, 0], k[:, 0], v[:, 0], mask=step_mask, linear_qk=step_qk, **step_far
       )
       y = y[:, None]
     else:
-      y, cache = self.attend.prefill(cache, q, k, v, mask=mask, linear_qk=linear_qk)
+      y, cache = self.attend.prefill(cache, q, k, v, mask=mask, linear_qk=linear_qk, **far)
     if outer is not None and cache is not None:
       cache = {**outer, 'attention': cache}
     sow(self, 'attended', y)
