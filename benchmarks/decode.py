@@ -113,6 +113,12 @@ def parse_args(argv=None):
     default=0,
     help='linear kinds with --window or --sinks: the linear part decays keys by half every N',
   )
+  p.add_argument(
+    '--rope_clamp',
+    type=int,
+    default=0,
+    help='with --linear_nope and sinks or a cache: far exact keys scored at distance N',
+  )
   p.add_argument('--quick', action='store_true', help='tiny model and contexts: a smoke test')
   p.add_argument('--json', default=None, help='write results here')
   args = p.parse_args(argv)
@@ -135,7 +141,7 @@ def exact_options(kind, args):
   """The window / sinks / sparse-cache options a linear kind gets (none for the others)."""
   if kind in ('softmax', 'identity'):
     return {}
-  names = ('window', 'sinks', 'sparse_cache', 'linear_nope', 'linear_half_life')
+  names = ('window', 'sinks', 'sparse_cache', 'linear_nope', 'linear_half_life', 'rope_clamp')
   return {name: getattr(args, name) for name in names if getattr(args, name)}
 
 
@@ -146,6 +152,7 @@ def label(kind, args):
     'sparse_cache': 'cache ',
     'linear_nope': 'nope',
     'linear_half_life': 'half-life ',
+    'rope_clamp': 'clamp ',
   }
   shown = lambda value: '' if value is True else value
   return kind + ''.join(f'+{words[k]}{shown(v)}' for k, v in exact_options(kind, args).items())

@@ -3,7 +3,8 @@ devices: attention outputs and gradients, and decoding after a prefill, with the
 length split over a `seq` mesh axis against one device. argv[1]: kinds, each
 optionally with `:W` for a window of W, `:S` for S sinks and flags joined by '+': `nope`
 for a feature map fed other q, k than the exact parts (`linear_nope`, `linear_qk`),
-`decay` for a linear part with a half-life of 8 tokens (`linear_half_life`); argv[2] 'segments': only
+`decay` for a linear part with a half-life of 8 tokens (`linear_half_life`), `clamp` for
+sinks scored at distance 12 beyond it (`rope_clamp`, `far_q`); argv[2] 'segments': only
 the cases with packed segments (and padding), not those with padding alone;
 'causal_segments': those, causal only, and check that bidirectional sinks and a sparse
 cache raise under the mesh. Prints RESULT{json}."""
@@ -49,6 +50,11 @@ def linear_qk(q, k, options):
   return (0.5 * q[..., ::-1], k[..., ::-1]) if options.get('linear_nope') else None
 
 
+def far_q(q, options):
+  """With `rope_clamp`: the queries far sinks and cached keys are scored with."""
+  return -q[..., ::-1] if options.get('rope_clamp') else None
+
+
 def run(kind, causal, segments, mesh, chunk, window, **options):
   attend = attention.get_attention(
     kind, num_features=16, chunk_size=chunk, window=window, **options
@@ -68,6 +74,7 @@ def run(kind, causal, segments, mesh, chunk, window, **options):
         segment_ids=seg,
         projection=proj,
         linear_qk=linear_qk(q, k, options),
+        far_q=far_q(q, options),
       )
     return jnp.sum(out * ct), out
 
@@ -92,8 +99,8 @@ def decode(kind, mesh, chunk, window, **options):
   def prefill(q, k, v, mask):
     with context_parallel.sequence_parallel(mesh):
       state = attend.init_state(B, H, D, D, projection=proj)
-      lin = linear_qk(q, k, options)
-      return attend.prefill(state, q, k, v, projection=proj, mask=mask, linear_qk=lin)
+      lin, far = linear_qk(q, k, options), far_q(q, options)
+      return attend.prefill(state, q, k, v, projection=proj, mask=mask, linear_qk=lin, far_q=far)
 
   first = slice(0, 48)
   args = (q[:, first], k[:, first], v[:, first], mask[:, first])
@@ -104,14 +111,23 @@ def decode(kind, mesh, chunk, window, **options):
   outs = [out]
   if not window:
     more = slice(48, 56)  # continues from the carried state, unsharded
-    lin = linear_qk(q[:, more], k[:, more], options)
+    lin, far = linear_qk(q[:, more], k[:, more], options), far_q(q[:, more], options)
     out, state = attend.prefill(
-      state, q[:, more], k[:, more], v[:, more], projection=proj, mask=mask[:, more], linear_qk=lin
+      state,
+      q[:, more],
+      k[:, more],
+      v[:, more],
+      projection=proj,
+      mask=mask[:, more],
+      linear_qk=lin,
+      far_q=far,
     )
     outs.append(out)
   for t in (56, 57):
-    lin = linear_qk(q[:, t], k[:, t], options)
-    out, state = attend.step(state, q[:, t], k[:, t], v[:, t], projection=proj, linear_qk=lin)
+    lin, far = linear_qk(q[:, t], k[:, t], options), far_q(q[:, t], options)
+    out, state = attend.step(
+      state, q[:, t], k[:, t], v[:, t], projection=proj, linear_qk=lin, far_q=far
+    )
     outs.append(out)
   return [np.asarray(x) for x in outs]
 
@@ -134,6 +150,8 @@ def main():
     window, opts = int(window), {'sinks': int(sinks), 'linear_nope': 'nope' in flags}
     if 'decay' in flags:
       opts['linear_half_life'] = 8
+    if 'clamp' in flags:
+      opts['rope_clamp'] = 12
     for causal in directions:
       for segments in with_segments:
         mode = f'{"causal" if causal else "bidirectional"}/{"segments" if segments else "mask"}'

@@ -142,11 +142,13 @@ def test_sinks_split_over_eight_devices_equal_one_device():
 def test_linear_nope_and_decay_split_over_eight_devices_equal_one_device():
   """The same with the feature map fed other q, k than the window and the sinks
   (`linear_nope`) and a decaying linear part (`linear_half_life`: each token's index
-  counts the valid tokens before it over the whole row, across devices): forward,
-  gradients through both pairs, and decoding after a sharded prefill (the ring keeps
-  both keys and their indices)."""
-  result = _eight_device_parity(['hedgehog:6:4:nope+decay'], modes='causal_segments')
-  assert 'hedgehog:6:4:nope+decay/decode' in result and len(result['raised']) == 2
+  counts the valid tokens before it over the whole row, across devices) and sinks past
+  12 tokens scored at that distance (`rope_clamp`: query indices count from each
+  segment's start): forward, gradients through both pairs, and decoding after a
+  sharded prefill (the ring keeps both keys and their indices)."""
+  spec = 'hedgehog:6:4:nope+decay+clamp'
+  result = _eight_device_parity([spec], modes='causal_segments')
+  assert f'{spec}/decode' in result and len(result['raised']) == 2
 
 
 def test_sequence_split_over_eight_devices_equals_one_device():

@@ -313,6 +313,7 @@ def run(config, workdir, settings: Settings, teacher=False):
   name += f'+cache{att.sparse_cache}' if att.get('sparse_cache') else ''
   name += '+nope' if att.get('linear_nope') else ''  # the linear part without RoPE
   name += f'+halflife{att.linear_half_life}' if att.get('linear_half_life') else ''
+  name += f'+clamp{att.rope_clamp}' if att.get('rope_clamp') else ''
   name += ' (window off)' if att.get('window_off') else ''
   readers = [Reader(f'{name}, step {step}', graphdef, trees, settings.prefill_chunk)]
   if teacher:
