@@ -90,11 +90,15 @@ def test_linear_attention_without_rope_ignores_position_shifts(linear_nope):
     assert moved < 1e-5
 
 
-def test_attention_transfer_feeds_the_student_unrotated_inputs():
+@pytest.mark.parametrize('rope_clamp', [0, 4])
+def test_attention_transfer_feeds_the_student_unrotated_inputs(rope_clamp):
   """The transfer loss of a one-layer linear_nope student equals the error of
   its own forward pass (the teacher's projections) against the teacher's attention:
-  only if the transfer gives its map the unrotated q, k."""
-  student, cfg = _rotary_model(num_layers=1, window=2, sinks=1, linear_nope=True)
+  only if the transfer gives its map the unrotated q, k (and, with a clamp acting on
+  its sinks, the queries rotated to it)."""
+  student, cfg = _rotary_model(
+    num_layers=1, window=2, sinks=1, linear_nope=True, rope_clamp=rope_clamp
+  )
   teacher_cfg = ml_collections.ConfigDict(cfg.to_dict())
   teacher_cfg.attention = ml_collections.ConfigDict(dict(kind='softmax'))
   teacher = models.build_model(teacher_cfg, rngs=nnx.Rngs(params=0, dropout=1))

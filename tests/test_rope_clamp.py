@@ -164,5 +164,12 @@ def test_refusals():
   q = _normal(0, (1, 6, HEADS, DIM))
   with pytest.raises(ValueError, match='far_q'):
     module(q, q, q, causal=True, linear_qk=(q, q))
-  with pytest.raises(ValueError, match='rope_clamp'):
+  with pytest.raises(ValueError, match='acts past it'):
     module.weights(q, q, causal=True, linear_qk=(q, q))
+  # within the clamp, the matrix is the unclamped hybrid's (the attention-transfer loss)
+  plain = attention.get_attention('hedgehog', window=2, sinks=1, linear_nope=True)
+  plain = plain.bind(DIM, HEADS, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(
+    module.weights(q[:, :4], q[:, :4], causal=True, linear_qk=(q[:, :4], q[:, :4])),
+    plain.weights(q[:, :4], q[:, :4], causal=True, linear_qk=(q[:, :4], q[:, :4])),
+  )

@@ -227,8 +227,11 @@ class HybridAttention(LinearAttention):
 
   def _scores(self, q, k, *, causal, mask, segment_ids, linear_qk=None):
     """window.scores with the sinks."""
-    if self.rope_clamp:
-      raise ValueError('weights(): no attention matrix with attention.rope_clamp')
+    if self.rope_clamp and q.shape[1] > self.rope_clamp:  # shorter: the clamp never acts
+      raise ValueError(
+        f'weights(): no attention matrix over {q.shape[1]} positions with '
+        f'attention.rope_clamp={self.rope_clamp} (the clamp acts past it)'
+      )
     fmap, (q_lin, k_lin) = self.feature_map, self._linear_pair(q, k, linear_qk)
     k_lin = self._query_heads(k_lin)
     ctx = fmap.calibrate(q_lin, k_lin, causal=causal, mask=mask, segment_ids=segment_ids)

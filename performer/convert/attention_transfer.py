@@ -67,12 +67,13 @@ def transfer_sums(
   per_token = cosine = 0.0
   for path, layer in layers.items():
     q, k, v = (jax.lax.stop_gradient(x) for x in captured[f'{path}.qkv'])
-    linear_qk = layer.captured_linear_qk(captured, path)  # the teacher's, unrotated
+    linear_qk, far = layer.captured_linear_qk(captured, path), {}  # the teacher's, unrotated
     if linear_qk is not None:
       linear_qk = tuple(jax.lax.stop_gradient(x) for x in linear_qk)
+      far = layer.far_query(linear_qk[0])  # with attention.rope_clamp
     target = jax.lax.stop_gradient(captured[f'{path}.attended']).astype(jnp.float32)
     out = layer.attend(
-      q, k, v, causal=layer.causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk
+      q, k, v, causal=layer.causal, mask=mask, segment_ids=segment_ids, linear_qk=linear_qk, **far
     )
     out = out.astype(jnp.float32)
     if 'mse' in loss.split('+'):

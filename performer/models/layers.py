@@ -149,6 +149,14 @@ class SelfAttention(nnx.Module):
       )
     return captured[f'{path}.qk_unrotated']
 
+  def far_query(self, q_unrotated) -> dict:
+    """{'far_q': the queries rotated to the clamp distance} for the attention calls
+    under ``attention.rope_clamp`` (far sinks and cached keys, rope_clamp.py); else {}."""
+    if not (self.rope_theta and self.attend.rope_clamp):
+      return {}
+    clamped = jnp.full(q_unrotated.shape[:2], self.attend.rope_clamp, jnp.int32)
+    return {'far_q': positions_lib.apply_rope(q_unrotated, clamped, base=self.rope_theta)}
+
   def _convolve(self, qkv, *, mask, segment_ids, cache):
     """(q, k, v) through the short convolutions: (q, k, v, cache with new history)."""
     if cache is None:
@@ -178,9 +186,7 @@ class SelfAttention(nnx.Module):
       sow(self, 'qk_unrotated', (q, k))  # for attention transfer into linear_nope
       if self.attend.options.linear_nope:  # the feature map sees them unrotated
         linear_qk = (q, k)
-      if self.attend.rope_clamp:  # far sink and cache keys: q rotated to the clamp
-        clamped = jnp.full_like(positions, self.attend.rope_clamp)
-        far = {'far_q': positions_lib.apply_rope(q, clamped, base=self.rope_theta)}
+      far = self.far_query(q)
       q = positions_lib.apply_rope(q, positions, base=self.rope_theta)
       k = positions_lib.apply_rope(k, positions, base=self.rope_theta)
     sow(self, 'qkv', (q, k, v))
