@@ -24,7 +24,8 @@ rotary positions (``linear_qk``) while the exact parts score the rotated ones, s
 ring and the cache also keep each key unrotated ('k_linear'), for the features it gets
 when it leaves them. With ``linear_half_life`` the linear part decays (``decay.py``):
 the state counts valid tokens ('count') and the ring and the cache keep each key's index
-('index'), for its decay when it leaves them.
+('index'), for its decay when it leaves them. With ``rope_clamp`` (``rope_clamp.py``) they
+do so too, for the distances, and the sinks also keep each key unrotated.
 """
 
 from __future__ import annotations
