@@ -38,8 +38,7 @@ conversion trains without them.
       --temperature=0 --max_new_tokens=8
 
 Runtime: about 60 min on 2 idle CPU cores (60 transfer + 75 LoRA steps of 1 x 2048 tokens).
-Expected: held-out perplexity 0.97x the original's at context 512 (stdlib documents), 1.04x
-on news it never saw.
+Expected: held-out perplexity 0.97x the original's at context 512 (stdlib documents), 1.04x on news it never saw.
 
 Measured (docs/linearization.md): 60 transfer steps at ~10 s, 75 LoRA steps at ~33 s, about
 6 min starting, compiling and evaluating (61 min wall); validation perplexity (2,048-token
