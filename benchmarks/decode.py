@@ -103,6 +103,12 @@ def parse_args(argv=None):
     help='linear kinds with --window: LoLA cache of this many exact pairs per kv head',
   )
   p.add_argument(
+    '--sparse_cache_dtype',
+    default='',
+    choices=('', 'float32', 'bfloat16', 'float16'),
+    help="with --sparse_cache: the cache's storage dtype ('': the model's)",
+  )
+  p.add_argument(
     '--linear_nope',
     action='store_true',
     help='linear kinds: the feature map sees q, k before rotary positions (rotary model)',
@@ -141,7 +147,15 @@ def exact_options(kind, args):
   """The window / sinks / sparse-cache options a linear kind gets (none for the others)."""
   if kind in ('softmax', 'identity'):
     return {}
-  names = ('window', 'sinks', 'sparse_cache', 'linear_nope', 'linear_half_life', 'rope_clamp')
+  names = (
+    'window',
+    'sinks',
+    'sparse_cache',
+    'sparse_cache_dtype',
+    'linear_nope',
+    'linear_half_life',
+    'rope_clamp',
+  )
   return {name: getattr(args, name) for name in names if getattr(args, name)}
 
 
@@ -150,6 +164,7 @@ def label(kind, args):
     'window': 'window ',
     'sinks': 'sinks ',
     'sparse_cache': 'cache ',
+    'sparse_cache_dtype': '',
     'linear_nope': 'nope',
     'linear_half_life': 'half-life ',
     'rope_clamp': 'clamp ',

@@ -76,6 +76,9 @@ def get_config():
   # state recalls worst, kept exact; updated once per chunk_size tokens in the forward pass and
   # prefill, once per token in decoding (attention/sparse_cache.py). 0 = off.
   config.model.attention.sparse_cache = 0
+  # The sparse cache's storage: '' keeps the state's dtype, 'bfloat16' twice the pairs in the same
+  # memory (reads and the choice of pairs stay float32). An evaluation-time key, as the cache is.
+  config.model.attention.sparse_cache_dtype = ''
   # With rotary positions: the feature maps see q, k before RoPE (a position-free linear part)
   # while the window, sinks and sparse cache score the rotated ones (LAWCAT, Lizard).
   config.model.attention.linear_nope = False

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, subprocess_env, tiny_config
-from performer.training import build, checkpoints, metrics, restore, train_lib
+from performer.training import build, checkpoints, metrics, restore, rundir, train_lib
 from performer.training.metrics import read_metrics
 
 # Long enough (in steps) that a kill right after the first checkpoint lands mid-run.
@@ -227,3 +227,19 @@ def test_restore_keeps_the_init_of_parameters_an_eval_option_adds(tmp_path, caps
     config = build.resolve_config(tiny_config(model__attention__sinks=4, **other))[0]
     with pytest.raises(checkpoints.CheckpointMismatchError, match='another model'):
       restore.restore(workdir, config)
+
+
+def test_restore_with_a_longer_window_reads_the_same_parameters(tmp_path, capsys):
+  """The window's length is an evaluation-time key: a hybrid run read with a longer
+  window has exactly its parameters (the gain is per head, whatever the length)."""
+  workdir = str(tmp_path)
+  saved = checkpoints.flatten(_saved_run(workdir, model__attention__window=4).params)
+  longer = build.resolve_config(tiny_config(model__attention__window=8))[0]
+  assert rundir.check_config(longer, workdir, 'hint', rundir.EVAL_KEYS) == []
+  run = restore.restore(workdir, longer)
+  assert run.config.model.attention.window == 8
+  restored = checkpoints.flatten(run.state.params)
+  assert sorted(restored) == sorted(saved)
+  for name in saved:
+    np.testing.assert_array_equal(restored[name], saved[name])
+  assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')]

@@ -129,8 +129,9 @@ class HybridAttention(LinearAttention):
         batch, self.sinks, heads, head_dim, value_dim, dtype, linear_keys=bool(self.rope_clamp)
       )
     if self.cache_size:
+      stored = sparse_cache.storage_dtype(self.options.sparse_cache_dtype, dtype)
       state['cache'] = sparse_cache.init(
-        batch, self.cache_size, heads, head_dim, value_dim, dtype, both, indexed
+        batch, self.cache_size, heads, head_dim, value_dim, stored, both, indexed
       )
     return state
 
@@ -389,8 +390,10 @@ class HybridAttention(LinearAttention):
     evicted = dict(evicted, valid=per_head(evicted['valid']))
     if self._indexed:
       evicted['index'] = per_head(evicted['index'])
+    wider = lambda x, y: jnp.promote_types(x.dtype, y.dtype)  # noqa: E731 (score before rounding)
     candidates = {
-      name: jnp.concatenate([x, evicted[name].astype(x.dtype)], axis=1) for name, x in cache.items()
+      name: jnp.concatenate([x.astype(wider(x, evicted[name])), evicted[name]], axis=1)
+      for name, x in cache.items()
     }
     keys = self._query_heads(candidates.get('k_linear', candidates['k']))
     kf, kr = self.feature_map.key(keys, ctx)

@@ -24,7 +24,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from performer.attention import cached, hybrid, layers
+from performer.attention import cached, hybrid, layers, sparse_cache
 from performer.attention import projection as projection_lib
 from performer.attention.favor_hyperbolic import FavorHyperbolic
 from performer.attention.favor_plus_plus import FavorPlusPlus
@@ -125,6 +125,14 @@ def make_options(kind: str, **options) -> Options:
     raise ValueError(
       'sparse_cache keeps keys evicted from the window: it needs attention.window > 0'
     )
+  cache_dtype = options.get('sparse_cache_dtype', '')
+  if cache_dtype not in sparse_cache.STORAGE_DTYPES:
+    raise ValueError(
+      f"sparse_cache_dtype must be one of {sparse_cache.STORAGE_DTYPES} ('': the state's "
+      f'dtype), got {cache_dtype!r}'
+    )
+  if cache_dtype and not options.get('sparse_cache', 0):
+    raise ValueError('sparse_cache_dtype stores the sparse cache: it needs attention.sparse_cache')
   if options.get('linear_half_life', 0) and not (window or options.get('sinks', 0)):
     raise ValueError(
       'linear_half_life decays the linear part of a hybrid beside its exact parts: it needs '

@@ -46,6 +46,17 @@ def select(near, far, query_index, key_index, clamp):
   return jnp.where(query_index - key_index >= clamp, far, near)
 
 
+def scores(spec, q, k, far=None, *, far_k=None, query_index=None, key_index=None, clamp=0):
+  """Exact logits by einsum ``spec`` of q against k, in float32 and unscaled. With ``far``
+  (the query rotated to ``clamp``) and ``far_k`` (the keys unrotated), a pair ``clamp``
+  or more valid tokens apart (indices broadcast against the logits) takes far . far_k."""
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  near = jnp.einsum(spec, f32(q), f32(k))
+  if far is None:
+    return near
+  return select(near, jnp.einsum(spec, f32(far), f32(far_k)), query_index, key_index, clamp)
+
+
 def far_inputs(far_q, k_linear, index):
   """The ``far`` argument of the exact parts: {'q' [B, L, H, d] rotated to the clamp,
   'k' [B, L, H, d] unrotated, 'index' [B, L] from ``query_index``}."""

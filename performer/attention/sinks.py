@@ -216,12 +216,14 @@ def attend(
   query_pos = size + jnp.arange(length)
 
   def logits(gather, spec):  # [B, H, L, s]: q against the gathered sinks
-    out = jnp.einsum(spec, q.astype(jnp.float32), gather(ek['k'])) * d**-0.5
-    if far is None:
-      return out
-    far_logits = jnp.einsum(spec, far['q'].astype(jnp.float32), gather(ek['k_linear'])) * d**-0.5
-    index = far['index'][:, None, :, None]  # the j-th sink of a segment is its token j
-    return rope_clamp_lib.select(out, far_logits, index, jnp.arange(size), rope_clamp)
+    clamped = {}
+    if far is not None:  # the j-th sink of a segment is its token j
+      clamped = dict(far_k=gather(ek['k_linear']), query_index=far['index'][:, None, :, None])
+    far_q = None if far is None else far['q']
+    out = rope_clamp_lib.scores(
+      spec, q, gather(ek['k']), far_q, key_index=jnp.arange(size), clamp=rope_clamp, **clamped
+    )
+    return out * d**-0.5
 
   if not packed:  # the row's first s sinks, for every query
     pos = _searchsorted(counts, jnp.broadcast_to(jnp.arange(1, size + 1), (b, size)))
@@ -250,14 +252,14 @@ def read(buffer, q, far=None, rope_clamp=0):
   """The exact part for one decoding query q [B, H, d] over a buffer with q's heads:
   (num [B, H, D], den [B, H], shift [B, H]); ``far`` ({'q' [B, 1, H, d], 'index'
   [B, 1]}) as in ``attend``."""
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum('bhd,bshd->bhs', q.astype(jnp.float32), buffer['k'].astype(jnp.float32))
+  scale, size = q.shape[-1] ** -0.5, buffer['valid'].shape[1]
+  clamped = {}
   if far is not None:
-    k_far = buffer['k_linear'].astype(jnp.float32)
-    far_logits = jnp.einsum('bhd,bshd->bhs', far['q'][:, 0].astype(jnp.float32), k_far)
-    size = buffer['valid'].shape[1]
-    index = far['index'][:, :, None]  # [B, 1, 1]
-    logits = rope_clamp_lib.select(logits, far_logits, index, jnp.arange(size), rope_clamp)
+    clamped = dict(far_k=buffer['k_linear'], query_index=far['index'][:, :, None])  # [B, 1, 1]
+  far_q = None if far is None else far['q'][:, 0]
+  logits = rope_clamp_lib.scores(
+    'bhd,bshd->bhs', q, buffer['k'], far_q, key_index=jnp.arange(size), clamp=rope_clamp, **clamped
+  )
   values = buffer['v'].astype(jnp.float32)
   return _weighted(logits * scale, buffer['valid'][:, None, :], values, 'bhs,bshd->bhd')
 

@@ -40,6 +40,11 @@ The update schedule, which every pass shares so that they agree:
 
 LoLA itself needs no retraining: a trained hybrid can add the cache at evaluation
 time (``attention.sparse_cache`` with the same checkpoint).
+
+Storage (``attention.sparse_cache_dtype``): keys and values may be kept in bfloat16,
+twice the pairs in the same memory. Only storage: reads and the self-recall errors are
+computed in float32, and a key just evicted is scored at full precision before it is
+rounded for keeping.
 """
 
 from __future__ import annotations
@@ -52,6 +57,13 @@ from performer.attention import rope_clamp as rope_clamp_lib
 from performer.attention.linear import NEG
 
 sg = jax.lax.stop_gradient
+
+STORAGE_DTYPES = ('', 'float32', 'bfloat16', 'float16')
+
+
+def storage_dtype(name, state_dtype):
+  """The dtype the cache's keys and values are kept in ('' : the state's)."""
+  return jnp.dtype(name) if name else state_dtype
 
 
 def init(
@@ -77,14 +89,15 @@ def read(cache, q, far=None, rope_clamp=0):
   every query): (num [B, H, L, D], den [B, H, L], shift [B, H, L]). ``far`` ({'q',
   'index'}, ``rope_clamp.py``): a pair ``rope_clamp`` or more valid tokens before its
   query is scored from its unrotated key ('k_linear') and its 'index'."""
-  scale = q.shape[-1] ** -0.5
-  s = jnp.einsum('blhd,bjhd->bhlj', q.astype(jnp.float32), cache['k'].astype(jnp.float32))
+  scale, clamped = q.shape[-1] ** -0.5, {}
   if far is not None:
-    far_s = jnp.einsum(
-      'blhd,bjhd->bhlj', far['q'].astype(jnp.float32), cache['k_linear'].astype(jnp.float32)
+    clamped = dict(
+      far_k=cache['k_linear'],
+      query_index=far['index'][:, None, :, None],  # [B, 1, L, 1]
+      key_index=jnp.swapaxes(cache['index'], 1, 2)[:, :, None, :],  # [B, H, 1, lambda]
     )
-    key_index = jnp.swapaxes(cache['index'], 1, 2)[:, :, None, :]  # [B, H, 1, lambda]
-    s = rope_clamp_lib.select(s, far_s, far['index'][:, None, :, None], key_index, rope_clamp)
+  far_q = None if far is None else far['q']
+  s = rope_clamp_lib.scores('blhd,bjhd->bhlj', q, cache['k'], far_q, clamp=rope_clamp, **clamped)
   valid = jnp.swapaxes(cache['valid'], 1, 2)[:, :, None, :]  # [B, H, 1, lambda]
   s = jnp.where(valid, s * scale, NEG)
   shift = sg(jnp.max(s, axis=-1))

@@ -43,15 +43,18 @@ SCHEDULE_KEYS = frozenset(
 )
 # Inference-time switches: they change how eval.py and sample.py run a checkpoint, never
 # what it holds, so those two accept them on top of the run's config (train.py does not):
-# the window ablation, LoLA's sparse cache (needs no retraining), attention sinks, whose
-# one new parameter starts neutral (restore.py keeps it at its zero init), the linear
-# part's decay (a fixed half-life, no parameter) and the rotary clamp of far exact keys
-# (none either); and the context held-out text is scored at (`data.seq_len`:
-# `eval.py --text_file` at 256 and 512 tokens).
+# the window's length (its gain is per head, whatever the length) and its ablation,
+# LoLA's sparse cache (needs no retraining) and its storage dtype, attention sinks,
+# whose one new parameter starts neutral (restore.py keeps it at its zero init), the
+# linear part's decay (a fixed half-life, no parameter) and the rotary clamp of far
+# exact keys (none either); and the context held-out text is scored at
+# (`data.seq_len`: `eval.py --text_file` at 256 and 512 tokens).
 EVAL_KEYS = frozenset(
   {
     'model.attention.window_off',
+    'model.attention.window',
     'model.attention.sparse_cache',
+    'model.attention.sparse_cache_dtype',
     'model.attention.sinks',
     'model.attention.linear_half_life',
     'model.attention.rope_clamp',
