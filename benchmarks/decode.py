@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from performer import errors, models  # noqa: E402
+from performer.attention import sparse_cache  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -105,7 +106,7 @@ def parse_args(argv=None):
   p.add_argument(
     '--sparse_cache_dtype',
     default='',
-    choices=('', 'float32', 'bfloat16', 'float16'),
+    choices=sparse_cache.STORAGE_DTYPES,
     help="with --sparse_cache: the cache's storage dtype ('': the model's)",
   )
   p.add_argument(
