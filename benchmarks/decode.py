@@ -110,6 +110,11 @@ def parse_args(argv=None):
     help="with --sparse_cache: the cache's storage dtype ('': the model's)",
   )
   p.add_argument(
+    '--sparse_cache_leave_one_out',
+    action='store_true',
+    help='with --sparse_cache: score each pair against the state plus the other candidates',
+  )
+  p.add_argument(
     '--linear_nope',
     action='store_true',
     help='linear kinds: the feature map sees q, k before rotary positions (rotary model)',
@@ -153,6 +158,7 @@ def exact_options(kind, args):
     'sinks',
     'sparse_cache',
     'sparse_cache_dtype',
+    'sparse_cache_leave_one_out',
     'linear_nope',
     'linear_half_life',
     'rope_clamp',
@@ -166,6 +172,7 @@ def label(kind, args):
     'sinks': 'sinks ',
     'sparse_cache': 'cache ',
     'sparse_cache_dtype': '',
+    'sparse_cache_leave_one_out': 'leave-one-out',
     'linear_nope': 'nope',
     'linear_half_life': 'half-life ',
     'rope_clamp': 'clamp ',

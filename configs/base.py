@@ -79,6 +79,10 @@ def get_config():
   # The sparse cache's storage: '' keeps the state's dtype, 'bfloat16' twice the pairs in the same
   # memory (reads and the choice of pairs stay float32). An evaluation-time key, as the cache is.
   config.model.attention.sparse_cache_dtype = ''
+  # Score each candidate pair of the sparse cache against the linear state plus every other
+  # candidate (leave one out), not the state alone (LoLA): near-copies of one pair, a repeated
+  # phrase, then recall each other and do not fill the cache. An evaluation-time key.
+  config.model.attention.sparse_cache_leave_one_out = False
   # With rotary positions: the feature maps see q, k before RoPE (a position-free linear part)
   # while the window, sinks and sparse cache score the rotated ones (LAWCAT, Lizard).
   config.model.attention.linear_nope = False

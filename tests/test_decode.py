@@ -420,13 +420,15 @@ def test_decode_benchmark_quick(tmp_path):
   assert all(r['ms_per_token'] > 0 and r['cache_mib'] > 0 for r in result['rows'])
   # a hybrid whose linear part sees q, k before rotary positions (its ring keeps both)
   # and decays (the ring and the cache keep each key's index), far keys clamped, the
-  # cache stored in bfloat16
+  # cache stored in bfloat16 and scored leaving one out
   args = ['--kinds', 'hedgehog', '--window', '8', '--sinks', '2', '--sparse_cache', '4']
-  args += ['--sparse_cache_dtype', 'bfloat16', '--linear_nope', '--linear_half_life', '64']
+  args += ['--sparse_cache_dtype', 'bfloat16', '--sparse_cache_leave_one_out']
+  args += ['--linear_nope', '--linear_half_life', '64']
   args += ['--rope_clamp', '16']
   proc = run_script(['benchmarks/decode.py', '--quick', *args], timeout=180)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert 'hedgehog+window 8+sinks 2+cache 4+bfloat16+nope+half-life 64+clamp 16' in proc.stdout
+  label = 'hedgehog+window 8+sinks 2+cache 4+bfloat16+leave-one-out+nope+half-life 64+clamp 16'
+  assert label in proc.stdout
 
 
 @pytest.mark.parametrize('kind', ['softmax', 'favor_softmax', 'favor_sharp'])

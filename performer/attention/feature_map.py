@@ -81,6 +81,7 @@ class Options:
   sinks: int = 0  # the first s tokens of each segment attended exactly (0: off; sinks.py)
   sparse_cache: int = 0  # LoLA: up to this many exact pairs beyond the window (sparse_cache.py)
   sparse_cache_dtype: str = ''  # the cache's storage: '' (the state's dtype) or 'bfloat16', ...
+  sparse_cache_leave_one_out: bool = False  # score a pair against the state + other candidates
   linear_nope: bool = False  # the feature map sees q, k before rotary positions
   linear_half_life: int = 0  # a hybrid's linear part decays keys by half every N tokens (0: off)
   rope_clamp: int = 0  # sink and cache keys over N tokens back scored at N (0: off; rope_clamp.py)

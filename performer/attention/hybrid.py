@@ -398,4 +398,5 @@ class HybridAttention(LinearAttention):
     keys = self._query_heads(candidates.get('k_linear', candidates['k']))
     kf, kr = self.feature_map.key(keys, ctx)
     kr = self._decayed_keys(kr, candidates)
-    return sparse_cache.update(cache, state['linear'], candidates, kf, kr)
+    leave_one_out = self.options.sparse_cache_leave_one_out
+    return sparse_cache.update(cache, state['linear'], candidates, kf, kr, leave_one_out)

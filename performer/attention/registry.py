@@ -106,7 +106,7 @@ def make_options(kind: str, **options) -> Options:
   window = options.get('window', 0)
   if not isinstance(window, int) or isinstance(window, bool) or window < 0:
     raise ValueError(f'window must be an integer >= 0 (0: no exact window), got {window!r}')
-  for name in ('window_off', 'linear_nope'):
+  for name in ('window_off', 'linear_nope', 'sparse_cache_leave_one_out'):
     if not isinstance(options.get(name, False), bool):
       raise ValueError(f'{name} must be True or False, got {options[name]!r}')
   window_off = options.get('window_off', False)
@@ -133,6 +133,10 @@ def make_options(kind: str, **options) -> Options:
     )
   if cache_dtype and not options.get('sparse_cache', 0):
     raise ValueError('sparse_cache_dtype stores the sparse cache: it needs attention.sparse_cache')
+  if options.get('sparse_cache_leave_one_out', False) and not options.get('sparse_cache', 0):
+    raise ValueError(
+      'sparse_cache_leave_one_out scores the sparse cache: it needs attention.sparse_cache'
+    )
   if options.get('linear_half_life', 0) and not (window or options.get('sinks', 0)):
     raise ValueError(
       'linear_half_life decays the linear part of a hybrid beside its exact parts: it needs '

@@ -41,6 +41,15 @@ The update schedule, which every pass shares so that they agree:
 LoLA itself needs no retraining: a trained hybrid can add the cache at evaluation
 time (``attention.sparse_cache`` with the same checkpoint).
 
+Leaving one out (``attention.sparse_cache_leave_one_out``): LoLA's state excludes the
+cached pairs, so a phrase repeated through the context (a filler line, a boilerplate
+header) is recalled by nothing while its copies are cached; every copy keeps a high
+error, and over a long enough context the copies of one token fill a head's cache,
+the pairs that matter pushed out and the copies' summed exact mass drowning them at
+read-out. Scored instead against the state plus every other candidate (as if all were
+folded, each pair's own term taken out: one extra ``linear.add_keys`` per update),
+copies recall each other and one stays.
+
 Storage (``attention.sparse_cache_dtype``): keys and values may be kept in bfloat16,
 twice the pairs in the same memory. Only storage: reads and the self-recall errors are
 computed in float32, and a key just evicted is scored at full precision before it is
@@ -106,18 +115,24 @@ def read(cache, q, far=None, rope_clamp=0):
   return num, jnp.sum(weights, axis=-1), shift
 
 
-def self_recall_error(state, kf, v):
+def self_recall_error(state, kf, v, kr=None):
   """SRE [B, H, N] of pairs (kf [B, H, N, M], v [B, H, N, D]) against the linear state:
   how far its read-out for the key is from the value. S and z share the scale
-  exp(-M) and phi(k) = kf exp(r), so the ratio needs kf only."""
+  exp(-M) and phi(k) = kf exp(r), so the ratio needs kf only. With ``kr`` [B, H, N]
+  (NEG: not held), ``state`` holds the pairs themselves: each one's own term,
+  (kf . kf) exp(kr - M) v, is taken out (leave one out)."""
   num = jnp.einsum('bhnm,bhmd->bhnd', kf, state['S'])
   den = jnp.einsum('bhnm,bhm->bhn', kf, state['z'])
   some = den != 0
+  if kr is not None:  # what is left of den once a pair's own term is out may be rounding
+    own = jnp.sum(kf * kf, axis=-1) * linear.safe_exp(kr - state['M'][..., None])
+    num, den = num - own[..., None] * v, den - own
+    some = den > 1e-6 * jnp.max(jnp.abs(den), axis=-1, keepdims=True)
   predicted = jnp.where(some[..., None], num / jnp.where(some, den, 1.0)[..., None], 0.0)
   return jnp.sum(jnp.square(predicted - v), axis=-1)
 
 
-def update(cache, state, candidates, kf, kr):
+def update(cache, state, candidates, kf, kr, leave_one_out=False):
   """(new cache, new linear state) from N ``candidates``, the cache's own pairs and the
   keys just evicted from the window: {'k' [B, N, K, d], 'v' [B, N, K, D], 'valid'
   [B, N, K][, 'k_linear']} with K kv heads, and their key features kf [B, H, N, M],
@@ -125,13 +140,21 @@ def update(cache, state, candidates, kf, kr):
   state). ``state`` excludes every candidate. A pair is shared by its group's G query
   heads (the cache holds kv heads, as a KV cache does), so its error is the sum of
   theirs; the top lambda per kv head stay exact, the other valid ones join the state
-  of every head in the group."""
+  of every head in the group. With ``leave_one_out``
+  (``attention.sparse_cache_leave_one_out``) a pair is scored against ``state`` plus
+  every other valid candidate, as if they were all folded: near-copies of one pair (a
+  repeated phrase) then recall each other and do not all stay exact."""
   size, kv_heads = cache['valid'].shape[1:]
   heads = kf.shape[1]
   to_heads = lambda x: jnp.repeat(x, heads // kv_heads, axis=1)  # [B, K, ...] -> [B, H, ...]
   v_kv = jnp.swapaxes(candidates['v'], 1, 2).astype(jnp.float32)  # [B, K, N, D]
   valid = jnp.swapaxes(candidates['valid'], 1, 2)  # [B, K, N]
-  error = sg(self_recall_error(state, kf, to_heads(v_kv)))  # [B, H, N]
+  if leave_one_out:
+    held = jnp.where(to_heads(valid), kr, NEG)
+    everything = linear.add_keys(state, kf * to_heads(valid)[..., None], held, to_heads(v_kv))
+    error = sg(self_recall_error(everything, kf, to_heads(v_kv), held))  # [B, H, N]
+  else:
+    error = sg(self_recall_error(state, kf, to_heads(v_kv)))
   error = jnp.sum(error.reshape(error.shape[:1] + (kv_heads, -1) + error.shape[2:]), axis=2)
   _, top = jax.lax.top_k(jnp.where(valid, error, -1.0), size)  # [B, K, lambda]
   kept = jnp.any(top[..., None] == jnp.arange(v_kv.shape[2]), axis=-2)  # [B, K, N]

@@ -312,6 +312,7 @@ def run(config, workdir, settings: Settings, teacher=False):
   name += f'+sinks{att.sinks}' if att.get('sinks') else ''
   name += f'+cache{att.sparse_cache}' if att.get('sparse_cache') else ''
   name += f'({att.sparse_cache_dtype})' if att.get('sparse_cache_dtype') else ''
+  name += '+leave1out' if att.get('sparse_cache_leave_one_out') else ''
   name += '+nope' if att.get('linear_nope') else ''  # the linear part without RoPE
   name += f'+halflife{att.linear_half_life}' if att.get('linear_half_life') else ''
   name += f'+clamp{att.rope_clamp}' if att.get('rope_clamp') else ''

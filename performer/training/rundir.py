@@ -55,6 +55,7 @@ EVAL_KEYS = frozenset(
     'model.attention.window',
     'model.attention.sparse_cache',
     'model.attention.sparse_cache_dtype',
+    'model.attention.sparse_cache_leave_one_out',
     'model.attention.sinks',
     'model.attention.linear_half_life',
     'model.attention.rope_clamp',
