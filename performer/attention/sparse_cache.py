@@ -48,7 +48,9 @@ error, and over a long enough context the copies of one token fill a head's cach
 the pairs that matter pushed out and the copies' summed exact mass drowning them at
 read-out. Scored instead against the state plus every other candidate (as if all were
 folded, each pair's own term taken out: one extra ``linear.add_keys`` per update),
-copies recall each other and one stays.
+copies recall each other and score below pairs that nothing else recalls; how far they
+fall depends on how selective the feature map is (exact copies under one-hot features:
+one stays).
 
 Storage (``attention.sparse_cache_dtype``): keys and values may be kept in bfloat16,
 twice the pairs in the same memory. Only storage: reads and the self-recall errors are
